@@ -1,0 +1,53 @@
+"""The `siglip-dola` command line: argparse subcommands that parse arguments and call typed library functions."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Each subcommand registers itself here as (name, add_arguments(parser), handler(args) -> exit code).
+# Handlers import their library modules lazily so `siglip-dola --help` stays fast.
+SUBCOMMANDS: dict = {}
+
+
+def subcommand(name: str, help: str):
+    """Decorator: register `fn(args) -> int` as subcommand `name`; `fn.add_arguments(parser)` declares its options."""
+    def register(fn):
+        SUBCOMMANDS[name] = (help, fn)
+        return fn
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per registered subcommand."""
+    parser = argparse.ArgumentParser(prog="siglip-dola", description="DoLa for SigLIP vision towers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, fn) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        fn.add_arguments(sub_parser)
+        sub_parser.set_defaults(handler=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `siglip-dola` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"siglip-dola {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# Subcommand modules: each defines handlers with the `subcommand` decorator.
+# Add yours to this list (one line) instead of editing the functions above.
+from siglip_dola import cli_commands  # noqa: E402,F401
+
+if __name__ == "__main__":
+    sys.exit(main())
