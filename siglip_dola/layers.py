@@ -1,0 +1,93 @@
+"""Candidate premature layers: the one place that turns ``layers=`` / ``bucket=`` into layer numbers.
+
+Layer j (1..N) is the output of transformer block j; layer N is the final (mature) layer and is
+never a candidate. Buckets are 1-based, contiguous, inclusive ranges of 1..N. When N is not
+divisible by ``n_buckets`` the split is as even as possible: bucket sizes differ by at most one and
+the first ``N % n_buckets`` buckets are the larger ones (``numpy.array_split`` convention), e.g.
+N=26, 3 buckets -> [1,9], [10,18], [19,26].
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+PARITIES = ("even", "odd", "all")
+
+
+def _as_int(value, name: str) -> int:
+    """Return ``value`` as a Python int; bools and non-integers raise TypeError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _check_num_layers(num_layers) -> int:
+    num_layers = _as_int(num_layers, "num_layers")
+    if num_layers < 2:
+        raise ValueError(f"num_layers must be >= 2 (layer N is never a candidate), got {num_layers}")
+    return num_layers
+
+
+def bucket_ranges(num_layers: int, n_buckets: int = 3) -> list[tuple[int, int]]:
+    """Inclusive 1-based layer ranges [(first, last), ...] of the ``n_buckets`` buckets of 1..num_layers."""
+    num_layers = _check_num_layers(num_layers)
+    n_buckets = _as_int(n_buckets, "n_buckets")
+    if not 1 <= n_buckets <= num_layers:
+        raise ValueError(f"n_buckets must be in 1..{num_layers} (num_layers), got {n_buckets}")
+    base, extra = divmod(num_layers, n_buckets)
+    ranges, first = [], 1
+    for index in range(n_buckets):
+        size = base + (1 if index < extra else 0)  # the first `extra` buckets take one more layer
+        ranges.append((first, first + size - 1))
+        first += size
+    return ranges
+
+
+def _bucket_candidates(num_layers: int, bucket, n_buckets, parity: str) -> list[int]:
+    ranges = bucket_ranges(num_layers, n_buckets)
+    bucket = _as_int(bucket, "bucket")
+    if not 1 <= bucket <= len(ranges):
+        raise ValueError(f"bucket must be in 1..{len(ranges)} (1-based, n_buckets={len(ranges)}), got {bucket}")
+    first, last = ranges[bucket - 1]
+    remainder = {"even": 0, "odd": 1}.get(parity)
+    candidates = [j for j in range(first, min(last, num_layers - 1) + 1)
+                  if remainder is None or j % 2 == remainder]
+    if not candidates:
+        raise ValueError(f"bucket {bucket} ([{first}, {last}]) has no {parity} layers below "
+                         f"num_layers={num_layers}; choose another bucket or parity in {PARITIES}")
+    return candidates
+
+
+def _validate_explicit(num_layers: int, layers: Iterable) -> list[int]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a sequence of ints in 1..{num_layers - 1}, got {layers!r}")
+    layers = [_as_int(j, "layers") for j in layers]
+    if not layers:
+        raise ValueError(f"layers must not be empty; valid layers are 1..{num_layers - 1}")
+    bad = [j for j in layers if not 1 <= j <= num_layers - 1]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: valid layers are 1..{num_layers - 1} "
+                         f"(num_layers={num_layers}; the final layer is never a candidate)")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not contain duplicates, got {layers}")
+    return layers
+
+
+def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = 3,
+                   parity: str = "even") -> list[int]:
+    """Candidate layer numbers (list[int]) from exactly one of explicit ``layers`` or a 1-based ``bucket``.
+
+    Explicit layers keep their order (the order breaks JSD ties: earliest wins). A bucket gives its
+    layers of the requested ``parity`` ("even" | "odd" | "all") in increasing order, N excluded.
+    """
+    num_layers = _check_num_layers(num_layers)
+    if (layers is None) == (bucket is None):
+        raise ValueError("pass exactly one of layers= (explicit layer numbers) or bucket= (1-based bucket index)")
+    if parity not in PARITIES:
+        raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
+    if layers is not None:
+        return _validate_explicit(num_layers, layers)
+    return _bucket_candidates(num_layers, bucket, n_buckets, parity)
