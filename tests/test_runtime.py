@@ -1,0 +1,239 @@
+"""Tests for siglip_dola.runtime against scipy and naive per-example python loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.spatial.distance import jensenshannon
+from scipy.special import log_softmax, softmax
+
+from siglip_dola import runtime as rt
+
+LN2 = math.log(2.0)
+FAST = settings(max_examples=40, deadline=None)
+
+
+# ---------------------------------------------------------------- independent references
+def ref_jsd(p, q):
+    """Squared scipy Jensen-Shannon distance (natural log); 0 where scipy's rounding gives NaN."""
+    return np.nan_to_num(jensenshannon(p, q, axis=-1)) ** 2
+
+
+def ref_select(q_final, q_layers, layers):
+    """Per example: first layer (in `layers` order) with the strictly largest scipy JSD."""
+    premature = np.empty(q_final.shape[0], dtype=np.int64)
+    for b in range(q_final.shape[0]):
+        best, best_value = None, -1.0
+        for j, layer in enumerate(layers):
+            value = ref_jsd(q_final[b], q_layers[j, b])
+            if value > best_value:
+                best, best_value = layer, value
+        premature[b] = best
+    return premature
+
+
+def ref_contrast(q_final, q_early, alpha):
+    """One example: p_hat over V_head = {c: q_N(c) >= alpha max q_N}, softmax of log(q_N / q_M)."""
+    keep = [c for c in range(len(q_final)) if q_final[c] >= alpha * max(q_final)]
+    contrast = np.array([math.log(q_final[c] / q_early[c]) for c in keep])
+    p_hat = np.zeros(len(q_final))
+    p_hat[keep] = softmax(contrast)
+    return p_hat
+
+
+def ref_official_table(q_final, q_layers):
+    """The official DoLa code's per-example value: 0.5 * (KL(M||P) + KL(M||Q)) / C, as a loop."""
+    table = np.empty(q_layers.shape[:2])
+    for j in range(q_layers.shape[0]):
+        for b in range(q_final.shape[0]):
+            p, q = q_final[b], q_layers[j, b]
+            m = 0.5 * (p + q)
+            kl = lambda x: np.mean(np.where(m > 0, m * (np.log(m) - np.log(x)), 0.0))  # noqa: E731
+            table[j, b] = 0.5 * (kl(p) + kl(q))
+    return table
+
+
+def random_logits(rng, *shape, scale=3.0):
+    return rng.normal(size=shape) * scale
+
+
+def distributions(min_classes=1, max_classes=12):
+    """Strategy: a pair (p, q) of float64 distributions over the same 1..12 classes, zeros allowed."""
+    weights = st.floats(0.0, 1.0, allow_subnormal=False)
+    return st.integers(min_classes, max_classes).flatmap(lambda c: st.tuples(
+        arrays(np.float64, c, elements=weights), arrays(np.float64, c, elements=weights),
+    )).filter(lambda pq: pq[0].sum() > 1e-3 and pq[1].sum() > 1e-3).map(lambda pq: (pq[0] / pq[0].sum(), pq[1] / pq[1].sum()))
+
+
+# ---------------------------------------------------------------- jsd
+@given(distributions())
+@FAST
+def test_jsd_matches_scipy_symmetric_and_bounded(pq):
+    p, q = pq
+    value = rt.jsd(p, q)
+    assert abs(value - ref_jsd(p, q)) < 1e-6
+    assert rt.jsd(q, p) == pytest.approx(value, abs=1e-12)
+    assert 0.0 <= value <= LN2
+
+
+@given(distributions())
+@FAST
+def test_jsd_zero_iff_equal(pq):
+    p, q = pq
+    assert rt.jsd(p, p) < 1e-12
+    if np.abs(p - q).sum() > 1e-3:
+        assert rt.jsd(p, q) > 0
+
+
+def test_jsd_batched_and_disjoint_support_is_ln2():
+    rng = np.random.default_rng(0)
+    p, q = softmax(random_logits(rng, 2, 3, 50), -1), softmax(random_logits(rng, 2, 3, 50), -1)
+    np.testing.assert_allclose(rt.jsd(p, q), ref_jsd(p, q), atol=1e-9)
+    assert rt.jsd(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(LN2, abs=1e-12)
+
+
+# ---------------------------------------------------------------- select_early_exit
+@pytest.mark.parametrize("seed", range(3))
+def test_select_early_exit_matches_naive_loop(seed):
+    rng = np.random.default_rng(seed)
+    layers = [18, 20, 22, 12]
+    q_final = softmax(random_logits(rng, 6, 9), -1)
+    q_layers = softmax(random_logits(rng, 4, 6, 9), -1)
+    premature, table = rt.select_early_exit(q_final, q_layers, layers)
+    np.testing.assert_array_equal(premature, ref_select(q_final, q_layers, layers))
+    np.testing.assert_allclose(table, ref_jsd(q_final[None], q_layers), atol=1e-9)
+    assert premature.dtype == np.int64 and table.shape == (4, 6)
+
+
+def test_select_early_exit_tie_goes_to_earliest_listed_layer():
+    q_final = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    twin = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]])
+    q_layers = np.stack([q_final, twin, twin])  # layers 20 and 4 tie exactly; 10 equals q_N
+    premature, table = rt.select_early_exit(q_final, q_layers, [10, 20, 4])
+    assert table[1].tolist() == table[2].tolist()
+    np.testing.assert_array_equal(premature, [20, 20])
+    premature, _ = rt.select_early_exit(q_final, q_layers[[0, 2, 1]], [10, 4, 20])
+    np.testing.assert_array_equal(premature, [4, 4])
+
+
+def test_select_early_exit_torch_any_leading_dims():
+    rng = np.random.default_rng(3)
+    q_final = softmax(random_logits(rng, 2, 3, 5), -1)
+    q_layers = softmax(random_logits(rng, 2, 2, 3, 5), -1)
+    premature, table = rt.select_early_exit(torch.tensor(q_final), torch.tensor(q_layers), [2, 4])
+    assert isinstance(premature, torch.Tensor) and premature.dtype == torch.int64 and premature.shape == (2, 3)
+    flat = ref_select(q_final.reshape(6, 5), q_layers.reshape(2, 6, 5), [2, 4])
+    np.testing.assert_array_equal(premature.numpy().reshape(6), flat)
+
+
+# ---------------------------------------------------------------- contrast_and_mask
+@given(distributions(), st.floats(0.01, 1.0))
+@FAST
+def test_contrast_sums_to_one_on_v_head_and_zero_elsewhere(pq, alpha):
+    q_final, q_early = pq
+    assume((q_final > 0).all() and (q_early > 0).all())
+    p_hat, log_p_hat = rt.contrast_and_mask(q_final, q_early, alpha)
+    threshold = alpha * q_final.max()
+    clear = np.abs(q_final - threshold) > 1e-9 * threshold  # skip classes on the rounding boundary
+    assert p_hat.sum() == pytest.approx(1.0, abs=1e-12)
+    assert (p_hat[clear & (q_final < threshold)] == 0).all()
+    assert np.isneginf(log_p_hat[p_hat == 0]).all()
+    assert (p_hat[clear & (q_final > threshold)] > 0).all()
+    if clear.all():
+        np.testing.assert_allclose(p_hat, ref_contrast(q_final, q_early, alpha), atol=1e-12)
+
+
+@given(distributions(), st.floats(0.01, 1.0))
+@FAST
+def test_contrast_with_uniform_early_layer_renormalises_q_final(pq, alpha):
+    q_final = pq[0]
+    uniform = np.full_like(q_final, 1.0 / q_final.size)
+    p_hat, _ = rt.contrast_and_mask(q_final, uniform, alpha)
+    kept = np.where(p_hat > 0, q_final, 0.0)
+    np.testing.assert_allclose(p_hat, kept / kept.sum(), atol=1e-12)
+
+
+def test_contrast_zero_q_m_on_kept_class_splits_mass_equally():
+    q_final = np.array([[0.4, 0.35, 0.2, 0.05], [0.5, 0.3, 0.2, 0.0]])
+    q_early = np.array([[0.0, 0.5, 0.0, 0.5], [0.6, 0.4, 0.0, 0.0]])
+    p_hat, log_p_hat = rt.contrast_and_mask(q_final, q_early, alpha=0.2)
+    np.testing.assert_array_equal(p_hat, [[0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert not np.isnan(log_p_hat).any()
+
+
+def test_contrast_alpha_one_keeps_only_the_maximum():
+    p_hat, _ = rt.contrast_and_mask(np.array([0.2, 0.5, 0.3]), np.array([0.1, 0.1, 0.8]), alpha=1.0)
+    np.testing.assert_array_equal(p_hat, [0.0, 1.0, 0.0])
+
+
+# ---------------------------------------------------------------- dola and score
+def ref_dola(scores_final, scores_layers, layers, alpha):
+    q_final, q_layers = softmax(scores_final, -1), softmax(scores_layers, -1)
+    premature = ref_select(q_final, q_layers, layers)
+    p_hat = np.stack([ref_contrast(q_final[b], q_layers[layers.index(m), b], alpha) for b, m in enumerate(premature)])
+    return p_hat, premature
+
+
+@pytest.mark.parametrize("seed, alpha", [(0, 0.1), (1, 0.05), (2, 0.5)])
+def test_dola_dynamic_matches_naive_loop(seed, alpha):
+    rng = np.random.default_rng(seed)
+    layers = [2, 4, 6, 8]
+    scores_final, scores_layers = random_logits(rng, 5, 11), random_logits(rng, 4, 5, 11)
+    result = rt.dola(scores_final, scores_layers, layers, alpha=alpha)
+    p_hat, premature = ref_dola(scores_final, scores_layers, layers, alpha)
+    np.testing.assert_array_equal(result.premature_layer, premature)
+    np.testing.assert_allclose(result.probs, p_hat, atol=1e-12)
+    np.testing.assert_allclose(result.final_probs, softmax(scores_final, -1), atol=1e-12)
+    np.testing.assert_allclose(result.jsd, ref_jsd(softmax(scores_final, -1)[None], softmax(scores_layers, -1)), atol=1e-9)
+
+
+@given(arrays(np.float64, (3, 6), elements=st.floats(-20, 20)), arrays(np.float64, (1, 3, 6), elements=st.floats(-20, 20)))
+@FAST
+def test_static_equals_dynamic_with_one_candidate(scores_final, scores_layers):
+    dynamic = rt.dola(scores_final, scores_layers, [7])
+    static = rt.dola(scores_final, scores_layers, None, mode="static", static_layer=7)
+    np.testing.assert_array_equal(static.probs, dynamic.probs)
+    np.testing.assert_array_equal(static.premature_layer, dynamic.premature_layer)
+
+
+def test_static_uses_the_named_layer_for_every_example():
+    rng = np.random.default_rng(4)
+    scores_final, scores_layers = random_logits(rng, 3, 8), random_logits(rng, 3, 3, 8)
+    result = rt.dola(scores_final, scores_layers, [2, 4, 6], mode="static", static_layer=4)
+    np.testing.assert_array_equal(result.premature_layer, [4, 4, 4])
+    alone = rt.dola(scores_final, scores_layers[1:2], None, mode="static", static_layer=4)
+    np.testing.assert_allclose(result.probs, alone.probs, atol=1e-12)
+
+
+def test_mode_off_returns_q_final_and_still_reports_jsd():
+    rng = np.random.default_rng(5)
+    scores_final, scores_layers = random_logits(rng, 2, 5), random_logits(rng, 2, 2, 5)
+    result = rt.dola(scores_final, scores_layers, [3, 5], mode="off")
+    np.testing.assert_allclose(result.probs, softmax(scores_final, -1), atol=1e-12)
+    np.testing.assert_array_equal(result.premature_layer, [-1, -1])
+    assert result.jsd.shape == (2, 2)
+    bare = rt.dola(scores_final, None, None, mode="off")
+    assert bare.jsd.shape == (0, 2) and (bare.premature_layer == -1).all()
+
+
+def test_dola_tie_in_dynamic_mode_uses_earliest_listed_layer():
+    scores_final = np.array([[3.0, 0.0, -1.0]])
+    early = np.array([[0.0, 0.0, 3.0]])
+    result = rt.dola(scores_final, np.stack([early, early]), [16, 10])
+    np.testing.assert_array_equal(result.premature_layer, [16])
+
+
+def test_score_composes_rep_logits_and_dola():
+    rng = np.random.default_rng(6)
+    z_final, z_layers, bank = rng.normal(size=(3, 16)), rng.normal(size=(2, 3, 16)), rng.normal(size=(7, 16))
+    tau = 0.07
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    logits_final, logits_layers = unit(z_final) @ unit(bank).T / tau, unit(z_layers) @ unit(bank).T / tau
+    result = rt.score(z_final, z_layers, bank, tau, [10, 12])
+    p_hat, premature = ref_dola(logits_final, logits_layers, [10, 12], 0.1)
+    np.testing.assert_allclose(result.probs, p_hat, atol=1e-9)
+    np.testing.assert_array_equal(result.premature_layer, premature)
+    np.testing.assert_allclose(rt.build_probs_from_rep(z_final, bank, tau), softmax(logits_final, -1), atol=1e-12)
+    np.testing.assert_allclose(rt.build_log_probs_from_rep(z_final, bank, tau), log_softmax(logits_final, -1), atol=1e-9)
