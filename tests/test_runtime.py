@@ -237,3 +237,109 @@ def test_score_composes_rep_logits_and_dola():
     np.testing.assert_array_equal(result.premature_layer, premature)
     np.testing.assert_allclose(rt.build_probs_from_rep(z_final, bank, tau), softmax(logits_final, -1), atol=1e-12)
     np.testing.assert_allclose(rt.build_log_probs_from_rep(z_final, bank, tau), log_softmax(logits_final, -1), atol=1e-9)
+
+
+# ---------------------------------------------------------------- compat="official-dola"
+def compat_case():
+    """Example 0 wants layer 2 (large JSD); examples 1, 2 want layer 4 (small JSD)."""
+    scores_final = np.array([[5.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    layer_2 = np.array([[0.0, 0.0, 5.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    layer_4 = np.array([[5.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 1.0, 2.0]])
+    return scores_final, np.stack([layer_2, layer_4])
+
+
+def test_compat_official_chooses_one_layer_for_the_batch():
+    scores_final, scores_layers = compat_case()
+    default = rt.dola(scores_final, scores_layers, [2, 4])
+    official = rt.dola(scores_final, scores_layers, [2, 4], compat="official-dola")
+    np.testing.assert_array_equal(default.premature_layer, [2, 4, 4])
+    np.testing.assert_array_equal(official.premature_layer, [2, 2, 2])
+    assert not np.allclose(default.probs, official.probs)
+
+
+def test_compat_official_reproduces_the_kl_m_p_value_and_batch_mean():
+    rng = np.random.default_rng(7)
+    q_final = softmax(random_logits(rng, 4, 6), -1)
+    q_layers = softmax(random_logits(rng, 3, 4, 6), -1)
+    premature, table = rt.select_early_exit(q_final, q_layers, [8, 6, 4], compat="official-dola")
+    reference = ref_official_table(q_final, q_layers)
+    np.testing.assert_allclose(table, reference, atol=1e-12)
+    assert (premature == [8, 6, 4][int(np.argmax(reference.mean(1)))]).all()
+    assert not np.allclose(table, ref_jsd(q_final[None], q_layers))
+
+
+def test_unknown_compat_is_rejected():
+    scores_final, scores_layers = compat_case()
+    with pytest.raises(ValueError, match="compat"):
+        rt.dola(scores_final, scores_layers, [2, 4], compat="official")
+
+
+# ---------------------------------------------------------------- numerical stability and array kinds
+def assert_valid(result):
+    for field in (result.probs, result.log_probs, result.final_probs, result.jsd):
+        assert not torch.isnan(torch.as_tensor(field)).any()
+    np.testing.assert_allclose(np.asarray(result.probs, dtype=np.float64).sum(-1), 1.0, atol=1e-5)
+    assert ((np.asarray(result.jsd) >= 0) & (np.asarray(result.jsd) <= LN2)).all()
+
+
+def test_single_class():
+    result = rt.dola(np.array([[3.0]]), np.array([[[-2.0]]]), [5])
+    assert_valid(result)
+    assert result.probs.tolist() == [[1.0]] and result.jsd.tolist() == [[0.0]]
+
+
+def test_two_hundred_thousand_classes_with_logits_of_1e4():
+    rng = np.random.default_rng(8)
+    scores_final = torch.from_numpy(rng.uniform(-1e4, 1e4, size=(2, 200_000)).astype(np.float32))
+    scores_layers = torch.from_numpy(rng.uniform(-1e4, 1e4, size=(2, 2, 200_000)).astype(np.float32))
+    result = rt.dola(scores_final, scores_layers, [2, 4])
+    assert_valid(result)
+    assert result.probs.dtype == torch.float32
+
+
+def test_extreme_logits_opposite_peaks_give_ln2():
+    scores_final = np.array([[1e4, -1e4, -1e4], [-1e4, 1e4, 1e4]])
+    scores_layers = np.stack([-scores_final, scores_final])
+    result = rt.dola(scores_final, scores_layers, [2, 4])
+    assert_valid(result)
+    np.testing.assert_allclose(result.jsd[0], [LN2, LN2], atol=1e-9)
+    np.testing.assert_array_equal(result.premature_layer, [2, 2])
+    np.testing.assert_array_equal(result.probs, [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+
+
+def test_zeros_in_probabilities_give_no_nan():
+    q_final = np.array([[0.6, 0.4, 0.0, 0.0]])
+    q_layers = np.array([[[0.0, 0.0, 0.5, 0.5]], [[0.6, 0.0, 0.4, 0.0]]])
+    premature, table = rt.select_early_exit(q_final, q_layers, [3, 9])
+    np.testing.assert_allclose(table, ref_jsd(q_final[None], q_layers), atol=1e-12)
+    assert premature.tolist() == [3]
+    p_hat, log_p_hat = rt.contrast_and_mask(q_final, q_layers[1], alpha=0.1)
+    assert not np.isnan(p_hat).any() and not np.isnan(log_p_hat).any()
+    np.testing.assert_array_equal(p_hat, [[0.0, 1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_computed_in_float32(dtype):
+    rng = np.random.default_rng(9)
+    scores_final = torch.from_numpy(random_logits(rng, 3, 10)).to(dtype)
+    scores_layers = torch.from_numpy(random_logits(rng, 2, 3, 10)).to(dtype)
+    result = rt.dola(scores_final, scores_layers, [4, 6])
+    assert_valid(result)
+    assert result.probs.dtype == torch.float32
+    reference = rt.dola(scores_final.double().numpy(), scores_layers.double().numpy(), [4, 6])
+    np.testing.assert_array_equal(result.premature_layer.numpy(), reference.premature_layer)
+    np.testing.assert_allclose(result.probs.numpy(), reference.probs, atol=1e-5)
+
+
+def test_numpy_in_numpy_out_and_torch_in_torch_out():
+    rng = np.random.default_rng(10)
+    scores_final, scores_layers = random_logits(rng, 2, 4), random_logits(rng, 2, 2, 4)
+    as_numpy = rt.dola(scores_final, scores_layers, [2, 4])
+    as_torch = rt.dola(torch.tensor(scores_final), torch.tensor(scores_layers), [2, 4])
+    for field in ("probs", "log_probs", "final_probs", "premature_layer", "jsd"):
+        assert isinstance(getattr(as_numpy, field), np.ndarray)
+        assert isinstance(getattr(as_torch, field), torch.Tensor)
+        np.testing.assert_allclose(getattr(as_torch, field).numpy(), getattr(as_numpy, field))
+    assert isinstance(rt.jsd(softmax(scores_final, -1), softmax(scores_final, -1)), np.ndarray)
+    assert isinstance(rt.contrast_and_mask(torch.ones(3) / 3, torch.ones(3) / 3)[0], torch.Tensor)
+    assert isinstance(rt.build_probs_from_rep(np.ones((2, 4), np.float32), np.eye(4), 1.0), np.ndarray)
