@@ -1,0 +1,319 @@
+"""DoLaSigLIP: zero-shot classification and reranking with DoLa on a loaded SigLIP model.
+
+Per batch the core is the two-line composition (ONE backbone forward):
+    z_final, z_layers = model.readout(pixels, layers)
+    result = runtime.score(z_final, z_layers, bank.embeds, tau, layers, mode, alpha, static_layer)
+
+Default layers: the last of ``n_buckets`` buckets, even layers, N excluded ({18, 20, 22} for N=24 and
+3 buckets). Mode "static" reads only ``static_layer`` (default: the middle candidate, 20 for N=24);
+mode "off" reads no early layer unless ``layers``/``bucket`` are given (then their JSD is reported).
+
+Calibration file (written by ``siglip-dola calibrate``, read by :meth:`DoLaSigLIP.from_calibration`)::
+
+    {"model": "<LoadedModel.model_id the choice was made for>",
+     "choice": {"mode": "dynamic" | "static" | "off",
+                "bucket": 3, "n_buckets": 3,       # or "layers": [18, 20, 22] (one of the two, optional)
+                "static_layer": 20,                # static mode only (optional)
+                "alpha": 0.1}}                     # optional, default 0.1
+    Other keys are ignored.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from siglip_dola import runtime
+from siglip_dola.images import expand_image_paths, iter_image_batches
+from siglip_dola.layers import resolve_layers
+
+MODES = ("dynamic", "static", "off")
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a real number in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def choose_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int = 3,
+                  static_layer=None) -> tuple[list[int], int | None]:
+    """(layers read per forward, static layer or None) for a scorer configuration; see the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    explicit = layers is not None or bucket is not None
+    candidates = resolve_layers(num_layers, layers=layers, bucket=n_buckets if not explicit else bucket,
+                                n_buckets=n_buckets)
+    if mode == "static":
+        static_layer = candidates[len(candidates) // 2] if static_layer is None else static_layer
+        return resolve_layers(num_layers, layers=[static_layer]), int(static_layer)
+    if static_layer is not None:
+        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
+    return (candidates if mode == "dynamic" or explicit else []), None
+
+
+class DoLaSigLIP:
+    """DoLa scorer over a LoadedModel: classify images against a text bank, rerank texts or images."""
+
+    def __init__(self, model, mode: str = "dynamic", alpha: float = 0.1, layers=None, bucket=None,
+                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32):
+        self.model = model
+        self.mode = mode
+        self.alpha = _check_alpha(alpha)
+        self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
+                                                       n_buckets, static_layer)
+        self.tau = float(model.tau if tau is None else tau)
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_calibration(cls, path: str | os.PathLike, model, **overrides) -> "DoLaSigLIP":
+        """A scorer configured by a calibration JSON (schema in the module docstring); `overrides` win."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        choice = data.get("choice") if isinstance(data, dict) else None
+        if not isinstance(choice, dict) or "mode" not in choice:
+            raise ValueError(f"calibration file {str(path)!r} needs a 'choice' object with a 'mode' key")
+        if data.get("model") not in (None, model.model_id):
+            raise ValueError(f"calibration file {str(path)!r} was made for model {data['model']!r}, "
+                             f"not {model.model_id!r}")
+        keys = ("mode", "alpha", "layers", "bucket", "n_buckets", "static_layer")
+        config = {k: choice[k] for k in keys if choice.get(k) is not None}
+        return cls(model, **{**config, **overrides})
+
+    # ------------------------------------------------------------ embeddings
+    def _autocast(self):
+        """bf16/fp16 autocast on GPU (per LoadedModel.dtype), plain fp32 elsewhere."""
+        device, dtype = torch.device(self.model.device), self.model.dtype
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(device_type="cuda", dtype=dtype)
+        return nullcontext()
+
+    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
+        _check_pixels(pixels)
+        with torch.inference_mode(), self._autocast():
+            z_final, z_layers = self.model.readout(pixels.to(self.model.device), self.layers)
+        z_layers = z_layers.float() if self.layers else None
+        return z_final.float(), z_layers
+
+    def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
+        """(ids, pixels [B, 3, H, W], skipped [(path, error)]) per batch from a tensor, PIL images or paths."""
+        if isinstance(images, torch.Tensor):
+            _check_pixels(images)
+            for start in range(0, images.shape[0], self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                yield list(range(start, start + chunk.shape[0])), chunk, []
+            return
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if images and all(isinstance(i, (str, os.PathLike)) for i in images):
+            for batch in iter_image_batches(expand_image_paths(images), self.model.preprocess, self.batch_size):
+                yield [str(p) for p in batch.paths], batch.pixels, batch.skipped
+            return
+        if images and all(hasattr(i, "convert") for i in images):  # PIL images
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                pixels = torch.stack([self.model.preprocess(i.convert("RGB")) for i in chunk])  # (B, 3, H, W)
+                yield list(range(start, start + len(chunk))), pixels, []
+            return
+        raise TypeError("images must be a [B, 3, H, W] tensor, a list of PIL images, or paths/folders/globs; "
+                        f"got {type(images).__name__} of {sorted({type(i).__name__ for i in images})}")
+
+    # ------------------------------------------------------------ image -> texts
+    def _bank(self, bank):
+        """(labels, embeds [C, D]) from a TextBank, a list of label strings, or an [C, D] tensor."""
+        if isinstance(bank, (list, tuple)) and all(isinstance(b, str) for b in bank):
+            from siglip_dola.text_bank import build_text_bank
+            bank = build_text_bank(self.model, list(bank))
+        if isinstance(bank, torch.Tensor):
+            labels, embeds = [str(i) for i in range(bank.shape[0])], bank
+        elif hasattr(bank, "embeds") and hasattr(bank, "labels"):
+            labels, embeds = list(bank.labels), bank.embeds
+        else:
+            raise TypeError(f"bank must be a TextBank, a list of label strings or a [C, D] tensor, got {type(bank).__name__}")
+        check_bank_dim(embeds, self.model.readout.embed_dim)
+        if len(labels) != embeds.shape[0]:
+            raise ValueError(f"bank has {len(labels)} labels but {embeds.shape[0]} embedding rows")
+        return labels, embeds
+
+    def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
+        """DoLaResult for pixels [B, 3, H, W] against bank_embeds [C, D] (one backbone forward)."""
+        z_final, z_layers = self.embed(pixels)
+        bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
+        return runtime.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
+                             alpha=self.alpha, static_layer=self.static_layer)
+
+    def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
+        """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""
+        labels, embeds = self._bank(bank)
+        top_k = len(labels) if top_k is None else _check_top_k(top_k)
+        for ids, pixels, skipped in self._batches(images):
+            results = []
+            if pixels is not None and len(ids):
+                result = self.score_pixels(pixels, embeds)
+                results = [dict(image=i, **row) for i, row in zip(ids, self._rows(result, labels, top_k, key))]
+            yield results, skipped
+
+    def classify(self, images, bank, top_k: int = 5) -> list[dict]:
+        """Per image: {image, predictions [{label, score, baseline_score}] (top-k by DoLa score), premature_layer, jsd}.
+
+        images: [B, 3, H, W] tensor, PIL images, or paths/folders/globs (bad files are skipped with a warning).
+        bank: TextBank, list of labels, or [C, D] tensor. score = DoLa p_hat, baseline_score = q_N.
+        """
+        return self._collect(self.iter_classify(images, bank, top_k))
+
+    def rerank(self, images, texts) -> list[dict]:
+        """Image -> texts: per image {image, predictions [{text, score, baseline_score}] (all texts, best first), ...}."""
+        return self._collect(self.iter_classify(images, texts, top_k=None, key="text"))
+
+    @staticmethod
+    def _collect(batches: Iterable[tuple[list, list]]) -> list[dict]:
+        results, skipped = [], []
+        for batch_results, batch_skipped in batches:
+            results.extend(batch_results)
+            skipped.extend(batch_skipped)
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} unreadable image(s): " +
+                          "; ".join(f"{p}: {e}" for p, e in skipped), stacklevel=3)
+        return results
+
+    def _rows(self, result: runtime.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
+        """One dict per example (row) of a DoLaResult: top-k ranked by (DoLa prob, then q_N)."""
+        probs, final = result.probs.float().cpu(), result.final_probs.float().cpu()
+        order = torch.sort(final, dim=-1, descending=True, stable=True).indices  # ties among masked: by q_N
+        order = order.gather(-1, torch.sort(probs.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+        jsd = result.jsd.float().cpu()  # (J, B)
+        rows = []
+        for b in range(probs.shape[0]):
+            predictions = [{key: names[c], "score": float(probs[b, c]), "baseline_score": float(final[b, c])}
+                           for c in order[b, :top_k].tolist()]
+            layer = int(result.premature_layer[b])
+            rows.append({"predictions": predictions, "premature_layer": None if layer < 0 else layer,
+                         "jsd": {j: float(jsd[i, b]) for i, j in enumerate(self.layers)}})
+        return rows
+
+    # ------------------------------------------------------------ text -> images
+    def iter_embed(self, images) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor | None, list]]:
+        """Per batch: (ids, z_final [B, D], z_layers [J, B, D] or None, skipped) on CPU fp32; z_final None if all bad."""
+        for ids, pixels, skipped in self._batches(images):
+            if pixels is None or not len(ids):
+                yield [], None, None, skipped
+                continue
+            z_final, z_layers = self.embed(pixels)
+            yield ids, z_final.cpu(), (None if z_layers is None else z_layers.cpu()), skipped
+
+    def embed_images(self, images) -> tuple[list, torch.Tensor, torch.Tensor | None]:
+        """(ids, z_final [n, D], z_layers [J, n, D] or None) on CPU fp32 for all images (bad files skipped, warned)."""
+        ids, finals, stacks, skipped = [], [], [], []
+        for batch_ids, z_final, z_layers, batch_skipped in self.iter_embed(images):
+            skipped.extend(batch_skipped)
+            if z_final is not None:
+                ids.extend(batch_ids)
+                finals.append(z_final)
+                stacks.append(z_layers)
+        if skipped:
+            warnings.warn("skipped unreadable image(s): " + "; ".join(f"{p}: {e}" for p, e in skipped), stacklevel=2)
+        if not finals:
+            raise ValueError("images: no image could be decoded")
+        return ids, torch.cat(finals), (torch.cat(stacks, dim=1) if self.layers else None)  # (J, n, D)
+
+    def _text_embeds(self, text) -> tuple[list[str], torch.Tensor]:
+        """(query names, raw text embeddings [Q, D]) from a string, list of strings or [D] / [Q, D] tensor."""
+        if isinstance(text, torch.Tensor):
+            embeds = text.reshape(1, -1) if text.ndim == 1 else text
+            return [str(i) for i in range(embeds.shape[0])], embeds.float()
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError("text must be a non-empty string, a list of non-empty strings or an embedding tensor")
+        if self.model.encode_text is None:
+            raise ValueError(f"model {self.model.model_id!r} has no text tower: pass text as an embedding tensor [Q, D]")
+        with torch.inference_mode(), self._autocast():
+            return texts, self.model.encode_text(texts).float()
+
+    def rerank_images(self, text, images=None, *, image_embeds=None, embed_layers=None, ids=None,
+                      top_k: int | None = None) -> list[dict]:
+        """Text -> images: per query {text, ranking [{image, score, baseline_score}] best first, premature_layer, jsd}.
+
+        The candidates are the images: q_N(i) = softmax_i(cos(t, z_N,i) / tau) and q_j likewise with the
+        layer-j image embeddings; then the same DoLa formulas. Give `images` (run through the model) or
+        precomputed `image_embeds=(z_final [n, D], z_layers [L, n, D])` with `embed_layers` naming the L
+        layers stored (default: this scorer's layers) and optional `ids` (default 0..n-1).
+        """
+        if (images is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of images= or image_embeds=(z_final, z_layers)")
+        if images is not None:
+            ids, z_final, z_layers = self.embed_images(images)
+        else:
+            z_final, z_layers = self._select_layers(image_embeds, embed_layers)
+            ids = list(range(z_final.shape[0])) if ids is None else list(ids)
+        queries, text_embeds = self._text_embeds(text)
+        check_bank_dim(z_final, text_embeds.shape[-1], what="image embeddings")
+        # log q over the images are valid logits for dola(): softmax is shift-invariant
+        scores_final = runtime.build_log_probs_from_rep(text_embeds, z_final.float(), self.tau)  # (Q, n)
+        scores_layers = None if z_layers is None else torch.stack(
+            [runtime.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
+        result = runtime.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
+                              alpha=self.alpha, static_layer=self.static_layer)
+        top_k = len(ids) if top_k is None else _check_top_k(top_k)
+        rows = self._rows(result, ids, top_k, key="image")
+        return [{"text": q, "ranking": row.pop("predictions"), **row} for q, row in zip(queries, rows)]
+
+    def _select_layers(self, image_embeds, embed_layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pick this scorer's layers out of precomputed (z_final [n, D], z_layers [L, n, D])."""
+        z_final, z_layers = image_embeds
+        z_final = torch.as_tensor(z_final).float()
+        if not self.layers:
+            return z_final, None
+        z_layers = torch.as_tensor(z_layers).float()
+        stored = list(self.layers if embed_layers is None else embed_layers)
+        if z_layers.ndim != 3 or z_layers.shape[0] != len(stored) or z_layers.shape[1:] != z_final.shape:
+            raise ValueError(f"image_embeds z_layers must be [L={len(stored)}, n, D] matching z_final "
+                             f"{list(z_final.shape)}, got {list(z_layers.shape)}")
+        missing = [j for j in self.layers if j not in stored]
+        if missing:
+            raise ValueError(f"image_embeds lack layers {missing} (stored: {stored}); the scorer needs {self.layers}")
+        return z_final, z_layers[[stored.index(j) for j in self.layers]]
+
+
+def _check_pixels(pixels) -> None:
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+        shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+
+
+def _check_top_k(top_k) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    return top_k
+
+
+def check_bank_dim(embeds, embed_dim: int, what: str = "bank") -> None:
+    """Raise a clear ValueError unless embeds is [C, D] with D == embed_dim."""
+    if embeds.ndim != 2 or embeds.shape[0] < 1 or embeds.shape[1] != embed_dim:
+        raise ValueError(f"{what} must be [C, D] with D={embed_dim} (the model's embedding dimension), "
+                         f"got shape {list(embeds.shape)}")
+
+
+def rerank_with_dola_siglip(image_tensor, text_bank, alpha: float = 0.1, candidate_layers=(18, 20, 22),
+                            tau=None, model=None) -> runtime.DoLaResult:
+    """The design note's entry point: DoLaResult (probs p_hat [B, C], final_probs q_N, premature_layer [B], jsd [J, B]).
+
+    image_tensor [B, 3, H, W] (preprocessed); text_bank: TextBank or [C, D] tensor; model: LoadedModel
+    (default: ``siglip_dola.load()``, the embedded model); dynamic early exit over `candidate_layers`.
+    """
+    if model is None:
+        from siglip_dola.loading import load
+        model = load()
+    scorer = DoLaSigLIP(model, mode="dynamic", alpha=alpha, layers=list(candidate_layers), tau=tau)
+    _, embeds = scorer._bank(text_bank)
+    return scorer.score_pixels(image_tensor, embeds)
