@@ -343,3 +343,77 @@ def test_numpy_in_numpy_out_and_torch_in_torch_out():
     assert isinstance(rt.jsd(softmax(scores_final, -1), softmax(scores_final, -1)), np.ndarray)
     assert isinstance(rt.contrast_and_mask(torch.ones(3) / 3, torch.ones(3) / 3)[0], torch.Tensor)
     assert isinstance(rt.build_probs_from_rep(np.ones((2, 4), np.float32), np.eye(4), 1.0), np.ndarray)
+
+
+# ---------------------------------------------------------------- bad input names the argument
+RNG = np.random.default_rng(11)
+SF, SL = random_logits(RNG, 2, 4), random_logits(RNG, 2, 2, 4)
+QN, QL = softmax(SF, -1), softmax(SL, -1)
+Z, BANK = RNG.normal(size=(2, 8)), RNG.normal(size=(4, 8))
+NAN_SF = np.where(np.arange(4) == 1, np.nan, SF)
+NAN_Q = np.where(np.arange(4) == 1, np.nan, QN)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_bad_alpha_raises(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        rt.contrast_and_mask(QN, QL[0], alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        rt.dola(SF, SL, [2, 4], alpha=alpha)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_tau_raises(tau):
+    with pytest.raises(ValueError, match="tau"):
+        rt.build_log_probs_from_rep(Z, BANK, tau)
+    with pytest.raises(ValueError, match="tau"):
+        rt.score(Z, Z[None], BANK, tau, [3])
+
+
+BAD_CALLS = {
+    "bank dim != z dim": (lambda: rt.build_probs_from_rep(Z, BANK[:, :5], 1.0), ValueError, "text_bank"),
+    "empty text bank": (lambda: rt.build_probs_from_rep(Z, BANK[:0], 1.0), ValueError, "text_bank"),
+    "1-d text bank": (lambda: rt.build_probs_from_rep(Z, BANK[0], 1.0), ValueError, "text_bank"),
+    "NaN in z": (lambda: rt.build_probs_from_rep(np.full((2, 8), np.nan), BANK, 1.0), ValueError, "z"),
+    "NaN in text bank": (lambda: rt.build_probs_from_rep(Z, np.full((4, 8), np.nan), 1.0), ValueError, "text_bank"),
+    "NaN in z_layers": (lambda: rt.score(Z, np.full((1, 2, 8), np.nan), BANK, 1.0, [3]), ValueError, "z_layers"),
+    "z_layers shape": (lambda: rt.score(Z, Z, BANK, 1.0, [3]), ValueError, "z_layers"),
+    "list instead of array": (lambda: rt.build_probs_from_rep([[1.0]], BANK, 1.0), TypeError, "z"),
+    "bool tau": (lambda: rt.build_probs_from_rep(Z, BANK, True), TypeError, "tau"),
+    "empty classes": (lambda: rt.dola(SF[:, :0], SL[:, :, :0], [2, 4]), ValueError, "scores_final"),
+    "NaN in scores_final": (lambda: rt.dola(NAN_SF, SL, [2, 4]), ValueError, "scores_final"),
+    "NaN in scores_layers": (lambda: rt.dola(SF, SL + NAN_SF * 0, [2, 4]), ValueError, "scores_layers"),
+    "inf in scores_final": (lambda: rt.dola(SF + np.inf, SL, [2, 4]), ValueError, "scores_final"),
+    "NaN in p": (lambda: rt.jsd(NAN_Q, QN), ValueError, "p"),
+    "NaN in q": (lambda: rt.jsd(QN, NAN_Q), ValueError, "q"),
+    "negative q": (lambda: rt.jsd(QN, -QN), ValueError, "q"),
+    "jsd class mismatch": (lambda: rt.jsd(QN, QN[:, :3]), ValueError, "p and q"),
+    "jsd shapes don't broadcast": (lambda: rt.jsd(QN, QL[:, :1].repeat(3, 1)), ValueError, "p and q"),
+    "NaN in q_N": (lambda: rt.contrast_and_mask(NAN_Q, QN), ValueError, "q_N"),
+    "NaN in q_M": (lambda: rt.contrast_and_mask(QN, NAN_Q), ValueError, "q_M"),
+    "all-zero q_N": (lambda: rt.contrast_and_mask(QN * 0, QN), ValueError, "q_N"),
+    "q_M shape": (lambda: rt.contrast_and_mask(QN, QN[:1]), ValueError, "q_M"),
+    "bool alpha": (lambda: rt.contrast_and_mask(QN, QN, True), TypeError, "alpha"),
+    "empty layers": (lambda: rt.select_early_exit(QN, QL[:0], []), ValueError, "layers"),
+    "duplicate layers": (lambda: rt.select_early_exit(QN, QL, [4, 4]), ValueError, "duplicates"),
+    "layers length != J": (lambda: rt.select_early_exit(QN, QL, [2, 4, 6]), ValueError, "layers"),
+    "bool layer": (lambda: rt.select_early_exit(QN, QL, [True, 4]), ValueError, "layers"),
+    "non-positive layer": (lambda: rt.select_early_exit(QN, QL, [0, 4]), ValueError, "layers"),
+    "layers is None": (lambda: rt.select_early_exit(QN, QL, None), TypeError, "layers"),
+    "q_layers not [J, *q_N.shape]": (lambda: rt.select_early_exit(QN, QL[:, :1], [2, 4]), ValueError, "q_layers"),
+    "q_layers missing J axis": (lambda: rt.select_early_exit(QN, QN, [2, 4]), ValueError, "q_layers"),
+    "NaN in q_layers": (lambda: rt.select_early_exit(QN, QL + NAN_Q * 0, [2, 4]), ValueError, "q_layers"),
+    "scores_layers shape": (lambda: rt.dola(SF, SL[:, :, :3], [2, 4]), ValueError, "scores_layers"),
+    "duplicate dola layers": (lambda: rt.dola(SF, SL, [2, 2]), ValueError, "layers"),
+    "unknown mode": (lambda: rt.dola(SF, SL, [2, 4], mode="greedy"), ValueError, "dynamic"),
+    "static without static_layer": (lambda: rt.dola(SF, SL, [2, 4], mode="static"), ValueError, "static_layer"),
+    "static_layer not in layers": (lambda: rt.dola(SF, SL, [2, 4], mode="static", static_layer=6), ValueError, "static_layer"),
+    "dynamic without scores_layers": (lambda: rt.dola(SF, None, [2, 4]), ValueError, "scores_layers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_input_raises_naming_the_argument(case):
+    call, error, name = BAD_CALLS[case]
+    with pytest.raises(error, match=name):
+        call()
