@@ -114,7 +114,7 @@ def _check_layers(layers, num_candidates: int) -> list[int]:
     """Layer numbers as a list of ints; matches the J = ``num_candidates`` stacked distributions."""
     if layers is None or isinstance(layers, (str, bytes)):
         raise TypeError(f"layers must be a non-empty sequence of layer numbers (ints >= 1), got {layers!r}")
-    layers = list(layers)
+    layers = layers.tolist() if hasattr(layers, "tolist") else list(layers)  # numpy / torch int arrays too
     if not layers:
         raise ValueError("layers must not be empty: give at least one candidate layer number")
     if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or j < 1 for j in layers):
@@ -123,13 +123,15 @@ def _check_layers(layers, num_candidates: int) -> list[int]:
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not contain duplicates, got {layers}")
     if len(layers) != num_candidates:
-        raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0) of size {num_candidates}")
+        raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0), "
+                         f"of size {num_candidates}")
     return layers
 
 
 def _check_stacked(stacked: torch.Tensor, final: torch.Tensor, stacked_name: str, final_name: str) -> None:
     if stacked.ndim != final.ndim + 1 or stacked.shape[1:] != final.shape:
-        raise ValueError(f"{stacked_name} must have shape [J, *{final_name}.shape] = [J, {', '.join(map(str, final.shape))}], "
+        expected = ", ".join(["J", *map(str, final.shape)])
+        raise ValueError(f"{stacked_name} must have shape [J, *{final_name}.shape] = [{expected}], "
                          f"got {list(stacked.shape)}")
 
 

@@ -417,3 +417,9 @@ def test_bad_input_raises_naming_the_argument(case):
     call, error, name = BAD_CALLS[case]
     with pytest.raises(error, match=name):
         call()
+
+
+def test_layers_may_be_numpy_or_torch_int_arrays():
+    expected = rt.select_early_exit(QN, QL, [6, 2])[0]
+    np.testing.assert_array_equal(rt.select_early_exit(QN, QL, np.array([6, 2]))[0], expected)
+    np.testing.assert_array_equal(rt.select_early_exit(QN, QL, torch.tensor([6, 2]))[0], expected)
