@@ -280,6 +280,8 @@ def _resolve_static(layers, static_layer, num_candidates: int) -> tuple[list[int
 def _dola_tensors(final, stacked, layers, mode, alpha, static_layer, compat) -> DoLaResult:
     """DoLa on logits tensors: final [..., C], stacked [J, ..., C] or None."""
     log_q_N = torch.log_softmax(final, dim=-1)
+    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
+        stacked = None  # mode "off" with an empty stack of layers: nothing to compare
     if stacked is None:
         if mode != "off":
             raise ValueError(f"scores_layers is required for mode={mode!r} (only mode='off' works without it)")

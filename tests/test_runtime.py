@@ -423,3 +423,11 @@ def test_layers_may_be_numpy_or_torch_int_arrays():
     expected = rt.select_early_exit(QN, QL, [6, 2])[0]
     np.testing.assert_array_equal(rt.select_early_exit(QN, QL, np.array([6, 2]))[0], expected)
     np.testing.assert_array_equal(rt.select_early_exit(QN, QL, torch.tensor([6, 2]))[0], expected)
+
+
+def test_mode_off_accepts_an_empty_layer_stack():
+    result = rt.score(Z, np.zeros((0, 2, 8)), BANK, 0.1, None, mode="off")
+    np.testing.assert_allclose(result.probs, rt.build_probs_from_rep(Z, BANK, 0.1), atol=1e-12)
+    assert result.jsd.shape == (0, 2) and (result.premature_layer == -1).all()
+    with pytest.raises(ValueError, match="layers"):
+        rt.score(Z, np.zeros((0, 2, 8)), BANK, 0.1, [], mode="dynamic")
