@@ -18,26 +18,15 @@ def parse_layers(text: str) -> list[int]:
 
 
 def read_label_list(labels: str | None, labels_file: str | None, option: str = "--labels") -> list[str]:
-    """Labels from 'cat,dog' or a UTF-8 file (one per line, blank lines ignored); empty/duplicates -> ValueError."""
+    """Labels from 'cat,dog' or a UTF-8 file (one per line); empty, blank or duplicate entries -> ValueError."""
+    from siglip_dola.text_bank import read_labels_file, validate_labels
+
     if labels_file is not None:
-        try:
-            text = open(labels_file, encoding="utf-8", errors="strict").read()
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{option}-file {labels_file!r} is not valid UTF-8 (byte {err.start}): "
-                             "save it as UTF-8, one label per line") from None
-        items = [line.strip() for line in text.lstrip("\ufeff").splitlines()]
-        items = [item for item in items if item]
-    else:
-        items = [item.strip() for item in (labels or "").split(",")]
-        if any(not item for item in items) and any(items):
-            raise ValueError(f"{option} has an empty entry: {labels!r} (write them like \"cat,dog\")")
-        items = [item for item in items if item]
-    if not items:
-        raise ValueError(f"{option} is empty: give at least one label, e.g. {option} \"cat,dog\"")
-    duplicates = sorted({item for item in items if items.count(item) > 1})
-    if duplicates:
-        raise ValueError(f"{option} has duplicate entries: {duplicates}")
-    return items
+        return read_labels_file(labels_file)
+    items = [item.strip() for item in (labels or "").split(",")]
+    if not any(items):
+        raise ValueError(f"{option} is empty: give at least one entry, e.g. {option} \"cat,dog\"")
+    return validate_labels(items, source=option)
 
 
 def _add_scorer_arguments(parser) -> None:
@@ -58,9 +47,11 @@ def _add_scorer_arguments(parser) -> None:
 
 def _classify_arguments(parser) -> None:
     _add_scorer_arguments(parser)
-    labels = parser.add_mutually_exclusive_group(required=True)
+    labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
     labels.add_argument("--labels-file", help="UTF-8 text file, one class name per line")
+    parser.add_argument("--bank", default=None,
+                        help="precomputed text bank (.npy / .safetensors); labels from the file or --labels")
     parser.add_argument("--templates", nargs="+", default=["{}"],
                         help='prompt templates with {} for the class name (default: "{}")')
     parser.add_argument("--top-k", type=int, default=5)
@@ -153,16 +144,33 @@ def _emit(args, results: list[dict], skipped: list[dict], items: str, key: str, 
     return SKIPPED_EXIT_CODE if skipped else 0
 
 
+def _classify_labels(args) -> list[str] | None:
+    """Labels from --labels / --labels-file (validated before the model loads); None with --bank alone."""
+    if args.labels is None and args.labels_file is None:
+        if args.bank is None:
+            raise ValueError("give the classes with --labels \"cat,dog\", --labels-file FILE or --bank FILE")
+        return None
+    return read_label_list(args.labels, args.labels_file)
+
+
+def _classify_bank(args, model, labels):
+    """TextBank from --bank (labels from the file or `labels`) or from labels x --templates."""
+    from siglip_dola.text_bank import build_text_bank, load_text_bank
+
+    if args.bank is not None:
+        return load_text_bank(args.bank, labels=labels)
+    return build_text_bank(model, labels, templates=tuple(args.templates))
+
+
 @subcommand("classify", help="Zero-shot classify images with DoLa.")
 def classify_command(args) -> int:
-    """Classify IMAGES against --labels; prints a table or --json; exit 1 when some files were skipped."""
+    """Classify IMAGES against --labels / --bank; prints a table or --json; exit 1 when some files were skipped."""
     from siglip_dola.images import expand_image_paths
-    from siglip_dola.text_bank import build_text_bank
 
-    labels = read_label_list(args.labels, args.labels_file)
+    labels = _classify_labels(args)
     paths = expand_image_paths(args.images)
     model, scorer = _build_scorer(args)
-    bank = build_text_bank(model, labels, templates=tuple(args.templates))
+    bank = _classify_bank(args, model, labels)
     results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="label")
     return _emit(args, results, skipped, "predictions", "label", "image")
 
