@@ -1,0 +1,213 @@
+"""Text banks: class names x prompt templates ensembled as open_clip does, label files, .npy/.safetensors, cache.
+
+Ensembling (open_clip's `build_zero_shot_classifier`): every (class, template) text is encoded and
+L2-normalised, the per-class mean over templates is taken and L2-normalised again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from siglip_dola.io import atomic_path
+
+BANK_FORMAT = "siglip-dola-text-bank/1"
+Template = str | Callable[[str], str]
+
+
+@dataclass
+class TextBank:
+    labels: list[str]      # one per row
+    embeds: torch.Tensor   # [C, D] fp32, L2-normalised rows
+    model_id: str
+
+    def __post_init__(self):
+        if self.embeds.ndim != 2 or self.embeds.shape[0] != len(self.labels):
+            raise ValueError(f"embeds must be [C, D] with C = len(labels) = {len(self.labels)}; "
+                             f"got shape {tuple(self.embeds.shape)}")
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return int(self.embeds.shape[1])
+
+
+def validate_labels(labels: Sequence[str], source: str = "labels") -> list[str]:
+    """Labels as a list; ValueError when empty, not strings, blank or duplicated (naming `source`)."""
+    if isinstance(labels, str):
+        raise TypeError(f"{source} must be a list of strings, not one string")
+    labels = list(labels)
+    if not labels:
+        raise ValueError(f"{source} is empty: give at least one label")
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ValueError(f"{source} must be non-blank strings")
+    duplicates = sorted(label for label, count in Counter(labels).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{source} has duplicate labels: {duplicates}")
+    return labels
+
+
+def read_labels_file(path: str | Path) -> list[str]:
+    """Labels from a UTF-8 text file, one per line; surrounding whitespace and blank lines are ignored."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"labels file {path} is not valid UTF-8 ({error.reason} at byte {error.start}); "
+                         "save it as UTF-8 with one label per line") from error
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    return validate_labels(labels, source=f"labels file {path}")
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet-1k class names shipped with open_clip."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def imagenet_templates() -> list[str]:
+    """open_clip's 80 OpenAI ImageNet prompt templates as format strings ('a photo of a {}.')."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [_template_string(template) for template in OPENAI_IMAGENET_TEMPLATES]
+
+
+def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Template] = ("{}",),
+                    cache_dir: str | Path | None = None, batch_size: int = 256) -> TextBank:
+    """Encode classnames x templates with `model` (a LoadedModel) -> TextBank [C, D]; cached when cache_dir is set."""
+    classnames = validate_labels(classnames, source="classnames")
+    templates = _validate_templates(templates)
+    if model.encode_text is None:
+        raise ValueError(f"model {model.model_id!r} has no text encoder: load a precomputed bank "
+                         "with load_text_bank(path, labels)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = _cache_path(Path(cache_dir), model, classnames, templates)
+        if cache_path.is_file():
+            return load_text_bank(cache_path)
+    embeds = _encode_ensembled(model.encode_text, classnames, templates, batch_size)
+    bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
+    if cache_path is not None:
+        save_text_bank(bank, cache_path)
+    return bank
+
+
+def _encode_ensembled(encode_text, classnames, templates, batch_size) -> torch.Tensor:
+    texts = [_apply(template, name) for name in classnames for template in templates]  # class-major
+    chunks = [encode_text(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
+    text_embeds = F.normalize(torch.cat(chunks), dim=-1)                    # (C * T, D)
+    text_embeds = text_embeds.reshape(len(classnames), len(templates), -1)  # (C, T, D)
+    return F.normalize(text_embeds.mean(dim=1), dim=-1)                     # (C, D)
+
+
+def _apply(template: Template, classname: str) -> str:
+    return template.format(classname) if isinstance(template, str) else template(classname)
+
+
+def _template_string(template: Template) -> str:
+    return template if isinstance(template, str) else template("{}")
+
+
+def _validate_templates(templates) -> list[Template]:
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    if not templates or not all(isinstance(t, str) or callable(t) for t in templates):
+        raise ValueError("templates must be a non-empty list of format strings ('a photo of a {}.') or callables")
+    return templates
+
+
+def save_text_bank(bank: TextBank, path: str | Path) -> None:
+    """Write `bank` atomically as .safetensors (embeds + labels/model_id metadata) or .npy (embeds only)."""
+    path = Path(path)
+    embeds = bank.embeds.detach().float().cpu().contiguous()
+    with atomic_path(path) as tmp:
+        if path.suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, embeds.numpy(), allow_pickle=False)
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {"format": BANK_FORMAT, "labels": json.dumps(bank.labels), "model_id": bank.model_id}
+            save_file({"embeds": embeds}, str(tmp), metadata=metadata)
+        else:
+            raise ValueError(f"text bank path must end with .safetensors or .npy; got {path}")
+
+
+def load_text_bank(path: str | Path, labels: Sequence[str] | str | Path | None = None,
+                   model_id: str | None = None) -> TextBank:
+    """Bank from .npy (allow_pickle=False) or .safetensors; rows are L2-normalised on load.
+
+    `labels`: a list, or a path to a labels file; None -> the labels stored in the .safetensors
+    metadata, else "0", "1", ... . A .safetensors bank holds its embeds under "embeds" (or its only tensor).
+    """
+    path = Path(path)
+    embeds, stored_labels, stored_model_id = _read_bank_file(path)
+    if isinstance(labels, (str, Path)):
+        labels = read_labels_file(labels)
+    if labels is None:
+        labels = stored_labels if stored_labels is not None else [str(i) for i in range(embeds.shape[0])]
+    labels = validate_labels(labels, source="labels")
+    if embeds.ndim != 2 or embeds.shape[0] != len(labels):
+        raise ValueError(f"bank {path} has shape {tuple(embeds.shape)}; expected [C, D] with C = "
+                         f"{len(labels)} labels")
+    embeds = F.normalize(embeds.float(), dim=-1)
+    return TextBank(labels=labels, embeds=embeds, model_id=model_id or stored_model_id or "")
+
+
+def _read_bank_file(path: Path):
+    """(embeds tensor, stored labels or None, stored model_id or None)."""
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"bank {path} has dtype {array.dtype}; expected floating point embeddings")
+        return torch.from_numpy(np.ascontiguousarray(array)), None, None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            key = "embeds" if "embeds" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"bank {path} must hold an 'embeds' tensor or exactly one tensor; has {keys}")
+            metadata = handle.metadata() or {}
+            labels = json.loads(metadata["labels"]) if "labels" in metadata else None
+            return handle.get_tensor(key), labels, metadata.get("model_id")
+    raise ValueError(f"text bank path must end with .safetensors or .npy; got {path}")
+
+
+def check_bank(bank: TextBank, model) -> None:
+    """ValueError when the bank's dimension differs from the model's image embedding dimension."""
+    model_dim = int(model.readout.embed_dim)
+    if bank.dim != model_dim:
+        raise ValueError(f"text bank dimension {bank.dim} does not match model {model.model_id!r} "
+                         f"embedding dimension {model_dim}: build the bank with this model")
+    if bank.model_id and model.model_id and bank.model_id != model.model_id:
+        warnings.warn(f"text bank was built with {bank.model_id!r}, scoring with {model.model_id!r}",
+                      stacklevel=2)
+
+
+def bank_cache_key(model_id: str, weights_fingerprint: str, classnames: Sequence[str],
+                   templates: Sequence[Template]) -> str:
+    """sha256 over model id, weights fingerprint, class names and templates (as format strings)."""
+    payload = {"format": BANK_FORMAT, "model_id": model_id, "weights": weights_fingerprint,
+               "classnames": list(classnames), "templates": [_template_string(t) for t in templates]}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _cache_path(cache_dir: Path, model, classnames, templates) -> Path:
+    key = bank_cache_key(model.model_id, model.weights_fingerprint, classnames, templates)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.model_id)[-60:].strip("_") or "model"
+    return cache_dir / f"{slug}-{key[:24]}.safetensors"

@@ -1,0 +1,175 @@
+"""Text banks: open_clip-identical ensembling, label files, .npy/.safetensors, on-disk cache."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+from siglip_dola import text_bank as tb
+from siglip_dola.load_adapters import open_clip as open_clip_adapter
+from siglip_dola.loading import LoadedModel, _wrap_text_encoder
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """(open_clip model, tokenizer) built from a tiny registered config, random init, eval mode."""
+    config_dir = tmp_path_factory.mktemp("oc_cfg")
+    (config_dir / "sdola-bank-tiny.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config_dir)
+    torch.manual_seed(0)
+    model = open_clip.create_model("sdola-bank-tiny", pretrained=None).eval()
+    return model, open_clip.get_tokenizer("sdola-bank-tiny")
+
+
+def _loaded(model, tokenizer, model_id="tiny") -> LoadedModel:
+    """A LoadedModel around the real tiny model's text tower (no readout needed for banks)."""
+    parts = open_clip_adapter.parts(model, preprocess=lambda image: image, tokenizer=tokenizer)
+    cpu = torch.device("cpu")
+    return LoadedModel(model_id=model_id, readout=None, preprocess=parts.preprocess,
+                       encode_text=_wrap_text_encoder(parts.encode_text, cpu, torch.float32),
+                       logit_scale=parts.logit_scale, logit_bias=parts.logit_bias, device=cpu,
+                       dtype=torch.float32, model=model, backend="open_clip")
+
+
+class CountingEncoder:
+    """Wraps a real encode_text and counts how many texts it encoded."""
+
+    def __init__(self, encode_text):
+        self.encode_text, self.texts = encode_text, 0
+
+    def __call__(self, texts):
+        self.texts += len(texts)
+        return self.encode_text(texts)
+
+
+def test_ensembling_matches_open_clip(tiny_clip):
+    model, tokenizer = tiny_clip
+    classnames = ["cat", "dog", "red car", "tree", "a b"]
+    bank = tb.build_text_bank(_loaded(model, tokenizer), classnames, tb.imagenet_templates()[:7], batch_size=4)
+    reference = open_clip.build_zero_shot_classifier(
+        model, tokenizer, classnames, OPENAI_IMAGENET_TEMPLATES[:7], num_classes_per_batch=2, device="cpu")
+    assert bank.labels == classnames
+    torch.testing.assert_close(bank.embeds, reference.T.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bank.embeds.norm(dim=-1), torch.ones(5))
+
+
+def test_single_template_is_the_normalised_text_embedding(tiny_clip):
+    model, tokenizer = tiny_clip
+    bank = tb.build_text_bank(_loaded(model, tokenizer), ["cat", "dog"])
+    with torch.no_grad():
+        direct = model.encode_text(tokenizer(["cat", "dog"]))
+    torch.testing.assert_close(bank.embeds, direct / direct.norm(dim=-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_imagenet_metadata_comes_from_open_clip():
+    names, templates = tb.imagenet_classnames(), tb.imagenet_templates()
+    assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
+    assert len(templates) == 80
+    assert [t.format("goldfish") for t in templates] == [t("goldfish") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def test_cache_hit_and_invalidation(tiny_clip, tmp_path):
+    model, tokenizer = tiny_clip
+    loaded = _loaded(model, tokenizer)
+    counter = CountingEncoder(loaded.encode_text)
+    loaded.encode_text = counter
+    first = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
+    assert counter.texts == 4 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
+    assert counter.texts == 4  # served from disk
+    torch.testing.assert_close(again.embeds, first.embeds)
+    assert again.labels == first.labels and again.model_id == "tiny"
+    tb.build_text_bank(loaded, ["cat", "dog"], ["a {}."], cache_dir=tmp_path)  # templates changed
+    tb.build_text_bank(loaded, ["cat", "cow"], ["a {}.", "the {}"], cache_dir=tmp_path)  # texts changed
+    assert counter.texts == 4 + 2 + 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_cache_invalidated_when_weights_change(tiny_clip, tmp_path):
+    import copy
+
+    model, tokenizer = tiny_clip
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.text_projection.mul_(torch.linspace(0.5, 1.5, changed.text_projection.shape[1]))
+    original = tb.build_text_bank(_loaded(model, tokenizer), ["cat", "dog"], cache_dir=tmp_path)
+    loaded = _loaded(changed, tokenizer)  # same model_id, different weights
+    counter = CountingEncoder(loaded.encode_text)
+    loaded.encode_text = counter
+    updated = tb.build_text_bank(loaded, ["cat", "dog"], cache_dir=tmp_path)
+    assert counter.texts == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.allclose(updated.embeds, original.embeds)
+
+
+def test_build_rejects_bad_labels_and_text_free_models(tiny_clip):
+    model, tokenizer = tiny_clip
+    loaded = _loaded(model, tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        tb.build_text_bank(loaded, [])
+    with pytest.raises(ValueError, match="duplicate.*cat"):
+        tb.build_text_bank(loaded, ["cat", "dog", "cat"])
+    with pytest.raises(ValueError, match="templates"):
+        tb.build_text_bank(loaded, ["cat"], templates=[])
+    loaded.encode_text = None
+    with pytest.raises(ValueError, match="no text encoder"):
+        tb.build_text_bank(loaded, ["cat"])
+
+
+def test_read_labels_file(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("\ufeffcat\n\n  dog  \r\ncafé\n   \n".encode("utf-8"))
+    assert tb.read_labels_file(path) == ["cat", "dog", "café"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("café\n".encode("latin-1"), "not valid UTF-8"),
+    (b"\n \n", "empty"),
+    (b"cat\ndog\ncat\n", "duplicate labels: \\['cat'\\]"),
+])
+def test_read_labels_file_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad labels.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        tb.read_labels_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_npy_round_trip_normalises_and_takes_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(3, 8)).astype(np.float32) * 5
+    np.save(tmp_path / "bank.npy", embeds)
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")
+    bank = tb.load_text_bank(tmp_path / "bank.npy", labels=tmp_path / "labels.txt")
+    expected = embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
+    np.testing.assert_allclose(bank.embeds.numpy(), expected, rtol=1e-6)
+    assert bank.labels == ["a", "b", "c"]
+    assert tb.load_text_bank(tmp_path / "bank.npy").labels == ["0", "1", "2"]
+
+
+def test_safetensors_round_trip_keeps_labels_and_model_id(tmp_path):
+    embeds = torch.nn.functional.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    tb.save_text_bank(tb.TextBank(["x", "y"], embeds, "m"), tmp_path / "bank.safetensors")
+    bank = tb.load_text_bank(tmp_path / "bank.safetensors")
+    assert bank.labels == ["x", "y"] and bank.model_id == "m"
+    torch.testing.assert_close(bank.embeds, embeds)
+
+
+def test_bad_bank_files(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):  # numpy refuses: allow_pickle=False
+        tb.load_text_bank(tmp_path / "objects.npy")
+    np.save(tmp_path / "bank.npy", np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="3 labels|2 labels"):
+        tb.load_text_bank(tmp_path / "bank.npy", labels=["a", "b"])
+    with pytest.raises(ValueError, match=".safetensors or .npy"):
+        tb.load_text_bank(tmp_path / "bank.pt")
