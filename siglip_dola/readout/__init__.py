@@ -1,0 +1,27 @@
+"""One-pass layer readout for SigLIP vision towers.
+
+    readout = from_model(model)
+    z_final, z_layers = readout(images, layers=[18, 20, 22])   # (B, D), (J, B, D): raw, not normalised
+
+z_final is exactly the model's own image embedding; z_layers[i] = head(norm(h_j)) for j = layers[i],
+read through the same final norm and MAP head (folded, see map_head.py). One backbone forward per call.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from siglip_dola.readout.adapters import ADAPTERS, SUPPORTED
+from siglip_dola.readout.core import Readout
+
+__all__ = ["Readout", "from_model", "SUPPORTED"]
+
+
+def from_model(model) -> Readout:
+    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP); the model is only read, never changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; supported: {SUPPORTED}")
+    for build in ADAPTERS.values():
+        tower = build(model)
+        if tower is not None:
+            return Readout(tower)
+    raise ValueError(f"unsupported model {type(model).__name__}; supported: {SUPPORTED}")

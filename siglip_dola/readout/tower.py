@@ -1,0 +1,39 @@
+"""What an adapter tells the readout about a vision tower: hook targets, the model's own embedding and head."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from siglip_dola.readout.map_head import MapHeadParts
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A supported vision tower, bound to the model's own modules (nothing here is ever written)."""
+
+    backend: str                                           # "timm" | "hf"
+    blocks: Sequence[nn.Module]                            # transformer blocks 1..N, in order
+    embed: Callable[[torch.Tensor], torch.Tensor]          # images (B,3,H,W) -> z_final (B,D): the model's own forward
+    final_norm: nn.Module                                  # norm applied to block N's output before the head
+    own_head: Callable[[torch.Tensor], torch.Tensor]       # normed tokens (B,T,D) -> (B,D) via the model's own head
+    map_parts: Callable[[], MapHeadParts | None]           # the head taken apart, or None when it is not a plain MAP head
+    head_modules: tuple[nn.Module, ...]                    # modules whose weights the folded head derives from
+    token_dim: int                                         # D of the block outputs
+    image_size: tuple[int, int]
+    in_chans: int
+    dynamic_size: bool = False                             # the model accepts other image sizes
+
+
+def block_tokens(output) -> torch.Tensor:
+    """A block's output as a (B, T, D) tensor (HF 4.x layers return a tuple, 5.x a tensor)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def two_tuple(size) -> tuple[int, int]:
+    """An int or (H, W) pair as a (H, W) tuple of ints."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[-1])
+    return int(size), int(size)
