@@ -1,0 +1,89 @@
+"""Image -> captions search: the same two stages as text -> images, with the roles swapped.
+
+The query image gives z_N and z_j (one readout call); the captions give t_c. The first stage keeps the
+rerank-k captions of highest cos(z_N, t_c) (FAISS inner product), then DoLa runs over those captions:
+q_N(c) = softmax_c(cos(z_N, t_c) / tau), q_j(c) from layer j's image embedding.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from siglip_dola.images import decode_image
+from siglip_dola.retrieval import faiss_store
+from siglip_dola.retrieval.index import _default_layers
+from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank, rerank_layers
+
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def read_captions(path) -> list[str]:
+    """Captions from a UTF-8 .txt (one per line) or .csv (column 'caption' or 'text', else the first column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions: {str(path)!r} is not a file")
+    with open(path, encoding="utf-8", newline="") as handle:
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.reader(handle))
+            header = [cell.strip().lower() for cell in rows[0]] if rows else []
+            column = next((header.index(name) for name in CAPTION_COLUMNS if name in header), None)
+            body = rows[1:] if column is not None else rows
+            captions = [row[column or 0].strip() for row in body if row]
+        else:
+            captions = [line.strip() for line in handle]
+    captions = [c for c in captions if c]
+    if not captions:
+        raise ValueError(f"captions: {str(path)!r} holds no captions (.txt: one per line; .csv: a 'caption' column)")
+    return captions
+
+
+def encode_captions(model, captions: list[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised caption embeddings [C, D] float32."""
+    if model.encode_text is None:
+        raise ValueError(f"model {model.model_id!r} has no text tower; caption search needs one")
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(captions), batch_size):
+            parts.append(model.encode_text(captions[start:start + batch_size]).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(parts), dim=-1).numpy()  # (C, D)
+
+
+def _image_embeds(model, image, layers: list[int]) -> np.ndarray:
+    """Normalised [1+J, D]: row 0 the final embedding, then `layers`, for an image path or PIL image."""
+    pixels = decode_image(image, model.preprocess) if isinstance(image, (str, Path)) else \
+        model.preprocess(image.convert("RGB"))
+    with torch.inference_mode():
+        z_final, z_layers = model.readout(pixels.unsqueeze(0).to(model.device), layers=layers)
+    stacked = torch.cat([z_final.float().cpu(), z_layers.float().cpu()[:, 0]]) if layers else z_final.float().cpu()
+    return torch.nn.functional.normalize(stacked, dim=-1).numpy()  # (1+J, D)
+
+
+def search_captions(model, image, captions, config: RerankConfig | None = None, bucket=None,
+                    caption_embeds: np.ndarray | None = None, **options) -> SearchResult:
+    """Image (path or PIL) -> ranked captions (list[str] or a caption file path).
+
+    Candidate layers: config.layers, else `bucket`, else the last of 3 buckets. caption_embeds [C, D]
+    may be passed to skip encoding. options: RerankConfig fields.
+    """
+    config = config or RerankConfig(**options)
+    check_config(config)
+    captions = read_captions(captions) if isinstance(captions, (str, Path)) else list(captions)
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise TypeError("captions must be a caption file path or a non-empty list of str")
+    available = _default_layers(model.readout.num_layers, config.layers, bucket)
+    layers, static = rerank_layers(config, available)
+    embeds = encode_captions(model, captions) if caption_embeds is None else np.asarray(caption_embeds, np.float32)
+    image_embeds = _image_embeds(model, image, layers)  # (1+J', D)
+    gallery = faiss.IndexFlatIP(embeds.shape[1])
+    gallery.add(np.ascontiguousarray(embeds))
+    k = min(config.rerank_k if config.mode != "off" else config.top_k, len(captions))
+    cosines, ids = faiss_store.search(gallery, image_embeds[0], k)  # (K,), (K,)
+    layer_logits = embeds[ids] @ image_embeds[1:].T / model.tau if layers else None  # (K, J)
+    order, probs, baseline, premature = rerank(cosines / model.tau, None if layer_logits is None else
+                                               np.ascontiguousarray(layer_logits.T), layers, config, static)
+    query = str(image) if isinstance(image, (str, Path)) else "<image>"
+    return SearchResult(query, _hits(captions, ids, order, probs, baseline), premature, item_key="caption")

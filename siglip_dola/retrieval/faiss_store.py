@@ -1,0 +1,71 @@
+"""The first-stage FAISS index over the final-layer embeddings of an index's segments.
+
+CPU: ``IndexScalarQuantizer(D, QT_fp16, METRIC_INNER_PRODUCT)``, an exact (brute-force) inner-product
+scan over fp16 codes: 2 bytes per dimension (2 KB per image at D=1024, half of IndexFlatIP) and no
+training. The stored vectors are L2-normalised, so inner product = cosine. Where GPU FAISS is installed
+(``faiss.get_num_gpus() > 0``) the opened index is an fp16 ``GpuIndexFlatIP`` holding the same codes.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from siglip_dola.io import atomic_path
+from siglip_dola.retrieval import storage
+
+KIND = "IndexScalarQuantizer(QT_fp16, METRIC_INNER_PRODUCT)"
+
+
+def new_index(dim: int):
+    """An empty exact inner-product index over fp16 codes of dimension `dim`."""
+    return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+
+
+def write(root: Path, manifest, base, new_segments: list[Path]) -> str:
+    """Write `base` (or a new index) + the final rows of `new_segments` atomically; returns the file name."""
+    index = base if base is not None else new_index(manifest.embed_dim)
+    for folder in new_segments:
+        final = np.asarray(storage.open_vectors(folder)[:, 0], dtype=np.float32)  # (n, D)
+        index.add(np.ascontiguousarray(final))
+    assert index.ntotal == manifest.count, f"FAISS holds {index.ntotal} vectors, manifest {manifest.count}"
+    name = f"final-{manifest.checksum[:16]}.faiss"
+    with atomic_path(root / name) as tmp:
+        faiss.write_index(index, str(tmp))
+    return name
+
+
+def read(root: Path, manifest, use_gpu: bool | None = None):
+    """The index named by `manifest` (on the GPUs when GPU FAISS is installed and use_gpu is not False)."""
+    path = Path(root) / manifest.faiss_file
+    if not manifest.faiss_file or not path.is_file():
+        raise FileNotFoundError(f"index: FAISS file {manifest.faiss_file!r} missing in {str(root)!r}; rebuild the index")
+    index = faiss.read_index(str(path))
+    if index.ntotal != manifest.count or index.d != manifest.embed_dim:
+        raise ValueError(f"index: {path.name} holds {index.ntotal} x {index.d} vectors but the manifest says "
+                         f"{manifest.count} x {manifest.embed_dim}; rebuild the index")
+    if use_gpu is False or faiss.get_num_gpus() == 0:
+        return index
+    return _to_gpu(index)
+
+
+def _to_gpu(index):
+    """An fp16 GpuIndexFlatIP with the same vectors on all GPUs; the CPU index if that fails."""
+    try:
+        flat = faiss.IndexFlatIP(index.d)
+        flat.add(index.reconstruct_n(0, index.ntotal))
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True
+        return faiss.index_cpu_to_all_gpus(flat, co=options)
+    except (AttributeError, RuntimeError) as err:  # CPU-only build or GPU out of memory
+        warnings.warn(f"GPU FAISS unavailable ({err}); searching on CPU", RuntimeWarning, stacklevel=2)
+        return index
+
+
+def search(index, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner products [k], ids [k] int64) of the k best vectors for one query [D] (k <= ntotal)."""
+    query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+    scores, ids = index.search(query, k)
+    return scores[0], ids[0].astype(np.int64)

@@ -1,0 +1,146 @@
+"""Text -> images search: FAISS first stage on final embeddings, then DoLa over the top rerank-k images.
+
+For a query text t and the first stage's K candidate images, the "vocabulary" of DoLa is those K
+images: q_N(i) = softmax_i(cos(z_N(i), t) / tau), q_j(i) likewise from layer j's stored embedding, and
+``runtime.dola`` picks M (dynamic: argmax_j JSD(q_N || q_j); static: fixed) and returns p_hat over the
+K images. Results are ordered by p_hat, then q_N (images outside V_head have p_hat = 0 and keep their
+first-stage order after the kept ones).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from siglip_dola import runtime
+from siglip_dola.retrieval import faiss_store
+from siglip_dola.retrieval.index import RetrievalIndex, open_index
+
+MODES = ("off", "static", "dynamic")
+
+
+@dataclass
+class SearchHit:
+    """One result: `item` (image path or caption), DoLa score p_hat, baseline q_N, 1-based first-stage rank."""
+    item: str
+    score: float
+    baseline_score: float
+    rank_baseline: int
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits of one query; premature_layer is None for mode "off"; item_key names `item` in JSON."""
+    query: str
+    results: list[SearchHit]
+    premature_layer: int | None
+    item_key: str = "path"
+
+    def to_json(self) -> dict:
+        """{"query", "results": [{<item_key>, "score", "baseline_score", "rank_baseline"}], "premature_layer"}."""
+        hits = [{self.item_key: h.item, "score": h.score, "baseline_score": h.baseline_score,
+                 "rank_baseline": h.rank_baseline} for h in self.results]
+        return {"query": self.query, "results": hits, "premature_layer": self.premature_layer}
+
+
+@dataclass
+class RerankConfig:
+    """How to rerank: sizes, DoLa mode, APC alpha, static layer and the candidate layers used."""
+    top_k: int = 10
+    rerank_k: int = 100
+    mode: str = "dynamic"
+    alpha: float = 0.1
+    static_layer: int | None = None
+    layers: list[int] | None = None
+
+
+def check_config(config: RerankConfig) -> None:
+    """ValueError/TypeError naming the bad field and the valid values."""
+    for name in ("top_k", "rerank_k"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if config.rerank_k < config.top_k:
+        raise ValueError(f"rerank_k ({config.rerank_k}) must be >= top_k ({config.top_k})")
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
+    if config.static_layer is not None and config.mode != "static":
+        raise ValueError(f"static_layer is only used with mode='static', got mode={config.mode!r}")
+
+
+def rerank_layers(config: RerankConfig, stored: list[int]) -> tuple[list[int], int | None]:
+    """(layers to read, static layer) from the config and the available layers `stored`."""
+    layers = list(stored if config.layers is None else config.layers)
+    missing = [j for j in layers if j not in stored]
+    if missing:
+        raise ValueError(f"layers {missing} are not available; valid layers: {stored}")
+    if config.mode == "off":
+        return [], None
+    if config.mode == "static":
+        static = layers[len(layers) // 2] if config.static_layer is None else int(config.static_layer)
+        if static not in stored:
+            raise ValueError(f"static_layer must be one of the stored layers {stored}, got {static}")
+        return [static], static
+    return layers, None
+
+
+def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, layers: list[int],
+           config: RerankConfig, static_layer: int | None):
+    """DoLa over K candidates: first_logits [K], layer_logits [J, K] -> (order [<=top_k], p_hat [K], q_N [K], M)."""
+    mode = config.mode if layer_logits is not None and len(layers) else "off"
+    result = runtime.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
+                          alpha=config.alpha, static_layer=static_layer)
+    probs, baseline = np.asarray(result.probs), np.asarray(result.final_probs)
+    first_rank = np.arange(len(first_logits))
+    order = np.lexsort((first_rank, -baseline, -probs))  # p_hat desc, then q_N desc, then first stage
+    premature = None if mode == "off" else int(result.premature_layer)
+    return order[:config.top_k], probs, baseline, premature
+
+
+def _hits(items: list[str], candidate_ids, order, probs, baseline) -> list[SearchHit]:
+    return [SearchHit(items[int(candidate_ids[i])], float(probs[i]), float(baseline[i]), int(i) + 1)
+            for i in order]
+
+
+def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | None = None,
+                     query: str = "", tau: float | None = None) -> SearchResult:
+    """Search with a text embedding [D] (raw or normalised); tau defaults to the index model's."""
+    config = config or RerankConfig()
+    check_config(config)
+    layers, static = rerank_layers(config, index.layers)
+    text = torch.nn.functional.normalize(torch.as_tensor(text_embed, dtype=torch.float32).reshape(-1), dim=0)
+    if text.shape[0] != index.manifest.embed_dim:
+        raise ValueError(f"text_embed must have D={index.manifest.embed_dim} entries, got {text.shape[0]}")
+    tau = index.tau if tau is None else float(tau)
+    k = min(config.rerank_k if config.mode != "off" else config.top_k, len(index))
+    if k == 0:
+        return SearchResult(query, [], None)
+    cosines, ids = faiss_store.search(index.faiss_index, text.numpy(), k)  # (K,), (K,)
+    layer_logits = None
+    if layers:
+        rows = [1 + index.layers.index(j) for j in layers]
+        layer_logits = index.vectors(ids, rows) @ text.numpy() / tau  # (J, K)
+    order, probs, baseline, premature = rerank(cosines / tau, layer_logits, layers, config, static)
+    return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature)
+
+
+def search(index, query: str, model=None, config: RerankConfig | None = None, **options) -> SearchResult:
+    """Text query -> ranked images. `index`: path or RetrievalIndex; `model`: LoadedModel (default: load
+    the index's model id); options: RerankConfig fields (top_k, rerank_k, mode, alpha, static_layer, layers).
+    """
+    if not isinstance(query, str) or not query:
+        raise TypeError(f"query must be a non-empty str, got {query!r}")
+    config = config or RerankConfig(**options)
+    if not isinstance(index, RetrievalIndex):
+        index = open_index(index, model=model, layers=config.layers)
+    if model is None:
+        from siglip_dola.loading import load
+        model = load(index.manifest.model_id)
+    elif model.model_id != index.manifest.model_id:
+        raise ValueError(f"index was built with model {index.manifest.model_id!r}, not {model.model_id!r}")
+    if model.encode_text is None:
+        raise ValueError(f"model {model.model_id!r} has no text tower; text queries need one")
+    with torch.inference_mode():
+        text_embed = model.encode_text([query])[0].float().cpu()  # (D,)
+    return search_embedding(index, text_embed, config, query=query, tau=model.tau)
