@@ -1,0 +1,224 @@
+"""Fused readout of captured layers through the folded MAP head: one pass over each (B, T, D) layer.
+
+:class:`siglip_dola.readout.map_head.FoldedMapHead` reduces an intermediate layer's readout to
+
+    pooled[b, h] = sum_t softmax_t(x_hat[b, t] . key_probe[h]) * x_hat[b, t]        # (B, H, D)
+    values[b, h] = value_weight[h] @ pooled[b, h] + value_bias[h]                    # (B, H, hd)
+    z[b]         = tail(values[b] flattened)                                          # the model's own modules
+
+where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded).
+The only work over all T tokens is the first line. :func:`pool_partials` does it in ONE read of the
+tokens as a Triton kernel (LayerNorm statistics, (T, D) x (D, H) logits, online softmax over tokens,
+(H, T) x (T, D) weighted sum); :func:`pool_reference` is the PyTorch path, fallback and test
+reference. The per-vector part (W_v, the model's proj / norm + MLP) then runs once for all layers
+(:func:`values_from_pooled`, ``folded.tail``) as batched small GEMMs.
+
+On CUDA, :class:`LayerPooler` launches each layer's kernel on a side stream so that it overlaps the
+next blocks' compute-bound GEMMs; the captured tokens are kept alive (``record_stream``) until the
+side stream is done with them, so no layer is stored or concatenated.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: the PyTorch path below is always available
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
+
+
+@dataclass
+class FusedConfig:
+    """Switches for the fast path (the benchmark flips them to measure each step)."""
+
+    enabled: bool = True        # use the Triton kernel when the tokens are on CUDA and triton imports
+    side_stream: bool = True    # launch per-layer pooling on a side CUDA stream
+    target_programs: int = 0    # grid size to aim for (0: 2 x the number of SMs)
+    num_warps: int = 8
+
+
+FUSED = FusedConfig()
+
+
+# ---------------------------------------------------------------- pooling over tokens
+def pool_reference(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None) -> torch.Tensor:
+    """PyTorch path: tokens (B, T, D) raw block output, key_probe (H, D) -> pooled x_hat (B, H, D)."""
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        x_hat = tokens.to(key_probe.dtype)
+        if norm_eps is not None:
+            x_hat = F.layer_norm(x_hat, x_hat.shape[-1:], eps=norm_eps)          # (B, T, D) no affine
+        weights = torch.softmax(x_hat @ key_probe.T, dim=1)                      # (B, T, H) over tokens
+        return torch.einsum("bth,btd->bhd", weights, x_hat)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pool_partial_kernel(x_ptr, probe_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t,
+                             tokens_per_split, num_splits, eps,
+                             H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             NORMALIZE: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
+        """One (image, token split): LayerNorm stats, logits, online softmax, weighted sum; one read."""
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_h = tl.arange(0, H)
+        d_mask = offs_d < D
+        probe = tl.load(probe_ptr + offs_h[None, :] * D + offs_d[:, None], mask=d_mask[:, None], other=0.0)  # (BD, H)
+        if LOW_PRECISION_DOT:  # fp16, not bf16: more mantissa, same speed, and the interpreter gets it right
+            probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
+            probe = (probe / probe_scale).to(tl.float16)  # |probe / scale| <= 1: no overflow
+        run_max = tl.full([H], float("-inf"), tl.float32)
+        run_sum = tl.zeros([H], tl.float32)
+        acc = tl.zeros([H, BLOCK_D], tl.float32)
+        t_start = split * tokens_per_split
+        t_end = tl.minimum(t_start + tokens_per_split, T)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < t_end
+            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :],
+                        mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)   # (BT, BD)
+            if NORMALIZE:
+                mean = tl.sum(x, axis=1) / D
+                centred = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
+                x = centred / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)[:, None]
+            if LOW_PRECISION_DOT:
+                x = x.to(tl.float16)  # normalised: |x_hat| <= sqrt(D), no overflow
+                logits = tl.dot(x, probe, out_dtype=tl.float32) * probe_scale               # (BT, H)
+            else:
+                logits = tl.dot(x, probe, input_precision="ieee")
+            logits = tl.where(t_mask[:, None], logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+            rescale = tl.exp(run_max - new_max)
+            probs = tl.exp(logits - new_max[None, :])                                       # (BT, H)
+            run_sum = run_sum * rescale + tl.sum(probs, axis=0)
+            if LOW_PRECISION_DOT:
+                weighted = tl.dot(tl.trans(probs.to(tl.float16)), x, out_dtype=tl.float32)  # (H, BD)
+            else:
+                weighted = tl.dot(tl.trans(probs), x, input_precision="ieee")
+            acc = acc * rescale[:, None] + weighted
+            run_max = new_max
+        row = b * num_splits + split
+        tl.store(out_ptr + row * H * D + offs_h[:, None] * D + offs_d[None, :],
+                 acc / run_sum[:, None], mask=d_mask[None, :])
+        tl.store(lse_ptr + row * H + offs_h, run_max + tl.log(run_sum))
+
+
+def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
+    """True when the Triton kernel can run here (CUDA tokens, or the CPU interpreter) on these dtypes."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (triton is not None and (tokens.is_cuda or interpreted) and key_probe.dtype == torch.float32
+            and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def split_plan(batch: int, num_tokens: int, target_programs: int) -> tuple[int, int]:
+    """(tokens_per_split, num_splits): about target_programs programs in all, no split empty."""
+    max_splits = math.ceil(num_tokens / BLOCK_T)
+    splits = max(1, min(max_splits, math.ceil(target_programs / max(batch, 1))))
+    tokens_per_split = math.ceil(math.ceil(num_tokens / splits) / BLOCK_T) * BLOCK_T
+    return tokens_per_split, math.ceil(num_tokens / tokens_per_split)
+
+
+def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
+                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8) -> None:
+    """Triton: tokens (B, T, D) -> out (B, S, H, D) per-split pooled x_hat, lse (B, S, H), both fp32."""
+    batch, num_tokens, dim = tokens.shape
+    heads, num_splits = key_probe.shape[0], out.shape[1]
+    assert out.shape == (batch, num_splits, heads, dim) and lse.shape == (batch, num_splits, heads)
+    assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous() and tokens.stride(2) == 1
+    assert (num_splits - 1) * tokens_per_split < num_tokens <= num_splits * tokens_per_split
+    _pool_partial_kernel[(batch, num_splits)](
+        tokens, key_probe, out, lse, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
+        H=heads, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
+        LOW_PRECISION_DOT=tokens.dtype != torch.float32, num_warps=num_warps)
+
+
+def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Merge token splits: out (..., S, H, D), lse (..., S, H) -> pooled (..., H, D)."""
+    weights = torch.softmax(lse, dim=-2)                                         # (..., S, H)
+    return (out * weights.unsqueeze(-1)).sum(-3)
+
+
+def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
+    """pooled (N, H, D), value_weight (H, hd, D), value_bias (H, hd) -> head values (N, H * hd)."""
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        values = torch.bmm(pooled.transpose(0, 1), value_weight.transpose(1, 2))  # (H, N, hd)
+        return (values.transpose(0, 1) + value_bias).flatten(1)                   # (N, H * hd)
+
+
+# ---------------------------------------------------------------- streaming driver for the block loop
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+class LayerPooler:
+    """Reads out each captured layer as the forward produces it; :meth:`result` -> z_layers (J, B, D_out).
+
+    ``folded`` is a :class:`~siglip_dola.readout.map_head.FoldedMapHead`. In a block loop or hook call
+    ``pooler.add(slot, tokens)`` right after block j (slot = position of j in the requested layers),
+    then ``pooler.result()`` once. No tokens are kept.
+    """
+
+    def __init__(self, folded, num_slots: int, config: FusedConfig = FUSED):
+        self.folded, self.num_slots, self.config = folded, num_slots, config
+        self._pooled: list = [None] * num_slots   # PyTorch path: (B, H, D) per slot
+        self._out = self._lse = self._stream = self._tokens_per_split = None
+
+    def _start_fused(self, tokens: torch.Tensor) -> None:
+        batch, num_tokens, dim = tokens.shape
+        target = self.config.target_programs or (
+            2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
+        self._tokens_per_split, splits = split_plan(batch, num_tokens, target)
+        shape = (self.num_slots, batch, splits, self.folded.key_probe.shape[0])
+        self._out = torch.empty(*shape, dim, device=tokens.device, dtype=torch.float32)
+        self._lse = torch.empty(shape, device=tokens.device, dtype=torch.float32)
+        if tokens.is_cuda and self.config.side_stream:
+            self._stream = _side_stream(tokens.device)
+
+    def _launch(self, slot: int, tokens: torch.Tensor) -> None:
+        pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
+                      self._tokens_per_split, self.config.num_warps)
+
+    def add(self, slot: int, tokens: torch.Tensor) -> None:
+        """Pool one captured layer: tokens (B, T, D), the raw block output."""
+        if not (self.config.enabled and triton_usable(tokens, self.folded.key_probe)):
+            self._pooled[slot] = pool_reference(tokens, self.folded.key_probe, self.folded.norm_eps)
+            return
+        if self._out is None:
+            self._start_fused(tokens)
+        tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+        if self._stream is None:
+            self._launch(slot, tokens)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(tokens.device))   # the tokens are written
+        with torch.cuda.stream(self._stream):
+            self._launch(slot, tokens)
+        tokens.record_stream(self._stream)  # the allocator keeps the tokens until the side stream is done
+
+    def result(self) -> torch.Tensor:
+        """z_layers (J, B, D_out) for all slots (every slot must have been added)."""
+        if self._out is not None:
+            if self._stream is not None:
+                torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
+            pooled = combine_partials(self._out, self._lse)                      # (J, B, H, D)
+        else:
+            assert all(p is not None for p in self._pooled), "every slot must be added before result()"
+            pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
+        num_slots, batch = pooled.shape[:2]
+        values = values_from_pooled(pooled.flatten(0, 1), self.folded.value_weight, self.folded.value_bias)
+        z_layers = self.folded.tail(values.to(self.folded.tail_dtype))           # (J * B, D_out)
+        return z_layers.reshape(num_slots, batch, -1)
