@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from siglip_dola import shapes
+from siglip_dola.io import write_json_atomic
 
 MAX_TEXT_LEN = 16
 SPECIAL_TOKENS = {"<pad>": 0, "<unk>": 1, "</s>": 2}
@@ -227,8 +228,16 @@ def _portable_tokenizer_class(config_path: Path) -> None:
 
 
 def machine_description() -> str:
-    """One line naming the CPU and thread count used for training."""
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {platform.system()}"
+    """One line naming the CPU, core count and torch thread count used for training."""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads), {platform.system()}"
+
+
+def write_training_record(out_dir, cfg: TrainConfig, seconds: float, machine: str) -> None:
+    """training.json beside the checkpoint: the settings, the wall time and the machine of the run."""
+    write_json_atomic(Path(out_dir) / "training.json", {
+        "train_config": asdict(cfg), "train_seconds": round(seconds, 1), "machine": machine,
+        "command": f"python -m siglip_dola.train_embedded --out DIR --steps {cfg.steps} --seed {cfg.seed}"})
 
 
 def main(argv=None) -> int:
@@ -239,15 +248,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
     parser.add_argument("--no-report", action="store_true", help="skip MODEL_CARD.md / metrics.json")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, vision_layers=args.vision_layers)
-    model, tokenizer, seconds = train(cfg)
-    print(f"trained {cfg.steps} steps in {seconds:.0f}s; val top-1 {zero_shot_accuracy(model, tokenizer):.3f}")
-    save(model, tokenizer, args.out)
+    if not args.report_only:
+        cfg = TrainConfig(steps=args.steps, seed=args.seed, vision_layers=args.vision_layers)
+        model, tokenizer, seconds = train(cfg)
+        print(f"trained {cfg.steps} steps in {seconds:.0f}s; val top-1 {zero_shot_accuracy(model, tokenizer):.3f}")
+        save(model, tokenizer, args.out)
+        write_training_record(args.out, cfg, seconds, machine_description())
     if not args.no_report:
         from siglip_dola.embedded_report import write_report
-        write_report(args.out, train_config=asdict(cfg), train_seconds=seconds, machine=machine_description())
+
+        metrics = write_report(args.out)["zero_shot"]
+        print(json.dumps({k: metrics[k] for k in ("final_layer", "dola_dynamic", "dola_static")}, indent=1))
     return 0
 
 
