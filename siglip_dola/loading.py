@@ -168,12 +168,12 @@ def _load_by_name(name):
     if name.startswith("hf-hub:"):
         model, preprocess, tokenizer, folder = open_clip_adapter.load_hub(name[len("hf-hub:"):])
         return model, preprocess, tokenizer, name, _weight_files(folder)
+    if _HF_ID.fullmatch(name):  # checked before open_clip names: no open_clip import on this path
+        model, preprocess, tokenizer, folder = hf_adapter.load_hub(name)
+        return model, preprocess, tokenizer, name, _weight_files(folder)
     arch, _, tag = name.partition(":")
     if arch in open_clip_adapter.known_names():
         return _load_open_clip_name(arch, tag)
-    if _HF_ID.fullmatch(name):
-        model, preprocess, tokenizer, folder = hf_adapter.load_hub(name)
-        return model, preprocess, tokenizer, name, _weight_files(folder)
     raise ValueError(f"unknown model {name!r}; accepted forms: {ACCEPTED_FORMS}")
 
 

@@ -173,3 +173,19 @@ def test_bad_bank_files(tmp_path):
         tb.load_text_bank(tmp_path / "bank.npy", labels=["a", "b"])
     with pytest.raises(ValueError, match=".safetensors or .npy"):
         tb.load_text_bank(tmp_path / "bank.pt")
+
+
+def test_check_bank_dimension_against_the_readout():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from siglip_dola.loading import from_model
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False,
+                              global_pool="map", num_classes=0).eval()
+    loaded = from_model(tower, model_id="tower")
+    tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "tower"), loaded)
+    with pytest.raises(ValueError, match="dimension 16 does not match .* 32"):
+        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 16), "tower"), loaded)
+    with pytest.warns(UserWarning, match="built with 'other'"):
+        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), loaded)
