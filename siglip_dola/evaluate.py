@@ -36,7 +36,8 @@ def check_calibration(calibration: dict, model, dataset: EvalDataset) -> None:
         raise ValueError(f"calibration was made for model {calibration['model']!r}, not {model.model_id!r}")
     if _same_dataset(calibration["dataset"], dataset.name) and calibration["split"] == dataset.split:
         raise ValueError(f"calibration used split {calibration['split']!r} of dataset {calibration['dataset']!r}, "
-                         "the split being evaluated: calibrate on another split (e.g. --split val)")
+                         "the split being evaluated: evaluate on a split the calibration never saw (e.g. calibrate on val, "
+                         "evaluate on test)")
 
 
 def mode_points(num_layers: int, calibration: dict | None) -> dict:
