@@ -80,7 +80,7 @@ def search_captions(model, image, captions, config: RerankConfig | None = None, 
     image_embeds = _image_embeds(model, image, layers)  # (1+J', D)
     gallery = faiss.IndexFlatIP(embeds.shape[1])
     gallery.add(np.ascontiguousarray(embeds))
-    k = min(config.rerank_k if config.mode != "off" else config.top_k, len(captions))
+    k = min(config.rerank_k, len(captions))
     cosines, ids = faiss_store.search(gallery, image_embeds[0], k)  # (K,), (K,)
     layer_logits = embeds[ids] @ image_embeds[1:].T / model.tau if layers else None  # (K, J)
     order, probs, baseline, premature = rerank(cosines / model.tau, None if layer_logits is None else

@@ -113,7 +113,7 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     if text.shape[0] != index.manifest.embed_dim:
         raise ValueError(f"text_embed must have D={index.manifest.embed_dim} entries, got {text.shape[0]}")
     tau = index.tau if tau is None else float(tau)
-    k = min(config.rerank_k if config.mode != "off" else config.top_k, len(index))
+    k = min(config.rerank_k, len(index))
     if k == 0:
         return SearchResult(query, [], None)
     cosines, ids = faiss_store.search(index.faiss_index, text.numpy(), k)  # (K,), (K,)

@@ -1,0 +1,213 @@
+"""Retrieval index: stored vectors vs the HF SiglipModel's own modules, manifest, add == build, crash safety."""
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siglip_dola.embed import embed_images
+from siglip_dola.loading import load
+from siglip_dola.retrieval import add_to_index, build_index, index as index_module, open_index, storage
+
+LAYERS = [2, 4]
+
+
+# ---------------------------------------------------------------- shared fixtures (imported by the other retrieval tests)
+def save_tiny_siglip(folder, seed=0):
+    """A random-init tiny HF SiglipModel (6 vision layers, width 16, 64 px) + tokenizer saved to `folder`."""
+    from transformers import SiglipModel
+
+    from siglip_dola import train_embedded
+
+    torch.manual_seed(seed)
+    tokenizer = train_embedded.build_tokenizer()
+    cfg = train_embedded.TrainConfig(vision_layers=6, text_layers=1, hidden_size=16, num_heads=2)
+    model = SiglipModel(train_embedded.build_model_config(cfg, len(tokenizer))).eval()
+    train_embedded.save(model, tokenizer, folder)
+    return folder
+
+
+def write_images(folder, n, seed=0, corrupt=()):
+    """n random 40x40 PNGs img_XX.png in `folder`, plus the named corrupt files; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.png")
+    for name in corrupt:
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"), 7, corrupt=["broken.png"])
+
+
+# ---------------------------------------------------------------- naive reference from the model's own modules
+def reference_vectors(model, paths, layers):
+    """[n, 1+J, D] normalised: the model's own image embedding, then block j's output through its own head."""
+    vision = model.model.vision_model
+    pixels = torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states  # [emb, block 1, ...]
+        final = model.model.get_image_features(pixel_values=pixels)
+        final = getattr(final, "pooler_output", final)
+        rows = [final] + [vision.head(vision.post_layernorm(hidden[j])) for j in layers]
+    stacked = torch.stack(rows, dim=1).double()  # (n, 1+J, D)
+    return (stacked / stacked.norm(dim=-1, keepdim=True)).numpy()
+
+
+def stored_by_path(index):
+    vectors = index.vectors(np.arange(len(index)), list(range(1 + len(index.layers))))  # (1+J, n, D)
+    return {path: vectors[:, i] for i, path in enumerate(index.paths)}
+
+
+# ---------------------------------------------------------------- tests
+def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tmp_path):
+    manifest = build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=3, progress=False)
+    index = open_index(tmp_path / "idx", model, layers=LAYERS)
+    good = sorted(str(p.resolve()) for p in images.glob("img_*.png"))
+    assert sorted(index.paths) == good and manifest.count == len(good) == len(index)
+    reference = reference_vectors(model, index.paths, LAYERS)
+    stored = index.vectors(np.arange(len(index)), [0, 1, 2]).transpose(1, 0, 2)  # (n, 1+J, D)
+    np.testing.assert_allclose(stored, reference, atol=2e-3)  # fp16 storage
+    on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert on_disk["model_id"] == model.model_id and on_disk["layers"] == LAYERS
+    assert on_disk["count"] == len(good) and on_disk["format_version"] == storage.FORMAT_VERSION
+    assert on_disk["embed_dim"] == 16 and on_disk["num_layers"] == 6 and "image_size=(64, 64)" in on_disk["preprocessing"]
+    digest = hashlib.sha256()
+    for seg in on_disk["segments"]:
+        file_hash = hashlib.sha256((tmp_path / "idx" / "segments" / seg["name"] / "vectors.npy").read_bytes()).hexdigest()
+        assert file_hash == seg["sha256"]
+        digest.update(f"{seg['name']}:{file_hash}\n".encode())
+    assert on_disk["checksum"] == digest.hexdigest()
+    assert index.faiss_index.ntotal == len(good)
+
+
+def test_bucket_selects_the_stored_layers(model, images, tmp_path):
+    manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, bucket=2, progress=False)
+    assert manifest.layers == [4]  # N=6, buckets [1,2],[3,4],[5,6]: even layers of bucket 2
+    with pytest.raises(ValueError, match="bucket 3"):  # default: last bucket, whose only even layer is N
+        build_index([images / "img_00.png"], tmp_path / "idx2", model, progress=False)
+
+
+def test_corrupt_images_are_skipped_and_listed(model, images, tmp_path):
+    manifest = build_index([images], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    broken = str((images / "broken.png").resolve())
+    assert [path for path, _ in manifest.skipped] == [broken]
+    assert broken not in open_index(tmp_path / "idx").paths
+    listed = json.loads((tmp_path / "idx" / "manifest.json").read_text())["skipped"]
+    assert listed[0][0] == broken and listed[0][1]  # the error text is kept
+
+
+def test_incremental_add_equals_one_shot_build(model, images, tmp_path):
+    paths = sorted(images.glob("img_*.png"))
+    build_index(paths[:3], tmp_path / "inc", model, layers=LAYERS, chunk_size=2, progress=False)
+    add_to_index(tmp_path / "inc", paths[1:5], model, chunk_size=2, progress=False)  # 1, 2 already indexed
+    manifest = add_to_index(tmp_path / "inc", [images], model, progress=False)
+    build_index([images], tmp_path / "one", model, layers=LAYERS, progress=False)
+    incremental, one_shot = open_index(tmp_path / "inc"), open_index(tmp_path / "one")
+    assert manifest.count == len(paths) and len(set(incremental.paths)) == len(paths)
+    inc_vectors, one_vectors = stored_by_path(incremental), stored_by_path(one_shot)
+    assert inc_vectors.keys() == one_vectors.keys()
+    for path, vectors in inc_vectors.items():
+        np.testing.assert_allclose(vectors, one_vectors[path], atol=2e-3)
+    assert [p for p, _ in manifest.skipped] == [str((images / "broken.png").resolve())]
+    assert add_to_index(tmp_path / "inc", [images / "img_00.png"], model).count == len(paths)  # nothing new
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crashing_embed(after_calls, calls):
+    def embed(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) > after_calls:
+            raise Crash("simulated crash mid-build")
+        return embed_images(*args, **kwargs)
+    return embed
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and storage.STAGING not in p.parts}
+
+
+def test_interrupted_build_keeps_previous_index_and_resumes(model, images, tmp_path, monkeypatch):
+    paths = sorted(images.glob("img_*.png"))
+    build_index(paths[:2], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    before = _snapshot(tmp_path / "idx")
+    calls = []
+    monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
+    with pytest.raises(Crash):
+        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+    assert _snapshot(tmp_path / "idx") == before  # the previous index is untouched
+    assert sorted(open_index(tmp_path / "idx").paths) == [str(p.resolve()) for p in paths[:2]]
+    calls.clear()
+    monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
+    manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+    assert calls == [2, 1]  # chunk 1 = the old index's segment, chunk 2 staged before the crash
+    assert manifest.count == len(paths) and not (tmp_path / "idx" / storage.STAGING).exists()
+    fresh = build_index(paths, tmp_path / "fresh", model, layers=LAYERS, chunk_size=2, progress=False)
+    assert manifest.checksum == fresh.checksum  # resumed == built in one go
+    assert len(list((tmp_path / "idx" / "segments").iterdir())) == len(manifest.segments)  # old ones removed
+
+
+def test_crash_before_the_manifest_commit_keeps_previous_index(model, images, tmp_path, monkeypatch):
+    paths = sorted(images.glob("img_*.png"))
+    build_index(paths[:2], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    before = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+
+    def fail(*args):
+        raise Crash("crash while committing")
+    monkeypatch.setattr(storage, "write_manifest", fail)
+    with pytest.raises(Crash):
+        add_to_index(tmp_path / "idx", paths, model, progress=False)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text()) == before
+    assert len(open_index(tmp_path / "idx")) == 2  # old FAISS file and segments still there
+    calls = []
+    monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
+    assert add_to_index(tmp_path / "idx", paths, model, progress=False).count == len(paths)
+    assert calls == []  # the segment written before the crash is reused
+
+
+def test_other_model_or_layers_are_refused(model, images, tmp_path):
+    build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    other = dataclasses.replace(model, model_id="some/other-model")
+    with pytest.raises(ValueError, match="built with model"):
+        open_index(tmp_path / "idx", other)
+    with pytest.raises(ValueError, match="built with model"):
+        add_to_index(tmp_path / "idx", [images / "img_01.png"], other)
+    with pytest.raises(ValueError, match=r"stores layers \[2, 4\]"):
+        open_index(tmp_path / "idx", model, layers=[3])
+
+
+def test_bad_arguments_and_corruption(model, images, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index"):
+        open_index(tmp_path / "missing")
+    with pytest.raises(ValueError, match="chunk_size"):
+        build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=0)
+    with pytest.raises(ValueError, match="layers"):
+        build_index([images], tmp_path / "idx", model, layers=[6])
+    manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    vectors = tmp_path / "idx" / "segments" / manifest.segments[0]["name"] / "vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        open_index(tmp_path / "idx", verify=True)
