@@ -90,6 +90,16 @@ def test_table_output_and_clean_exit(capsys, model_dir, image_dir):
     assert str(image_dir / "a.png") in out and "premature layer: 6" in out and out.count("dola=") == 3
 
 
+def test_templates_and_calibration_file(capsys, model_dir, image_dir, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"model": str(model_dir.resolve()),
+                                       "choice": {"mode": "static", "layers": [2, 4, 6], "static_layer": 4}}))
+    code, out, _ = run_cli(capsys, "classify", image_dir / "b.jpg", "--labels", ",".join(LABELS), "--model",
+                           model_dir, "--templates", "a {}", "a photo of a {}.", "--calibration", calibration, "--json")
+    (result,) = json.loads(out)["results"]
+    assert code == 0 and result["premature_layer"] == 4 and list(result["jsd"]) == ["4"]
+
+
 def test_rerank_both_directions(capsys, model_dir, image_dir):
     code, out, _ = run_cli(capsys, "rerank", image_dir / "a.png", image_dir / "b.jpg", "--texts",
                            ",".join(LABELS), "--model", model_dir, "--json")

@@ -40,7 +40,7 @@ def _add_scorer_arguments(parser) -> None:
     group.add_argument("--bucket", type=int, default=None, help="1-based bucket (default: the last)")
     parser.add_argument("--n-buckets", type=int, default=3, help="number of layer buckets (default 3)")
     parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
-    parser.add_argument("--calibration", default=None, help="calibration JSON choosing mode/layers/alpha")
+    parser.add_argument("--calibration", default=None, help="calibration JSON choosing mode/layers/alpha (overrides those options)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
