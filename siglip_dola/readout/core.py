@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from siglip_dola.layers import resolve_layers
+from siglip_dola.readout import fused
 from siglip_dola.readout.map_head import FoldedMapHead, fold
 from siglip_dola.readout.tower import Tower, block_tokens
 
@@ -66,23 +67,30 @@ class Readout:
         self._check_images(images)
         with torch.no_grad():
             head = self._current_head()
+            pooler = fused.pooler_for(head, images.device, len(layer_list))  # CUDA + Triton fast path, else None
             captured: dict[int, torch.Tensor] = {}
             handles = []
             try:
                 for layer in layer_list:
-                    hook = self._capture_hook(layer, head, captured)
+                    hook = self._capture_hook(layer, head, captured, pooler, layer_list.index(layer))
                     handles.append(self._tower.blocks[layer - 1].register_forward_hook(hook))
                 z_final = self._tower.embed(images)
             finally:
                 for handle in handles:
                     handle.remove()
+            if pooler is not None and all(layer in captured for layer in layer_list):
+                captured.update(zip(layer_list, pooler.result()))
         return z_final, self._stack(z_final, layer_list, captured)
 
-    def _capture_hook(self, layer: int, head: FoldedMapHead | None, captured: dict):
+    def _capture_hook(self, layer: int, head: FoldedMapHead | None, captured: dict, pooler=None, slot: int = 0):
         def hook(module, args, output):
             if layer in captured:
                 raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
             tokens = block_tokens(output)                                    # (B, T, D)
+            if pooler is not None:   # fused path: pooled now (side stream), head tail for all layers after
+                pooler.add(slot, tokens)
+                captured[layer] = None
+                return
             captured[layer] = head(tokens) if head is not None else self._own_layer_embedding(tokens)
         return hook
 

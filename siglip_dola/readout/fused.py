@@ -222,3 +222,10 @@ class LayerPooler:
         values = values_from_pooled(pooled.flatten(0, 1), self.folded.value_weight, self.folded.value_bias)
         z_layers = self.folded.tail(values.to(self.folded.tail_dtype))           # (J * B, D_out)
         return z_layers.reshape(num_slots, batch, -1)
+
+
+def pooler_for(folded, device: torch.device, num_slots: int, config: FusedConfig = FUSED) -> LayerPooler | None:
+    """A LayerPooler when the fast path applies (folded head, CUDA, Triton, enabled), else None."""
+    usable = (folded is not None and num_slots > 0 and config.enabled and triton is not None
+              and torch.device(device).type == "cuda" and folded.key_probe.dtype == torch.float32)
+    return LayerPooler(folded, num_slots, config) if usable else None

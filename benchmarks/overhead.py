@@ -1,0 +1,275 @@
+"""Cost of DoLa over the plain SigLIP forward, all ratios from one process and one run.
+
+Baseline: the model's own embedding path (open_clip ``encode_image``; a timm tower's forward in
+``--quick``) plus scoring against an ImageNet-1k-sized text bank [1000, D]. DoLa: ``readout(images,
+layers)`` (same forward, layer readout) plus ``runtime.score`` (dynamic). Variants of the readout:
+``unfused`` (folded head per layer in PyTorch), ``fused`` (Triton one-pass pooling, all tails batched),
+``fused-stream`` (the same on a side CUDA stream, the default of the library). Timings are medians
+of ``--runs`` runs after warm-up, CUDA events on GPU; the variants are interleaved run by run.
+
+    python benchmarks/overhead.py --device cpu --quick                    # ~1 min on 2 CPU cores
+    python benchmarks/overhead.py --batches 64 --dtypes bf16 --layers 3,23 --out overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from siglip_dola import runtime
+from siglip_dola.io import write_json_atomic
+from siglip_dola.readout import from_model, fused, map_head
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+VARIANTS = {  # name -> (fused.enabled, fused.side_stream)
+    "unfused": (False, False),
+    "fused": (True, False),
+    "fused-stream": (True, True),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny timm tower, small batches (CPU smoke run)")
+    parser.add_argument("--model", default="ViT-L-16-SigLIP-384", help="open_clip model name (random init)")
+    parser.add_argument("--batches", default=None, help="comma list; default 1,8,64,256 (quick: 1,4)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
+    parser.add_argument("--layers", default="3,8,23", help="comma list of candidate-layer counts")
+    parser.add_argument("--variants", default=None, help=f"comma list of {list(VARIANTS)}; default: all usable")
+    parser.add_argument("--classes", type=int, default=1000, help="text bank size C")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per point (default 20, quick 5)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default=None, help="write the JSON results here")
+    parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
+                        help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
+    parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
+    parser.add_argument("--num-warps", type=int, default=8, help="fused kernel warps per program")
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8,64,256")).split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.layers = [int(k) for k in args.layers.split(",")]
+    args.runs = args.runs or (5 if args.quick else 20)
+    args.warmup = min(args.warmup, 1) if args.quick else args.warmup
+    if any(d not in DTYPES for d in args.dtypes):
+        parser.error(f"--dtypes must be among {list(DTYPES)}, got {args.dtypes}")
+    if args.runs < 1 or args.warmup < 0 or min(args.batches) < 1 or min(args.layers) < 1:
+        parser.error("--runs, --batches, --layers must be >= 1 and --warmup >= 0")
+    return args
+
+
+def build_model(args):
+    """(model, trunk, embed_fn, logit_scale, image_size) with random init, eval mode, on args.device."""
+    if args.quick:
+        import timm
+        model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, depth=12,
+                                  embed_dim=128, num_heads=4, img_size=64)
+        return model.eval().to(args.device), model, model, 10.0 ** 0.5, (64, 64)
+    import open_clip
+    model = open_clip.create_model(args.model, pretrained=None, device=args.device).eval()
+    size = model.visual.trunk.patch_embed.img_size
+    return model, model.visual.trunk, model.encode_image, float(model.logit_scale), tuple(size)
+
+
+def layer_sets(num_layers: int, counts: list[int]) -> dict[int, list[int]]:
+    """count -> candidate layers: the last ``count`` even layers below N, else the last ``count`` layers."""
+    evens = list(range(2, num_layers, 2))
+    sets = {}
+    for count in counts:
+        count = min(count, num_layers - 1)  # e.g. 23 on the 12-layer --quick tower reads all 11
+        sets[count] = evens[-count:] if count <= len(evens) else list(range(num_layers - count, num_layers))
+    return sets
+
+
+class Timer:
+    """Elapsed milliseconds of fn(): CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+@contextlib.contextmanager
+def fused_config(variant: str):
+    """Set the library's fast-path switches for one variant; restored afterwards."""
+    saved = (fused.FUSED.enabled, fused.FUSED.side_stream)
+    fused.FUSED.enabled, fused.FUSED.side_stream = VARIANTS[variant]
+    try:
+        yield
+    finally:
+        fused.FUSED.enabled, fused.FUSED.side_stream = saved
+
+
+def usable_variants(args, device: torch.device) -> list[str]:
+    fast = device.type == "cuda" and fused.triton is not None
+    names = args.variants.split(",") if args.variants else (list(VARIANTS) if fast else ["unfused"])
+    bad = [n for n in names if n not in VARIANTS or (n != "unfused" and not fast)]
+    if bad:
+        raise SystemExit(f"--variants {bad} unusable here (fused needs CUDA + triton); valid: {list(VARIANTS)}")
+    return names
+
+
+def make_points(embed, readout, images, bank, tau, sets, variants):
+    """name -> zero-argument callable doing one full scoring pass (baseline first)."""
+    def baseline():
+        return runtime.build_probs_from_rep(embed(images), bank, tau)
+
+    def dola(layers, variant):
+        def run():
+            with fused_config(variant):
+                z_final, z_layers = readout(images, layers)
+            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
+        return run
+
+    points = {"baseline": baseline}
+    for count, layers in sets.items():
+        for variant in variants:
+            points[f"dola{count}-{variant}"] = dola(layers, variant)
+    return points
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def fused_error(readout, images, layers) -> float:
+    """max over layers of |z_fused - z_unfused| / |z_unfused| (0 when no fused variant runs here)."""
+    with fused_config("unfused"):
+        _, reference = readout(images, layers)
+    with fused_config("fused-stream"):
+        _, got = readout(images, layers)
+    reference, got = reference.float(), got.float()
+    return float(((got - reference).norm(dim=-1) / reference.norm(dim=-1)).max())
+
+
+def measure_point(args, model_parts, readout, dtype_name: str, batch: int, device, variants) -> list[dict]:
+    """Time every variant at one (dtype, batch), interleaved run by run; rows with ratios to the baseline."""
+    embed, logit_scale, image_size = model_parts
+    generator = torch.Generator(device="cpu").manual_seed(batch)
+    images = torch.randn(batch, 3, *image_size, generator=generator).to(device)
+    bank = F.normalize(torch.randn(args.classes, readout.embed_dim, generator=generator), dim=-1).to(device)
+    tau = 1.0 / float(torch.tensor(logit_scale).exp())
+    sets = layer_sets(readout.num_layers, args.layers)
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype_name], enabled=DTYPES[dtype_name] is not None)
+    timer, rows = Timer(device), []
+    with torch.inference_mode(), autocast:
+        points = make_points(embed, readout, images, bank, tau, sets, variants)
+        for fn in points.values():
+            for _ in range(args.warmup):
+                fn()
+        times = {name: [] for name in points}
+        for _ in range(args.runs):
+            for name, fn in points.items():
+                times[name].append(timer(fn))
+        peaks = {name: peak_mib(fn, device) for name, fn in points.items()}
+        error = fused_error(readout, images, sets[max(sets)]) if "fused-stream" in variants else None
+    base = statistics.median(times["baseline"])
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
+                         min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
+                         fused_vs_unfused_rel_err=error if name != "baseline" else None))
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    import open_clip
+    import timm
+    info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                open_clip=open_clip.__version__, triton=getattr(fused.triton, "__version__", None),
+                device=str(device), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:
+        info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+def format_table(rows: list[dict], device_name: str) -> str:
+    lines = [f"device: {device_name}",
+             f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'peak MiB':>9} {'rel err':>8}"]
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        err = "-" if r["fused_vs_unfused_rel_err"] is None else f"{r['fused_vs_unfused_rel_err']:.1e}"
+        lines.append(f"{r['dtype']:5} {r['batch']:>5} {r['point']:24} {r['median_ms']:>10.3f} "
+                     f"{r['ratio']:>7.4f} {peak:>9} {err:>8}")
+    return "\n".join(lines)
+
+
+def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
+    """The Triton pooling kernel alone on one bf16 layer (B, T, D) per (num_warps, grid target): ms, GB/s, error."""
+    folded = map_head.fold(map_head.timm_map_parts(trunk.attn_pool, post=lambda pooled: pooled), trunk.norm)
+    num_tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
+    tokens = torch.randn(batch, num_tokens, trunk.embed_dim, device=device).mul(3).add(0.5)
+    tokens = tokens.to(torch.bfloat16)
+    probe, eps = folded.key_probe, folded.norm_eps
+    reference = fused.pool_reference(tokens.double(), probe.double(), eps)
+    timer, rows = Timer(device), []
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for num_warps in (4, 8, 16):
+        for target in (sms, 2 * sms, 4 * sms):
+            per_split, splits = fused.split_plan(batch, num_tokens, target)
+            out = torch.full((batch, splits, probe.shape[0], tokens.shape[-1]), float("nan"), device=device)
+            lse = torch.full(out.shape[:-1], float("nan"), device=device)
+            run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, num_warps)
+            for _ in range(3):
+                run()
+            ms = statistics.median(timer(run) for _ in range(30))
+            pooled = fused.combine_partials(out, lse).double()
+            error = float((pooled - reference).norm() / reference.norm())
+            rows.append(dict(num_warps=num_warps, target_programs=target, splits=splits, ms=ms,
+                             gb_per_s=tokens.numel() * 2 / ms / 1e6, rel_err=error))
+            print(f"kernel B={batch} warps={num_warps} target={target} splits={splits}: {ms * 1e3:.1f} us "
+                  f"{rows[-1]['gb_per_s']:.0f} GB/s rel_err={error:.1e}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    fused.FUSED.target_programs, fused.FUSED.num_warps = args.target_programs, args.num_warps
+    model, trunk, embed, logit_scale, image_size = build_model(args)
+    readout = from_model(model)
+    variants = usable_variants(args, device)
+    env = environment(device)
+    print(f"{env} head_path={readout.head_path} variants={variants}", flush=True)
+    sweep = kernel_sweep(trunk, args.kernel_sweep, device) if args.kernel_sweep else None
+    rows = []
+    for dtype_name in args.dtypes:
+        for batch in args.batches:
+            rows += measure_point(args, (embed, logit_scale, image_size), readout, dtype_name, batch, device, variants)
+            print(format_table([r for r in rows if (r["dtype"], r["batch"]) == (dtype_name, batch)],
+                               env.get("gpu", env.get("cpu"))), flush=True)
+    print("\n" + format_table(rows, env.get("gpu", env.get("cpu"))))
+    if args.out:
+        write_json_atomic(args.out, dict(environment=env, args=vars(args), rows=rows, kernel_sweep=sweep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
