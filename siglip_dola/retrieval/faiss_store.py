@@ -65,7 +65,12 @@ def _to_gpu(index):
 
 
 def search(index, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inner products [k], ids [k] int64) of the k best vectors for one query [D] (k <= ntotal)."""
+    """(inner products [k], ids [k] int64) of the k best vectors for one query [D] (k <= ntotal).
+
+    Equal scores are ordered by id (the earlier indexed image first), whatever order FAISS returned.
+    """
     query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     scores, ids = index.search(query, k)
-    return scores[0], ids[0].astype(np.int64)
+    scores, ids = scores[0], ids[0].astype(np.int64)
+    order = np.lexsort((ids, -scores))
+    return scores[order], ids[order]

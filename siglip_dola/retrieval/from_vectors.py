@@ -1,0 +1,42 @@
+"""Write an index from precomputed embeddings (benchmarks with synthetic galleries, embeddings made elsewhere)."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from siglip_dola.retrieval import storage
+from siglip_dola.retrieval.index import _commit
+from siglip_dola.retrieval.storage import Manifest
+
+
+def _normalised(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def build_index_from_vectors(out, chunks: Iterable[tuple[list[str], np.ndarray]], model_id: str,
+                             layers: list[int], num_layers: int, logit_scale: float,
+                             preprocessing: str = "precomputed embeddings") -> Manifest:
+    """Index at `out` from chunks of (paths [n], vectors [n, 1+J, D]: row 0 final, rows 1..J `layers`).
+
+    Vectors are L2-normalised and stored as float16; each chunk becomes one segment. Same atomic
+    commit as ``build_index``.
+    """
+    root, names, dim = Path(out), [], None
+    for number, (paths, vectors) in enumerate(chunks):
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 3 or vectors.shape[0] != len(paths) or vectors.shape[1] != 1 + len(layers):
+            raise ValueError(f"chunk {number}: vectors must be [n, 1+J, D] = [{len(paths)}, {1 + len(layers)}, D], "
+                             f"got {list(vectors.shape)}")
+        dim = vectors.shape[2] if dim is None else dim
+        name = f"seg-{uuid.uuid4().hex[:24]}"  # fresh: never reuses a segment of an earlier index here
+        storage.write_segment(root / storage.STAGING / name, _normalised(vectors), list(paths), [])
+        names.append(name)
+    if dim is None:
+        raise ValueError("chunks must hold at least one chunk of vectors")
+    manifest = Manifest(model_id=model_id, layers=list(layers), num_layers=int(num_layers), embed_dim=int(dim),
+                        logit_scale=float(logit_scale), preprocessing=preprocessing)
+    return _commit(root, manifest, names, None)
