@@ -1,0 +1,89 @@
+"""`siglip-dola index build|add` and `siglip-dola search`: exact JSON layout, same answers as the Python API."""
+import json
+
+import numpy as np
+import pytest
+
+from siglip_dola.cli import main
+from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
+from test_retrieval_index import images, model, save_tiny_siglip, tiny_dir, write_images  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def cli_index(tiny_dir, images, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    first = sorted(images.glob("img_0[0-3].png"))
+    assert main(["index", "build", *map(str, first), "--out", str(out), "--model", str(tiny_dir),
+                 "--layers", "2,4", "--quiet"]) == 0
+    assert main(["index", "add", str(out), str(images), "--quiet"]) == 0  # the rest + the broken file
+    return out
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):  # noqa: F811
+    manifest = json.loads((cli_index / "manifest.json").read_text())
+    assert manifest["count"] == 7 and manifest["layers"] == [2, 4]
+    assert [path for path, _ in manifest["skipped"]] == [str((images / "broken.png").resolve())]
+    assert main(["index", "add", str(cli_index), str(images / "img_00.png"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "7 images" in printed and "skipped: " in printed and "broken.png" in printed
+
+
+def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsys):  # noqa: F811
+    out = run_json(capsys, ["search", str(cli_index), "a red circle", "--top-k", "3", "--rerank-k", "6", "--json"])
+    assert list(out) == ["query", "results", "premature_layer"]
+    assert out["query"] == "a red circle" and out["premature_layer"] in (2, 4) and len(out["results"]) == 3
+    for hit in out["results"]:
+        assert list(hit) == ["path", "score", "baseline_score", "rank_baseline"]
+        assert isinstance(hit["path"], str) and isinstance(hit["rank_baseline"], int)
+        assert isinstance(hit["score"], float) and isinstance(hit["baseline_score"], float)
+    api = search(open_index(cli_index), "a red circle", model, RerankConfig(top_k=3, rerank_k=6))
+    assert out == json.loads(json.dumps(api.to_json()))
+
+
+def test_search_baseline_is_the_softmax_of_cosines(cli_index, model, capsys):  # noqa: F811
+    out = run_json(capsys, ["search", str(cli_index), "a blue square", "--mode", "off", "--top-k", "7",
+                            "--rerank-k", "7", "--json"])
+    assert out["premature_layer"] is None
+    index = open_index(cli_index)
+    text = model.encode_text(["a blue square"])[0].double().numpy()
+    final = index.vectors(np.arange(len(index)), [0])[0].astype(np.float64)  # (n, D)
+    logits = final @ (text / np.linalg.norm(text)) / model.tau
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    order = np.argsort(-logits, kind="stable")
+    assert [h["path"] for h in out["results"]] == [index.paths[i] for i in order]
+    np.testing.assert_allclose([h["score"] for h in out["results"]], probs[order], rtol=1e-4)
+
+
+def test_search_table(cli_index, capsys):
+    assert main(["search", str(cli_index), "a green triangle", "--top-k", "2", "--mode", "static"]) == 0
+    printed = capsys.readouterr().out
+    assert "premature layer: 4" in printed and printed.count("img_") == 2  # static default: middle of [2, 4]
+
+
+def test_captions_search(model, images, tiny_dir, tmp_path, capsys):  # noqa: F811
+    captions = tmp_path / "captions.csv"
+    captions.write_text("id,caption\n1,a red circle\n2,a blue square\n3,a green triangle\n", encoding="utf-8")
+    out = run_json(capsys, ["search", "--captions", str(captions), "--image", str(images / "img_01.png"),
+                            "--model", str(tiny_dir), "--bucket", "2", "--top-k", "2", "--rerank-k", "3", "--json"])
+    assert list(out["results"][0]) == ["caption", "score", "baseline_score", "rank_baseline"]
+    api = search_captions(model, images / "img_01.png", captions, RerankConfig(top_k=2, rerank_k=3), bucket=2)
+    assert out == json.loads(json.dumps(api.to_json()))
+
+
+def test_mismatch_and_bad_arguments_exit_2(cli_index, tmp_path, images, capsys):  # noqa: F811
+    other = save_tiny_siglip(tmp_path / "other", seed=1)
+    assert main(["search", str(cli_index), "a red car", "--model", str(other)]) == 2
+    assert "was built with model" in capsys.readouterr().err
+    assert main(["index", "add", str(cli_index), str(images), "--model", str(other)]) == 2
+    assert "was built with model" in capsys.readouterr().err
+    assert main(["search", str(cli_index), "a red car", "--layers", "3"]) == 2
+    assert "stores layers [2, 4]" in capsys.readouterr().err
+    assert main(["search", str(cli_index)]) == 2
+    assert "give INDEX and QUERY" in capsys.readouterr().err
+    assert main(["search", str(cli_index), "x", "--top-k", "5", "--rerank-k", "2"]) == 2
+    assert "rerank_k" in capsys.readouterr().err
