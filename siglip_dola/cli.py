@@ -50,4 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 from siglip_dola import cli_commands  # noqa: E402,F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this file is `__main__`, a second copy of the module; the subcommands registered
+    # themselves with `siglip_dola.cli`, so dispatch through that one.
+    from siglip_dola.cli import main as _main
+    sys.exit(_main())

@@ -142,6 +142,10 @@ class DoLaSigLIP:
         else:
             raise TypeError(f"bank must be a TextBank, a list of label strings or a [C, D] tensor, got {type(bank).__name__}")
         check_bank_dim(embeds, self.model.readout.embed_dim)
+        bank_model = getattr(bank, "model_id", None)
+        if bank_model and bank_model != self.model.model_id:  # same width, other model: scores would be meaningless
+            raise ValueError(f"bank was encoded by model {bank_model!r}, not by {self.model.model_id!r}; "
+                             "rebuild it with build_text_bank(model, ...)")
         if len(labels) != embeds.shape[0]:
             raise ValueError(f"bank has {len(labels)} labels but {embeds.shape[0]} embedding rows")
         return labels, embeds

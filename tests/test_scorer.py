@@ -21,7 +21,7 @@ TAU = 1 / 30.0
 class Bank:
     """A precomputed text bank: labels + [C, D] embeddings (what TextBank holds)."""
     def __init__(self, labels, embeds):
-        self.labels, self.embeds, self.model_id = labels, embeds, "test"
+        self.labels, self.embeds, self.model_id = labels, embeds, ""  # precomputed: provenance unknown
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +283,13 @@ def test_bad_inputs(loaded, pixels, bank):
         scorer.rerank_images("a cat", pixels)
     with pytest.raises(ValueError, match="exactly one"):
         scorer.rerank_images(bank.embeds[0])
+
+
+def test_bank_of_another_model_is_refused(loaded, pixels, bank):
+    from siglip_dola.text_bank import TextBank
+
+    other = TextBank(labels=list(bank.labels), embeds=bank.embeds, model_id="some-other-model")
+    with pytest.raises(ValueError, match="some-other-model"):
+        DoLaSigLIP(loaded).classify(pixels, other)
+    same = TextBank(labels=list(bank.labels), embeds=bank.embeds, model_id=loaded.model_id)
+    assert len(DoLaSigLIP(loaded).classify(pixels, same)) == pixels.shape[0]
