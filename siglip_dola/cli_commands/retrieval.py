@@ -61,7 +61,7 @@ def index_command(args) -> int:
             model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
             manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
                                     chunk_size=args.chunk_size, progress=not args.quiet)
-    _print_manifest(manifest)
+        _print_manifest(manifest)  # inside the session: only rank 0 prints
     return 0
 
 
