@@ -49,7 +49,6 @@ def evaluate_checkpoint(out_dir, n_val: int | None = None, n_test: int | None = 
     """Zero-shot metrics of the checkpoint in ``out_dir``: every layer, DoLa bucket/static layer picked on VAL."""
     from transformers import AutoTokenizer, SiglipModel
 
-    from siglip_dola.layers import resolve_layers
     from siglip_dola.readout import from_model
 
     model = SiglipModel.from_pretrained(out_dir).eval()
@@ -63,7 +62,7 @@ def evaluate_checkpoint(out_dir, n_val: int | None = None, n_test: int | None = 
         held_out = torch.tensor([shapes.CLASSNAMES[s.label] in shapes.HELD_OUT for s in samples])
         data[split] = (*layer_logits(readout, class_embeds, samples, tau), labels, held_out)
     num_layers = readout.num_layers
-    buckets = {b: resolve_layers(num_layers, bucket=b) for b in (1, 2, 3)}
+    buckets = {b: candidates for b in (1, 2, 3) if (candidates := _bucket_or_none(num_layers, b))}
     static_candidates = sorted({layer for layers in buckets.values() for layer in layers})
     final, stacked, labels, _ = data["val"]
     val_dynamic = {b: dola_top1(final, stacked, labels, layers, "dynamic")[0] for b, layers in buckets.items()}
@@ -72,6 +71,16 @@ def evaluate_checkpoint(out_dir, n_val: int | None = None, n_test: int | None = 
     best_static = max(val_static, key=lambda j: (val_static[j], -j))
     return _test_metrics(data["test"], num_layers, buckets, best_bucket, best_static, val_dynamic, val_static,
                          tau, n_val=len(data["val"][2]))
+
+
+def _bucket_or_none(num_layers: int, bucket: int) -> list[int] | None:
+    """Even candidate layers of ``bucket`` (3 buckets), or None when it has none (tiny test models)."""
+    from siglip_dola.layers import resolve_layers
+
+    try:
+        return resolve_layers(num_layers, bucket=bucket)
+    except ValueError:
+        return None
 
 
 def _test_metrics(test, num_layers, buckets, best_bucket, best_static, val_dynamic, val_static, tau, n_val):
