@@ -1,0 +1,160 @@
+"""Calibration: grid, tie rules, every grid score vs a naive per-image loop (scipy JSD), one model pass, JSON."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from transformers import SiglipModel
+
+from siglip_dola import shapes
+from siglip_dola import train_embedded as te
+from siglip_dola.calibrate import CalibrationGrid, calibrate, choose, grid_points
+from siglip_dola.datasets import shapes_dataset
+from siglip_dola.loading import from_model
+from siglip_dola.scorer import DoLaSigLIP
+from siglip_dola.text_bank import build_text_bank
+
+NUM_LAYERS, N_IMAGES, BATCH = 12, 36, 16
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = te.TrainConfig(vision_layers=NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
+    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(30.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_model):
+    return from_model(hf_model, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(), model_id="tiny")
+
+
+class CountingReadout:
+    def __init__(self, readout, fail_at=None):
+        self.readout, self.calls, self.fail_at = readout, 0, fail_at
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.readout(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.readout, name)
+
+
+def test_grid_for_vit_l_16():
+    points = grid_points(CalibrationGrid(), 24)
+    dynamic = {(p["n_buckets"], p["bucket"]): p["layers"] for p in points if p["mode"] == "dynamic"}
+    assert dynamic == {(2, 1): [2, 4, 6, 8, 10, 12], (2, 2): [14, 16, 18, 20, 22],
+                       (3, 1): [2, 4, 6, 8], (3, 2): [10, 12, 14, 16], (3, 3): [18, 20, 22],
+                       (4, 1): [2, 4, 6], (4, 2): [8, 10, 12], (4, 3): [14, 16, 18], (4, 4): [20, 22]}
+    static = sorted({p["static_layer"] for p in points if p["mode"] == "static"})
+    assert static == list(range(2, 24, 2))
+    assert points[0]["mode"] == "off" and sum(p["mode"] == "off" for p in points) == 1
+    assert len(points) == 1 + 3 * (9 + 11)
+    all_static = grid_points(CalibrationGrid(static_parity="all", alphas=(0.1,)), 24)
+    assert sorted(p["static_layer"] for p in all_static if p["mode"] == "static") == list(range(1, 24))
+
+
+def _scored(mode, correct1, layers):
+    return {"mode": mode, "correct1": correct1, "layers": layers}
+
+
+def test_choice_ties_go_to_baseline_then_fewer_layers():
+    off, static = _scored("off", 5, []), _scored("static", 5, [4])
+    dynamic3, dynamic2 = _scored("dynamic", 5, [2, 4, 6]), _scored("dynamic", 5, [8, 10])
+    assert choose([dynamic3, static, off]) is off
+    assert choose([dynamic3, dynamic2, static]) is static
+    assert choose([dynamic3, dynamic2]) is dynamic2
+    better = _scored("dynamic", 6, [2, 4, 6])
+    assert choose([off, static, better]) is better
+    first, second = _scored("static", 5, [2]), _scored("static", 5, [4])
+    assert choose([first, second]) is first  # full tie: the earlier grid point
+
+
+def naive_layer_embeds(hf_model, images):
+    """{layer j: z_j [n, D]} for j = 1..N through the model's own post-layernorm + MAP head."""
+    vision = hf_model.vision_model
+    with torch.no_grad():
+        out = vision(pixel_values=te.pixels_from_images(images), output_hidden_states=True)
+        return {j: vision.head(vision.post_layernorm(out.hidden_states[j])).double().numpy()
+                for j in range(1, NUM_LAYERS + 1)}
+
+
+def naive_probs(z, bank, tau):
+    logits = (bank / np.linalg.norm(bank, axis=1, keepdims=True)) @ (z / np.linalg.norm(z)) / tau
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def naive_prediction(q, point):
+    """Predicted class for one image from {layer: q_j}, with plain numpy and scipy's JSD."""
+    q_final = q[NUM_LAYERS]
+    if point["mode"] == "off":
+        return int(np.argmax(q_final))
+    if point["mode"] == "static":
+        premature = point["static_layer"]
+    else:
+        divergences = [jensenshannon(q_final, q[j]) ** 2 for j in point["layers"]]
+        premature = point["layers"][int(np.argmax(divergences))]
+    keep = q_final >= point["alpha"] * q_final.max()
+    contrast = np.where(keep, np.log(q_final) - np.log(q[premature]), -np.inf)
+    return int(np.argmax(contrast))
+
+
+def test_every_grid_score_matches_naive_loop_and_model_runs_once(hf_model, loaded, tmp_path):
+    counting = dataclasses.replace(loaded, readout=CountingReadout(loaded.readout))
+    out = tmp_path / "calib.json"
+    report = calibrate(counting, "shapes", split="val", n=N_IMAGES, batch_size=BATCH, out=out, progress=False)
+    assert counting.readout.calls == math.ceil(N_IMAGES / BATCH)  # one pass, never re-run per grid point
+
+    samples = shapes.make_split("val", n=N_IMAGES)
+    bank = build_text_bank(loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
+    z = naive_layer_embeds(hf_model, [s.image for s in samples])
+    q = [{j: naive_probs(z[j][i], bank, loaded.tau) for j in z} for i in range(N_IMAGES)]
+    labels = [s.label for s in samples]
+    assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 43
+    for score in report["scores"]:
+        correct = sum(naive_prediction(q[i], score) == labels[i] for i in range(N_IMAGES))
+        assert score["correct1"] == correct, score
+        assert score["acc1"] == pytest.approx(correct / N_IMAGES)
+    best = max(s["correct1"] for s in report["scores"])
+    assert report["choice_metrics"]["acc1"] == pytest.approx(best / N_IMAGES)
+
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["model"] == "tiny" and written["dataset"] == "shapes" and written["split"] == "val"
+    assert written["grid"] == {"n_buckets": [2, 3, 4], "parity": "even", "static_parity": "even",
+                               "alphas": [0.05, 0.1, 0.2]}
+    scorer = DoLaSigLIP.from_calibration(out, loaded)
+    choice = written["choice"]
+    assert scorer.mode == choice["mode"] and scorer.alpha == pytest.approx(choice.get("alpha", 0.1))
+    chosen = next(s for s in report["scores"] if s["correct1"] == best)
+    if choice["mode"] != "off":
+        assert scorer.layers == chosen["layers"]
+
+
+def test_calibrate_accepts_a_dataset_object_and_custom_grid(loaded):
+    dataset = shapes_dataset("val", n=12)
+    grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), static_parity="all")
+    report = calibrate(loaded, dataset, grid=grid, progress=False)
+    assert report["n_images"] == 12
+    assert len(report["scores"]) == 1 + 3 + (NUM_LAYERS - 1)
+    assert report["grid"]["n_buckets"] == (3,)
+
+
+def test_interrupted_calibration_leaves_no_file(loaded, tmp_path):
+    out = tmp_path / "calib.json"
+    out.write_text("previous complete file")
+    interrupted = dataclasses.replace(loaded, readout=CountingReadout(loaded.readout, fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(interrupted, "shapes", split="val", n=24, batch_size=8, out=out, progress=False)
+    assert out.read_text() == "previous complete file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json"]
