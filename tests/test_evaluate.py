@@ -1,0 +1,157 @@
+"""Evaluation: metrics per mode and layer lens vs naive loops from the model's own modules; refusals; retrieval."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from transformers import SiglipModel
+
+from siglip_dola import metrics, runtime, shapes
+from siglip_dola import train_embedded as te
+from siglip_dola.calibrate import calibrate
+from siglip_dola.evaluate import evaluate, summary_line
+from siglip_dola.loading import from_model
+from siglip_dola.text_bank import build_text_bank
+
+NUM_LAYERS, N_IMAGES = 12, 40
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = te.TrainConfig(vision_layers=NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
+    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(30.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_model):
+    return from_model(hf_model, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(), model_id="tiny")
+
+
+@pytest.fixture(scope="module")
+def report(loaded):
+    return evaluate(loaded, "shapes", split="test", n=N_IMAGES, progress=False)
+
+
+@pytest.fixture(scope="module")
+def naive(hf_model, loaded):
+    """Per image {layer j: q_j} (j = 1..N) from the model's own modules and numpy, plus labels."""
+    samples = shapes.make_split("test", n=N_IMAGES)
+    vision = hf_model.vision_model
+    with torch.no_grad():
+        out = vision(pixel_values=te.pixels_from_images([s.image for s in samples]), output_hidden_states=True)
+        z = {j: vision.head(vision.post_layernorm(out.hidden_states[j])).double().numpy()
+             for j in range(1, NUM_LAYERS + 1)}
+    bank = build_text_bank(loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+
+    def probs(v):
+        logits = bank @ (v / np.linalg.norm(v)) / loaded.tau
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+    q = [{j: probs(z[j][i]) for j in z} for i in range(N_IMAGES)]
+    return q, np.array([s.label for s in samples])
+
+
+def naive_ranking(q_image, mode, layers, alpha):
+    """Classes best first: DoLa order on the kept head, then the rest by q_N; and the premature layer."""
+    q_final = q_image[NUM_LAYERS]
+    by_final = sorted(range(len(q_final)), key=lambda c: -q_final[c])
+    if mode == "off":
+        return by_final, None
+    divergences = [jensenshannon(q_final, q_image[j]) ** 2 for j in layers]
+    premature = layers[int(np.argmax(divergences))]
+    head = [c for c in by_final if q_final[c] >= alpha * q_final.max()]
+    head.sort(key=lambda c: -(math.log(q_final[c]) - math.log(q_image[premature][c])))
+    return head + [c for c in by_final if c not in head], premature
+
+
+def test_default_modes_match_naive_loops(report, naive):
+    q, labels = naive
+    assert report["modes"]["dynamic"]["layers"] == [10]  # last of 3 buckets of 12 layers, even, N excluded
+    assert report["modes"]["static"]["static_layer"] == 10
+    for mode in ("off", "static", "dynamic"):
+        layers = report["modes"][mode]["layers"]
+        rankings = [naive_ranking(q[i], mode, layers, 0.1)[0] for i in range(N_IMAGES)]
+        acc1 = np.mean([r[0] == y for r, y in zip(rankings, labels)])
+        acc5 = np.mean([y in r[:5] for r, y in zip(rankings, labels)])
+        recalls = [np.mean([rankings[i][0] == c for i in np.flatnonzero(labels == c)]) for c in np.unique(labels)]
+        assert report["metrics"][mode]["acc1"] == pytest.approx(acc1)
+        assert report["metrics"][mode]["acc5"] == pytest.approx(acc5)
+        assert report["metrics"][mode]["mean_per_class_recall"] == pytest.approx(np.mean(recalls))
+
+
+def test_layer_lens_matches_naive(report, naive):
+    q, labels = naive
+    lens = report["layer_lens"]
+    assert lens["layers"] == list(range(1, NUM_LAYERS + 1)) and lens["jsd_layers"] == list(range(1, NUM_LAYERS))
+    for j in range(1, NUM_LAYERS + 1):
+        top1 = np.mean([np.argmax(q[i][j]) == labels[i] for i in range(N_IMAGES)])
+        assert lens["top1"][j - 1] == pytest.approx(top1)
+    assert lens["baseline_top1"] == pytest.approx(report["metrics"]["off"]["acc1"])
+    for j in range(1, NUM_LAYERS):
+        mean_jsd = np.mean([jensenshannon(q[i][NUM_LAYERS], q[i][j]) ** 2 for i in range(N_IMAGES)])
+        assert lens["mean_jsd"][j - 1] == pytest.approx(mean_jsd, rel=1e-4, abs=1e-9)
+    assert lens["dynamic_layer_counts"] == {"10": N_IMAGES}
+
+
+def test_calibrated_eval_uses_calibration_and_refuses_its_split(loaded, naive, tmp_path):
+    calibration = calibrate(loaded, "shapes", split="val", n=24, out=tmp_path / "calib.json", progress=False)
+    out = tmp_path / "result.json"
+    result = evaluate(loaded, "shapes", split="test", n=N_IMAGES, calibration=tmp_path / "calib.json",
+                      out=out, progress=False)
+    dynamic = calibration["best"]["dynamic"]
+    assert result["modes"]["dynamic"]["bucket"] == dynamic["bucket"]
+    assert result["modes"]["dynamic"]["alpha"] == dynamic["alpha"]
+    assert result["modes"]["static"]["static_layer"] == calibration["best"]["static"]["static_layer"]
+    q, labels = naive
+    point = result["modes"]["dynamic"]
+    acc1 = np.mean([naive_ranking(q[i], "dynamic", point["layers"], point["alpha"])[0][0] == labels[i]
+                    for i in range(N_IMAGES)])
+    assert result["metrics"]["dynamic"]["acc1"] == pytest.approx(acc1)
+    written = json.loads(out.read_text())
+    assert {"dataset", "model", "task", "metrics", "layer_lens"} <= set(written)
+    assert written["task"] == "zeroshot_classification" and set(written["metrics"]) == {"off", "static", "dynamic"}
+    assert summary_line(written).startswith("shapes [test, n=40] zeroshot_classification acc1: off=")
+
+    with pytest.raises(ValueError, match="split 'val'.*the split being evaluated"):
+        evaluate(loaded, "shapes", split="val", n=12, calibration=tmp_path / "calib.json", progress=False)
+    other = dict(calibration, model="someone-else")
+    with pytest.raises(ValueError, match="someone-else"):
+        evaluate(loaded, "shapes", split="test", n=12, calibration=other, progress=False)
+
+
+def test_retrieval_recall_matches_naive(hf_model, loaded):
+    n = 20
+    result = evaluate(loaded, "shapes", split="test", n=n, task="zeroshot_retrieval", progress=False)
+    samples = shapes.make_split("test", n=n)
+    with torch.no_grad():
+        images = hf_model.vision_model(pixel_values=te.pixels_from_images([s.image for s in samples])).pooler_output
+        texts = loaded.encode_text([s.caption for s in samples])
+    similarity = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+    for k in (1, 5, 10):
+        i2t = np.mean([i in torch.argsort(similarity[i], descending=True)[:k].tolist() for i in range(n)])
+        t2i = np.mean([t in torch.argsort(similarity[:, t], descending=True)[:k].tolist() for t in range(n)])
+        assert result["metrics"]["off"][f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+        assert result["metrics"]["off"][f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+    assert set(result["metrics"]) == {"off", "static", "dynamic"}
+    assert result["layer_lens"]["metric"] == "text_retrieval_recall@1"
+
+
+def test_rank_scores_put_masked_classes_after_the_head_by_q_final():
+    final = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    early = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    result = runtime.dola(final, early[None], [3], mode="static", alpha=0.5, static_layer=3)
+    order = torch.argsort(metrics.rank_scores(result), dim=-1, descending=True)[0].tolist()
+    # head {0, 1} (q_N >= 0.25): F = log(.5/.7) < log(.3/.1), so 1 before 0; then 2, 3 by q_N
+    assert order == [1, 0, 2, 3]
+
+
+def test_bad_task_rejected(loaded):
+    with pytest.raises(ValueError, match="task must be one of"):
+        evaluate(loaded, "shapes", task="detection", progress=False)
