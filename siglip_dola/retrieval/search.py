@@ -8,7 +8,8 @@ first-stage order after the kept ones).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +19,18 @@ from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RetrievalIndex, open_index
 
 MODES = ("off", "static", "dynamic")
+
+
+@contextmanager
+def _small_torch_ops():
+    """One torch thread for the tiny per-query tensors (K x J): with several, torch's OpenMP threads and
+    FAISS's spin against each other and a query took 10-30x longer on a 2-core machine. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -109,19 +122,24 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     config = config or RerankConfig()
     check_config(config)
     layers, static = rerank_layers(config, index.layers)
-    text = torch.nn.functional.normalize(torch.as_tensor(text_embed, dtype=torch.float32).reshape(-1), dim=0)
+    text = np.asarray(text_embed, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(text))
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("text_embed must be finite and non-zero")
+    text = text / norm
     if text.shape[0] != index.manifest.embed_dim:
         raise ValueError(f"text_embed must have D={index.manifest.embed_dim} entries, got {text.shape[0]}")
     tau = index.tau if tau is None else float(tau)
     k = min(config.rerank_k, len(index))
     if k == 0:
         return SearchResult(query, [], None)
-    cosines, ids = faiss_store.search(index.faiss_index, text.numpy(), k)  # (K,), (K,)
+    cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
     layer_logits = None
     if layers:
         rows = [1 + index.layers.index(j) for j in layers]
-        layer_logits = index.vectors(ids, rows) @ text.numpy() / tau  # (J, K)
-    order, probs, baseline, premature = rerank(cosines / tau, layer_logits, layers, config, static)
+        layer_logits = index.vectors(ids, rows) @ text / tau  # (J, K)
+    with _small_torch_ops():
+        order, probs, baseline, premature = rerank(cosines / tau, layer_logits, layers, config, static)
     return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature)
 
 
