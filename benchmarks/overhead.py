@@ -29,10 +29,12 @@ from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import from_model, fused, map_head
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-VARIANTS = {  # name -> (fused.enabled, fused.side_stream)
-    "unfused": (False, False),
-    "fused": (True, False),
-    "fused-stream": (True, True),
+VARIANTS = {  # name -> (fused.enabled, fused.side_stream, fused.kernel)
+    "unfused": (False, False, "two-pass"),
+    "onepass": (True, False, "one-pass"),
+    "twopass": (True, False, "two-pass"),
+    "onepass-stream": (True, True, "one-pass"),
+    "twopass-stream": (True, True, "two-pass"),
 }
 
 
@@ -52,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
     parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
-    parser.add_argument("--num-warps", type=int, default=8, help="fused kernel warps per program")
+    parser.add_argument("--num-warps", type=int, default=0, help="fused kernel warps per program (0: its default)")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8,64,256")).split(",")]
     args.dtypes = args.dtypes.split(",")
@@ -76,7 +78,7 @@ def build_model(args):
     import open_clip
     model = open_clip.create_model(args.model, pretrained=None, device=args.device).eval()
     size = model.visual.trunk.patch_embed.img_size
-    return model, model.visual.trunk, model.encode_image, float(model.logit_scale), tuple(size)
+    return model, model.visual.trunk, model.encode_image, float(model.logit_scale.detach()), tuple(size)
 
 
 def layer_sets(num_layers: int, counts: list[int]) -> dict[int, list[int]]:
@@ -111,12 +113,12 @@ class Timer:
 @contextlib.contextmanager
 def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
-    saved = (fused.FUSED.enabled, fused.FUSED.side_stream)
-    fused.FUSED.enabled, fused.FUSED.side_stream = VARIANTS[variant]
+    saved = (fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel)
+    fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel = VARIANTS[variant]
     try:
         yield
     finally:
-        fused.FUSED.enabled, fused.FUSED.side_stream = saved
+        fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel = saved
 
 
 def usable_variants(args, device: torch.device) -> list[str]:
@@ -140,7 +142,7 @@ def make_points(embed, readout, images, bank, tau, sets, variants):
             return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
         return run
 
-    points = {"baseline": baseline}
+    points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
     for count, layers in sets.items():
         for variant in variants:
             points[f"dola{count}-{variant}"] = dola(layers, variant)
@@ -157,14 +159,16 @@ def peak_mib(fn, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
-def fused_error(readout, images, layers) -> float:
-    """max over layers of |z_fused - z_unfused| / |z_unfused| (0 when no fused variant runs here)."""
+def fused_errors(readout, images, layers, variants) -> dict[str, float]:
+    """variant -> max over layers and images of |z - z_unfused| / |z_unfused|."""
     with fused_config("unfused"):
         _, reference = readout(images, layers)
-    with fused_config("fused-stream"):
-        _, got = readout(images, layers)
-    reference, got = reference.float(), got.float()
-    return float(((got - reference).norm(dim=-1) / reference.norm(dim=-1)).max())
+    errors = {}
+    for variant in variants:
+        with fused_config(variant):
+            _, got = readout(images, layers)
+        errors[variant] = float(((got.float() - reference.float()).norm(dim=-1) / reference.float().norm(dim=-1)).max())
+    return errors
 
 
 def measure_point(args, model_parts, readout, dtype_name: str, batch: int, device, variants) -> list[dict]:
@@ -187,13 +191,13 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
             for name, fn in points.items():
                 times[name].append(timer(fn))
         peaks = {name: peak_mib(fn, device) for name, fn in points.items()}
-        error = fused_error(readout, images, sets[max(sets)]) if "fused-stream" in variants else None
+        errors = fused_errors(readout, images, sets[max(sets)], variants)
     base = statistics.median(times["baseline"])
     for name, samples in times.items():
         median = statistics.median(samples)
         rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
-                         fused_vs_unfused_rel_err=error if name != "baseline" else None))
+                         fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if name.startswith("dola") else None))
     return rows
 
 
@@ -221,31 +225,46 @@ def format_table(rows: list[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
+def _kernel_runner(kernel, tokens, probe, eps, num_warps, block_t, target):
+    """(run, read_pooled) for one launch config of a pooling kernel on tokens (B, T, D)."""
+    batch, num_tokens, dim = tokens.shape
+    if kernel == "two-pass":
+        out = torch.full((batch, probe.shape[0], dim), float("nan"), device=tokens.device)
+        return lambda: fused.pool_two_pass(tokens, probe, eps, out, num_warps), lambda: out
+    per_split, splits = fused.split_plan(batch, num_tokens, target, block_t)
+    out = torch.full((batch, splits, probe.shape[0], dim), float("nan"), device=tokens.device)
+    lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
+    run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, num_warps, block_t)
+    return run, lambda: fused.combine_partials(out, lse)
+
+
 def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
-    """The Triton pooling kernel alone on one bf16 layer (B, T, D) per (num_warps, grid target): ms, GB/s, error."""
+    """Each pooling kernel alone on one layer (B, T, D), fp32 and bf16 tokens, per launch config."""
     folded = map_head.fold(map_head.timm_map_parts(trunk.attn_pool, post=lambda pooled: pooled), trunk.norm)
     num_tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
-    tokens = torch.randn(batch, num_tokens, trunk.embed_dim, device=device).mul(3).add(0.5)
-    tokens = tokens.to(torch.bfloat16)
     probe, eps = folded.key_probe, folded.norm_eps
-    reference = fused.pool_reference(tokens.double(), probe.double(), eps)
     timer, rows = Timer(device), []
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    for num_warps in (4, 8, 16):
-        for target in (sms, 2 * sms, 4 * sms):
-            per_split, splits = fused.split_plan(batch, num_tokens, target)
-            out = torch.full((batch, splits, probe.shape[0], tokens.shape[-1]), float("nan"), device=device)
-            lse = torch.full(out.shape[:-1], float("nan"), device=device)
-            run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, num_warps)
-            for _ in range(3):
-                run()
-            ms = statistics.median(timer(run) for _ in range(30))
-            pooled = fused.combine_partials(out, lse).double()
-            error = float((pooled - reference).norm() / reference.norm())
-            rows.append(dict(num_warps=num_warps, target_programs=target, splits=splits, ms=ms,
-                             gb_per_s=tokens.numel() * 2 / ms / 1e6, rel_err=error))
-            print(f"kernel B={batch} warps={num_warps} target={target} splits={splits}: {ms * 1e3:.1f} us "
-                  f"{rows[-1]['gb_per_s']:.0f} GB/s rel_err={error:.1e}", flush=True)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    configs = [("two-pass", 4, 16), ("two-pass", 8, 16)] + [
+        ("one-pass", warps, block_t) for warps in (4, 8) for block_t in (16, 32)]
+    for dtype in (torch.float32, torch.bfloat16):
+        tokens = torch.randn(batch, num_tokens, trunk.embed_dim, device=device).mul(3).add(0.5).to(dtype)
+        reference = fused.pool_reference(tokens.double(), probe.double(), eps)
+        copy_ms = statistics.median(timer(lambda: tokens.clone()) for _ in range(20))
+        print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
+        for kernel, warps, block_t in configs:
+            row = dict(dtype=str(dtype), kernel=kernel, num_warps=warps, block_t=block_t, copy_ms=copy_ms)
+            try:
+                run, read = _kernel_runner(kernel, tokens, probe, eps, warps, block_t, target)
+                for _ in range(3):
+                    run()
+                row["ms"] = statistics.median(timer(run) for _ in range(30))
+                row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
+                row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
+            except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on
+                row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+            rows.append(row)
+            print("kernel", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 

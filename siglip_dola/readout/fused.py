@@ -42,7 +42,9 @@ class FusedConfig:
     enabled: bool = True        # use the Triton kernel when the tokens are on CUDA and triton imports
     side_stream: bool = True    # launch per-layer pooling on a side CUDA stream
     target_programs: int = 0    # grid size to aim for (0: 2 x the number of SMs)
-    num_warps: int = 8
+    num_warps: int = 0          # warps per program (0: 4 for two-pass, 8 for one-pass)
+    block_t: int = BLOCK_T      # one-pass: tokens per inner step
+    kernel: str = "two-pass"    # "two-pass" (two reads, streaming) | "one-pass" (one read, online softmax)
 
 
 FUSED = FusedConfig()
@@ -65,7 +67,7 @@ if triton is not None:
     def _pool_partial_kernel(x_ptr, probe_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t,
                              tokens_per_split, num_splits, eps,
                              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             NORMALIZE: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr):
+                             NORMALIZE: tl.constexpr):
         """One (image, token split): LayerNorm stats, logits, online softmax, weighted sum; one read."""
         b = tl.program_id(0)
         split = tl.program_id(1)
@@ -73,9 +75,9 @@ if triton is not None:
         offs_h = tl.arange(0, H)
         d_mask = offs_d < D
         probe = tl.load(probe_ptr + offs_h[None, :] * D + offs_d[:, None], mask=d_mask[:, None], other=0.0)  # (BD, H)
-        if LOW_PRECISION_DOT:  # fp16, not bf16: more mantissa, same speed, and the interpreter gets it right
-            probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
-            probe = (probe / probe_scale).to(tl.float16)  # |probe / scale| <= 1: no overflow
+        # dots in fp16 (fp32 accumulate): more mantissa than bf16, same speed, the interpreter gets it right
+        probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
+        probe = (probe / probe_scale).to(tl.float16)  # |probe / scale| <= 1: no overflow
         run_max = tl.full([H], float("-inf"), tl.float32)
         run_sum = tl.zeros([H], tl.float32)
         acc = tl.zeros([H, BLOCK_D], tl.float32)
@@ -90,20 +92,14 @@ if triton is not None:
                 mean = tl.sum(x, axis=1) / D
                 centred = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
                 x = centred / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)[:, None]
-            if LOW_PRECISION_DOT:
-                x = x.to(tl.float16)  # normalised: |x_hat| <= sqrt(D), no overflow
-                logits = tl.dot(x, probe, out_dtype=tl.float32) * probe_scale               # (BT, H)
-            else:
-                logits = tl.dot(x, probe, input_precision="ieee")
+            x = x.to(tl.float16)  # normalised: |x_hat| <= sqrt(D), no overflow
+            logits = tl.dot(x, probe, out_dtype=tl.float32) * probe_scale                   # (BT, H)
             logits = tl.where(t_mask[:, None], logits, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(logits, axis=0))
             rescale = tl.exp(run_max - new_max)
             probs = tl.exp(logits - new_max[None, :])                                       # (BT, H)
             run_sum = run_sum * rescale + tl.sum(probs, axis=0)
-            if LOW_PRECISION_DOT:
-                weighted = tl.dot(tl.trans(probs.to(tl.float16)), x, out_dtype=tl.float32)  # (H, BD)
-            else:
-                weighted = tl.dot(tl.trans(probs), x, input_precision="ieee")
+            weighted = tl.dot(tl.trans(probs.to(tl.float16)), x, out_dtype=tl.float32)      # (H, BD)
             acc = acc * rescale[:, None] + weighted
             run_max = new_max
         row = b * num_splits + split
@@ -112,34 +108,123 @@ if triton is not None:
         tl.store(lse_ptr + row * H + offs_h, run_max + tl.log(run_sum))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _token_logits_kernel(x_ptr, probe_ptr, logits_ptr, stats_ptr, rows, T, D, stride_b, stride_t, eps,
+                             H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             NORMALIZE: tl.constexpr):
+        """Two-pass, pass 1 over BLOCK_T tokens of all images: LayerNorm (mean, rstd) and logits (T, H)."""
+        offs_r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)     # flattened (b, t) rows
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_h = tl.arange(0, H)
+        r_mask, d_mask = offs_r < rows, offs_d < D
+        row_ptr = x_ptr + (offs_r // T) * stride_b + (offs_r % T) * stride_t
+        x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        x = x.to(tl.float32)                                                            # (BT, BD)
+        mean = tl.zeros([BLOCK_T], tl.float32)
+        rstd = tl.full([BLOCK_T], 1.0, tl.float32)
+        if NORMALIZE:
+            mean = tl.sum(x, axis=1) / D
+            x = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+            x = x * rstd[:, None]
+        probe = tl.load(probe_ptr + offs_h[None, :] * D + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+        probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
+        probe = (probe / probe_scale).to(tl.float16)                                    # (BD, H)
+        logits = tl.dot(x.to(tl.float16), probe, out_dtype=tl.float32) * probe_scale    # (BT, H)
+        tl.store(logits_ptr + offs_r[:, None] * H + offs_h[None, :], logits, mask=r_mask[:, None])
+        tl.store(stats_ptr + offs_r * 2, mean, mask=r_mask)
+        tl.store(stats_ptr + offs_r * 2 + 1, rstd, mask=r_mask)
+
+    @triton.jit
+    def _weighted_sum_kernel(x_ptr, logits_ptr, stats_ptr, out_ptr, T, D, stride_b, stride_t,
+                             H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Two-pass, pass 2 for (image, BLOCK_D features): softmax over tokens, pooled x_hat (H, BLOCK_D)."""
+        b = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_h = tl.arange(0, H)
+        d_mask = offs_d < D
+        run_max = tl.full([H], float("-inf"), tl.float32)
+        run_sum = tl.zeros([H], tl.float32)
+        for t0 in range(0, T, BLOCK_T):   # softmax statistics over tokens (logits are small, L2-resident)
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            logits = tl.load(logits_ptr + (b * T + offs_t[:, None]) * H + offs_h[None, :],
+                             mask=(offs_t < T)[:, None], other=float("-inf"))           # (BT, H)
+            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[None, :]), axis=0)
+            run_max = new_max
+        acc = tl.zeros([H, BLOCK_D], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < T
+            logits = tl.load(logits_ptr + (b * T + offs_t[:, None]) * H + offs_h[None, :],
+                             mask=t_mask[:, None], other=float("-inf"))
+            weights = tl.exp(logits - run_max[None, :]) / run_sum[None, :]              # (BT, H)
+            mean = tl.load(stats_ptr + (b * T + offs_t) * 2, mask=t_mask, other=0.0)
+            rstd = tl.load(stats_ptr + (b * T + offs_t) * 2 + 1, mask=t_mask, other=0.0)
+            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :],
+                        mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            x_hat = ((x - mean[:, None]) * rstd[:, None]).to(tl.float16)                # (BT, BD)
+            acc += tl.dot(tl.trans(weights.to(tl.float16)), x_hat, out_dtype=tl.float32)
+        tl.store(out_ptr + b * H * D + offs_h[:, None] * D + offs_d[None, :], acc, mask=d_mask[None, :])
+
+
+def pool_two_pass(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
+                  num_warps: int = 4) -> None:
+    """Triton, two reads of the tokens: tokens (B, T, D) -> out (B, H, D) pooled x_hat (fp32)."""
+    batch, num_tokens, dim = tokens.shape
+    heads = key_probe.shape[0]
+    assert out.shape == (batch, heads, dim) and out.is_contiguous() and tokens.stride(2) == 1
+    logits = torch.empty(batch * num_tokens, heads, device=tokens.device, dtype=torch.float32)  # small
+    stats = torch.empty(batch * num_tokens, 2, device=tokens.device, dtype=torch.float32)       # mean, rstd
+    rows, block_d = batch * num_tokens, triton.next_power_of_2(dim)
+    _token_logits_kernel[(triton.cdiv(rows, 16),)](
+        tokens, key_probe, logits, stats, rows, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        0.0 if norm_eps is None else norm_eps, H=heads, BLOCK_T=16, BLOCK_D=block_d,
+        NORMALIZE=norm_eps is not None, num_warps=num_warps)
+    sum_block_d = 64 if batch * triton.cdiv(dim, 128) < 264 else 128
+    _weighted_sum_kernel[(batch, triton.cdiv(dim, sum_block_d))](
+        tokens, logits, stats, out, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        H=heads, BLOCK_T=64, BLOCK_D=sum_block_d, num_warps=4)
+
+
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
-    """True when the Triton kernel can run here (CUDA tokens, or the CPU interpreter) on these dtypes."""
+    """True when the Triton kernel can run here (CUDA tokens, or the CPU interpreter) at the caller's precision.
+
+    The kernel's products are fp16 x fp16 -> fp32 (relative error ~1e-3), so it serves half-precision
+    tokens or fp32 tokens under a half-precision autocast (timm's residual stream stays fp32 there);
+    plain fp32 keeps the exact PyTorch path.
+    """
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton is not None and (tokens.is_cuda or interpreted) and key_probe.dtype == torch.float32
-            and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    half = tokens.dtype in (torch.bfloat16, torch.float16) or (
+        tokens.dtype == torch.float32 and torch.is_autocast_enabled(tokens.device.type)
+        and torch.get_autocast_dtype(tokens.device.type) in (torch.bfloat16, torch.float16))
+    return triton is not None and (tokens.is_cuda or interpreted) and key_probe.dtype == torch.float32 and half
 
 
-def split_plan(batch: int, num_tokens: int, target_programs: int) -> tuple[int, int]:
+def split_plan(batch: int, num_tokens: int, target_programs: int, block_t: int = BLOCK_T) -> tuple[int, int]:
     """(tokens_per_split, num_splits): about target_programs programs in all, no split empty."""
-    max_splits = math.ceil(num_tokens / BLOCK_T)
+    max_splits = math.ceil(num_tokens / block_t)
     splits = max(1, min(max_splits, math.ceil(target_programs / max(batch, 1))))
-    tokens_per_split = math.ceil(math.ceil(num_tokens / splits) / BLOCK_T) * BLOCK_T
+    tokens_per_split = math.ceil(math.ceil(num_tokens / splits) / block_t) * block_t
     return tokens_per_split, math.ceil(num_tokens / tokens_per_split)
 
 
 def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
-                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8) -> None:
+                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8, block_t: int = BLOCK_T) -> None:
     """Triton: tokens (B, T, D) -> out (B, S, H, D) per-split pooled x_hat, lse (B, S, H), both fp32."""
     batch, num_tokens, dim = tokens.shape
     heads, num_splits = key_probe.shape[0], out.shape[1]
     assert out.shape == (batch, num_splits, heads, dim) and lse.shape == (batch, num_splits, heads)
     assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous() and tokens.stride(2) == 1
     assert (num_splits - 1) * tokens_per_split < num_tokens <= num_splits * tokens_per_split
+    assert tokens_per_split % block_t == 0
     _pool_partial_kernel[(batch, num_splits)](
         tokens, key_probe, out, lse, num_tokens, dim, tokens.stride(0), tokens.stride(1),
         tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
-        H=heads, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
-        LOW_PRECISION_DOT=tokens.dtype != torch.float32, num_warps=num_warps)
+        H=heads, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
+        num_warps=num_warps)
 
 
 def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -170,36 +255,46 @@ class LayerPooler:
 
     ``folded`` is a :class:`~siglip_dola.readout.map_head.FoldedMapHead`. In a block loop or hook call
     ``pooler.add(slot, tokens)`` right after block j (slot = position of j in the requested layers),
-    then ``pooler.result()`` once. No tokens are kept.
+    then ``pooler.result()`` once. No tokens are kept. The first layer decides the path for all.
     """
 
     def __init__(self, folded, num_slots: int, config: FusedConfig = FUSED):
         self.folded, self.num_slots, self.config = folded, num_slots, config
         self._pooled: list = [None] * num_slots   # PyTorch path: (B, H, D) per slot
+        self._fast = None                          # decided on the first add()
         self._out = self._lse = self._stream = self._tokens_per_split = None
 
-    def _start_fused(self, tokens: torch.Tensor) -> None:
+    def _start_fast(self, tokens: torch.Tensor) -> None:
         batch, num_tokens, dim = tokens.shape
-        target = self.config.target_programs or (
-            2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
-        self._tokens_per_split, splits = split_plan(batch, num_tokens, target)
-        shape = (self.num_slots, batch, splits, self.folded.key_probe.shape[0])
-        self._out = torch.empty(*shape, dim, device=tokens.device, dtype=torch.float32)
-        self._lse = torch.empty(shape, device=tokens.device, dtype=torch.float32)
+        heads = self.folded.key_probe.shape[0]
+        make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)
+        if self.config.kernel == "two-pass":
+            self._out = make(self.num_slots, batch, heads, dim)
+        else:
+            target = self.config.target_programs or (
+                2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
+            self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
+            self._out, self._lse = make(self.num_slots, batch, splits, heads, dim), make(self.num_slots, batch, splits, heads)
         if tokens.is_cuda and self.config.side_stream:
             self._stream = _side_stream(tokens.device)
 
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
-        pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
-                      self._tokens_per_split, self.config.num_warps)
+        probe, eps = self.folded.key_probe, self.folded.norm_eps
+        if self.config.kernel == "two-pass":
+            pool_two_pass(tokens, probe, eps, self._out[slot], self.config.num_warps or 4)
+        else:
+            pool_partials(tokens, probe, eps, self._out[slot], self._lse[slot], self._tokens_per_split,
+                          self.config.num_warps or 8, self.config.block_t)
 
     def add(self, slot: int, tokens: torch.Tensor) -> None:
         """Pool one captured layer: tokens (B, T, D), the raw block output."""
-        if not (self.config.enabled and triton_usable(tokens, self.folded.key_probe)):
+        if self._fast is None:
+            self._fast = self.config.enabled and triton_usable(tokens, self.folded.key_probe)
+            if self._fast:
+                self._start_fast(tokens)
+        if not self._fast:
             self._pooled[slot] = pool_reference(tokens, self.folded.key_probe, self.folded.norm_eps)
             return
-        if self._out is None:
-            self._start_fused(tokens)
         tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
         if self._stream is None:
             self._launch(slot, tokens)
@@ -211,10 +306,10 @@ class LayerPooler:
 
     def result(self) -> torch.Tensor:
         """z_layers (J, B, D_out) for all slots (every slot must have been added)."""
-        if self._out is not None:
+        if self._fast:
             if self._stream is not None:
                 torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            pooled = combine_partials(self._out, self._lse)                      # (J, B, H, D)
+            pooled = self._out if self._lse is None else combine_partials(self._out, self._lse)  # (J, B, H, D)
         else:
             assert all(p is not None for p in self._pooled), "every slot must be added before result()"
             pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
@@ -225,7 +320,7 @@ class LayerPooler:
 
 
 def pooler_for(folded, device: torch.device, num_slots: int, config: FusedConfig = FUSED) -> LayerPooler | None:
-    """A LayerPooler when the fast path applies (folded head, CUDA, Triton, enabled), else None."""
+    """A LayerPooler when the fast path may apply (folded head, CUDA, Triton, enabled), else None."""
     usable = (folded is not None and num_slots > 0 and config.enabled and triton is not None
               and torch.device(device).type == "cuda" and folded.key_probe.dtype == torch.float32)
     return LayerPooler(folded, num_slots, config) if usable else None
