@@ -240,3 +240,14 @@ def test_model_head_fallback_for_qk_norm_head_matches_reference():
     _, expected = reference(case, images)
     _, z_layers = readout(images, layers=[2])
     assert _rel_err(z_layers[0], expected[2]) <= 1e-6
+
+
+def test_folded_head_can_be_switched_off_and_gives_the_same_layers():
+    case = _timm_case()
+    images = _images()
+    folded, own = from_model(case.model), from_model(case.model, folded_head=False)
+    assert (folded.head_path, own.head_path) == ("folded", "model")
+    z_folded, z_own = folded(images, layers=[1, 2, 3]), own(images, layers=[1, 2, 3])
+    assert torch.equal(z_folded[0], z_own[0]) and _rel_err(z_folded[1], z_own[1]) <= 1e-5
+    with pytest.raises(TypeError, match="folded_head"):
+        from_model(case.model, folded_head="yes")

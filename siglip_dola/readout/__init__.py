@@ -16,12 +16,15 @@ from siglip_dola.readout.core import Readout
 __all__ = ["Readout", "from_model", "SUPPORTED"]
 
 
-def from_model(model) -> Readout:
-    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP); the model is only read, never changed."""
+def from_model(model, folded_head: bool = True) -> Readout:
+    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP); the model is only read, never changed.
+
+    ``folded_head=False`` reads every layer through the model's own head modules (for comparison/benchmarks).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; supported: {SUPPORTED}")
     for build in ADAPTERS.values():
         tower = build(model)
         if tower is not None:
-            return Readout(tower)
+            return Readout(tower, folded_head=folded_head)
     raise ValueError(f"unsupported model {type(model).__name__}; supported: {SUPPORTED}")

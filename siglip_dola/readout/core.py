@@ -40,8 +40,11 @@ class Readout:
     ``fallback_reason`` (why the folded head is not used, else None).
     """
 
-    def __init__(self, tower: Tower):
+    def __init__(self, tower: Tower, folded_head: bool = True):
+        if not isinstance(folded_head, bool):
+            raise TypeError(f"folded_head must be True or False, got {folded_head!r}")
         self._tower = tower
+        self._use_folded = folded_head
         self.backend = tower.backend
         self.num_layers = len(tower.blocks)
         self.image_size = tuple(tower.image_size)
@@ -122,6 +125,8 @@ class Readout:
         return self._folded
 
     def _build_folded(self) -> tuple[FoldedMapHead | None, str | None]:
+        if not self._use_folded:
+            return None, "folded_head=False"
         parts = self._tower.map_parts()
         if parts is None:
             return None, "the head is not a single-query MAP head of the plain form"
