@@ -70,7 +70,7 @@ WORKER = textwrap.dedent('''
     from siglip_dola.loading import load
 
     model_dir, out_dir, n = sys.argv[1], sys.argv[2], sys.argv[3]
-    common = ["--model", model_dir, "--dataset", "shapes", "--n", n, "--batch-size", "8", "--no-progress",
+    common = ["--model", model_dir, "--dataset", "shapes", "--limit", n, "--batch-size", "8", "--no-progress",
               "--device", "cpu"]
     assert cli.main(["calibrate", *common, "--split", "val", "--out", f"{out_dir}/calib.json"]) == 0
     assert cli.main(["eval", *common, "--split", "test", "--calibration", f"{out_dir}/calib.json",

@@ -29,7 +29,8 @@ def _common_arguments(parser, default_split: str) -> None:
     parser.add_argument("--dataset", required=True,
                         help="'shapes', an ImageFolder folder, a CSV of path,label, or a clip_benchmark name")
     parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
-    parser.add_argument("--n", type=int, default=None, help="use only N evenly spaced images (default: all)")
+    # not `--n`: torchrun's own parser would take it as an abbreviation of its --nnodes/--nproc-per-node
+    parser.add_argument("--limit", type=int, default=None, help="use only N evenly spaced images (default: all)")
     parser.add_argument("--out", required=True, help="JSON file to write (atomically)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
@@ -65,7 +66,7 @@ def calibrate_command(args) -> int:
     grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas)
     with distributed_session():
         report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
-                           n=args.n, batch_size=args.batch_size, progress=args.progress)
+                           n=args.limit, batch_size=args.batch_size, progress=args.progress)
     if report is not None:
         metrics = report["choice_metrics"]
         print(f"{report['dataset']} [{report['split']}, n={report['n_images']}] chose {report['choice']} "
@@ -91,7 +92,7 @@ def eval_command(args) -> int:
 
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
-                          out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.n,
+                          out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
                           batch_size=args.batch_size, progress=args.progress)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
