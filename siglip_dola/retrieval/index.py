@@ -200,15 +200,14 @@ class RetrievalIndex:
     def vectors(self, ids: np.ndarray, rows: list[int]) -> np.ndarray:
         """Stored vectors of `ids` [K] at `rows` (0 = final, 1+j = layers[j]) -> float32 [len(rows), K, D]."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(rows), len(ids), self.manifest.embed_dim), dtype=np.float32)
+        out = np.empty((len(ids), len(rows), self.manifest.embed_dim), dtype=np.float32)  # (K, R, D)
         segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K,)
         for seg in np.unique(segment_of):
             where = np.nonzero(segment_of == seg)[0]
             local = ids[where] - self.offsets[seg]
             order = np.argsort(local)  # ascending reads from the memory map
-            block = self.segment_vectors[seg][local[order]][:, rows]  # (k, R, D)
-            out[:, where[order]] = block.transpose(1, 0, 2)
-        return out
+            out[where[order]] = self.segment_vectors[seg][local[order]][:, rows]  # (k, R, D)
+        return out.transpose(1, 0, 2)  # (R, K, D) view
 
 
 def open_index(index, model=None, layers=None, verify: bool = False) -> RetrievalIndex:

@@ -134,11 +134,11 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     if k == 0:
         return SearchResult(query, [], None)
     cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
-    layer_logits = None
-    if layers:
-        rows = [1 + index.layers.index(j) for j in layers]
-        layer_logits = index.vectors(ids, rows) @ text / tau  # (J, K)
+    layer_vectors = index.vectors(ids, [1 + index.layers.index(j) for j in layers]) if layers else None
     with _small_torch_ops():
+        layer_logits = None
+        if layers:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
+            layer_logits = (torch.from_numpy(layer_vectors) @ torch.from_numpy(text)).numpy() / tau  # (J, K)
         order, probs, baseline, premature = rerank(cosines / tau, layer_logits, layers, config, static)
     return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature)
 
