@@ -142,8 +142,8 @@ class Readout:
         return folded, None
 
     def _check_layers(self, layers) -> list[int]:
-        if layers is None or (isinstance(layers, (list, tuple)) and len(layers) == 0):
-            return []
+        if layers is None or (hasattr(layers, "__len__") and not isinstance(layers, (str, bytes)) and len(layers) == 0):
+            return []   # just the final embedding (the baseline)
         try:
             return resolve_layers(self.num_layers, layers=layers)
         except TypeError as error:
