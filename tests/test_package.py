@@ -1,0 +1,23 @@
+"""The public surface: every exported name resolves, and the CLI registers every subcommand."""
+import subprocess
+import sys
+
+import siglip_dola
+from siglip_dola.cli import build_parser
+
+
+def test_every_export_resolves():
+    for name in siglip_dola.__all__:
+        assert getattr(siglip_dola, name) is not None, name
+    assert callable(siglip_dola.readout.from_model)
+
+
+def test_cli_lists_every_subcommand():
+    help_text = build_parser().format_help()
+    for command in ("classify", "rerank", "demo", "calibrate", "eval", "index", "search", "shapes"):
+        assert command in help_text, command
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "siglip_dola", "--help"], capture_output=True, text=True, check=True)
+    assert "classify" in out.stdout and "demo" in out.stdout
