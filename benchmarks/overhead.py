@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="timed runs per point (default 20, quick 5)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the JSON results here")
+    parser.add_argument("--split", action="store_true", help="also time the readout alone (no scoring)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
     parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
@@ -130,23 +132,35 @@ def usable_variants(args, device: torch.device) -> list[str]:
     return names
 
 
-def make_points(embed, readout, images, bank, tau, sets, variants):
+def make_points(embed, readout, images, bank, tau, sets, variants, split=False):
     """name -> zero-argument callable doing one full scoring pass (baseline first)."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
 
-    def dola(layers, variant):
+    def dola(layers, variant, score=True):
         def run():
             with fused_config(variant):
                 z_final, z_layers = readout(images, layers)
-            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
+            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic") if score else z_layers
         return run
 
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
     for count, layers in sets.items():
         for variant in variants:
             points[f"dola{count}-{variant}"] = dola(layers, variant)
+            if split:  # the readout alone (no runtime.score), to split the cost
+                points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
     return points
+
+
+def profile(points: dict, names: list[str]) -> None:
+    """Print the top GPU kernels and the CPU total of one run of each named point."""
+    for name in names:
+        with torch.profiler.profile() as prof:
+            points[name]()
+            torch.cuda.synchronize()
+        print(f"--- profile {name}")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 
 
 def peak_mib(fn, device: torch.device) -> float | None:
@@ -182,7 +196,7 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype_name], enabled=DTYPES[dtype_name] is not None)
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
-        points = make_points(embed, readout, images, bank, tau, sets, variants)
+        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split)
         for fn in points.values():
             for _ in range(args.warmup):
                 fn()
@@ -192,12 +206,14 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
                 times[name].append(timer(fn))
         peaks = {name: peak_mib(fn, device) for name, fn in points.items()}
         errors = fused_errors(readout, images, sets[max(sets)], variants)
+        if args.profile:
+            profile(points, ["baseline", f"dola{max(sets)}-{variants[-1]}"])
     base = statistics.median(times["baseline"])
     for name, samples in times.items():
         median = statistics.median(samples)
         rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
-                         fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if name.startswith("dola") else None))
+                         fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None))
     return rows
 
 
