@@ -135,7 +135,7 @@ def model_card(metrics: dict) -> str:
         cfg=cfg, train=train, zs=zs, fin=fin, dyn=dyn, sta=sta, layer_rows=layer_rows,
         held_out=", ".join(metrics["data"]["held_out_of_train"]), minutes=train["train_seconds"] / 60,
         templates=" / ".join(f"`{t}`" for t in shapes.TEMPLATES), chance=1 / len(shapes.CLASSNAMES),
-        train_images=cfg["steps"] * cfg["batch_size"])
+        train_images=cfg["steps"] * cfg["batch_size"], note=train.get("note", ""))
 
 
 MODEL_CARD_TEMPLATE = """# Embedded default model: `siglip-dola` shapes SigLIP (tiny)
@@ -164,6 +164,7 @@ val and test contain all 36 classes and are generated with different per-sample 
 {cfg[steps]} steps x batch {cfg[batch_size]} = {train_images} train images, AdamW lr {cfg[lr]} (warmup {cfg[warmup_steps]},
 cosine), weight decay {cfg[weight_decay]}, seed {cfg[seed]}. Wall time {train[train_seconds]:.0f} s ({minutes:.1f} min) on
 {train[machine]}. Reproduce: `{train[command]}`.
+{note}
 
 ## Zero-shot results (test split, n = {zs[n_test]}, of which {zs[n_test_held_out]} held-out-class images; chance {chance:.3f})
 Text bank: 36 classnames x templates {templates}, averaged. tau = 1/exp(logit_scale) = {zs[tau]}.

@@ -3,7 +3,7 @@
     python -m siglip_dola.train_embedded --out DIR [--steps S] [--seed 0] [--no-report]
 
 A fixed number of steps (not wall-clock), ``torch.manual_seed`` and per-sample seeded data make the run
-reproducible; it uses 2 CPU threads. The output directory loads with ``SiglipModel.from_pretrained``,
+reproducible; it uses 2 CPU threads by default (``--threads``). The output directory loads with ``SiglipModel.from_pretrained``,
 ``AutoImageProcessor.from_pretrained`` and ``AutoTokenizer.from_pretrained``, offline.
 """
 from __future__ import annotations
@@ -239,7 +239,9 @@ def write_training_record(out_dir, cfg: TrainConfig, seconds: float, machine: st
     """training.json beside the checkpoint: the settings, the wall time and the machine of the run."""
     write_json_atomic(Path(out_dir) / "training.json", {
         "train_config": asdict(cfg), "train_seconds": round(seconds, 1), "machine": machine,
-        "command": f"python -m siglip_dola.train_embedded --out DIR --steps {cfg.steps} --seed {cfg.seed}"})
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "command": f"python -m siglip_dola.train_embedded --out DIR --steps {cfg.steps} --seed {cfg.seed} "
+                   f"--threads {torch.get_num_threads()}"})
 
 
 def main(argv=None) -> int:
@@ -248,11 +250,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (default 2; on a CPU shared with other jobs 1 can be much faster)")
     parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
     parser.add_argument("--no-report", action="store_true", help="skip MODEL_CARD.md / metrics.json")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not args.report_only:
         cfg = TrainConfig(steps=args.steps, seed=args.seed, vision_layers=args.vision_layers)
         model, tokenizer, seconds = train(cfg)
