@@ -135,7 +135,9 @@ def model_card(metrics: dict) -> str:
         cfg=cfg, train=train, zs=zs, fin=fin, dyn=dyn, sta=sta, layer_rows=layer_rows,
         held_out=", ".join(metrics["data"]["held_out_of_train"]), minutes=train["train_seconds"] / 60,
         templates=" / ".join(f"`{t}`" for t in shapes.TEMPLATES), chance=1 / len(shapes.CLASSNAMES),
-        train_images=cfg["steps"] * cfg["batch_size"], note=train.get("note", ""))
+        train_images=cfg["steps"] * cfg["batch_size"], note=train.get("note", ""),
+        best_layer=max(zs["layer_top1"], key=lambda j: zs["layer_top1"][j]),
+        best_layer_top1=max(zs["layer_top1"].values()))
 
 
 MODEL_CARD_TEMPLATE = """# Embedded default model: `siglip-dola` shapes SigLIP (tiny)
@@ -182,6 +184,12 @@ Every layer read out through the final norm + MAP head (layer {cfg[vision_layers
 |---|---|---|
 {layer_rows}
 
+Best single layer on test: layer {best_layer} ({best_layer_top1:.3f}); shown for insight only, nothing was chosen on test.
 Val top-1 used for selection: dynamic by bucket {dyn[val_top1_by_bucket]}; static by layer {sta[val_top1_by_layer]}.
 Full numbers: `metrics.json`.
+
+## Limitations
+A toy model: 64x64 px synthetic shapes, a vocabulary of a few dozen words, a few minutes of CPU training.
+Its accuracy says nothing about DoLa on real SigLIP ViT-L/16; it exists to exercise the real code paths
+(loader, layer readout through the MAP head, DoLa scoring) offline. Numbers come from one training seed.
 """
