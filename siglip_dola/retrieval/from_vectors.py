@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 
 from siglip_dola.retrieval import storage
-from siglip_dola.retrieval.index import _commit
+from siglip_dola.retrieval.index import commit_segments
 from siglip_dola.retrieval.storage import Manifest
 
 
@@ -39,4 +39,4 @@ def build_index_from_vectors(out, chunks: Iterable[tuple[list[str], np.ndarray]]
         raise ValueError("chunks must hold at least one chunk of vectors")
     manifest = Manifest(model_id=model_id, layers=list(layers), num_layers=int(num_layers), embed_dim=int(dim),
                         logit_scale=float(logit_scale), preprocessing=preprocessing)
-    return _commit(root, manifest, names, None)
+    return commit_segments(root, manifest, names, None)

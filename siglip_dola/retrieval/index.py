@@ -103,7 +103,7 @@ def _merge_skipped(old: list, metas: list[dict], indexed: set[str]) -> list[list
     return [[path, error] for path, error in skipped.items() if path not in indexed]
 
 
-def _commit(root: Path, manifest: Manifest, names: list[str], base_faiss) -> Manifest:
+def commit_segments(root: Path, manifest: Manifest, names: list[str], base_faiss) -> Manifest:
     """Rank 0: promote segments, write the FAISS file, then the manifest (the commit point); clean up."""
     entries = _segment_entries(root, names)
     new_segments = [entry for entry, meta in entries if entry["count"]]
@@ -142,8 +142,15 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, base_faiss,
     names = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress)
     committed = None
     if distributed.is_main_process():
-        committed = _commit(root, manifest, names, base_faiss).to_json()
-    return Manifest(**distributed.broadcast_from_rank0(committed))
+        try:
+            committed = commit_segments(root, manifest, names, base_faiss).to_json()
+        except Exception as err:  # tell the other ranks instead of leaving them waiting
+            distributed.broadcast_from_rank0(f"{type(err).__name__}: {err}")
+            raise
+    committed = distributed.broadcast_from_rank0(committed)
+    if isinstance(committed, str):
+        raise RuntimeError(f"index: rank 0 failed to commit the index: {committed}")
+    return Manifest(**committed)
 
 
 def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 32,
