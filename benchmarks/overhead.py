@@ -264,9 +264,10 @@ def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
     configs = [("two-pass", 4, 16), ("two-pass", 8, 16)] + [
         ("one-pass", warps, block_t) for warps in (4, 8) for block_t in (16, 32)]
     for dtype in (torch.float32, torch.bfloat16):
-        tokens = torch.randn(batch, num_tokens, trunk.embed_dim, device=device).mul(3).add(0.5).to(dtype)
+        # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
+        tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
         reference = fused.pool_reference(tokens.double(), probe.double(), eps)
-        copy_ms = statistics.median(timer(lambda: tokens.clone()) for _ in range(20))
+        copy_ms = statistics.median(timer(lambda: tokens.clone()) for _ in range(20))  # clone keeps the layout
         print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
         for kernel, warps, block_t in configs:
             row = dict(dtype=str(dtype), kernel=kernel, num_warps=warps, block_t=block_t, copy_ms=copy_ms)

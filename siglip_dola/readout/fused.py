@@ -64,7 +64,7 @@ def pool_reference(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: floa
 if triton is not None:
 
     @triton.jit
-    def _pool_partial_kernel(x_ptr, probe_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t,
+    def _pool_partial_kernel(x_ptr, probe_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t, stride_d,
                              tokens_per_split, num_splits, eps,
                              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              NORMALIZE: tl.constexpr):
@@ -86,7 +86,7 @@ if triton is not None:
         for t0 in range(t_start, t_end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_mask = offs_t < t_end
-            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :],
+            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
                         mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)   # (BT, BD)
             if NORMALIZE:
                 mean = tl.sum(x, axis=1) / D
@@ -111,7 +111,7 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _token_logits_kernel(x_ptr, probe_ptr, logits_ptr, stats_ptr, rows, T, D, stride_b, stride_t, eps,
+    def _token_logits_kernel(x_ptr, probe_ptr, logits_ptr, stats_ptr, rows, T, D, stride_b, stride_t, stride_d, eps,
                              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                              NORMALIZE: tl.constexpr):
         """Two-pass, pass 1 over BLOCK_T tokens of all images: LayerNorm (mean, rstd) and logits (T, H)."""
@@ -120,7 +120,7 @@ if triton is not None:
         offs_h = tl.arange(0, H)
         r_mask, d_mask = offs_r < rows, offs_d < D
         row_ptr = x_ptr + (offs_r // T) * stride_b + (offs_r % T) * stride_t
-        x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        x = tl.load(row_ptr[:, None] + offs_d[None, :] * stride_d, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
         x = x.to(tl.float32)                                                            # (BT, BD)
         mean = tl.zeros([BLOCK_T], tl.float32)
         rstd = tl.full([BLOCK_T], 1.0, tl.float32)
@@ -138,7 +138,7 @@ if triton is not None:
         tl.store(stats_ptr + offs_r * 2 + 1, rstd, mask=r_mask)
 
     @triton.jit
-    def _weighted_sum_kernel(x_ptr, logits_ptr, stats_ptr, out_ptr, T, D, stride_b, stride_t,
+    def _weighted_sum_kernel(x_ptr, logits_ptr, stats_ptr, out_ptr, T, D, stride_b, stride_t, stride_d,
                              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Two-pass, pass 2 for (image, BLOCK_D features): softmax over tokens, pooled x_hat (H, BLOCK_D)."""
         b = tl.program_id(0)
@@ -163,7 +163,7 @@ if triton is not None:
             weights = tl.exp(logits - run_max[None, :]) / run_sum[None, :]              # (BT, H)
             mean = tl.load(stats_ptr + (b * T + offs_t) * 2, mask=t_mask, other=0.0)
             rstd = tl.load(stats_ptr + (b * T + offs_t) * 2 + 1, mask=t_mask, other=0.0)
-            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :],
+            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
                         mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             x_hat = ((x - mean[:, None]) * rstd[:, None]).to(tl.float16)                # (BT, BD)
             acc += tl.dot(tl.trans(weights.to(tl.float16)), x_hat, out_dtype=tl.float32)
@@ -175,17 +175,17 @@ def pool_two_pass(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
     """Triton, two reads of the tokens: tokens (B, T, D) -> out (B, H, D) pooled x_hat (fp32)."""
     batch, num_tokens, dim = tokens.shape
     heads = key_probe.shape[0]
-    assert out.shape == (batch, heads, dim) and out.is_contiguous() and tokens.stride(2) == 1
+    assert out.shape == (batch, heads, dim) and out.is_contiguous()
     logits = torch.empty(batch * num_tokens, heads, device=tokens.device, dtype=torch.float32)  # small
     stats = torch.empty(batch * num_tokens, 2, device=tokens.device, dtype=torch.float32)       # mean, rstd
     rows, block_d = batch * num_tokens, triton.next_power_of_2(dim)
     _token_logits_kernel[(triton.cdiv(rows, 16),)](
-        tokens, key_probe, logits, stats, rows, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        tokens, key_probe, logits, stats, rows, num_tokens, dim, *tokens.stride(),
         0.0 if norm_eps is None else norm_eps, H=heads, BLOCK_T=16, BLOCK_D=block_d,
         NORMALIZE=norm_eps is not None, num_warps=num_warps)
     sum_block_d = 64 if batch * triton.cdiv(dim, 128) < 264 else 128
     _weighted_sum_kernel[(batch, triton.cdiv(dim, sum_block_d))](
-        tokens, logits, stats, out, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        tokens, logits, stats, out, num_tokens, dim, *tokens.stride(),
         H=heads, BLOCK_T=64, BLOCK_D=sum_block_d, num_warps=4)
 
 
@@ -217,11 +217,11 @@ def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
     batch, num_tokens, dim = tokens.shape
     heads, num_splits = key_probe.shape[0], out.shape[1]
     assert out.shape == (batch, num_splits, heads, dim) and lse.shape == (batch, num_splits, heads)
-    assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous() and tokens.stride(2) == 1
+    assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous()
     assert (num_splits - 1) * tokens_per_split < num_tokens <= num_splits * tokens_per_split
     assert tokens_per_split % block_t == 0
     _pool_partial_kernel[(batch, num_splits)](
-        tokens, key_probe, out, lse, num_tokens, dim, tokens.stride(0), tokens.stride(1),
+        tokens, key_probe, out, lse, num_tokens, dim, *tokens.stride(),
         tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
         H=heads, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
         num_warps=num_warps)
@@ -295,7 +295,7 @@ class LayerPooler:
         if not self._fast:
             self._pooled[slot] = pool_reference(tokens, self.folded.key_probe, self.folded.norm_eps)
             return
-        tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+        # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
         if self._stream is None:
             self._launch(slot, tokens)
             return
