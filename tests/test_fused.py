@@ -1,0 +1,161 @@
+"""readout/fused.py: the PyTorch path against the model's own norm + MAP head, the split/merge math
+against a naive loop, and the Triton kernels (CPU interpreter, in a subprocess) against float64."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+
+from siglip_dola.readout import fused, map_head
+
+DIM, HEADS = 48, 4
+
+
+def tiny_tower(seed: int = 0):
+    """A random timm ViT with a MAP head; weights scaled up so the attention is far from uniform."""
+    torch.manual_seed(seed)
+    tower = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, depth=2,
+                              embed_dim=DIM, num_heads=HEADS, img_size=32).eval()
+    with torch.no_grad():
+        for param in list(tower.attn_pool.parameters()) + list(tower.norm.parameters()):
+            param.normal_(0.0, 0.3)
+    return tower
+
+
+def folded_head(tower):
+    return map_head.fold(map_head.timm_map_parts(tower.attn_pool, post=lambda pooled: pooled), tower.norm)
+
+
+def own_head(tower, tokens):
+    """The model's own path: final norm, then the MAP head (B, T, D) -> (B, D)."""
+    return tower.forward_head(tower.norm(tokens))
+
+
+def tokens_like_a_block(batch=3, num_tokens=21, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, num_tokens, DIM, generator=generator) * 2.5 + 0.7  # (B, T, D) off-centre
+
+
+def test_reference_path_equals_the_models_own_head():
+    tower = tiny_tower()
+    folded = folded_head(tower)
+    tokens = tokens_like_a_block()
+    with torch.no_grad():
+        pooled = fused.pool_reference(tokens, folded.key_probe, folded.norm_eps)        # (B, H, D)
+        values = fused.values_from_pooled(pooled, folded.value_weight, folded.value_bias)
+        got, expected = folded.tail(values), own_head(tower, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_pooler_on_cpu_reads_every_slot_like_the_model():
+    tower = tiny_tower(seed=3)
+    folded = folded_head(tower)
+    layers = [tokens_like_a_block(seed=s) for s in (4, 5, 6)]
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    with torch.no_grad():
+        pooler = fused.LayerPooler(folded, num_slots=3)
+        for slot in (2, 0, 1):  # any order: slots are positions in the requested layers
+            pooler.add(slot, layers[slot])
+        z_layers = pooler.result()                                                        # (J, B, D)
+        expected = torch.stack([own_head(tower, tokens) for tokens in layers])
+    torch.testing.assert_close(z_layers, expected, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())  # the model is not modified
+
+
+def test_combine_partials_matches_softmax_over_all_tokens():
+    """Per-split softmax pooling + log-sum-exp, merged, equals one softmax over all tokens (naive loop)."""
+    generator = torch.Generator().manual_seed(7)
+    x_hat = torch.randn(2, 19, DIM, generator=generator, dtype=torch.float64)
+    logits = torch.randn(2, 19, HEADS, generator=generator, dtype=torch.float64) * 4
+    bounds = [(0, 5), (5, 16), (16, 19)]  # uneven splits
+    out = torch.stack([torch.einsum("bth,btd->bhd", torch.softmax(logits[:, a:b], 1), x_hat[:, a:b])
+                       for a, b in bounds], dim=1)                                        # (B, S, H, D)
+    lse = torch.stack([torch.logsumexp(logits[:, a:b], 1) for a, b in bounds], dim=1)   # (B, S, H)
+    expected = torch.einsum("bth,btd->bhd", torch.softmax(logits, 1), x_hat)
+    torch.testing.assert_close(fused.combine_partials(out, lse), expected)
+
+
+@pytest.mark.parametrize("batch,num_tokens,target,block_t", [(1, 576, 264, 16), (64, 576, 264, 16),
+                                                             (3, 37, 8, 16), (2, 5, 100, 16), (8, 577, 264, 32)])
+def test_split_plan_covers_tokens_with_no_empty_split(batch, num_tokens, target, block_t):
+    per_split, splits = fused.split_plan(batch, num_tokens, target, block_t)
+    starts = [s * per_split for s in range(splits)]
+    assert per_split % block_t == 0 and all(start < num_tokens for start in starts)
+    assert starts[-1] + per_split >= num_tokens and splits <= max(1, -(-target // batch))
+
+
+def test_plain_fp32_keeps_the_exact_pytorch_path():
+    tokens = tokens_like_a_block()
+    probe = torch.randn(HEADS, DIM)
+    assert not fused.triton_usable(tokens, probe)                       # CPU, no interpreter requested
+    assert fused.pooler_for(None, torch.device("cpu"), 3) is None
+    assert fused.pooler_for(object(), torch.device("cpu"), 3) is None   # CUDA only
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import json, os, sys
+    assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from test_fused import tiny_tower, folded_head, own_head, tokens_like_a_block, HEADS, DIM
+    from siglip_dola.readout import fused
+    assert fused.triton is not None
+    torch.manual_seed(11)
+    tower = tiny_tower(seed=9)
+    folded = folded_head(tower)
+    probe, eps = folded.key_probe, folded.norm_eps
+    cases = {
+        "fp32": tokens_like_a_block(3, 37, seed=12),
+        "bf16": tokens_like_a_block(2, 21, seed=13).bfloat16(),
+        "fp16": tokens_like_a_block(2, 16, seed=14).half(),
+        "timm_layout": (torch.randn(2, DIM, 23) * 3 + 1).transpose(1, 2),   # strides (T*D, 1, T)
+        "one_token": tokens_like_a_block(2, 1, seed=15),
+    }
+    errors = {}
+    for name, tokens in cases.items():
+        batch, num_tokens, _ = tokens.shape
+        reference = fused.pool_reference(tokens.double(), probe.double(), eps)
+        for norm_eps in (eps, None):
+            ref = reference if norm_eps is not None else fused.pool_reference(tokens.double(), probe.double(), None)
+            out = torch.full((batch, HEADS, DIM), float("nan"))          # poisoned: every element must be written
+            fused.pool_two_pass(tokens, probe, norm_eps, out)
+            errors[f"two-pass/{name}/{norm_eps is not None}"] = float((out - ref).norm() / ref.norm())
+            per_split, splits = fused.split_plan(batch, num_tokens, 8)
+            partial = torch.full((batch, splits, HEADS, DIM), float("nan"))
+            lse = torch.full((batch, splits, HEADS), float("nan"))
+            fused.pool_partials(tokens, probe, norm_eps, partial, lse, per_split)
+            pooled = fused.combine_partials(partial, lse)
+            errors[f"one-pass/{name}/{norm_eps is not None}"] = float((pooled - ref).norm() / ref.norm())
+    layers = [tokens_like_a_block(2, 21, seed=s) for s in (20, 21)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
+        for kernel in ("one-pass", "two-pass"):
+            pooler = fused.LayerPooler(folded, 2, fused.FusedConfig(kernel=kernel))
+            pooler.add(1, layers[1]); pooler.add(0, layers[0])
+            z = pooler.result().float()
+            assert pooler._fast, "the interpreter path must be taken"
+            expected = torch.stack([own_head(tower, t) for t in layers]).float()
+            errors[f"pooler/{kernel}"] = float((z - expected).norm() / expected.norm())
+    print(json.dumps(errors))
+""")
+
+
+def test_triton_kernels_in_interpreter_match_float64_reference():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels; "
+                    "the PyTorch reference path is tested above")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, here], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 22
+    for name, error in errors.items():
+        # fp16 products with fp32 accumulation: ~3e-4 on fp32 inputs; the pooler row includes the bf16 tail
+        limit = 2e-2 if name.startswith("pooler") else 2e-3
+        assert error == error and error < limit, (name, error)  # NaN fails: an unwritten output element
