@@ -3,8 +3,8 @@
 Baseline: the model's own embedding path (open_clip ``encode_image``; a timm tower's forward in
 ``--quick``) plus scoring against an ImageNet-1k-sized text bank [1000, D]. DoLa: ``readout(images,
 layers)`` (same forward, layer readout) plus ``runtime.score`` (dynamic). Variants of the readout:
-``unfused`` (folded head per layer in PyTorch), ``fused`` (Triton one-pass pooling, all tails batched),
-``fused-stream`` (the same on a side CUDA stream, the default of the library). Timings are medians
+``unfused`` (folded head per layer in PyTorch), ``onepass`` (Triton one-pass pooling, all tails batched;
+the library default on CUDA), ``onepass-stream`` (the same on a side CUDA stream). Timings are medians
 of ``--runs`` runs after warm-up, CUDA events on GPU; the variants are interleaved run by run.
 
     python benchmarks/overhead.py --device cpu --quick                    # ~1 min on 2 CPU cores
@@ -29,12 +29,10 @@ from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import from_model, fused, map_head
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-VARIANTS = {  # name -> (fused.enabled, fused.side_stream, fused.kernel)
-    "unfused": (False, False, "two-pass"),
-    "onepass": (True, False, "one-pass"),
-    "twopass": (True, False, "two-pass"),
-    "onepass-stream": (True, True, "one-pass"),
-    "twopass-stream": (True, True, "two-pass"),
+VARIANTS = {  # name -> (fused.enabled, fused.side_stream)
+    "unfused": (False, False),
+    "onepass": (True, False),
+    "onepass-stream": (True, True),
 }
 
 
@@ -56,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
     parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
-    parser.add_argument("--num-warps", type=int, default=0, help="fused kernel warps per program (0: its default)")
+    parser.add_argument("--num-warps", type=int, default=8, help="fused kernel warps per program")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8,64,256")).split(",")]
     args.dtypes = args.dtypes.split(",")
@@ -115,12 +113,12 @@ class Timer:
 @contextlib.contextmanager
 def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
-    saved = (fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel)
-    fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel = VARIANTS[variant]
+    saved = (fused.FUSED.enabled, fused.FUSED.side_stream)
+    fused.FUSED.enabled, fused.FUSED.side_stream = VARIANTS[variant]
     try:
         yield
     finally:
-        fused.FUSED.enabled, fused.FUSED.side_stream, fused.FUSED.kernel = saved
+        fused.FUSED.enabled, fused.FUSED.side_stream = saved
 
 
 def usable_variants(args, device: torch.device) -> list[str]:
@@ -241,12 +239,9 @@ def format_table(rows: list[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
-def _kernel_runner(kernel, tokens, probe, eps, num_warps, block_t, target):
-    """(run, read_pooled) for one launch config of a pooling kernel on tokens (B, T, D)."""
+def _kernel_runner(tokens, probe, eps, num_warps, block_t, target):
+    """(run, read_pooled) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
-    if kernel == "two-pass":
-        out = torch.full((batch, probe.shape[0], dim), float("nan"), device=tokens.device)
-        return lambda: fused.pool_two_pass(tokens, probe, eps, out, num_warps), lambda: out
     per_split, splits = fused.split_plan(batch, num_tokens, target, block_t)
     out = torch.full((batch, splits, probe.shape[0], dim), float("nan"), device=tokens.device)
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
@@ -261,18 +256,17 @@ def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
     probe, eps = folded.key_probe, folded.norm_eps
     timer, rows = Timer(device), []
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    configs = [("two-pass", 4, 16), ("two-pass", 8, 16)] + [
-        ("one-pass", warps, block_t) for warps in (4, 8) for block_t in (16, 32)]
+    configs = [(warps, block_t) for warps in (4, 8) for block_t in (16, 32)]
     for dtype in (torch.float32, torch.bfloat16):
         # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
         tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
         reference = fused.pool_reference(tokens.double(), probe.double(), eps)
         copy_ms = statistics.median(timer(lambda: tokens.clone()) for _ in range(20))  # clone keeps the layout
         print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
-        for kernel, warps, block_t in configs:
-            row = dict(dtype=str(dtype), kernel=kernel, num_warps=warps, block_t=block_t, copy_ms=copy_ms)
+        for warps, block_t in configs:
+            row = dict(dtype=str(dtype), num_warps=warps, block_t=block_t, copy_ms=copy_ms)
             try:
-                run, read = _kernel_runner(kernel, tokens, probe, eps, warps, block_t, target)
+                run, read = _kernel_runner(tokens, probe, eps, warps, block_t, target)
                 for _ in range(3):
                     run()
                 row["ms"] = statistics.median(timer(run) for _ in range(30))

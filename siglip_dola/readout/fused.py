@@ -9,13 +9,13 @@
 where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded).
 The only work over all T tokens is the first line. :func:`pool_partials` does it in ONE read of the
 tokens as a Triton kernel (LayerNorm statistics, (T, D) x (D, H) logits, online softmax over tokens,
-(H, T) x (T, D) weighted sum); :func:`pool_reference` is the PyTorch path, fallback and test
-reference. The per-vector part (W_v, the model's proj / norm + MLP) then runs once for all layers
-(:func:`values_from_pooled`, ``folded.tail``) as batched small GEMMs.
-
-On CUDA, :class:`LayerPooler` launches each layer's kernel on a side stream so that it overlaps the
-next blocks' compute-bound GEMMs; the captured tokens are kept alive (``record_stream``) until the
-side stream is done with them, so no layer is stored or concatenated.
+(H, T) x (T, D) weighted sum), any token strides (timm's residual stream is (B, D, T) in memory);
+:func:`pool_reference` is the PyTorch path, fallback and test reference. The per-vector part (W_v,
+the model's proj / norm + MLP) then runs once for all layers (:func:`values_from_pooled`,
+``folded.tail``) as batched small GEMMs. :class:`LayerPooler` drives this from the readout's block
+hooks, so no layer is stored or concatenated. A two-pass variant (logits, then weighted sum) and
+launching on a side CUDA stream were measured slower on an H100 (benchmarks/README.md); the side
+stream stays available as ``FUSED.side_stream``.
 """
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ class FusedConfig:
     """Switches for the fast path (the benchmark flips them to measure each step)."""
 
     enabled: bool = True        # use the Triton kernel when the tokens are on CUDA and triton imports
-    side_stream: bool = False   # launch per-layer pooling on a side CUDA stream (measured: no gain, see benchmarks)
+    side_stream: bool = False   # launch per-layer pooling on a side CUDA stream (measured on H100: slower)
     target_programs: int = 0    # grid size to aim for (0: 2 x the number of SMs)
-    num_warps: int = 0          # warps per program (0: 4 for two-pass, 8 for one-pass)
-    block_t: int = BLOCK_T      # one-pass: tokens per inner step
-    kernel: str = "one-pass"    # "one-pass" (one read, online softmax; fastest measured) | "two-pass" (two reads)
+    num_warps: int = 8          # warps per program (8 was fastest on H100: benchmarks/README.md)
+    block_t: int = BLOCK_T      # tokens per inner step
 
 
 FUSED = FusedConfig()
@@ -106,87 +105,6 @@ if triton is not None:
         tl.store(out_ptr + row * H * D + offs_h[:, None] * D + offs_d[None, :],
                  acc / run_sum[:, None], mask=d_mask[None, :])
         tl.store(lse_ptr + row * H + offs_h, run_max + tl.log(run_sum))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _token_logits_kernel(x_ptr, probe_ptr, logits_ptr, stats_ptr, rows, T, D, stride_b, stride_t, stride_d, eps,
-                             H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             NORMALIZE: tl.constexpr):
-        """Two-pass, pass 1 over BLOCK_T tokens of all images: LayerNorm (mean, rstd) and logits (T, H)."""
-        offs_r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)     # flattened (b, t) rows
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_h = tl.arange(0, H)
-        r_mask, d_mask = offs_r < rows, offs_d < D
-        row_ptr = x_ptr + (offs_r // T) * stride_b + (offs_r % T) * stride_t
-        x = tl.load(row_ptr[:, None] + offs_d[None, :] * stride_d, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        x = x.to(tl.float32)                                                            # (BT, BD)
-        mean = tl.zeros([BLOCK_T], tl.float32)
-        rstd = tl.full([BLOCK_T], 1.0, tl.float32)
-        if NORMALIZE:
-            mean = tl.sum(x, axis=1) / D
-            x = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-            x = x * rstd[:, None]
-        probe = tl.load(probe_ptr + offs_h[None, :] * D + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-        probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
-        probe = (probe / probe_scale).to(tl.float16)                                    # (BD, H)
-        logits = tl.dot(x.to(tl.float16), probe, out_dtype=tl.float32) * probe_scale    # (BT, H)
-        tl.store(logits_ptr + offs_r[:, None] * H + offs_h[None, :], logits, mask=r_mask[:, None])
-        tl.store(stats_ptr + offs_r * 2, mean, mask=r_mask)
-        tl.store(stats_ptr + offs_r * 2 + 1, rstd, mask=r_mask)
-
-    @triton.jit
-    def _weighted_sum_kernel(x_ptr, logits_ptr, stats_ptr, out_ptr, T, D, stride_b, stride_t, stride_d,
-                             H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Two-pass, pass 2 for (image, BLOCK_D features): softmax over tokens, pooled x_hat (H, BLOCK_D)."""
-        b = tl.program_id(0)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_h = tl.arange(0, H)
-        d_mask = offs_d < D
-        run_max = tl.full([H], float("-inf"), tl.float32)
-        run_sum = tl.zeros([H], tl.float32)
-        for t0 in range(0, T, BLOCK_T):   # softmax statistics over tokens (logits are small, L2-resident)
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            logits = tl.load(logits_ptr + (b * T + offs_t[:, None]) * H + offs_h[None, :],
-                             mask=(offs_t < T)[:, None], other=float("-inf"))           # (BT, H)
-            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[None, :]), axis=0)
-            run_max = new_max
-        acc = tl.zeros([H, BLOCK_D], tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < T
-            logits = tl.load(logits_ptr + (b * T + offs_t[:, None]) * H + offs_h[None, :],
-                             mask=t_mask[:, None], other=float("-inf"))
-            weights = tl.exp(logits - run_max[None, :]) / run_sum[None, :]              # (BT, H)
-            mean = tl.load(stats_ptr + (b * T + offs_t) * 2, mask=t_mask, other=0.0)
-            rstd = tl.load(stats_ptr + (b * T + offs_t) * 2 + 1, mask=t_mask, other=0.0)
-            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
-                        mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            x_hat = ((x - mean[:, None]) * rstd[:, None]).to(tl.float16)                # (BT, BD)
-            acc += tl.dot(tl.trans(weights.to(tl.float16)), x_hat, out_dtype=tl.float32)
-        tl.store(out_ptr + b * H * D + offs_h[:, None] * D + offs_d[None, :], acc, mask=d_mask[None, :])
-
-
-def pool_two_pass(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
-                  num_warps: int = 4) -> None:
-    """Triton, two reads of the tokens: tokens (B, T, D) -> out (B, H, D) pooled x_hat (fp32)."""
-    batch, num_tokens, dim = tokens.shape
-    heads = key_probe.shape[0]
-    assert out.shape == (batch, heads, dim) and out.is_contiguous()
-    logits = torch.empty(batch * num_tokens, heads, device=tokens.device, dtype=torch.float32)  # small
-    stats = torch.empty(batch * num_tokens, 2, device=tokens.device, dtype=torch.float32)       # mean, rstd
-    rows, block_d = batch * num_tokens, triton.next_power_of_2(dim)
-    _token_logits_kernel[(triton.cdiv(rows, 16),)](
-        tokens, key_probe, logits, stats, rows, num_tokens, dim, *tokens.stride(),
-        0.0 if norm_eps is None else norm_eps, H=heads, BLOCK_T=16, BLOCK_D=block_d,
-        NORMALIZE=norm_eps is not None, num_warps=num_warps)
-    sum_block_d = 64 if batch * triton.cdiv(dim, 128) < 264 else 128
-    _weighted_sum_kernel[(batch, triton.cdiv(dim, sum_block_d))](
-        tokens, logits, stats, out, num_tokens, dim, *tokens.stride(),
-        H=heads, BLOCK_T=64, BLOCK_D=sum_block_d, num_warps=4)
 
 
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
@@ -268,23 +186,16 @@ class LayerPooler:
         batch, num_tokens, dim = tokens.shape
         heads = self.folded.key_probe.shape[0]
         make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)
-        if self.config.kernel == "two-pass":
-            self._out = make(self.num_slots, batch, heads, dim)
-        else:
-            target = self.config.target_programs or (
-                2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
-            self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
-            self._out, self._lse = make(self.num_slots, batch, splits, heads, dim), make(self.num_slots, batch, splits, heads)
+        target = self.config.target_programs or (
+            2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
+        self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
+        self._out, self._lse = make(self.num_slots, batch, splits, heads, dim), make(self.num_slots, batch, splits, heads)
         if tokens.is_cuda and self.config.side_stream:
             self._stream = _side_stream(tokens.device)
 
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
-        probe, eps = self.folded.key_probe, self.folded.norm_eps
-        if self.config.kernel == "two-pass":
-            pool_two_pass(tokens, probe, eps, self._out[slot], self.config.num_warps or 4)
-        else:
-            pool_partials(tokens, probe, eps, self._out[slot], self._lse[slot], self._tokens_per_split,
-                          self.config.num_warps or 8, self.config.block_t)
+        pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
+                      self._tokens_per_split, self.config.num_warps, self.config.block_t)
 
     def add(self, slot: int, tokens: torch.Tensor) -> None:
         """Pool one captured layer: tokens (B, T, D), the raw block output."""
@@ -309,7 +220,7 @@ class LayerPooler:
         if self._fast:
             if self._stream is not None:
                 torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            pooled = self._out if self._lse is None else combine_partials(self._out, self._lse)  # (J, B, H, D)
+            pooled = combine_partials(self._out, self._lse)                      # (J, B, H, D)
         else:
             assert all(p is not None for p in self._pooled), "every slot must be added before result()"
             pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
