@@ -90,7 +90,7 @@ class Readout:
             if layer in captured:
                 raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
             tokens = block_tokens(output)                                    # (B, T, D)
-            if pooler is not None:   # fused path: pooled now (side stream), head tail for all layers after
+            if pooler is not None:   # fused path: pooled now by the Triton kernel, head tail for all layers after
                 pooler.add(slot, tokens)
                 captured[layer] = None
                 return
