@@ -33,7 +33,7 @@ SPECIAL_TOKENS = {"<pad>": 0, "<unk>": 1, "</s>": 2}
 @dataclass
 class TrainConfig:
     """Model size and optimisation settings; the defaults produce the shipped checkpoint."""
-    steps: int = 500
+    steps: int = 1200
     seed: int = 0
     batch_size: int = 64
     lr: float = 2e-3
