@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,10 +40,31 @@ def load_dir(folder: Path):
         )
     from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
-    model = SiglipModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with _quiet_transformers():
+        model = SiglipModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, processor, tokenizer
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' load-time chatter for one load, then restore its verbosity and progress bars.
+
+    Every SigLIP load warns about the default text config's CLIP bos/eos ids and draws a per-tensor
+    progress bar; neither says anything about the user's checkpoint.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_hub(repo_id: str):
