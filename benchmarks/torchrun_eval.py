@@ -23,9 +23,17 @@ from pathlib import Path
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the ephemeral range (a TCPStore port inside it can hang on connect)."""
+    import random
+
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000..31999")
 
 
 def synthetic_items(n: int, size: int, seed: int = 0) -> list:

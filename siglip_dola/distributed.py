@@ -58,7 +58,10 @@ def distributed_session(backend: str | None = None) -> Iterator[tuple[int, int]]
         yield rank_and_world()
     finally:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()  # leave together: a rank re-initialising while another still works can hang
+            finally:
+                dist.destroy_process_group()
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

@@ -72,11 +72,12 @@ WORKER = textwrap.dedent('''
     model_dir, out_dir, n = sys.argv[1], sys.argv[2], sys.argv[3]
     common = ["--model", model_dir, "--dataset", "shapes", "--limit", n, "--batch-size", "8", "--no-progress",
               "--device", "cpu"]
-    assert cli.main(["calibrate", *common, "--split", "val", "--out", f"{out_dir}/calib.json"]) == 0
-    assert cli.main(["eval", *common, "--split", "test", "--calibration", f"{out_dir}/calib.json",
-                     "--out", f"{out_dir}/result.json"]) == 0
+    # one process group for the whole script: the CLI commands reuse it (as a single torchrun command would)
     with distributed.distributed_session() as (rank, world):
         assert world == 2
+        assert cli.main(["calibrate", *common, "--split", "val", "--out", f"{out_dir}/calib.json"]) == 0
+        assert cli.main(["eval", *common, "--split", "test", "--calibration", f"{out_dir}/calib.json",
+                         "--out", f"{out_dir}/result.json"]) == 0
         items = [(s.name, s.image) for s in shapes.make_split("test", n=int(n))]
         items[5] = ("broken", None)
         result = embed_images(load(model_dir, device="cpu"), items, [2, 7], batch_size=4, progress=False)
@@ -88,9 +89,15 @@ WORKER = textwrap.dedent('''
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the ephemeral range (a TCPStore port inside it can hang on connect)."""
+    for port in np.random.default_rng().permutation(np.arange(20000, 32000)).tolist():
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000..31999")
 
 
 def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
