@@ -8,6 +8,10 @@ Conventions
 - torch tensors (any device; fp16/bf16/fp32 computed in float32, float64 kept) and numpy arrays are
   accepted; results are of the input's kind (numpy in -> numpy out), float32 (float64 for float64
   input), on the input's device. Everything is batched over any leading dims ``...``.
+- One host sync per call, at its end: shapes, alpha, tau and layers are checked eagerly (metadata);
+  NaN/inf/probability checks are device-side values read ONCE after all the math is queued (on CUDA
+  it queues behind the forward), raising the ValueError naming the argument. Layer-number tables are
+  cached per device, since a host->device copy synchronises too.
 - Work happens in log space, so nothing underflows to NaN for C up to 200,000 and logits up to +-1e4.
 - Tie rule: when several layers reach exactly the same maximal JSD, the one listed EARLIEST in
   ``layers`` wins.
@@ -21,9 +25,10 @@ Conventions
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +51,7 @@ class DoLaResult:
     jsd: object              # [J, ...] JSD(q_N, q_j) per candidate layer (compat: the official value)
 
 
-# ---------------------------------------------------------------- array plumbing and validation
+# ---------------------------------------------------------------- array plumbing and eager (metadata) checks
 def _as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """(float tensor, was_numpy); float64 is kept, every other dtype is computed in float32."""
     if isinstance(x, np.ndarray):
@@ -60,31 +65,30 @@ def _as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Te
     return tensor.to(device=device, dtype=dtype), was_numpy
 
 
-def _promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype), b.to(dtype)
+def _promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _out(x: torch.Tensor, to_numpy: bool):
     return x.detach().cpu().numpy() if to_numpy else x
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+def _result_out(result: DoLaResult, to_numpy: bool) -> DoLaResult:
+    return DoLaResult(*(_out(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
 
 
-def _check_logits(x: torch.Tensor, name: str) -> None:
+def _check_classes(x: torch.Tensor, name: str) -> None:
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name} must be [..., C] with C >= 1 classes, got shape {list(x.shape)}")
-    _check_finite(x, name)
 
 
-def _check_probs(x: torch.Tensor, name: str) -> None:
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have a non-empty class axis (last dim C >= 1), got shape {tuple(x.shape)}")
-    if not bool((torch.isfinite(x) & (x >= 0)).all()):
-        raise ValueError(f"{name} must hold probabilities: finite, >= 0, no NaN")
+def _check_bank(text_bank: torch.Tensor, z: torch.Tensor, z_name: str) -> None:
+    if text_bank.ndim != 2 or text_bank.shape[0] < 1:
+        raise ValueError(f"text_bank must be [C, D] with C >= 1 candidates, got shape {list(text_bank.shape)}")
+    if z.ndim < 1 or z.shape[-1] != text_bank.shape[-1]:
+        raise ValueError(f"{z_name}'s last dim must equal text_bank's D={text_bank.shape[-1]}, "
+                         f"got {z_name} shape {list(z.shape)}")
 
 
 def _check_alpha(alpha) -> float:
@@ -97,7 +101,7 @@ def _check_alpha(alpha) -> float:
 
 def _check_tau(tau) -> float:
     if isinstance(tau, torch.Tensor) and tau.numel() == 1:
-        tau = tau.item()
+        tau = tau.item()  # a host read: pass tau as a Python float on the hot path
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a positive finite real number, got {tau!r}")
     if not (math.isfinite(float(tau)) and float(tau) > 0):
@@ -105,9 +109,12 @@ def _check_tau(tau) -> float:
     return float(tau)
 
 
-def _check_compat(compat) -> None:
+def _check_mode(mode, alpha, compat) -> float:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    return _check_alpha(alpha)
 
 
 def _check_layers(layers, num_candidates: int) -> list[int]:
@@ -135,72 +142,117 @@ def _check_stacked(stacked: torch.Tensor, final: torch.Tensor, stacked_name: str
                          f"got {list(stacked.shape)}")
 
 
-# ---------------------------------------------------------------- log-space core
-def _rep_logits(z: torch.Tensor, text_bank: torch.Tensor, tau: float, z_name: str = "z") -> torch.Tensor:
-    """s = <z/|z|, t/|t|> / tau: z [..., D], text_bank [C, D] -> [..., C]."""
-    if text_bank.ndim != 2 or text_bank.shape[0] < 1:
-        raise ValueError(f"text_bank must be [C, D] with C >= 1 candidates, got shape {list(text_bank.shape)}")
-    if z.ndim < 1 or z.shape[-1] != text_bank.shape[-1]:
-        raise ValueError(f"{z_name}'s last dim must equal text_bank's D={text_bank.shape[-1]}, "
-                         f"got {z_name} shape {list(z.shape)}")
-    _check_finite(z, z_name)
-    _check_finite(text_bank, "text_bank")
-    z, text_bank = _promote(z, text_bank)
-    return F.normalize(z, dim=-1) @ F.normalize(text_bank, dim=-1).T / tau  # (..., C)
+def _resolve_layers(layers, stacked, final, names: tuple[str, str], mode: str, static_layer):
+    """(layer numbers, stacked), or (None, None) when mode 'off' has no layers to compare; eager."""
+    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
+        stacked = None  # mode "off" with an empty stack of layers: nothing to compare
+    if stacked is None:
+        if mode != "off":
+            raise ValueError(f"{names[0]} is required for mode={mode!r} (only mode='off' works without it)")
+        return None, None
+    _check_stacked(stacked, final, *names)
+    if mode != "static":
+        return _check_layers(layers, stacked.shape[0]), stacked
+    if static_layer is None or isinstance(static_layer, bool) or not isinstance(static_layer, numbers.Integral):
+        raise ValueError(f"mode='static' needs static_layer, an int layer number, got {static_layer!r}")
+    layers = _check_layers([int(static_layer)] if layers is None else layers, stacked.shape[0])  # J = 1 may omit layers
+    if int(static_layer) not in layers:
+        raise ValueError(f"static_layer={static_layer} must be one of layers={layers}")
+    return layers, stacked
 
 
-def _kl_log(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A||B) over the last axis from log-probs; 0 log 0 = 0."""
-    terms = torch.exp(log_a) * (log_a - log_b)
-    return torch.where(torch.isneginf(log_a), torch.zeros_like(terms), terms).sum(-1)
+# ---------------------------------------------------------------- value checks on device, read once
+def _finite(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
+    """(0-d tensor on x's device, 0 iff x has no NaN/inf: x - x is NaN there; the error); no host read."""
+    return (x - x).sum(), f"{name} must be finite (no NaN or inf)"
 
 
-def _jsd_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """True JSD (natural log) from log-probs, clamped to [0, ln 2]."""
+def _probabilities(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
+    """0 iff x is finite and >= 0: |x| - x is > 0 for negatives, NaN for NaN/+inf, inf for -inf."""
+    return (x.abs() - x).sum(), f"{name} must hold probabilities: finite, >= 0, no NaN"
+
+
+def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """The ONE host read of a call: raise the ValueError of the first failed device-side check."""
+    passed = torch.stack([value for value, _ in checks]) == 0  # (K,) bool, on device
+    index = torch.arange(len(checks), device=passed.device)
+    first_failed = int(torch.where(passed, len(checks), index).min())  # the host sync
+    if first_failed < len(checks):
+        raise ValueError(checks[first_failed][1])
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_table(layers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[J] int64 layer numbers on device, built once: a host->device copy synchronises on CUDA."""
+    with torch.inference_mode(False):
+        return torch.tensor(layers, dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------- log-space core (no host reads)
+def _log_finite(probs: torch.Tensor) -> torch.Tensor:
+    """log probs with log 0 = the most negative float: its exp is exactly 0, differences stay finite."""
+    return torch.log(probs).clamp_min(torch.finfo(probs.dtype).min)
+
+
+def _rep_logits(reps: torch.Tensor, text_bank: torch.Tensor, tau: float) -> torch.Tensor:
+    """s = <z/|z|, t/|t|> / tau: reps [..., D], text_bank [C, D] -> [..., C]; one matmul for all layers."""
+    return F.normalize(reps, dim=-1) @ F.normalize(text_bank, dim=-1).T / tau  # (..., C)
+
+
+def _jsd(log_p, log_q, p, q) -> torch.Tensor:
+    """True JSD (natural log) from FINITE log-probs and their probs (broadcast), clamped to [0, ln 2]."""
     log_m = torch.logaddexp(log_p, log_q) - LN2  # log((p + q) / 2), exact where p or q underflow
-    return (0.5 * (_kl_log(log_p, log_m) + _kl_log(log_q, log_m))).clamp(0.0, LN2)
+    terms = p * (log_p - log_m) + q * (log_q - log_m)  # 0 where p, q = 0
+    return (0.5 * terms.sum(-1)).clamp(0.0, LN2)
 
 
-def _official_jsd_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def _official_jsd(log_p, log_q, p, q) -> torch.Tensor:
     """The official DoLa code's value: F.kl_div(log P, M) = KL(M||P), mean over classes."""
     log_p, log_q = torch.broadcast_tensors(log_p, log_q)
-    m = 0.5 * (torch.exp(log_p) + torch.exp(log_q))
-    kl1 = F.kl_div(log_p, m, reduction="none").mean(-1)
-    kl2 = F.kl_div(log_q, m, reduction="none").mean(-1)
-    return 0.5 * (kl1 + kl2)
+    m = 0.5 * (p + q)
+    return 0.5 * (F.kl_div(log_p, m, reduction="none").mean(-1) + F.kl_div(log_q, m, reduction="none").mean(-1))
 
 
-def _first_argmax(table: torch.Tensor) -> torch.Tensor:
-    """Index along dim 0 of the maximum; on exact ties the smallest index (earliest layer) wins."""
-    best = table.max(dim=0, keepdim=True).values
-    ids = torch.arange(table.shape[0], device=table.device).view(-1, *([1] * (table.ndim - 1)))
-    return torch.where(table == best, ids, table.shape[0]).min(dim=0).values  # (...)
+def _select(log_q_N, log_q_layers, q_N, q_layers, compat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position in layers [...] int64, jsd_table [J, ...]) from q_N [..., C], q_j [J, ..., C] and their logs.
 
-
-def _select_log(log_q_N, log_q_layers, compat) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position in layers [...] int64, jsd_table [J, ...]) from log q_N [..., C] and log q_j [J, ..., C]."""
+    argmax returns the first maximal index, so exact ties go to the layer listed earliest.
+    """
     if compat == "official-dola":
-        table = _official_jsd_log(log_q_N.unsqueeze(0), log_q_layers)  # (J, ...)
-        batch_mean = table.reshape(table.shape[0], -1).mean(-1)  # (J,) one layer for the whole batch
-        return _first_argmax(batch_mean).expand(table.shape[1:]), table
-    table = _jsd_log(log_q_N.unsqueeze(0), log_q_layers)  # (J, ...)
-    return _first_argmax(table), table
+        table = _official_jsd(log_q_N.unsqueeze(0), log_q_layers, q_N.unsqueeze(0), q_layers)  # (J, ...)
+        batch_best = table.reshape(table.shape[0], -1).mean(-1).argmax()  # one layer for the whole batch
+        return batch_best.expand(table.shape[1:]), table
+    table = _jsd(log_q_N.unsqueeze(0), log_q_layers, q_N.unsqueeze(0), q_layers)  # (J, ...)
+    return table.argmax(dim=0), table
 
 
-def _layer_numbers(position: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    return torch.tensor(layers, dtype=torch.int64, device=position.device)[position]
-
-
-def _contrast_log(log_q_N: torch.Tensor, log_q_M: torch.Tensor, alpha: float) -> torch.Tensor:
+def _contrast_log(log_q_N, log_q_M, alpha: float, q_M_may_be_zero: bool = False) -> torch.Tensor:
     """log p_hat [..., C]: softmax over V_head of log q_N - log q_M, -inf outside V_head."""
-    threshold = log_q_N.max(dim=-1, keepdim=True).values + math.log(alpha)  # log(alpha * max q_N)
-    keep = log_q_N >= threshold
-    contrast = torch.where(keep, log_q_N - log_q_M, torch.full_like(log_q_N, -math.inf))
-    infinite = keep & torch.isposinf(contrast)  # kept classes with q_M = 0
-    any_infinite = infinite.any(dim=-1, keepdim=True)
-    # where some F = +inf, the softmax limit is uniform over exactly those classes
-    limit = torch.where(infinite, torch.zeros_like(contrast), torch.full_like(contrast, -math.inf))
-    return torch.log_softmax(torch.where(any_infinite, limit, contrast), dim=-1)
+    threshold = log_q_N.amax(dim=-1, keepdim=True) + math.log(alpha)  # log(alpha * max q_N)
+    contrast = torch.where(log_q_N >= threshold, log_q_N - log_q_M, -math.inf)  # (..., C)
+    if q_M_may_be_zero:  # probabilities given (from logits, log q_M is finite): F = +inf where q_M = 0
+        infinite = torch.isposinf(contrast)
+        limit = torch.where(infinite, 0.0, -math.inf).to(contrast.dtype)  # uniform over the F = +inf classes
+        contrast = torch.where(infinite.any(dim=-1, keepdim=True), limit, contrast)
+    return torch.log_softmax(contrast, dim=-1)
+
+
+def _dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat) -> DoLaResult:
+    """DoLa from finite log-probs: log_q_N [..., C], log_q_layers [J, ..., C] or None (then mode 'off')."""
+    final_probs = torch.exp(log_q_N)
+    if log_q_layers is None:
+        premature = torch.full(log_q_N.shape[:-1], -1, dtype=torch.int64, device=log_q_N.device)
+        return DoLaResult(final_probs, log_q_N, final_probs, premature, log_q_N.new_zeros((0, *log_q_N.shape[:-1])))
+    position, table = _select(log_q_N, log_q_layers, final_probs, torch.exp(log_q_layers), compat)
+    if mode == "off":
+        return DoLaResult(final_probs, log_q_N, final_probs, torch.full_like(position, -1), table)
+    if mode == "static":
+        position = torch.full_like(position, layers.index(int(static_layer)))
+    gather = position[None, ..., None].expand(1, *log_q_N.shape)  # (1, ..., C)
+    log_q_M = log_q_layers.gather(0, gather)[0]  # (..., C)
+    log_p_hat = _contrast_log(log_q_N, log_q_M, alpha)
+    premature = _layer_table(tuple(layers), position.device)[position]  # (...)
+    return DoLaResult(torch.exp(log_p_hat), log_p_hat, final_probs, premature, table)
 
 
 # ---------------------------------------------------------------- public API
@@ -208,8 +260,12 @@ def build_log_probs_from_rep(z, text_bank, tau):
     """log q [..., C] = log_softmax(cos(z, t_c) / tau) for z [..., D], text_bank [C, D]."""
     z_t, to_numpy = _as_tensor(z, "z")
     bank, _ = _as_tensor(text_bank, "text_bank", like=z_t)
-    logits = _rep_logits(z_t, bank, _check_tau(tau))
-    return _out(torch.log_softmax(logits, dim=-1), to_numpy)
+    tau = _check_tau(tau)
+    _check_bank(bank, z_t, "z")
+    z_t, bank = _promote(z_t, bank)
+    log_q = torch.log_softmax(_rep_logits(z_t, bank, tau), dim=-1)
+    _raise_failed([_finite(z_t, "z"), _finite(bank, "text_bank")])
+    return _out(log_q, to_numpy)
 
 
 def build_probs_from_rep(z, text_bank, tau):
@@ -222,8 +278,8 @@ def jsd(p, q):
     """True Jensen-Shannon divergence (natural log) over the last axis: p, q [..., C] -> [...], in [0, ln 2]."""
     p_t, to_numpy = _as_tensor(p, "p")
     q_t, _ = _as_tensor(q, "q", like=p_t)
-    _check_probs(p_t, "p")
-    _check_probs(q_t, "q")
+    _check_classes(p_t, "p")
+    _check_classes(q_t, "q")
     if p_t.shape[-1] != q_t.shape[-1]:
         raise ValueError(f"p and q must have the same number of classes, got {p_t.shape[-1]} and {q_t.shape[-1]}")
     try:
@@ -231,7 +287,9 @@ def jsd(p, q):
     except RuntimeError:
         raise ValueError(f"p and q shapes must broadcast, got {list(p_t.shape)} and {list(q_t.shape)}") from None
     p_t, q_t = _promote(p_t, q_t)
-    return _out(_jsd_log(torch.log(p_t), torch.log(q_t)), to_numpy)
+    value = _jsd(_log_finite(p_t), _log_finite(q_t), p_t, q_t)
+    _raise_failed([_probabilities(p_t, "p"), _probabilities(q_t, "q")])
+    return _out(value, to_numpy)
 
 
 def select_early_exit(q_N, q_layers, layers, compat=None):
@@ -239,16 +297,19 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
 
     Per example M = argmax_j JSD(q_N, q_j); exact ties go to the layer listed earliest in ``layers``.
     """
-    _check_compat(compat)
+    _check_mode("dynamic", 0.1, compat)
     q_final, to_numpy = _as_tensor(q_N, "q_N")
     q_stack, _ = _as_tensor(q_layers, "q_layers", like=q_final)
-    _check_probs(q_final, "q_N")
-    _check_probs(q_stack, "q_layers")
+    _check_classes(q_final, "q_N")
+    _check_classes(q_stack, "q_layers")
     layers = _check_layers(layers, q_stack.shape[0] if q_stack.ndim else 0)
     _check_stacked(q_stack, q_final, "q_layers", "q_N")
     q_final, q_stack = _promote(q_final, q_stack)
-    position, table = _select_log(torch.log(q_final), torch.log(q_stack), compat)
-    return _out(_layer_numbers(position, layers), to_numpy), _out(table, to_numpy)
+    log = torch.log if compat else _log_finite  # the official value keeps log 0 = -inf
+    position, table = _select(log(q_final), log(q_stack), q_final, q_stack, compat)
+    premature = _layer_table(tuple(layers), position.device)[position]
+    _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_stack, "q_layers")])
+    return _out(premature, to_numpy), _out(table, to_numpy)
 
 
 def contrast_and_mask(q_N, q_M, alpha: float = 0.1):
@@ -256,67 +317,15 @@ def contrast_and_mask(q_N, q_M, alpha: float = 0.1):
     alpha = _check_alpha(alpha)
     q_final, to_numpy = _as_tensor(q_N, "q_N")
     q_early, _ = _as_tensor(q_M, "q_M", like=q_final)
-    _check_probs(q_final, "q_N")
-    _check_probs(q_early, "q_M")
+    _check_classes(q_final, "q_N")
+    _check_classes(q_early, "q_M")
     if q_final.shape != q_early.shape:
         raise ValueError(f"q_N and q_M must have the same shape, got {list(q_final.shape)} and {list(q_early.shape)}")
-    if not bool((q_final.amax(dim=-1) > 0).all()):
-        raise ValueError("q_N must have a positive entry in every row (it is a distribution)")
     q_final, q_early = _promote(q_final, q_early)
-    log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha)
+    log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha, q_M_may_be_zero=True)
+    _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_early, "q_M"),
+                   ((q_final.amax(dim=-1) <= 0).sum(), "q_N must have a positive entry in every row (it is a distribution)")])
     return _out(torch.exp(log_p_hat), to_numpy), _out(log_p_hat, to_numpy)
-
-
-def _resolve_static(layers, static_layer, num_candidates: int) -> tuple[list[int], int]:
-    if static_layer is None or isinstance(static_layer, bool) or not isinstance(static_layer, numbers.Integral):
-        raise ValueError(f"mode='static' needs static_layer, an int layer number, got {static_layer!r}")
-    layers = [int(static_layer)] if layers is None else layers  # one stacked layer may stand alone
-    layers = _check_layers(layers, num_candidates)
-    if int(static_layer) not in layers:
-        raise ValueError(f"static_layer={static_layer} must be one of layers={layers}")
-    return layers, int(static_layer)
-
-
-def _dola_tensors(final, stacked, layers, mode, alpha, static_layer, compat) -> DoLaResult:
-    """DoLa on logits tensors: final [..., C], stacked [J, ..., C] or None."""
-    log_q_N = torch.log_softmax(final, dim=-1)
-    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
-        stacked = None  # mode "off" with an empty stack of layers: nothing to compare
-    if stacked is None:
-        if mode != "off":
-            raise ValueError(f"scores_layers is required for mode={mode!r} (only mode='off' works without it)")
-        table = final.new_zeros((0, *final.shape[:-1]))
-        premature = torch.full(final.shape[:-1], -1, dtype=torch.int64, device=final.device)
-        return DoLaResult(torch.exp(log_q_N), log_q_N, torch.exp(log_q_N), premature, table)
-    _check_stacked(stacked, final, "scores_layers", "scores_final")
-    if mode == "static":
-        layers, static_layer = _resolve_static(layers, static_layer, stacked.shape[0])
-    else:
-        layers = _check_layers(layers, stacked.shape[0])
-    log_q_layers = torch.log_softmax(stacked, dim=-1)
-    position, table = _select_log(log_q_N, log_q_layers, compat)
-    if mode == "static":
-        position = torch.full_like(position, layers.index(static_layer))
-    premature = _layer_numbers(position, layers)
-    if mode == "off":
-        log_p_hat = log_q_N
-        premature = torch.full_like(premature, -1)
-    else:
-        gather = position.unsqueeze(0).unsqueeze(-1).expand(1, *final.shape)  # (1, ..., C)
-        log_q_M = torch.take_along_dim(log_q_layers, gather, dim=0).squeeze(0)  # (..., C)
-        log_p_hat = _contrast_log(log_q_N, log_q_M, alpha)
-    return DoLaResult(torch.exp(log_p_hat), log_p_hat, torch.exp(log_q_N), premature, table)
-
-
-def _result_out(result: DoLaResult, to_numpy: bool) -> DoLaResult:
-    return DoLaResult(*(_out(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
-
-
-def _check_mode(mode, alpha, compat) -> float:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_compat(compat)
-    return _check_alpha(alpha)
 
 
 def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: float = 0.1,
@@ -328,13 +337,17 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
     """
     alpha = _check_mode(mode, alpha, compat)
     final, to_numpy = _as_tensor(scores_final, "scores_final")
-    _check_logits(final, "scores_final")
+    _check_classes(final, "scores_final")
+    checks = [_finite(final, "scores_final")]
     stacked = None
     if scores_layers is not None:
         stacked, _ = _as_tensor(scores_layers, "scores_layers", like=final)
-        _check_finite(stacked, "scores_layers")
+        checks.append(_finite(stacked, "scores_layers"))
         final, stacked = _promote(final, stacked)
-    result = _dola_tensors(final, stacked, layers, mode, alpha, static_layer, compat)
+    layers, stacked = _resolve_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
+    log_q_layers = None if stacked is None else torch.log_softmax(stacked, dim=-1)  # (J, ..., C)
+    result = _dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat)
+    _raise_failed(checks)
     return _result_out(result, to_numpy)
 
 
@@ -345,12 +358,15 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     tau = _check_tau(tau)
     final, to_numpy = _as_tensor(z_final, "z_final")
     bank, _ = _as_tensor(text_bank, "text_bank", like=final)
-    logits_final = _rep_logits(final, bank, tau, "z_final")  # (..., C)
-    logits_layers = None
-    if z_layers is not None:
-        stacked, _ = _as_tensor(z_layers, "z_layers", like=final)
-        _check_stacked(stacked, final, "z_layers", "z_final")
-        logits_layers = _rep_logits(stacked, bank, tau, "z_layers")  # (J, ..., C)
-        logits_final, logits_layers = _promote(logits_final, logits_layers)
-    result = _dola_tensors(logits_final, logits_layers, layers, mode, alpha, static_layer, compat)
+    _check_bank(bank, final, "z_final")
+    stacked = None if z_layers is None else _as_tensor(z_layers, "z_layers", like=final)[0]
+    checks = [_finite(final, "z_final"), _finite(bank, "text_bank")]
+    if stacked is not None:
+        checks.append(_finite(stacked, "z_layers"))
+    layers, stacked = _resolve_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
+    reps = final[None] if stacked is None else torch.cat(_promote(final[None], stacked))  # (J+1, ..., D)
+    reps, bank = _promote(reps, bank)
+    log_q = torch.log_softmax(_rep_logits(reps, bank, tau), dim=-1)  # (J+1, ..., C): final, then the layers
+    result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
+    _raise_failed(checks)
     return _result_out(result, to_numpy)

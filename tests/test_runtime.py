@@ -8,6 +8,8 @@ from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, softmax
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from siglip_dola import runtime as rt
 
@@ -431,3 +433,106 @@ def test_mode_off_accepts_an_empty_layer_stack():
     assert result.jsd.shape == (0, 2) and (result.premature_layer == -1).all()
     with pytest.raises(ValueError, match="layers"):
         rt.score(Z, np.zeros((0, 2, 8)), BANK, 0.1, [], mode="dynamic")
+
+
+# ---------------------------------------------------------------- host syncs: one value read per call, at its end
+class HostReads(TorchDispatchMode):
+    """Records every aten op, the ops that read a tensor's value on the host (a GPU sync), host->device copies
+    of Python data (torch.tensor, also a sync on CUDA), and Python-level reads invisible on CPU (tolist, numpy)."""
+
+    READ_OPS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero", "aten.equal",
+                "aten.masked_select", "aten.unique", "aten._unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads, self.uploads = [], [], []
+        self.python_reads = PythonReads(self.reads)
+
+    def __enter__(self):
+        self.python_reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.python_reads.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.ops.append(name)
+        bool_index = name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in self.READ_OPS or bool_index:
+            self.reads.append(name)
+        if name == "aten.lift_fresh":
+            self.uploads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class PythonReads(TorchFunctionMode):
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("tolist", "numpy", "cpu"):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_reads(call):
+    call()  # warm-up: the layer-number table is built (uploaded) once per device
+    with HostReads() as counter:
+        call()
+    return counter
+
+
+def torch_case(num_layers, batch=4, classes=10, dim=8):
+    gen = torch.Generator().manual_seed(num_layers)
+    z_final, z_layers = torch.randn(batch, dim, generator=gen), torch.randn(num_layers, batch, dim, generator=gen)
+    return z_final, z_layers, torch.randn(classes, dim, generator=gen), list(range(1, num_layers + 1))
+
+
+def test_host_read_counter_sees_every_kind_of_read():
+    values = torch.tensor([1.0, float("nan")])
+    for read in (lambda: bool(values[0]), lambda: values[1].item(), lambda: values.tolist(), lambda: values.numpy(),
+                 lambda: values[values > 0], lambda: torch.nonzero(values), lambda: torch.isnan(values).any().cpu()):
+        with HostReads() as counter:
+            read()
+        assert len(counter.reads) == 1, counter.reads
+    with HostReads() as counter:
+        torch.tensor([18, 20, 22])
+    assert counter.uploads == ["aten.lift_fresh"]
+
+
+@pytest.mark.parametrize("num_layers", [3, 23])
+@pytest.mark.parametrize("mode, options", [("dynamic", {}), ("static", {"static_layer": 2}), ("off", {}),
+                                           ("dynamic", {"compat": "official-dola"})])
+def test_score_and_dola_read_the_device_once(num_layers, mode, options):
+    z_final, z_layers, bank, layers = torch_case(num_layers)
+    counter = count_host_reads(lambda: rt.score(z_final, z_layers, bank, 0.05, layers, mode=mode, **options))
+    assert counter.reads == ["aten._local_scalar_dense"] and counter.uploads == []
+    assert counter.ops[-1] == "aten._local_scalar_dense"  # the validity check comes after all the math
+    logits_final, logits_layers = z_final @ bank.T, z_layers @ bank.T
+    counter = count_host_reads(lambda: rt.dola(logits_final, logits_layers, layers, mode=mode, **options))
+    assert counter.reads == ["aten._local_scalar_dense"] and counter.uploads == []
+
+
+def test_probability_functions_read_the_device_once():
+    z_final, z_layers, bank, layers = torch_case(3)
+    q_final, q_layers = torch.softmax(z_final @ bank.T, -1), torch.softmax(z_layers @ bank.T, -1)
+    for call in (lambda: rt.select_early_exit(q_final, q_layers, layers), lambda: rt.contrast_and_mask(q_final, q_layers[0]),
+                 lambda: rt.jsd(q_final, q_layers), lambda: rt.build_log_probs_from_rep(z_final, bank, 0.05)):
+        counter = count_host_reads(call)
+        assert counter.reads == ["aten._local_scalar_dense"] and counter.uploads == []
+
+
+@pytest.mark.parametrize("bad", ["z_final", "z_layers", "text_bank"])
+def test_nan_is_still_reported_by_name_after_the_single_read(bad):
+    z_final, z_layers, bank, layers = torch_case(3)
+    tensors = {"z_final": z_final, "z_layers": z_layers, "text_bank": bank}
+    tensors[bad] = tensors[bad].clone()
+    tensors[bad].view(-1)[3] = float("nan") if bad != "text_bank" else float("inf")
+    with HostReads() as counter, pytest.raises(ValueError, match=bad):
+        rt.score(tensors["z_final"], tensors["z_layers"], tensors["text_bank"], 0.05, layers)
+    assert counter.reads == ["aten._local_scalar_dense"]
+    with pytest.raises(ValueError, match="scores_layers"):
+        rt.dola(z_final @ bank.T, (tensors["z_layers"] @ bank.T) if bad == "z_layers" else torch.full((3, 4, 10), -math.inf), layers)
