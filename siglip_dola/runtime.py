@@ -74,8 +74,13 @@ def _out(x: torch.Tensor, to_numpy: bool):
     return x.detach().cpu().numpy() if to_numpy else x
 
 
-def _result_out(result: DoLaResult, to_numpy: bool) -> DoLaResult:
-    return DoLaResult(*(_out(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
+def _pair(a, b, a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(a, b as tensors of one float dtype on a's device, a was numpy); both need a class axis."""
+    a_t, to_numpy = _as_tensor(a, a_name)
+    b_t, _ = _as_tensor(b, b_name, like=a_t)
+    _check_classes(a_t, a_name)
+    _check_classes(b_t, b_name)
+    return *_promote(a_t, b_t), to_numpy
 
 
 def _check_classes(x: torch.Tensor, name: str) -> None:
@@ -170,6 +175,11 @@ def _finite(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
 def _probabilities(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
     """0 iff x is finite and >= 0: |x| - x is > 0 for negatives, NaN for NaN/+inf, inf for -inf."""
     return (x.abs() - x).sum(), f"{name} must hold probabilities: finite, >= 0, no NaN"
+
+
+def _finish(result: DoLaResult, checks, to_numpy: bool) -> DoLaResult:
+    _raise_failed(checks)
+    return DoLaResult(*(_out(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
 
 
 def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -276,17 +286,13 @@ def build_probs_from_rep(z, text_bank, tau):
 
 def jsd(p, q):
     """True Jensen-Shannon divergence (natural log) over the last axis: p, q [..., C] -> [...], in [0, ln 2]."""
-    p_t, to_numpy = _as_tensor(p, "p")
-    q_t, _ = _as_tensor(q, "q", like=p_t)
-    _check_classes(p_t, "p")
-    _check_classes(q_t, "q")
+    p_t, q_t, to_numpy = _pair(p, q, "p", "q")
     if p_t.shape[-1] != q_t.shape[-1]:
         raise ValueError(f"p and q must have the same number of classes, got {p_t.shape[-1]} and {q_t.shape[-1]}")
     try:
         torch.broadcast_shapes(p_t.shape, q_t.shape)
     except RuntimeError:
         raise ValueError(f"p and q shapes must broadcast, got {list(p_t.shape)} and {list(q_t.shape)}") from None
-    p_t, q_t = _promote(p_t, q_t)
     value = _jsd(_log_finite(p_t), _log_finite(q_t), p_t, q_t)
     _raise_failed([_probabilities(p_t, "p"), _probabilities(q_t, "q")])
     return _out(value, to_numpy)
@@ -298,13 +304,9 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
     Per example M = argmax_j JSD(q_N, q_j); exact ties go to the layer listed earliest in ``layers``.
     """
     _check_mode("dynamic", 0.1, compat)
-    q_final, to_numpy = _as_tensor(q_N, "q_N")
-    q_stack, _ = _as_tensor(q_layers, "q_layers", like=q_final)
-    _check_classes(q_final, "q_N")
-    _check_classes(q_stack, "q_layers")
-    layers = _check_layers(layers, q_stack.shape[0] if q_stack.ndim else 0)
+    q_final, q_stack, to_numpy = _pair(q_N, q_layers, "q_N", "q_layers")
+    layers = _check_layers(layers, q_stack.shape[0])
     _check_stacked(q_stack, q_final, "q_layers", "q_N")
-    q_final, q_stack = _promote(q_final, q_stack)
     log = torch.log if compat else _log_finite  # the official value keeps log 0 = -inf
     position, table = _select(log(q_final), log(q_stack), q_final, q_stack, compat)
     premature = _layer_table(tuple(layers), position.device)[position]
@@ -315,13 +317,9 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
 def contrast_and_mask(q_N, q_M, alpha: float = 0.1):
     """(p_hat [..., C], log_p_hat [..., C]) = softmax over V_head of log q_N - log q_M; masked: 0 / -inf."""
     alpha = _check_alpha(alpha)
-    q_final, to_numpy = _as_tensor(q_N, "q_N")
-    q_early, _ = _as_tensor(q_M, "q_M", like=q_final)
-    _check_classes(q_final, "q_N")
-    _check_classes(q_early, "q_M")
+    q_final, q_early, to_numpy = _pair(q_N, q_M, "q_N", "q_M")
     if q_final.shape != q_early.shape:
         raise ValueError(f"q_N and q_M must have the same shape, got {list(q_final.shape)} and {list(q_early.shape)}")
-    q_final, q_early = _promote(q_final, q_early)
     log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha, q_M_may_be_zero=True)
     _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_early, "q_M"),
                    ((q_final.amax(dim=-1) <= 0).sum(), "q_N must have a positive entry in every row (it is a distribution)")])
@@ -347,8 +345,7 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
     layers, stacked = _resolve_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
     log_q_layers = None if stacked is None else torch.log_softmax(stacked, dim=-1)  # (J, ..., C)
     result = _dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat)
-    _raise_failed(checks)
-    return _result_out(result, to_numpy)
+    return _finish(result, checks, to_numpy)
 
 
 def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
@@ -368,5 +365,4 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     reps, bank = _promote(reps, bank)
     log_q = torch.log_softmax(_rep_logits(reps, bank, tau), dim=-1)  # (J+1, ..., C): final, then the layers
     result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
-    _raise_failed(checks)
-    return _result_out(result, to_numpy)
+    return _finish(result, checks, to_numpy)

@@ -196,12 +196,12 @@ class DoLaSigLIP:
         probs, final = result.probs.float().cpu(), result.final_probs.float().cpu()
         order = torch.sort(final, dim=-1, descending=True, stable=True).indices  # ties among masked: by q_N
         order = order.gather(-1, torch.sort(probs.gather(-1, order), dim=-1, descending=True, stable=True).indices)
-        jsd = result.jsd.float().cpu()  # (J, B)
+        jsd, premature = result.jsd.float().cpu(), result.premature_layer.cpu()  # (J, B), (B,): one copy each
         rows = []
         for b in range(probs.shape[0]):
             predictions = [{key: names[c], "score": float(probs[b, c]), "baseline_score": float(final[b, c])}
                            for c in order[b, :top_k].tolist()]
-            layer = int(result.premature_layer[b])
+            layer = int(premature[b])
             rows.append({"predictions": predictions, "premature_layer": None if layer < 0 else layer,
                          "jsd": {j: float(jsd[i, b]) for i, j in enumerate(self.layers)}})
         return rows
