@@ -1,0 +1,90 @@
+"""GPU correctness at real ViT-L/16-384 size: the readout and scorer on CUDA against the models' own modules.
+
+    python benchmarks/gpu_check.py --out gpu_check.json
+
+Random-init open_clip ViT-L-16-SigLIP-384 and HF SiglipVisionModel (ViT-L/16-384), batch 8, all 23 layers:
+- fp32 on CUDA: z_final vs the model's own embedding, z_j vs the model's own norm + head applied to the
+  block outputs of the same forward (collected here by plain hooks), as relative max errors;
+- bf16 autocast on CUDA (fused Triton readout where available): z vs the fp32 reference, and whether the
+  DoLa top-1 and premature layer agree with fp32.
+Prints and writes one JSON object. Nothing here is asserted; the tests do that on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def own_layers(model, blocks, norm_head, images, layers):
+    """The model's own norm + head applied to block outputs of one plain forward (reference)."""
+    outputs, handles = {}, []
+    for j in layers:
+        handles.append(blocks[j - 1].register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o[0] if isinstance(o, tuple) else o)))
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([norm_head(outputs[j]) for j in layers])
+
+
+def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
+    from siglip_dola import runtime
+    from siglip_dola.readout import from_model
+
+    readout = from_model(model)
+    with torch.no_grad():
+        z_final, z_layers = readout(images, layers)
+        row = {"model": name, "head_path": readout.head_path,
+               "fp32_final_rel_err": rel(z_final, own_embed(images)),
+               "fp32_layers_rel_err": rel(z_layers, own_layers(own_embed, blocks, norm_head, images, layers))}
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            b_final, b_layers = readout(images, layers)
+    row["bf16_vs_fp32_final_rel_err"] = rel(b_final, z_final)
+    row["bf16_vs_fp32_layers_rel_err"] = rel(b_layers, z_layers)
+    ref = runtime.score(z_final, z_layers, bank, tau, layers)
+    got = runtime.score(b_final.float(), b_layers.float(), bank, tau, layers)
+    row["bf16_top1_agreement"] = float((ref.probs.argmax(-1) == got.probs.argmax(-1)).float().mean())
+    row["bf16_premature_layer_agreement"] = float((ref.premature_layer == got.premature_layer).float().mean())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda", help="cuda (the point); cpu only to smoke-test this script")
+    args = parser.parse_args()
+    import open_clip
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    device, layers = torch.device(args.device), list(range(1, 24))
+    images = torch.randn(args.batch, 3, 384, 384, device=device)
+    bank = torch.randn(1000, 1024, device=device)
+    clip = open_clip.create_model("ViT-L-16-SigLIP-384", pretrained=None).to(device).eval()
+    trunk = clip.visual.trunk
+    rows = [check("open_clip ViT-L-16-SigLIP-384", clip, trunk.blocks,
+                  lambda h: clip.visual.head(trunk.forward_head(trunk.norm(h))), clip.encode_image, images, layers,
+                  bank, 0.01)]
+    hf = SiglipVisionModel(SiglipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                              num_attention_heads=16, image_size=384, patch_size=16)).to(device).eval()
+    vm = getattr(hf, "vision_model", hf)  # transformers 4.x nests the transformer, 5.x does not
+    rows.append(check("HF SiglipVisionModel ViT-L/16-384", hf, vm.encoder.layers, lambda h: vm.head(vm.post_layernorm(h)),
+                      lambda x: hf(pixel_values=x).pooler_output, images, layers, bank, 0.01))
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
