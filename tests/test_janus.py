@@ -113,3 +113,13 @@ def test_bad_janus_inputs(vlm, pixels, bank):
     with pytest.raises(ValueError, match=f"D={WIDTH}"):
         JanusDoLa(vlm, WrongBank(), tau=TAU)
     assert math.isclose(JanusDoLa(vlm, bank, tau=TAU).scorer.tau, TAU)
+
+
+def test_bank_encoded_by_the_siglip_text_tower_is_accepted(vlm, pixels, bank):
+    """Janus has no text tower: its bank always comes from another model (the SigLIP checkpoint's text tower)."""
+    from siglip_dola.text_bank import TextBank
+
+    foreign = TextBank(labels=list(bank.labels), embeds=bank.embeds, model_id="google/siglip-large-patch16-384")
+    got = JanusDoLa(vlm, foreign, tau=TAU).classify(pixels, top_k=1)
+    want = JanusDoLa(vlm, bank, tau=TAU).classify(pixels, top_k=1)
+    assert got == want
