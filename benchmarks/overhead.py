@@ -29,11 +29,14 @@ from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import from_model, fused, map_head
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-VARIANTS = {  # name -> (fused.enabled, fused.side_stream)
-    "unfused": (False, False),
-    "onepass": (True, False),
-    "onepass-stream": (True, True),
+VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tuned": filled by --kernel-sweep)
+    "unfused": dict(enabled=False, side_stream=False),
+    "onepass": dict(enabled=True, side_stream=False),
+    "onepass-stream": dict(enabled=True, side_stream=True),
+    "onepass-tuned": dict(enabled=True, side_stream=False),
 }
+SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
+SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,20 +116,25 @@ class Timer:
 @contextlib.contextmanager
 def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
-    saved = (fused.FUSED.enabled, fused.FUSED.side_stream)
-    fused.FUSED.enabled, fused.FUSED.side_stream = VARIANTS[variant]
+    fields = VARIANTS[variant]
+    saved = {name: getattr(fused.FUSED, name) for name in fields}
+    for name, value in fields.items():
+        setattr(fused.FUSED, name, value)
     try:
         yield
     finally:
-        fused.FUSED.enabled, fused.FUSED.side_stream = saved
+        for name, value in saved.items():
+            setattr(fused.FUSED, name, value)
 
 
 def usable_variants(args, device: torch.device) -> list[str]:
     fast = device.type == "cuda" and fused.triton is not None
-    names = args.variants.split(",") if args.variants else (list(VARIANTS) if fast else ["unfused"])
+    names = args.variants.split(",") if args.variants else (["unfused", "onepass", "onepass-stream"] if fast else ["unfused"])
     bad = [n for n in names if n not in VARIANTS or (n != "unfused" and not fast)]
     if bad:
         raise SystemExit(f"--variants {bad} unusable here (fused needs CUDA + triton); valid: {list(VARIANTS)}")
+    if "onepass-tuned" in names and not args.kernel_sweep:
+        raise SystemExit("--variants onepass-tuned needs --kernel-sweep B (it takes the fastest swept config)")
     return names
 
 
@@ -205,7 +213,7 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
         peaks = {name: peak_mib(fn, device) for name, fn in points.items()}
         errors = fused_errors(readout, images, sets[max(sets)], variants)
         if args.profile:
-            profile(points, ["baseline", f"dola{max(sets)}-{variants[-1]}"])
+            profile(points, ["baseline"] + [f"dola{count}-{variants[-1]}" for count in sorted(sets)])
     base = statistics.median(times["baseline"])
     for name, samples in times.items():
         median = statistics.median(samples)
@@ -239,44 +247,71 @@ def format_table(rows: list[dict], device_name: str) -> str:
     return "\n".join(lines)
 
 
-def _kernel_runner(tokens, probe, eps, num_warps, block_t, target):
-    """(run, read_pooled) for one launch config of the pooling kernel on tokens (B, T, D)."""
+def _kernel_runner(tokens, probe, eps, config: dict):
+    """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
-    per_split, splits = fused.split_plan(batch, num_tokens, target, block_t)
-    out = torch.full((batch, splits, probe.shape[0], dim), float("nan"), device=tokens.device)
+    per_split, splits = fused.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
+    out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
-    run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, num_warps, block_t)
-    return run, lambda: fused.combine_partials(out, lse)
+    run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
+                                      config["block_t"], config["num_stages"])
+    return run, lambda: fused.combine_partials(out, lse), splits
+
+
+def _sweep_configs(num_sms: int) -> list[dict]:
+    return [dict(num_warps=w, block_t=t, num_stages=s, target_programs=k * num_sms)
+            for w in SWEEP_WARPS for t in SWEEP_BLOCK_T for s in SWEEP_STAGES for k in SWEEP_TARGETS]
+
+
+def _time_config(tokens, probe, eps, reference, config, timer) -> dict:
+    row = dict(config)
+    try:
+        run, read, row["splits"] = _kernel_runner(tokens, probe, eps, config)
+        for _ in range(3):
+            run()
+        row["ms"] = statistics.median(timer(run) for _ in range(30))
+        row["combine_ms"] = statistics.median(timer(read) for _ in range(10))
+        row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
+        row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
+    except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on
+        row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+    return row
 
 
 def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
-    """Each pooling kernel alone on one layer (B, T, D), fp32 and bf16 tokens, per launch config."""
+    """The pooling kernel alone on one layer (B, T, D) per launch config: fp32 tokens (autocast), then bf16 best."""
     folded = map_head.fold(map_head.timm_map_parts(trunk.attn_pool, post=lambda pooled: pooled), trunk.norm)
     num_tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
     probe, eps = folded.key_probe, folded.norm_eps
     timer, rows = Timer(device), []
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    configs = [(warps, block_t) for warps in (4, 8) for block_t in (16, 32)]
+    configs = _sweep_configs(torch.cuda.get_device_properties(device).multi_processor_count)
     for dtype in (torch.float32, torch.bfloat16):
         # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
         tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
         reference = fused.pool_reference(tokens.double(), probe.double(), eps)
         copy_ms = statistics.median(timer(lambda: tokens.clone()) for _ in range(20))  # clone keeps the layout
         print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
-        for warps, block_t in configs:
-            row = dict(dtype=str(dtype), num_warps=warps, block_t=block_t, copy_ms=copy_ms)
-            try:
-                run, read = _kernel_runner(tokens, probe, eps, warps, block_t, target)
-                for _ in range(3):
-                    run()
-                row["ms"] = statistics.median(timer(run) for _ in range(30))
-                row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
-                row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
-            except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on
-                row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+        if dtype == torch.bfloat16:  # under autocast timm's tokens are fp32: bf16 tokens only for the best configs
+            configs = [{k: r[k] for k in configs[0]} for r in sorted(ok_rows(rows), key=lambda r: r["ms"])[:3]]
+        for config in configs:
+            row = dict(_time_config(tokens, probe, eps, reference, config, timer), dtype=str(dtype), copy_ms=copy_ms)
             rows.append(row)
             print("kernel", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
+
+
+def ok_rows(rows: list[dict], dtype: str = "torch.float32") -> list[dict]:
+    """Sweep rows that ran and match the float64 reference (the kernel's fp16 products: ~3e-4)."""
+    return [r for r in rows if r.get("dtype", dtype) == dtype and "ms" in r and r["rel_err"] < 2e-3]
+
+
+def tune_from_sweep(rows: list[dict]) -> dict:
+    """Set the onepass-tuned variant to the fastest accurate fp32 config of the sweep; returns it."""
+    best = min(ok_rows(rows), key=lambda r: r["ms"])
+    tuned = {k: best[k] for k in ("num_warps", "block_t", "num_stages", "target_programs")}
+    VARIANTS["onepass-tuned"].update(tuned)
+    print(f"onepass-tuned = {tuned}: {best['ms'] * 1e3:.0f} us, {best['read_gb_per_s']:.0f} GB/s", flush=True)
+    return tuned
 
 
 def main(argv=None) -> int:
@@ -289,6 +324,7 @@ def main(argv=None) -> int:
     env = environment(device)
     print(f"{env} head_path={readout.head_path} variants={variants}", flush=True)
     sweep = kernel_sweep(trunk, args.kernel_sweep, device) if args.kernel_sweep else None
+    tuned = tune_from_sweep(sweep) if sweep else None
     rows = []
     for dtype_name in args.dtypes:
         for batch in args.batches:
@@ -297,7 +333,7 @@ def main(argv=None) -> int:
                                env.get("gpu", env.get("cpu"))), flush=True)
     print("\n" + format_table(rows, env.get("gpu", env.get("cpu"))))
     if args.out:
-        write_json_atomic(args.out, dict(environment=env, args=vars(args), rows=rows, kernel_sweep=sweep))
+        write_json_atomic(args.out, dict(environment=env, args=vars(args), rows=rows, kernel_sweep=sweep, tuned=tuned))
     return 0
 
 

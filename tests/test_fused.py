@@ -72,12 +72,21 @@ def test_combine_partials_matches_softmax_over_all_tokens():
     generator = torch.Generator().manual_seed(7)
     x_hat = torch.randn(2, 19, DIM, generator=generator, dtype=torch.float64)
     logits = torch.randn(2, 19, HEADS, generator=generator, dtype=torch.float64) * 4
+    logits[:, 16:] = logits[:, :3]  # ties across splits
     bounds = [(0, 5), (5, 16), (16, 19)]  # uneven splits
     out = torch.stack([torch.einsum("bth,btd->bhd", torch.softmax(logits[:, a:b], 1), x_hat[:, a:b])
-                       for a, b in bounds], dim=1)                                        # (B, S, H, D)
-    lse = torch.stack([torch.logsumexp(logits[:, a:b], 1) for a, b in bounds], dim=1)   # (B, S, H)
-    expected = torch.einsum("bth,btd->bhd", torch.softmax(logits, 1), x_hat)
+                       for a, b in bounds], dim=2)                                        # (B, H, S, D)
+    lse = torch.stack([torch.logsumexp(logits[:, a:b], 1) for a, b in bounds], dim=2)   # (B, H, S)
+    expected = torch.zeros(2, HEADS, DIM, dtype=torch.float64)
+    for b in range(2):  # naive: one softmax over all 19 tokens per (image, head)
+        for h in range(HEADS):
+            weights = torch.exp(logits[b, :, h] - logits[b, :, h].max())
+            expected[b, h] = (weights[:, None] * x_hat[b]).sum(0) / weights.sum()
     torch.testing.assert_close(fused.combine_partials(out, lse), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the merge stays fp32 under the caller's autocast
+        merged = fused.combine_partials(out.float(), lse.float())
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch,num_tokens,target,block_t", [(1, 576, 264, 16), (64, 576, 264, 16),
@@ -105,6 +114,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     from test_fused import tiny_tower, folded_head, own_head, tokens_like_a_block, HEADS, DIM
     from siglip_dola.readout import fused
     assert fused.triton is not None
+    SPLITS = [(1, 16), (8, 16), (64, 16), (8, 32)]   # (target programs, block_t)
     torch.manual_seed(11)
     tower = tiny_tower(seed=9)
     folded = folded_head(tower)
@@ -115,6 +125,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
         "fp16": tokens_like_a_block(2, 16, seed=14).half(),
         "timm_layout": (torch.randn(2, DIM, 23) * 3 + 1).transpose(1, 2),   # strides (T*D, 1, T)
         "one_token": tokens_like_a_block(2, 1, seed=15),
+        "tied_tokens": tokens_like_a_block(2, 1, seed=16).expand(2, 35, DIM),   # every logit ties, T % 16 != 0
     }
     errors = {}
     for name, tokens in cases.items():
@@ -122,16 +133,18 @@ INTERPRETER_CHECK = textwrap.dedent("""
         reference = fused.pool_reference(tokens.double(), probe.double(), eps)
         for norm_eps in (eps, None):
             ref = reference if norm_eps is not None else fused.pool_reference(tokens.double(), probe.double(), None)
-            per_split, splits = fused.split_plan(batch, num_tokens, 8)
-            partial = torch.full((batch, splits, HEADS, DIM), float("nan"))   # poisoned: all must be written
-            lse = torch.full((batch, splits, HEADS), float("nan"))
-            fused.pool_partials(tokens, probe, norm_eps, partial, lse, per_split)
-            pooled = fused.combine_partials(partial, lse)
-            errors[f"one-pass/{name}/{norm_eps is not None}"] = float((pooled - ref).norm() / ref.norm())
+            for target, block_t in SPLITS:   # one split, several, as many as token blocks; uneven last split
+                per_split, splits = fused.split_plan(batch, num_tokens, target, block_t)
+                partial = torch.full((batch, HEADS, splits, DIM), float("nan"))   # poisoned: all must be written
+                lse = torch.full((batch, HEADS, splits), float("nan"))
+                fused.pool_partials(tokens, probe, norm_eps, partial, lse, per_split, block_t=block_t)
+                pooled = fused.combine_partials(partial, lse)
+                key = f"one-pass/{name}/{norm_eps is not None}/{target}x{block_t}/{splits}"
+                errors[key] = float((pooled - ref).norm() / ref.norm())
     layers = [tokens_like_a_block(2, 21, seed=s) for s in (20, 21)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
         for warps in (4, 8):
-            pooler = fused.LayerPooler(folded, 2, fused.FusedConfig(num_warps=warps))
+            pooler = fused.LayerPooler(folded, 2, fused.FusedConfig(num_warps=warps, target_programs=6))
             pooler.add(1, layers[1]); pooler.add(0, layers[0])
             z = pooler.result().float()
             assert pooler._fast, "the interpreter path must be taken"
@@ -151,7 +164,8 @@ def test_triton_kernels_in_interpreter_match_float64_reference():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12
+    assert len(errors) == 6 * 2 * 4 + 2
+    assert {int(name.rsplit("/", 1)[1]) for name in errors if name.startswith("one-pass/fp32")} == {1, 2, 3}
     for name, error in errors.items():
         # fp16 products with fp32 accumulation: ~3e-4 on fp32 inputs; the pooler row includes the bf16 tail
         limit = 2e-2 if name.startswith("pooler") else 2e-3

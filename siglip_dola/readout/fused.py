@@ -44,6 +44,7 @@ class FusedConfig:
     target_programs: int = 0    # grid size to aim for (0: 2 x the number of SMs)
     num_warps: int = 8          # warps per program (8 was fastest on H100: benchmarks/README.md)
     block_t: int = BLOCK_T      # tokens per inner step
+    num_stages: int = 3         # software-pipelining depth of the token loads (Triton's default)
 
 
 FUSED = FusedConfig()
@@ -101,10 +102,9 @@ if triton is not None:
             weighted = tl.dot(tl.trans(probs.to(tl.float16)), x, out_dtype=tl.float32)      # (H, BD)
             acc = acc * rescale[:, None] + weighted
             run_max = new_max
-        row = b * num_splits + split
-        tl.store(out_ptr + row * H * D + offs_h[:, None] * D + offs_d[None, :],
-                 acc / run_sum[:, None], mask=d_mask[None, :])
-        tl.store(lse_ptr + row * H + offs_h, run_max + tl.log(run_sum))
+        rows = (b * H + offs_h) * num_splits + split                                        # (H,) in (B, H, S)
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc / run_sum[:, None], mask=d_mask[None, :])
+        tl.store(lse_ptr + rows, run_max + tl.log(run_sum))
 
 
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
@@ -130,11 +130,15 @@ def split_plan(batch: int, num_tokens: int, target_programs: int, block_t: int =
 
 
 def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
-                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8, block_t: int = BLOCK_T) -> None:
-    """Triton: tokens (B, T, D) -> out (B, S, H, D) per-split pooled x_hat, lse (B, S, H), both fp32."""
+                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8, block_t: int = BLOCK_T,
+                  num_stages: int = 3) -> None:
+    """Triton: tokens (B, T, D) -> out (B, H, S, D) per-split pooled x_hat, lse (B, H, S), both fp32.
+
+    Grid (B, S): one program per (image, token split), all heads and all of D, one read of its tokens.
+    """
     batch, num_tokens, dim = tokens.shape
-    heads, num_splits = key_probe.shape[0], out.shape[1]
-    assert out.shape == (batch, num_splits, heads, dim) and lse.shape == (batch, num_splits, heads)
+    heads, num_splits = key_probe.shape[0], out.shape[2]
+    assert out.shape == (batch, heads, num_splits, dim) and lse.shape == (batch, heads, num_splits)
     assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous()
     assert (num_splits - 1) * tokens_per_split < num_tokens <= num_splits * tokens_per_split
     assert tokens_per_split % block_t == 0
@@ -142,13 +146,18 @@ def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
         tokens, key_probe, out, lse, num_tokens, dim, *tokens.stride(),
         tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
         H=heads, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
-        num_warps=num_warps)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Merge token splits: out (..., S, H, D), lse (..., S, H) -> pooled (..., H, D)."""
-    weights = torch.softmax(lse, dim=-2)                                         # (..., S, H)
-    return (out * weights.unsqueeze(-1)).sum(-3)
+    """Merge token splits: out (..., H, S, D), lse (..., H, S) -> pooled (..., H, D).
+
+    One batched (1 x S) @ (S x D) product per head: reads the partials once (no (..., H, S, D)
+    temporary), in the partials' dtype (fp32) with autocast off: a bf16 matmul would round the pooled vectors.
+    """
+    with torch.autocast(device_type=out.device.type, enabled=False):
+        weights = torch.softmax(lse, dim=-1)                                     # (..., H, S)
+        return (weights.unsqueeze(-2) @ out).squeeze(-2)                         # (..., H, D)
 
 
 def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
@@ -189,13 +198,13 @@ class LayerPooler:
         target = self.config.target_programs or (
             2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
         self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
-        self._out, self._lse = make(self.num_slots, batch, splits, heads, dim), make(self.num_slots, batch, splits, heads)
+        self._out, self._lse = make(self.num_slots, batch, heads, splits, dim), make(self.num_slots, batch, heads, splits)
         if tokens.is_cuda and self.config.side_stream:
             self._stream = _side_stream(tokens.device)
 
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
         pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
-                      self._tokens_per_split, self.config.num_warps, self.config.block_t)
+                      self._tokens_per_split, self.config.num_warps, self.config.block_t, self.config.num_stages)
 
     def add(self, slot: int, tokens: torch.Tensor) -> None:
         """Pool one captured layer: tokens (B, T, D), the raw block output."""
