@@ -34,6 +34,7 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
+    "onepass-bmm": dict(enabled=True, side_stream=False, triton_combine=False),   # splits merged by torch matmul
 }
 SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
 SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
+    parser.add_argument("--sweep-configs", default=None, metavar="W:BT:ST:K,...",
+                        help="kernel-sweep only these warps:block_t:stages:programs-per-SM (default: the full grid)")
     parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
     parser.add_argument("--num-warps", type=int, default=8, help="fused kernel warps per program")
     args = parser.parse_args(argv)
@@ -248,29 +251,32 @@ def format_table(rows: list[dict], device_name: str) -> str:
 
 
 def _kernel_runner(tokens, probe, eps, config: dict):
-    """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
+    """(run, read_pooled, splits, (out, lse)) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
     per_split, splits = fused.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
     out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
     run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
                                       config["block_t"], config["num_stages"])
-    return run, lambda: fused.combine_partials(out, lse), splits
+    return run, lambda: fused.combine_partials_triton(out, lse), splits, (out, lse)
 
 
-def _sweep_configs(num_sms: int) -> list[dict]:
-    return [dict(num_warps=w, block_t=t, num_stages=s, target_programs=k * num_sms)
-            for w in SWEEP_WARPS for t in SWEEP_BLOCK_T for s in SWEEP_STAGES for k in SWEEP_TARGETS]
+def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
+    """Launch configs: the full grid, or ``spec`` = comma list of warps:block_t:stages:programs_per_SM."""
+    grid = ([tuple(int(v) for v in item.split(":")) for item in spec.split(",")] if spec else
+            [(w, t, s, k) for w in SWEEP_WARPS for t in SWEEP_BLOCK_T for s in SWEEP_STAGES for k in SWEEP_TARGETS])
+    return [dict(num_warps=w, block_t=t, num_stages=s, target_programs=k * num_sms) for w, t, s, k in grid]
 
 
 def _time_config(tokens, probe, eps, reference, config, timer) -> dict:
     row = dict(config)
     try:
-        run, read, row["splits"] = _kernel_runner(tokens, probe, eps, config)
+        run, read, row["splits"], partials = _kernel_runner(tokens, probe, eps, config)
         for _ in range(3):
             run()
         row["ms"] = statistics.median(timer(run) for _ in range(30))
         row["combine_ms"] = statistics.median(timer(read) for _ in range(10))
+        row["combine_matmul_ms"] = statistics.median(timer(lambda: fused.combine_partials(*partials)) for _ in range(10))
         row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
         row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
     except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on
@@ -278,13 +284,13 @@ def _time_config(tokens, probe, eps, reference, config, timer) -> dict:
     return row
 
 
-def kernel_sweep(trunk, batch: int, device: torch.device) -> list[dict]:
+def kernel_sweep(trunk, batch: int, device: torch.device, spec: str | None = None) -> list[dict]:
     """The pooling kernel alone on one layer (B, T, D) per launch config: fp32 tokens (autocast), then bf16 best."""
     folded = map_head.fold(map_head.timm_map_parts(trunk.attn_pool, post=lambda pooled: pooled), trunk.norm)
     num_tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
     probe, eps = folded.key_probe, folded.norm_eps
     timer, rows = Timer(device), []
-    configs = _sweep_configs(torch.cuda.get_device_properties(device).multi_processor_count)
+    configs = _sweep_configs(torch.cuda.get_device_properties(device).multi_processor_count, spec)
     for dtype in (torch.float32, torch.bfloat16):
         # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
         tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
@@ -323,7 +329,7 @@ def main(argv=None) -> int:
     variants = usable_variants(args, device)
     env = environment(device)
     print(f"{env} head_path={readout.head_path} variants={variants}", flush=True)
-    sweep = kernel_sweep(trunk, args.kernel_sweep, device) if args.kernel_sweep else None
+    sweep = kernel_sweep(trunk, args.kernel_sweep, device, args.sweep_configs) if args.kernel_sweep else None
     tuned = tune_from_sweep(sweep) if sweep else None
     rows = []
     for dtype_name in args.dtypes:
