@@ -34,7 +34,6 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
-    "onepass-bmm": dict(enabled=True, side_stream=False, triton_combine=False),   # splits merged by torch matmul
 }
 SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
 SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
@@ -251,14 +250,14 @@ def format_table(rows: list[dict], device_name: str) -> str:
 
 
 def _kernel_runner(tokens, probe, eps, config: dict):
-    """(run, read_pooled, splits, (out, lse)) for one launch config of the pooling kernel on tokens (B, T, D)."""
+    """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
     per_split, splits = fused.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
     out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
     run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
                                       config["block_t"], config["num_stages"])
-    return run, lambda: fused.combine_partials_triton(out, lse), splits, (out, lse)
+    return run, lambda: fused.combine_partials(out, lse), splits
 
 
 def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
@@ -271,12 +270,11 @@ def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
 def _time_config(tokens, probe, eps, reference, config, timer) -> dict:
     row = dict(config)
     try:
-        run, read, row["splits"], partials = _kernel_runner(tokens, probe, eps, config)
+        run, read, row["splits"] = _kernel_runner(tokens, probe, eps, config)
         for _ in range(3):
             run()
         row["ms"] = statistics.median(timer(run) for _ in range(30))
         row["combine_ms"] = statistics.median(timer(read) for _ in range(10))
-        row["combine_matmul_ms"] = statistics.median(timer(lambda: fused.combine_partials(*partials)) for _ in range(10))
         row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
         row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
     except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on

@@ -150,13 +150,6 @@ INTERPRETER_CHECK = textwrap.dedent("""
             assert pooler._fast, "the interpreter path must be taken"
             expected = torch.stack([own_head(tower, t) for t in layers]).float()
             errors[f"pooler/{warps}"] = float((z - expected).norm() / expected.norm())
-    for shape in ((2, 3, 5, 40), (1, 2, 1, 7), (3, 1, 12, 33)):   # (..., H, S, D): S, D not powers of 2
-        partial = torch.randn(*shape, dtype=torch.float64)
-        lse = torch.randn(*shape[:-1], dtype=torch.float64) * 5
-        lse[..., 0] = lse[..., -1]   # a tie between splits
-        expected = fused.combine_partials(partial, lse)   # checked against a naive loop above
-        got = fused.combine_partials_triton(partial.float().contiguous(), lse.float().contiguous(), block_d=16)
-        errors[f"combine/{shape}"] = float((got.double() - expected).norm() / expected.norm())
     print(json.dumps(errors))
 """)
 
@@ -171,9 +164,9 @@ def test_triton_kernels_in_interpreter_match_float64_reference():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 6 * 2 * 4 + 2 + 3
+    assert len(errors) == 6 * 2 * 4 + 2
     assert {int(name.rsplit("/", 1)[1]) for name in errors if name.startswith("one-pass/fp32")} == {1, 2, 3}
     for name, error in errors.items():
         # fp16 products with fp32 accumulation: ~3e-4 on fp32 inputs; the pooler row includes the bf16 tail
-        limit = 2e-2 if name.startswith("pooler") else 1e-6 if name.startswith("combine") else 2e-3
+        limit = 2e-2 if name.startswith("pooler") else 2e-3
         assert error == error and error < limit, (name, error)  # NaN fails: an unwritten output element

@@ -45,7 +45,6 @@ class FusedConfig:
     num_warps: int = 8          # warps per program (8 was fastest on H100: benchmarks/README.md)
     block_t: int = BLOCK_T      # tokens per inner step
     num_stages: int = 3         # software-pipelining depth of the token loads (Triton's default)
-    triton_combine: bool = True  # merge the token splits with the Triton kernel (False: batched matmul)
 
 
 FUSED = FusedConfig()
@@ -108,21 +107,6 @@ if triton is not None:
         tl.store(lse_ptr + rows, run_max + tl.log(run_sum))
 
 
-    @triton.jit
-    def _combine_kernel(out_ptr, lse_ptr, pooled_ptr, S, D, S_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One (row of (..., H), D block): softmax over the S split log-sum-exps, weighted sum of partials."""
-        row = tl.program_id(0)
-        offs_s = tl.arange(0, S_BLOCK)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        s_mask, d_mask = offs_s < S, offs_d < D
-        lse = tl.load(lse_ptr + row * S + offs_s, mask=s_mask, other=float("-inf"))
-        weights = tl.exp(lse - tl.max(lse, axis=0))
-        weights = weights / tl.sum(weights, axis=0)                                         # (S,)
-        partial = tl.load(out_ptr + (row * S + offs_s[:, None]) * D + offs_d[None, :],
-                          mask=s_mask[:, None] & d_mask[None, :], other=0.0)                # (S, BD)
-        tl.store(pooled_ptr + row * D + offs_d, tl.sum(partial * weights[:, None], axis=0), mask=d_mask)
-
-
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
     """True when the Triton kernel can run here (CUDA tokens, or the CPU interpreter) at the caller's precision.
 
@@ -174,21 +158,6 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=out.device.type, enabled=False):
         weights = torch.softmax(lse, dim=-1)                                     # (..., H, S)
         return (weights.unsqueeze(-2) @ out).squeeze(-2)                         # (..., H, D)
-
-
-def combine_partials_triton(out: torch.Tensor, lse: torch.Tensor, block_d: int = 1024) -> torch.Tensor:
-    """Triton :func:`combine_partials`: out (..., H, S, D), lse (..., H, S) fp32 contiguous -> pooled (..., H, D).
-
-    One read of the partials, one write of the result (cuBLAS's batched 1 x S products ran at ~0.3 TB/s).
-    """
-    assert out.is_contiguous() and lse.is_contiguous() and out.shape[:-1] == lse.shape
-    num_splits, dim = out.shape[-2:]
-    pooled = torch.empty(*out.shape[:-2], dim, device=out.device, dtype=out.dtype)
-    rows = lse.numel() // num_splits
-    block_d = min(block_d, triton.next_power_of_2(dim))
-    _combine_kernel[(rows, triton.cdiv(dim, block_d))](
-        out, lse, pooled, num_splits, dim, S_BLOCK=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
-    return pooled
 
 
 def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
@@ -260,8 +229,7 @@ class LayerPooler:
         if self._fast:
             if self._stream is not None:
                 torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            merge = combine_partials_triton if self.config.triton_combine else combine_partials
-            pooled = merge(self._out, self._lse)                                 # (J, B, H, D)
+            pooled = combine_partials(self._out, self._lse)                      # (J, B, H, D)
         else:
             assert all(p is not None for p in self._pooled), "every slot must be added before result()"
             pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
