@@ -28,15 +28,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("dynamic", "static", "off")
-COMPAT_MODES = (None, "official-dola")
+from siglip_dola.runtime_checks import (  # noqa: F401  (MODES, COMPAT_MODES are part of runtime's API)
+    COMPAT_MODES, MODES, as_tensor, check_alpha, check_bank, check_classes, check_layers, check_mode, check_stacked,
+    check_tau, pair, promote, resolve_stacked_layers, to_output,
+)
+
 LN2 = math.log(2.0)
 
 
@@ -49,121 +51,6 @@ class DoLaResult:
     final_probs: object      # [..., C] q_N, the model's own distribution
     premature_layer: object  # [...] int64 layer number M per example (-1 for mode "off")
     jsd: object              # [J, ...] JSD(q_N, q_j) per candidate layer (compat: the official value)
-
-
-# ---------------------------------------------------------------- array plumbing and eager (metadata) checks
-def _as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """(float tensor, was_numpy); float64 is kept, every other dtype is computed in float32."""
-    if isinstance(x, np.ndarray):
-        tensor, was_numpy = torch.from_numpy(np.ascontiguousarray(x)), True
-    elif isinstance(x, torch.Tensor):
-        tensor, was_numpy = x, False
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    device = like.device if like is not None else tensor.device
-    return tensor.to(device=device, dtype=dtype), was_numpy
-
-
-def _promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def _out(x: torch.Tensor, to_numpy: bool):
-    return x.detach().cpu().numpy() if to_numpy else x
-
-
-def _pair(a, b, a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(a, b as tensors of one float dtype on a's device, a was numpy); both need a class axis."""
-    a_t, to_numpy = _as_tensor(a, a_name)
-    b_t, _ = _as_tensor(b, b_name, like=a_t)
-    _check_classes(a_t, a_name)
-    _check_classes(b_t, b_name)
-    return *_promote(a_t, b_t), to_numpy
-
-
-def _check_classes(x: torch.Tensor, name: str) -> None:
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must be [..., C] with C >= 1 classes, got shape {list(x.shape)}")
-
-
-def _check_bank(text_bank: torch.Tensor, z: torch.Tensor, z_name: str) -> None:
-    if text_bank.ndim != 2 or text_bank.shape[0] < 1:
-        raise ValueError(f"text_bank must be [C, D] with C >= 1 candidates, got shape {list(text_bank.shape)}")
-    if z.ndim < 1 or z.shape[-1] != text_bank.shape[-1]:
-        raise ValueError(f"{z_name}'s last dim must equal text_bank's D={text_bank.shape[-1]}, "
-                         f"got {z_name} shape {list(z.shape)}")
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number in (0, 1], got {alpha!r}")
-    if not 0.0 < float(alpha) <= 1.0:  # NaN fails this comparison too
-        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-    return float(alpha)
-
-
-def _check_tau(tau) -> float:
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
-        tau = tau.item()  # a host read: pass tau as a Python float on the hot path
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a positive finite real number, got {tau!r}")
-    if not (math.isfinite(float(tau)) and float(tau) > 0):
-        raise ValueError(f"tau must be > 0 and finite, got {tau!r}")
-    return float(tau)
-
-
-def _check_mode(mode, alpha, compat) -> float:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    return _check_alpha(alpha)
-
-
-def _check_layers(layers, num_candidates: int) -> list[int]:
-    """Layer numbers as a list of ints; matches the J = ``num_candidates`` stacked distributions."""
-    if layers is None or isinstance(layers, (str, bytes)):
-        raise TypeError(f"layers must be a non-empty sequence of layer numbers (ints >= 1), got {layers!r}")
-    layers = layers.tolist() if hasattr(layers, "tolist") else list(layers)  # numpy / torch int arrays too
-    if not layers:
-        raise ValueError("layers must not be empty: give at least one candidate layer number")
-    if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or j < 1 for j in layers):
-        raise ValueError(f"layers must hold layer numbers (ints >= 1), got {layers}")
-    layers = [int(j) for j in layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must not contain duplicates, got {layers}")
-    if len(layers) != num_candidates:
-        raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0), "
-                         f"of size {num_candidates}")
-    return layers
-
-
-def _check_stacked(stacked: torch.Tensor, final: torch.Tensor, stacked_name: str, final_name: str) -> None:
-    if stacked.ndim != final.ndim + 1 or stacked.shape[1:] != final.shape:
-        expected = ", ".join(["J", *map(str, final.shape)])
-        raise ValueError(f"{stacked_name} must have shape [J, *{final_name}.shape] = [{expected}], "
-                         f"got {list(stacked.shape)}")
-
-
-def _resolve_layers(layers, stacked, final, names: tuple[str, str], mode: str, static_layer):
-    """(layer numbers, stacked), or (None, None) when mode 'off' has no layers to compare; eager."""
-    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
-        stacked = None  # mode "off" with an empty stack of layers: nothing to compare
-    if stacked is None:
-        if mode != "off":
-            raise ValueError(f"{names[0]} is required for mode={mode!r} (only mode='off' works without it)")
-        return None, None
-    _check_stacked(stacked, final, *names)
-    if mode != "static":
-        return _check_layers(layers, stacked.shape[0]), stacked
-    if static_layer is None or isinstance(static_layer, bool) or not isinstance(static_layer, numbers.Integral):
-        raise ValueError(f"mode='static' needs static_layer, an int layer number, got {static_layer!r}")
-    layers = _check_layers([int(static_layer)] if layers is None else layers, stacked.shape[0])  # J = 1 may omit layers
-    if int(static_layer) not in layers:
-        raise ValueError(f"static_layer={static_layer} must be one of layers={layers}")
-    return layers, stacked
 
 
 # ---------------------------------------------------------------- value checks on device, read once
@@ -179,7 +66,7 @@ def _probabilities(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
 
 def _finish(result: DoLaResult, checks, to_numpy: bool) -> DoLaResult:
     _raise_failed(checks)
-    return DoLaResult(*(_out(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
+    return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
 
 
 def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -268,14 +155,14 @@ def _dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat) 
 # ---------------------------------------------------------------- public API
 def build_log_probs_from_rep(z, text_bank, tau):
     """log q [..., C] = log_softmax(cos(z, t_c) / tau) for z [..., D], text_bank [C, D]."""
-    z_t, to_numpy = _as_tensor(z, "z")
-    bank, _ = _as_tensor(text_bank, "text_bank", like=z_t)
-    tau = _check_tau(tau)
-    _check_bank(bank, z_t, "z")
-    z_t, bank = _promote(z_t, bank)
+    z_t, to_numpy = as_tensor(z, "z")
+    bank, _ = as_tensor(text_bank, "text_bank", like=z_t)
+    tau = check_tau(tau)
+    check_bank(bank, z_t, "z")
+    z_t, bank = promote(z_t, bank)
     log_q = torch.log_softmax(_rep_logits(z_t, bank, tau), dim=-1)
     _raise_failed([_finite(z_t, "z"), _finite(bank, "text_bank")])
-    return _out(log_q, to_numpy)
+    return to_output(log_q, to_numpy)
 
 
 def build_probs_from_rep(z, text_bank, tau):
@@ -286,7 +173,7 @@ def build_probs_from_rep(z, text_bank, tau):
 
 def jsd(p, q):
     """True Jensen-Shannon divergence (natural log) over the last axis: p, q [..., C] -> [...], in [0, ln 2]."""
-    p_t, q_t, to_numpy = _pair(p, q, "p", "q")
+    p_t, q_t, to_numpy = pair(p, q, "p", "q")
     if p_t.shape[-1] != q_t.shape[-1]:
         raise ValueError(f"p and q must have the same number of classes, got {p_t.shape[-1]} and {q_t.shape[-1]}")
     try:
@@ -295,7 +182,7 @@ def jsd(p, q):
         raise ValueError(f"p and q shapes must broadcast, got {list(p_t.shape)} and {list(q_t.shape)}") from None
     value = _jsd(_log_finite(p_t), _log_finite(q_t), p_t, q_t)
     _raise_failed([_probabilities(p_t, "p"), _probabilities(q_t, "q")])
-    return _out(value, to_numpy)
+    return to_output(value, to_numpy)
 
 
 def select_early_exit(q_N, q_layers, layers, compat=None):
@@ -303,27 +190,27 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
 
     Per example M = argmax_j JSD(q_N, q_j); exact ties go to the layer listed earliest in ``layers``.
     """
-    _check_mode("dynamic", 0.1, compat)
-    q_final, q_stack, to_numpy = _pair(q_N, q_layers, "q_N", "q_layers")
-    layers = _check_layers(layers, q_stack.shape[0])
-    _check_stacked(q_stack, q_final, "q_layers", "q_N")
+    check_mode("dynamic", 0.1, compat)
+    q_final, q_stack, to_numpy = pair(q_N, q_layers, "q_N", "q_layers")
+    layers = check_layers(layers, q_stack.shape[0])
+    check_stacked(q_stack, q_final, "q_layers", "q_N")
     log = torch.log if compat else _log_finite  # the official value keeps log 0 = -inf
     position, table = _select(log(q_final), log(q_stack), q_final, q_stack, compat)
     premature = _layer_table(tuple(layers), position.device)[position]
     _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_stack, "q_layers")])
-    return _out(premature, to_numpy), _out(table, to_numpy)
+    return to_output(premature, to_numpy), to_output(table, to_numpy)
 
 
 def contrast_and_mask(q_N, q_M, alpha: float = 0.1):
     """(p_hat [..., C], log_p_hat [..., C]) = softmax over V_head of log q_N - log q_M; masked: 0 / -inf."""
-    alpha = _check_alpha(alpha)
-    q_final, q_early, to_numpy = _pair(q_N, q_M, "q_N", "q_M")
+    alpha = check_alpha(alpha)
+    q_final, q_early, to_numpy = pair(q_N, q_M, "q_N", "q_M")
     if q_final.shape != q_early.shape:
         raise ValueError(f"q_N and q_M must have the same shape, got {list(q_final.shape)} and {list(q_early.shape)}")
     log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha, q_M_may_be_zero=True)
     _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_early, "q_M"),
                    ((q_final.amax(dim=-1) <= 0).sum(), "q_N must have a positive entry in every row (it is a distribution)")])
-    return _out(torch.exp(log_p_hat), to_numpy), _out(log_p_hat, to_numpy)
+    return to_output(torch.exp(log_p_hat), to_numpy), to_output(log_p_hat, to_numpy)
 
 
 def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: float = 0.1,
@@ -333,16 +220,16 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
     mode "dynamic": per-example M by max JSD; "static": M = static_layer (``layers`` may be None when
     J = 1); "off": probs = q_N, premature_layer = -1 (jsd still computed when scores_layers is given).
     """
-    alpha = _check_mode(mode, alpha, compat)
-    final, to_numpy = _as_tensor(scores_final, "scores_final")
-    _check_classes(final, "scores_final")
+    alpha = check_mode(mode, alpha, compat)
+    final, to_numpy = as_tensor(scores_final, "scores_final")
+    check_classes(final, "scores_final")
     checks = [_finite(final, "scores_final")]
     stacked = None
     if scores_layers is not None:
-        stacked, _ = _as_tensor(scores_layers, "scores_layers", like=final)
+        stacked, _ = as_tensor(scores_layers, "scores_layers", like=final)
         checks.append(_finite(stacked, "scores_layers"))
-        final, stacked = _promote(final, stacked)
-    layers, stacked = _resolve_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
+        final, stacked = promote(final, stacked)
+    layers, stacked = resolve_stacked_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
     log_q_layers = None if stacked is None else torch.log_softmax(stacked, dim=-1)  # (J, ..., C)
     result = _dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat)
     return _finish(result, checks, to_numpy)
@@ -351,18 +238,18 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
 def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
           static_layer=None, compat=None) -> DoLaResult:
     """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult."""
-    alpha = _check_mode(mode, alpha, compat)
-    tau = _check_tau(tau)
-    final, to_numpy = _as_tensor(z_final, "z_final")
-    bank, _ = _as_tensor(text_bank, "text_bank", like=final)
-    _check_bank(bank, final, "z_final")
-    stacked = None if z_layers is None else _as_tensor(z_layers, "z_layers", like=final)[0]
+    alpha = check_mode(mode, alpha, compat)
+    tau = check_tau(tau)
+    final, to_numpy = as_tensor(z_final, "z_final")
+    bank, _ = as_tensor(text_bank, "text_bank", like=final)
+    check_bank(bank, final, "z_final")
+    stacked = None if z_layers is None else as_tensor(z_layers, "z_layers", like=final)[0]
     checks = [_finite(final, "z_final"), _finite(bank, "text_bank")]
     if stacked is not None:
         checks.append(_finite(stacked, "z_layers"))
-    layers, stacked = _resolve_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
-    reps = final[None] if stacked is None else torch.cat(_promote(final[None], stacked))  # (J+1, ..., D)
-    reps, bank = _promote(reps, bank)
+    layers, stacked = resolve_stacked_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
+    reps = final[None] if stacked is None else torch.cat(promote(final[None], stacked))  # (J+1, ..., D)
+    reps, bank = promote(reps, bank)
     log_q = torch.log_softmax(_rep_logits(reps, bank, tau), dim=-1)  # (J+1, ..., C): final, then the layers
     result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
     return _finish(result, checks, to_numpy)

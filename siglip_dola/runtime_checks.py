@@ -1,0 +1,132 @@
+"""Input plumbing and eager checks of the DoLa runtime: array kinds, dtypes, shapes, alpha, tau, modes, layers.
+
+Everything here reads metadata only (shapes, dtypes, Python scalars), never tensor values, so it adds no
+host<->device sync. Value checks (NaN/inf) live in runtime.py and are read once per call, at its end.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import numpy as np
+import torch
+
+MODES = ("dynamic", "static", "off")
+COMPAT_MODES = (None, "official-dola")
+
+
+def as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """(float tensor, was_numpy); float64 is kept, every other dtype is computed in float32."""
+    if isinstance(x, np.ndarray):
+        tensor, was_numpy = torch.from_numpy(np.ascontiguousarray(x)), True
+    elif isinstance(x, torch.Tensor):
+        tensor, was_numpy = x, False
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    device = like.device if like is not None else tensor.device
+    return tensor.to(device=device, dtype=dtype), was_numpy
+
+
+def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def to_output(x: torch.Tensor, to_numpy: bool):
+    return x.detach().cpu().numpy() if to_numpy else x
+
+
+def pair(a, b, a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(a, b as tensors of one float dtype on a's device, a was numpy); both need a class axis."""
+    a_t, to_numpy = as_tensor(a, a_name)
+    b_t, _ = as_tensor(b, b_name, like=a_t)
+    check_classes(a_t, a_name)
+    check_classes(b_t, b_name)
+    return *promote(a_t, b_t), to_numpy
+
+
+def check_classes(x: torch.Tensor, name: str) -> None:
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must be [..., C] with C >= 1 classes, got shape {list(x.shape)}")
+
+
+def check_bank(text_bank: torch.Tensor, z: torch.Tensor, z_name: str) -> None:
+    if text_bank.ndim != 2 or text_bank.shape[0] < 1:
+        raise ValueError(f"text_bank must be [C, D] with C >= 1 candidates, got shape {list(text_bank.shape)}")
+    if z.ndim < 1 or z.shape[-1] != text_bank.shape[-1]:
+        raise ValueError(f"{z_name}'s last dim must equal text_bank's D={text_bank.shape[-1]}, "
+                         f"got {z_name} shape {list(z.shape)}")
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number in (0, 1], got {alpha!r}")
+    if not 0.0 < float(alpha) <= 1.0:  # NaN fails this comparison too
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def check_tau(tau) -> float:
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
+        tau = tau.item()  # a host read: pass tau as a Python float on the hot path
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive finite real number, got {tau!r}")
+    if not (math.isfinite(float(tau)) and float(tau) > 0):
+        raise ValueError(f"tau must be > 0 and finite, got {tau!r}")
+    return float(tau)
+
+
+def check_mode(mode, alpha, compat) -> float:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    return check_alpha(alpha)
+
+
+def check_layers(layers, num_candidates: int) -> list[int]:
+    """Layer numbers as a list of ints; matches the J = ``num_candidates`` stacked distributions."""
+    if layers is None or isinstance(layers, (str, bytes)):
+        raise TypeError(f"layers must be a non-empty sequence of layer numbers (ints >= 1), got {layers!r}")
+    layers = layers.tolist() if hasattr(layers, "tolist") else list(layers)  # numpy / torch int arrays too
+    if not layers:
+        raise ValueError("layers must not be empty: give at least one candidate layer number")
+    if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or j < 1 for j in layers):
+        raise ValueError(f"layers must hold layer numbers (ints >= 1), got {layers}")
+    layers = [int(j) for j in layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not contain duplicates, got {layers}")
+    if len(layers) != num_candidates:
+        raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0), "
+                         f"of size {num_candidates}")
+    return layers
+
+
+def check_stacked(stacked: torch.Tensor, final: torch.Tensor, stacked_name: str, final_name: str) -> None:
+    if stacked.ndim != final.ndim + 1 or stacked.shape[1:] != final.shape:
+        expected = ", ".join(["J", *map(str, final.shape)])
+        raise ValueError(f"{stacked_name} must have shape [J, *{final_name}.shape] = [{expected}], "
+                         f"got {list(stacked.shape)}")
+
+
+def resolve_stacked_layers(layers, stacked, final, names: tuple[str, str], mode: str, static_layer):
+    """(layer numbers, stacked), or (None, None) when mode 'off' has no layers to compare; eager."""
+    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
+        stacked = None  # mode "off" with an empty stack of layers: nothing to compare
+    if stacked is None:
+        if mode != "off":
+            raise ValueError(f"{names[0]} is required for mode={mode!r} (only mode='off' works without it)")
+        return None, None
+    check_stacked(stacked, final, *names)
+    if mode != "static":
+        return check_layers(layers, stacked.shape[0]), stacked
+    if static_layer is None or isinstance(static_layer, bool) or not isinstance(static_layer, numbers.Integral):
+        raise ValueError(f"mode='static' needs static_layer, an int layer number, got {static_layer!r}")
+    layers = check_layers([int(static_layer)] if layers is None else layers, stacked.shape[0])  # J = 1 may omit layers
+    if int(static_layer) not in layers:
+        raise ValueError(f"static_layer={static_layer} must be one of layers={layers}")
+    return layers, stacked
+
+
