@@ -6,6 +6,7 @@ The DoLa bucket (dynamic) and premature layer (static) are chosen on VAL, never 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -116,6 +117,8 @@ def _test_metrics(test, num_layers, buckets, best_bucket, best_static, val_dynam
         "dola_dynamic_test_by_bucket_not_used_for_selection": {
             b: dola_top1(final, stacked, labels, layers, "dynamic")[0] for b, layers in buckets.items()},
     }
+
+
 def write_report(out_dir) -> dict:
     """Evaluate the checkpoint in ``out_dir``; write metrics.json and MODEL_CARD.md beside it; return the metrics."""
     out_dir = Path(out_dir)
@@ -146,6 +149,8 @@ def model_card(metrics: dict) -> str:
         held_out=", ".join(metrics["data"]["held_out_of_train"]), minutes=train["train_seconds"] / 60,
         templates=" / ".join(f"`{t}`" for t in shapes.TEMPLATES), chance=1 / len(shapes.CLASSNAMES),
         train_images=cfg["steps"] * cfg["batch_size"], note=train.get("note", ""),
+        scale_init=math.exp(cfg["logit_scale_init"]), shape_text_prob=cfg.get("shape_text_prob", 0.0),
+        diagnosis=train.get("diagnosis", "none recorded"),
         best_layer=max(zs["layer_top1"], key=lambda j: zs["layer_top1"][j]),
         best_layer_top1=max(zs["layer_top1"].values()))
 
@@ -161,15 +166,16 @@ it knows nothing but coloured shapes. Switch to real weights with `--model googl
   64x64 px input, patch {cfg[patch_size]} (64 tokens), MAP attention-pool head (`vision_use_head=True`).
 - Text: transformer, {cfg[text_layers]} layers, width {cfg[hidden_size]}; word-level tokenizer over the dataset's words,
   padded to 16 tokens (SigLIP pools the last token).
-- Loss: sigmoid loss with learned logit scale and bias (init log 10 / -10); every image-text pair whose text is
-  true of the image (e.g. "a red circle." for any red circle) counts as positive.
+- Loss: sigmoid loss with learned logit scale and bias (init scale {scale_init:.0f}, bias {cfg[logit_bias_init]}); every
+  image-text pair whose text is true of the image (e.g. "a red circle." for any red circle) counts as positive.
 - fp32 safetensors; loads with `SiglipModel` / `AutoImageProcessor` / `AutoTokenizer` `.from_pretrained(dir)`.
 
 ## Data (`siglip_dola.shapes`, deterministic from a seed)
 6 colours x 6 shapes = 36 classes ("red triangle"), 2 sizes, 3 backgrounds, random position and small rotation,
 64x64 px, drawn with PIL. Held out of train entirely (zero-shot): {held_out}.
 Their words still occur in train captions through other combinations. Train texts: the caption
-("a small red triangle on a gray background"), shorter forms, and the prompt templates.
+("a small red triangle on a gray background"), shorter forms, and the prompt templates. Share of extra
+shape-only prompts ("a photo of a star.", `shape_text_prob`): {shape_text_prob}.
 val and test contain all 36 classes and are generated with different per-sample seeds than train.
 
 ## Training
@@ -205,4 +211,6 @@ Full numbers: `metrics.json`.
 A toy model: 64x64 px synthetic shapes, a vocabulary of a few dozen words, a few minutes of CPU training.
 Its accuracy says nothing about DoLa on real SigLIP ViT-L/16; it exists to exercise the real code paths
 (loader, layer readout through the MAP head, DoLa scoring) offline. Numbers come from one training seed.
+
+Shape is this model's weak point. Diagnosis (short proxy runs, val only): {diagnosis}
 """

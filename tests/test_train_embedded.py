@@ -1,6 +1,7 @@
 """The embedded model's training script and the shipped checkpoint in siglip_dola/assets/embedded."""
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,33 @@ def test_positive_pairs_are_the_texts_true_of_the_image():
     texts = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"},
              {"size": "large", "colour": "red", "shape": "circle"}, te._facts("a small red circle on a gray background")]
     assert te.positives_matrix([image], texts).tolist() == [[1.0, 0.0, 0.0, 1.0]]
+
+
+def test_shape_only_texts_name_the_shape_and_are_positive_for_every_colour_of_it():
+    rng = random.Random(0)
+    caption = "a large blue star on a white background"
+    text, facts = te.training_text(caption, rng, shape_text_prob=1.0)
+    words = set(text.replace(".", " ").split())
+    assert facts == {"shape": "star"} and "star" in words and not words & set(shapes.COLOURS)
+    images = [te._facts(f"a small {colour} {shape} on a gray background")
+              for colour in ("red", "blue") for shape in ("star", "cross")]
+    assert te.positives_matrix(images, [facts]).flatten().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_default_text_mix_draws_no_shape_only_texts():
+    rng = random.Random(0)
+    facts = [te.training_text("a small red circle on a black background", rng)[1] for _ in range(200)]
+    assert all("colour" in f for f in facts)
+
+
+def test_training_record_command_reproduces_the_config(tmp_path):
+    cfg = te.TrainConfig(steps=7, seed=3, lr=1.5e-4)
+    te.write_training_record(tmp_path, cfg, 1.0, "test machine", note="n")
+    record = json.loads((tmp_path / "training.json").read_text())
+    argv = record["command"].split()[3:]                      # after "python -m siglip_dola.train_embedded"
+    values = dict(zip(argv[::2], argv[1::2]))
+    assert (int(values["--steps"]), int(values["--seed"]), float(values["--lr"])) == (7, 3, 1.5e-4)
+    assert record["note"] == "n" and record["train_config"]["lr"] == 1.5e-4
 
 
 def test_tokenizer_pads_to_max_length_with_eos_and_knows_every_class_word():
