@@ -7,46 +7,16 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
-from transformers import SiglipModel
 
 from siglip_dola import shapes
 from siglip_dola import train_embedded as te
+from conftest import CountingReadout
 from siglip_dola.calibrate import CalibrationGrid, calibrate, choose, grid_points
 from siglip_dola.datasets import shapes_dataset
-from siglip_dola.loading import from_model
 from siglip_dola.scorer import DoLaSigLIP
 from siglip_dola.text_bank import build_text_bank
 
 NUM_LAYERS, N_IMAGES, BATCH = 12, 36, 16
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    torch.manual_seed(0)
-    cfg = te.TrainConfig(vision_layers=NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
-    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
-    return model
-
-
-@pytest.fixture(scope="module")
-def loaded(hf_model):
-    return from_model(hf_model, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(), model_id="tiny")
-
-
-class CountingReadout:
-    def __init__(self, readout, fail_at=None):
-        self.readout, self.calls, self.fail_at = readout, 0, fail_at
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt
-        return self.readout(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.readout, name)
 
 
 def test_grid_for_vit_l_16():
@@ -79,9 +49,9 @@ def test_choice_ties_go_to_baseline_then_fewer_layers():
     assert choose([first, second]) is first  # full tie: the earlier grid point
 
 
-def naive_layer_embeds(hf_model, images):
+def naive_layer_embeds(tiny_hf_siglip, images):
     """{layer j: z_j [n, D]} for j = 1..N through the model's own post-layernorm + MAP head."""
-    vision = hf_model.vision_model
+    vision = tiny_hf_siglip.vision_model
     with torch.no_grad():
         out = vision(pixel_values=te.pixels_from_images(images), output_hidden_states=True)
         return {j: vision.head(vision.post_layernorm(out.hidden_states[j])).double().numpy()
@@ -109,16 +79,16 @@ def naive_prediction(q, point):
     return int(np.argmax(contrast))
 
 
-def test_every_grid_score_matches_naive_loop_and_model_runs_once(hf_model, loaded, tmp_path):
-    counting = dataclasses.replace(loaded, readout=CountingReadout(loaded.readout))
+def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip, tiny_loaded, tmp_path):
+    counting = dataclasses.replace(tiny_loaded, readout=CountingReadout(tiny_loaded.readout))
     out = tmp_path / "calib.json"
     report = calibrate(counting, "shapes", split="val", n=N_IMAGES, batch_size=BATCH, out=out, progress=False)
     assert counting.readout.calls == math.ceil(N_IMAGES / BATCH)  # one pass, never re-run per grid point
 
     samples = shapes.make_split("val", n=N_IMAGES)
-    bank = build_text_bank(loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
-    z = naive_layer_embeds(hf_model, [s.image for s in samples])
-    q = [{j: naive_probs(z[j][i], bank, loaded.tau) for j in z} for i in range(N_IMAGES)]
+    bank = build_text_bank(tiny_loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
+    z = naive_layer_embeds(tiny_hf_siglip, [s.image for s in samples])
+    q = [{j: naive_probs(z[j][i], bank, tiny_loaded.tau) for j in z} for i in range(N_IMAGES)]
     labels = [s.label for s in samples]
     assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 43
     for score in report["scores"]:
@@ -133,7 +103,7 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(hf_model, loade
     assert written["model"] == "tiny" and written["dataset"] == "shapes" and written["split"] == "val"
     assert written["grid"] == {"n_buckets": [2, 3, 4], "parity": "even", "static_parity": "even",
                                "alphas": [0.05, 0.1, 0.2]}
-    scorer = DoLaSigLIP.from_calibration(out, loaded)
+    scorer = DoLaSigLIP.from_calibration(out, tiny_loaded)
     choice = written["choice"]
     assert scorer.mode == choice["mode"] and scorer.alpha == pytest.approx(choice.get("alpha", 0.1))
     chosen = next(s for s in report["scores"] if s["correct1"] == best)
@@ -141,19 +111,19 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(hf_model, loade
         assert scorer.layers == chosen["layers"]
 
 
-def test_calibrate_accepts_a_dataset_object_and_custom_grid(loaded):
+def test_calibrate_accepts_a_dataset_object_and_custom_grid(tiny_loaded):
     dataset = shapes_dataset("val", n=12)
     grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), static_parity="all")
-    report = calibrate(loaded, dataset, grid=grid, progress=False)
+    report = calibrate(tiny_loaded, dataset, grid=grid, progress=False)
     assert report["n_images"] == 12
     assert len(report["scores"]) == 1 + 3 + (NUM_LAYERS - 1)
     assert report["grid"]["n_buckets"] == (3,)
 
 
-def test_interrupted_calibration_leaves_no_file(loaded, tmp_path):
+def test_interrupted_calibration_leaves_no_file(tiny_loaded, tmp_path):
     out = tmp_path / "calib.json"
     out.write_text("previous complete file")
-    interrupted = dataclasses.replace(loaded, readout=CountingReadout(loaded.readout, fail_at=2))
+    interrupted = dataclasses.replace(tiny_loaded, readout=CountingReadout(tiny_loaded.readout, fail_at=2))
     with pytest.raises(KeyboardInterrupt):
         calibrate(interrupted, "shapes", split="val", n=24, batch_size=8, out=out, progress=False)
     assert out.read_text() == "previous complete file"

@@ -1,52 +1,21 @@
 """embed_images vs the HF SiglipModel's own modules: one readout call per batch, order kept, bad images skipped."""
 import dataclasses
-import math
 
 import pytest
 import torch
 from PIL import Image
-from transformers import SiglipModel
 
 from siglip_dola import shapes
 from siglip_dola import train_embedded as te
+from conftest import CountingReadout
 from siglip_dola.embed import embed_images
-from siglip_dola.loading import from_model
 
-NUM_LAYERS = 12
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    torch.manual_seed(0)
-    cfg = te.TrainConfig(vision_layers=NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
-    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
-    return model
+from conftest import TINY_NUM_LAYERS as NUM_LAYERS
 
 
-@pytest.fixture(scope="module")
-def loaded(hf_model):
-    return from_model(hf_model, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(), model_id="tiny")
-
-
-class CountingReadout:
-    """Forwards to a real readout and counts its calls."""
-
-    def __init__(self, readout):
-        self.readout, self.calls = readout, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.readout(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.readout, name)
-
-
-def naive_embeddings(hf_model, images, layers):
+def naive_embeddings(tiny_hf_siglip, images, layers):
     """(z_final [n, D], z_layers [J, n, D]) from the model's own vision modules, one image at a time."""
-    vision = hf_model.vision_model
+    vision = tiny_hf_siglip.vision_model
     finals, stacks = [], []
     with torch.no_grad():
         for image in images:
@@ -57,13 +26,13 @@ def naive_embeddings(hf_model, images, layers):
     return torch.cat(finals), torch.cat(stacks, dim=1)
 
 
-def test_pairs_match_model_modules_with_one_readout_call_per_batch(hf_model, loaded):
+def test_pairs_match_model_modules_with_one_readout_call_per_batch(tiny_hf_siglip, tiny_loaded):
     samples = shapes.make_split("val", n=7)
     layers = [2, 5, 11]
-    counting = dataclasses.replace(loaded, readout=CountingReadout(loaded.readout))
+    counting = dataclasses.replace(tiny_loaded, readout=CountingReadout(tiny_loaded.readout))
     result = embed_images(counting, [(s.name, s.image) for s in samples], layers, batch_size=3, progress=False)
     assert counting.readout.calls == 3  # ceil(7 / 3): final + all layers in one call per batch
-    z_final, z_layers = naive_embeddings(hf_model, [s.image for s in samples], layers)
+    z_final, z_layers = naive_embeddings(tiny_hf_siglip, [s.image for s in samples], layers)
     assert result.z_final.dtype == torch.float32 and result.z_final.device.type == "cpu"
     assert result.z_layers.shape == (3, 7, 16)
     torch.testing.assert_close(result.z_final, z_final, rtol=1e-4, atol=1e-5)
@@ -72,7 +41,7 @@ def test_pairs_match_model_modules_with_one_readout_call_per_batch(hf_model, loa
     assert result.layers == layers and result.skipped == []
 
 
-def test_paths_keep_order_and_skip_bad_files(hf_model, loaded, tmp_path):
+def test_paths_keep_order_and_skip_bad_files(tiny_hf_siglip, tiny_loaded, tmp_path):
     samples = shapes.make_split("test", n=5)
     paths = []
     for s in samples:
@@ -80,26 +49,26 @@ def test_paths_keep_order_and_skip_bad_files(hf_model, loaded, tmp_path):
         s.image.save(paths[-1])
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
     items = [paths[0], tmp_path / "corrupt.png", paths[1], tmp_path / "missing.png", paths[2], paths[3], paths[4]]
-    result = embed_images(loaded, [str(p) for p in items], [4], batch_size=2, progress=False)
+    result = embed_images(tiny_loaded, [str(p) for p in items], [4], batch_size=2, progress=False)
     assert result.ids == [str(p) for p in paths]
     assert result.indices == [0, 2, 4, 5, 6]
     assert [s[0] for s in result.skipped] == [str(tmp_path / "corrupt.png"), str(tmp_path / "missing.png")]
     assert all(isinstance(err, str) and err for _, err in result.skipped)
-    z_final, z_layers = naive_embeddings(hf_model, [s.image for s in samples], [4])
+    z_final, z_layers = naive_embeddings(tiny_hf_siglip, [s.image for s in samples], [4])
     torch.testing.assert_close(result.z_final, z_final, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(result.z_layers, z_layers, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_pair_is_reported_and_skipped(loaded):
+def test_bad_pair_is_reported_and_skipped(tiny_loaded):
     good = shapes.make_split("val", n=2)
     items = [(good[0].name, good[0].image), ("broken", "not an image"), (good[1].name, good[1].image)]
-    result = embed_images(loaded, items, [2], batch_size=8, progress=False)
+    result = embed_images(tiny_loaded, items, [2], batch_size=8, progress=False)
     assert result.ids == [good[0].name, good[1].name] and result.indices == [0, 2]
     assert [s[0] for s in result.skipped] == ["broken"]
 
 
-def test_all_bad_gives_empty_embeddings(loaded):
-    result = embed_images(loaded, [("a", None), ("b", 3)], [2, 4], progress=False)
+def test_all_bad_gives_empty_embeddings(tiny_loaded):
+    result = embed_images(tiny_loaded, [("a", None), ("b", 3)], [2, 4], progress=False)
     assert result.z_final.shape == (0, 16) and result.z_layers.shape == (2, 0, 16)
     assert [s[0] for s in result.skipped] == ["a", "b"]
 
@@ -110,24 +79,24 @@ def _hooks(model):
             for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}
 
 
-def test_model_left_unchanged(hf_model, loaded):
-    before = {k: v.clone() for k, v in hf_model.state_dict().items()}
-    hooks_before = _hooks(hf_model)
-    embed_images(loaded, [(s.name, s.image) for s in shapes.make_split("val", n=2)], [1, 3], progress=False)
-    after = hf_model.state_dict()
+def test_model_left_unchanged(tiny_hf_siglip, tiny_loaded):
+    before = {k: v.clone() for k, v in tiny_hf_siglip.state_dict().items()}
+    hooks_before = _hooks(tiny_hf_siglip)
+    embed_images(tiny_loaded, [(s.name, s.image) for s in shapes.make_split("val", n=2)], [1, 3], progress=False)
+    after = tiny_hf_siglip.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert _hooks(hf_model) == hooks_before
-    assert not hf_model.training
+    assert _hooks(tiny_hf_siglip) == hooks_before
+    assert not tiny_hf_siglip.training
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
-def test_bad_batch_size(loaded, batch_size):
+def test_bad_batch_size(tiny_loaded, batch_size):
     with pytest.raises(ValueError, match="batch_size"):
-        embed_images(loaded, [], [2], batch_size=batch_size)
+        embed_images(tiny_loaded, [], [2], batch_size=batch_size)
 
 
-def test_single_path_string_rejected(loaded):
+def test_single_path_string_rejected(tiny_loaded):
     with pytest.raises(TypeError, match="items"):
-        embed_images(loaded, "image.png", [2])
+        embed_images(tiny_loaded, "image.png", [2])
     with pytest.raises(TypeError, match="items"):
-        embed_images(loaded, [Image.new("RGB", (4, 4))], [2])
+        embed_images(tiny_loaded, [Image.new("RGB", (4, 4))], [2])

@@ -6,52 +6,35 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
-from transformers import SiglipModel
 
 from siglip_dola import metrics, runtime, shapes
 from siglip_dola import train_embedded as te
 from siglip_dola.calibrate import calibrate
 from siglip_dola.evaluate import evaluate, summary_line
-from siglip_dola.loading import from_model
 from siglip_dola.text_bank import build_text_bank
 
 NUM_LAYERS, N_IMAGES = 12, 40
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    torch.manual_seed(0)
-    cfg = te.TrainConfig(vision_layers=NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
-    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
-    return model
+def report(tiny_loaded):
+    return evaluate(tiny_loaded, "shapes", split="test", n=N_IMAGES, progress=False)
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_model):
-    return from_model(hf_model, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(), model_id="tiny")
-
-
-@pytest.fixture(scope="module")
-def report(loaded):
-    return evaluate(loaded, "shapes", split="test", n=N_IMAGES, progress=False)
-
-
-@pytest.fixture(scope="module")
-def naive(hf_model, loaded):
+def naive(tiny_hf_siglip, tiny_loaded):
     """Per image {layer j: q_j} (j = 1..N) from the model's own modules and numpy, plus labels."""
     samples = shapes.make_split("test", n=N_IMAGES)
-    vision = hf_model.vision_model
+    vision = tiny_hf_siglip.vision_model
     with torch.no_grad():
         out = vision(pixel_values=te.pixels_from_images([s.image for s in samples]), output_hidden_states=True)
         z = {j: vision.head(vision.post_layernorm(out.hidden_states[j])).double().numpy()
              for j in range(1, NUM_LAYERS + 1)}
-    bank = build_text_bank(loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
+    bank = build_text_bank(tiny_loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
 
     def probs(v):
-        logits = bank @ (v / np.linalg.norm(v)) / loaded.tau
+        logits = bank @ (v / np.linalg.norm(v)) / tiny_loaded.tau
         e = np.exp(logits - logits.max())
         return e / e.sum()
     q = [{j: probs(z[j][i]) for j in z} for i in range(N_IMAGES)]
@@ -100,10 +83,10 @@ def test_layer_lens_matches_naive(report, naive):
     assert lens["dynamic_layer_counts"] == {"10": N_IMAGES}
 
 
-def test_calibrated_eval_uses_calibration_and_refuses_its_split(loaded, naive, tmp_path):
-    calibration = calibrate(loaded, "shapes", split="val", n=24, out=tmp_path / "calib.json", progress=False)
+def test_calibrated_eval_uses_calibration_and_refuses_its_split(tiny_loaded, naive, tmp_path):
+    calibration = calibrate(tiny_loaded, "shapes", split="val", n=24, out=tmp_path / "calib.json", progress=False)
     out = tmp_path / "result.json"
-    result = evaluate(loaded, "shapes", split="test", n=N_IMAGES, calibration=tmp_path / "calib.json",
+    result = evaluate(tiny_loaded, "shapes", split="test", n=N_IMAGES, calibration=tmp_path / "calib.json",
                       out=out, progress=False)
     dynamic = calibration["best"]["dynamic"]
     assert result["modes"]["dynamic"]["bucket"] == dynamic["bucket"]
@@ -120,19 +103,19 @@ def test_calibrated_eval_uses_calibration_and_refuses_its_split(loaded, naive, t
     assert summary_line(written).startswith("shapes [test, n=40] zeroshot_classification acc1: off=")
 
     with pytest.raises(ValueError, match="split 'val'.*the split being evaluated"):
-        evaluate(loaded, "shapes", split="val", n=12, calibration=tmp_path / "calib.json", progress=False)
+        evaluate(tiny_loaded, "shapes", split="val", n=12, calibration=tmp_path / "calib.json", progress=False)
     other = dict(calibration, model="someone-else")
     with pytest.raises(ValueError, match="someone-else"):
-        evaluate(loaded, "shapes", split="test", n=12, calibration=other, progress=False)
+        evaluate(tiny_loaded, "shapes", split="test", n=12, calibration=other, progress=False)
 
 
-def test_retrieval_recall_matches_naive(hf_model, loaded):
+def test_retrieval_recall_matches_naive(tiny_hf_siglip, tiny_loaded):
     n = 20
-    result = evaluate(loaded, "shapes", split="test", n=n, task="zeroshot_retrieval", progress=False)
+    result = evaluate(tiny_loaded, "shapes", split="test", n=n, task="zeroshot_retrieval", progress=False)
     samples = shapes.make_split("test", n=n)
     with torch.no_grad():
-        images = hf_model.vision_model(pixel_values=te.pixels_from_images([s.image for s in samples])).pooler_output
-        texts = loaded.encode_text([s.caption for s in samples])
+        images = tiny_hf_siglip.vision_model(pixel_values=te.pixels_from_images([s.image for s in samples])).pooler_output
+        texts = tiny_loaded.encode_text([s.caption for s in samples])
     similarity = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
     for k in (1, 5, 10):
         i2t = np.mean([i in torch.argsort(similarity[i], descending=True)[:k].tolist() for i in range(n)])
@@ -152,6 +135,6 @@ def test_rank_scores_put_masked_classes_after_the_head_by_q_final():
     assert order == [1, 0, 2, 3]
 
 
-def test_bad_task_rejected(loaded):
+def test_bad_task_rejected(tiny_loaded):
     with pytest.raises(ValueError, match="task must be one of"):
-        evaluate(loaded, "shapes", task="detection", progress=False)
+        evaluate(tiny_loaded, "shapes", task="detection", progress=False)

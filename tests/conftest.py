@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random SigLIP of the embedded model's family (12 layers), built once per session."""
+import math
+
+import pytest
+import torch
+from transformers import SiglipModel
+
+from siglip_dola import train_embedded as te
+from siglip_dola.loading import from_model
+
+TINY_NUM_LAYERS = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_siglip():
+    """HF SiglipModel: 12 vision layers of width 16, patch 16, logit scale log(30); eval mode, random init."""
+    torch.manual_seed(0)
+    cfg = te.TrainConfig(vision_layers=TINY_NUM_LAYERS, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
+    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(te.build_tokenizer()))).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(30.0))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_hf_siglip):
+    """The tiny model as a LoadedModel (id "tiny"), with the embedded model's tokenizer and preprocessing."""
+    return from_model(tiny_hf_siglip, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(),
+                      model_id="tiny")
+
+
+class CountingReadout:
+    """Forwards to a real readout and counts its calls; raises KeyboardInterrupt on call `fail_at`."""
+
+    def __init__(self, readout, fail_at=None):
+        self.readout, self.calls, self.fail_at = readout, 0, fail_at
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.readout(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.readout, name)
