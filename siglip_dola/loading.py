@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,9 @@ def from_model(model, preprocess=None, tokenizer=None, model_id: str | None = No
     loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
     if logit_scale is not None:
         loaded.logit_scale = float(logit_scale)
+    elif loaded.encode_text is None:  # tau shapes every q_j and the JSD: a guessed one must not pass silently
+        warnings.warn(f"{model_id}: a vision-only tower stores no logit_scale; using log(100) (tau = 0.01). "
+                      "Pass logit_scale= of the SigLIP checkpoint its text bank comes from.", stacklevel=2)
     if logit_bias is not None:
         loaded.logit_bias = float(logit_bias)
     return loaded
