@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,6 @@ import time
 from pathlib import Path
 
 
-def _free_port() -> int:
-    """A free port below the ephemeral range (a TCPStore port inside it can hang on connect)."""
-    import random
-
-    for port in random.sample(range(20000, 32000), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found in 20000..31999")
 
 
 def synthetic_items(n: int, size: int, seed: int = 0) -> list:
@@ -88,8 +75,10 @@ def worker(args) -> None:
 
 def launch(nproc: int, args, out: Path) -> dict:
     """Run this file in worker mode under torchrun with nproc processes; return rank 0's timing."""
+    from siglip_dola.distributed import free_port
+
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master-port={_free_port()}", __file__, "--worker", "--out", str(out), "--arch", args.arch,
+               f"--master-port={free_port()}", __file__, "--worker", "--out", str(out), "--arch", args.arch,
                "--num-images", str(args.num_images), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     command += ["--precision", args.precision] if args.precision else []
     command += ["--device", args.device] if args.device else []

@@ -101,3 +101,22 @@ def broadcast_from_rank0(obj):
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port for torchrun's --master-port, below Linux's ephemeral range (32768+).
+
+    A TCPStore port inside the ephemeral range can be taken by an outgoing connection between the
+    check and the bind, and connecting to it then hangs; ports below it are only ever ours.
+    """
+    import random
+    import socket
+
+    for port in random.sample(range(low, high), min(200, high - low)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found in {low}..{high - 1}")

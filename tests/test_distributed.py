@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -88,23 +87,13 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    """A free port below the ephemeral range (a TCPStore port inside it can hang on connect)."""
-    for port in np.random.default_rng().permutation(np.arange(20000, 32000)).tolist():
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000..31999")
 
 
 def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={_free_port()}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={distributed.free_port()}",
                str(script), str(model_dir), str(tmp_path), str(N_IMAGES)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
