@@ -88,6 +88,9 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
     assert on_disk["model_id"] == model.model_id and on_disk["layers"] == LAYERS
     assert on_disk["count"] == len(good) and on_disk["format_version"] == storage.FORMAT_VERSION
     assert on_disk["embed_dim"] == 16 and on_disk["num_layers"] == 6 and "image_size=(64, 64)" in on_disk["preprocessing"]
+    # the preprocessing is described by its settings (as the model's own processor holds them), never a memory address
+    processor = model.preprocess.processor
+    assert f"image_mean={processor.image_mean!r}" in on_disk["preprocessing"] and " at 0x" not in on_disk["preprocessing"]
     digest = hashlib.sha256()
     for seg in on_disk["segments"]:
         file_hash = hashlib.sha256((tmp_path / "idx" / "segments" / seg["name"] / "vectors.npy").read_bytes()).hexdigest()

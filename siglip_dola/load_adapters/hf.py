@@ -104,11 +104,24 @@ def _wrap_processor(processor, model):
         processor = SiglipImageProcessor(size={"height": size, "width": size})
     if not hasattr(processor, "preprocess"):
         return processor
+    return HFImagePreprocess(processor)
 
-    def preprocess(image):
-        return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
-    return preprocess
+class HFImagePreprocess:
+    """PIL -> [3, H, W] through an HF image processor; its repr names the settings (index manifests record it)."""
+
+    SETTINGS = ("size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        config = self.processor.to_dict()
+        settings = ", ".join(f"{key}={config[key]!r}" for key in self.SETTINGS if key in config)
+        return f"{type(self.processor).__name__}({settings})"
 
 
 def _text_encoder(model, tokenizer):

@@ -11,6 +11,8 @@ references is touched before the new manifest is committed.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def _default_layers(num_layers: int, layers, bucket) -> list[int]:
 def _new_manifest(model, layers: list[int]) -> Manifest:
     readout = model.readout
     preprocessing = f"image_size={tuple(readout.image_size)}; {model.preprocess!r}".replace("\n", " ")
+    preprocessing = re.sub(r" at 0x[0-9a-fA-F]+", "", preprocessing)  # a bare function's repr carries its address
     return Manifest(model_id=model.model_id, layers=list(layers), num_layers=int(readout.num_layers),
                     embed_dim=int(readout.embed_dim), logit_scale=float(model.logit_scale),
                     preprocessing=preprocessing[:2000])
