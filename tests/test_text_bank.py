@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import open_clip
@@ -183,7 +184,7 @@ def test_check_bank_dimension_against_the_readout():
     torch.manual_seed(0)
     tower = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False,
                               global_pool="map", num_classes=0).eval()
-    loaded = from_model(tower, model_id="tower")
+    loaded = from_model(tower, model_id="tower", logit_scale=math.log(100.0))
     tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "tower"), loaded)
     with pytest.raises(ValueError, match="dimension 16 does not match .* 32"):
         tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 16), "tower"), loaded)
