@@ -236,8 +236,17 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
 
 
 def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
-          static_layer=None, compat=None) -> DoLaResult:
-    """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult."""
+          static_layer=None, compat=None, fused: bool = False) -> DoLaResult:
+    """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult.
+
+    fused=True (EXPERIMENTAL, opt-in): the same math compiled with torch.compile (siglip_dola.fused_scoring);
+    equal up to float rounding, compiles once per new shape/dtype/mode. Default False: eager.
+    """
+    if fused is not False and fused is not True:
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    if fused:
+        from siglip_dola.fused_scoring import score_fused  # lazy: it imports this module
+        return score_fused(z_final, z_layers, text_bank, tau, layers, mode, alpha, static_layer, compat)
     alpha = check_mode(mode, alpha, compat)
     tau = check_tau(tau)
     final, to_numpy = as_tensor(z_final, "z_final")
