@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--split", action="store_true", help="also time the readout alone (no scoring)")
+    parser.add_argument("--fused-scoring", action="store_true",
+                        help="also time each DoLa point with runtime.score(..., fused=True) (torch.compile), '-fs'")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
@@ -140,25 +142,52 @@ def usable_variants(args, device: torch.device) -> list[str]:
     return names
 
 
-def make_points(embed, readout, images, bank, tau, sets, variants, split=False):
-    """name -> zero-argument callable doing one full scoring pass (baseline first)."""
+def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False):
+    """name -> zero-argument callable doing one full scoring pass (baseline first); '-fs': fused scoring."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
 
-    def dola(layers, variant, score=True):
+    def dola(layers, variant, score=True, fused_score=False):
         def run():
             with fused_config(variant):
                 z_final, z_layers = readout(images, layers)
-            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic") if score else z_layers
+            if not score:
+                return z_layers
+            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic", fused=fused_score)
         return run
 
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
     for count, layers in sets.items():
         for variant in variants:
             points[f"dola{count}-{variant}"] = dola(layers, variant)
+            if fused_scoring:
+                points[f"dola{count}-{variant}-fs"] = dola(layers, variant, fused_score=True)
             if split:  # the readout alone (no runtime.score), to split the cost
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
     return points
+
+
+def first_call(fn, device: torch.device) -> float:
+    """Wall milliseconds of one call, synchronised: for '-fs' points the first one includes the compile."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def fused_scoring_diffs(points: dict) -> dict[str, dict]:
+    """'-fs' point -> max |fused - eager| of probs and jsd, and the share of equal premature layers."""
+    diffs = {}
+    for name in [n for n in points if n.endswith("-fs")]:
+        fused_result, eager_result = points[name](), points[name[:-3]]()
+        diffs[name] = dict(
+            probs_max_abs=float((fused_result.probs - eager_result.probs).abs().max()),
+            jsd_max_abs=float((fused_result.jsd - eager_result.jsd).abs().max()),
+            same_layer=float((fused_result.premature_layer == eager_result.premature_layer).float().mean()))
+    return diffs
 
 
 def profile(points: dict, names: list[str]) -> None:
@@ -204,10 +233,12 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype_name], enabled=DTYPES[dtype_name] is not None)
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
-        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split)
+        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring)
+        first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}  # '-fs': includes compile
         for fn in points.values():
             for _ in range(args.warmup):
                 fn()
+        scoring_diffs = fused_scoring_diffs(points)
         times = {name: [] for name in points}
         for _ in range(args.runs):
             for name, fn in points.items():
@@ -221,7 +252,8 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
         median = statistics.median(samples)
         rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
-                         fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None))
+                         fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None,
+                         first_call_ms=first_call_ms[name], fused_vs_eager_scoring=scoring_diffs.get(name)))
     return rows
 
 
@@ -240,12 +272,12 @@ def environment(device: torch.device) -> dict:
 
 def format_table(rows: list[dict], device_name: str) -> str:
     lines = [f"device: {device_name}",
-             f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'peak MiB':>9} {'rel err':>8}"]
+             f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'peak MiB':>9} {'rel err':>8} {'1st ms':>8}"]
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         err = "-" if r["fused_vs_unfused_rel_err"] is None else f"{r['fused_vs_unfused_rel_err']:.1e}"
         lines.append(f"{r['dtype']:5} {r['batch']:>5} {r['point']:24} {r['median_ms']:>10.3f} "
-                     f"{r['ratio']:>7.4f} {peak:>9} {err:>8}")
+                     f"{r['ratio']:>7.4f} {peak:>9} {err:>8} {r.get('first_call_ms', float('nan')):>8.0f}")
     return "\n".join(lines)
 
 
