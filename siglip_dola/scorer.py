@@ -62,8 +62,11 @@ class DoLaSigLIP:
     """DoLa scorer over a LoadedModel: classify images against a text bank, rerank texts or images."""
 
     def __init__(self, model, mode: str = "dynamic", alpha: float = 0.1, layers=None, bucket=None,
-                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32):
-        self.model = model
+                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, fused_scoring: bool = False):
+        # fused_scoring=True: EXPERIMENTAL runtime.score(..., fused=True) (torch.compile; compiles per batch shape)
+        if fused_scoring is not True and fused_scoring is not False:
+            raise TypeError(f"fused_scoring must be True or False, got {fused_scoring!r}")
+        self.model, self.fused_scoring = model, fused_scoring
         self.mode = mode
         self.alpha = _check_alpha(alpha)
         self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
@@ -157,7 +160,7 @@ class DoLaSigLIP:
         z_final, z_layers = self.embed(pixels)
         bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
         return runtime.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
-                             alpha=self.alpha, static_layer=self.static_layer)
+                             alpha=self.alpha, static_layer=self.static_layer, fused=self.fused_scoring)
 
     def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
         """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""

@@ -126,3 +126,21 @@ def test_fused_switch_must_be_bool_and_metadata_checks_stay():
         rt.score(z_final, z_layers, bank, TAU, LAYERS[3], mode="static", static_layer=4, fused=True)
     with pytest.raises(ValueError, match="mode must be one of"):
         rt.score(z_final, z_layers, bank, TAU, LAYERS[3], mode="best", fused=True)
+
+
+def test_scorer_passes_fused_scoring_through():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from siglip_dola.loading import from_model
+    from siglip_dola.scorer import DoLaSigLIP
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=D, depth=24, num_heads=2, mlp_ratio=2.0,
+                            class_token=False, global_pool="map", num_classes=0).eval()
+    loaded = from_model(vit, logit_scale=math.log(30.0))
+    pixels = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    bank = torch.randn(C, D, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(TypeError, match="fused_scoring must be True or False"):
+        DoLaSigLIP(loaded, fused_scoring=1)
+    eager = DoLaSigLIP(loaded, batch_size=B).score_pixels(pixels, bank)
+    fused = DoLaSigLIP(loaded, batch_size=B, fused_scoring=True).score_pixels(pixels, bank)
+    assert_same(fused, eager)
