@@ -16,24 +16,12 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
 from siglip_dola import runtime as rt
-from siglip_dola.runtime_checks import check_bank, resolve_stacked_layers, to_output
+from siglip_dola.runtime_checks import check_bank, resolve_stacked_layers, to_output, to_tensor
 
 RECOMPILE_LIMIT = 64  # distinct (shape, dtype, mode, ...) combinations compiled before raising
-
-
-def _as_device_tensor(x, name: str, device: torch.device | None) -> tuple[torch.Tensor, bool]:
-    """(tensor on device, was_numpy) keeping the dtype: the float cast happens inside the compiled region."""
-    if isinstance(x, np.ndarray):
-        tensor, was_numpy = torch.from_numpy(np.ascontiguousarray(x)), True
-    elif isinstance(x, torch.Tensor):
-        tensor, was_numpy = x, False
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    return (tensor if device is None else tensor.to(device)), was_numpy
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -88,10 +76,10 @@ def _compiled_core():
 def score_fused(z_final, z_layers, text_bank, tau, layers, mode, alpha, static_layer, compat) -> rt.DoLaResult:
     """runtime.score's contract (see there), the math compiled; called by ``runtime.score(..., fused=True)``."""
     alpha, tau = rt.check_mode(mode, alpha, compat), rt.check_tau(tau)
-    final, to_numpy = _as_device_tensor(z_final, "z_final", None)
-    bank, _ = _as_device_tensor(text_bank, "text_bank", final.device)
+    final, to_numpy = to_tensor(z_final, "z_final", None)
+    bank, _ = to_tensor(text_bank, "text_bank", final.device)
     check_bank(bank, final, "z_final")
-    stacked = None if z_layers is None else _as_device_tensor(z_layers, "z_layers", final.device)[0]
+    stacked = None if z_layers is None else to_tensor(z_layers, "z_layers", final.device)[0]
     layers, stacked = resolve_stacked_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
     messages = [f"{name} must be finite (no NaN or inf)" for name in ("z_final", "text_bank", "z_layers")]
     static_position = layers.index(int(static_layer)) if mode == "static" else -1

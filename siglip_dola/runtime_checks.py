@@ -16,14 +16,20 @@ MODES = ("dynamic", "static", "off")
 COMPAT_MODES = (None, "official-dola")
 
 
-def as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """(float tensor, was_numpy); float64 is kept, every other dtype is computed in float32."""
+def to_tensor(x, name: str, device: torch.device | None = None) -> tuple[torch.Tensor, bool]:
+    """(tensor with x's dtype, on `device` if given, was_numpy) from a torch tensor or numpy array."""
     if isinstance(x, np.ndarray):
         tensor, was_numpy = torch.from_numpy(np.ascontiguousarray(x)), True
     elif isinstance(x, torch.Tensor):
         tensor, was_numpy = x, False
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    return (tensor if device is None else tensor.to(device)), was_numpy
+
+
+def as_tensor(x, name: str, like: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """(float tensor, was_numpy); float64 is kept, every other dtype is computed in float32."""
+    tensor, was_numpy = to_tensor(x, name)
     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     device = like.device if like is not None else tensor.device
     return tensor.to(device=device, dtype=dtype), was_numpy
