@@ -145,12 +145,9 @@ class DoLaSigLIP:
         else:
             raise TypeError(f"bank must be a TextBank, a list of label strings or a [C, D] tensor, got {type(bank).__name__}")
         check_bank_dim(embeds, self.model.readout.embed_dim)
-        # A model with its own text tower must score against banks it encoded (same width, other model:
-        # meaningless scores). A tower without one (Janus) always brings a bank encoded elsewhere.
-        bank_model = getattr(bank, "model_id", None)
-        if bank_model and self.model.encode_text is not None and bank_model != self.model.model_id:
-            raise ValueError(f"bank was encoded by model {bank_model!r}, not by {self.model.model_id!r}; "
-                             "rebuild it with build_text_bank(model, ...)")
+        if not isinstance(bank, torch.Tensor):
+            from siglip_dola.text_bank import check_bank
+            check_bank(bank, self.model)  # the bank/model policy lives with the banks
         if len(labels) != embeds.shape[0]:
             raise ValueError(f"bank has {len(labels)} labels but {embeds.shape[0]} embedding rows")
         return labels, embeds

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,15 +187,22 @@ def _read_bank_file(path: Path):
     raise ValueError(f"text bank path must end with .safetensors or .npy; got {path}")
 
 
-def check_bank(bank: TextBank, model) -> None:
-    """ValueError when the bank's dimension differs from the model's image embedding dimension."""
+def check_bank(bank, model) -> None:
+    """ValueError unless `bank` (TextBank-like: embeds [C, D], model_id) can score images of `model`.
+
+    The width must match. A model with its own text tower must use a bank it encoded: same width,
+    other model gives meaningless scores. A tower without one (Janus) always brings a bank encoded
+    elsewhere, so its banks are accepted whatever their model_id.
+    """
     model_dim = int(model.readout.embed_dim)
-    if bank.dim != model_dim:
-        raise ValueError(f"text bank dimension {bank.dim} does not match model {model.model_id!r} "
+    bank_dim = int(bank.embeds.shape[-1])
+    if bank_dim != model_dim:
+        raise ValueError(f"text bank dimension {bank_dim} does not match model {model.model_id!r} "
                          f"embedding dimension {model_dim}: build the bank with this model")
-    if bank.model_id and model.model_id and bank.model_id != model.model_id:
-        warnings.warn(f"text bank was built with {bank.model_id!r}, scoring with {model.model_id!r}",
-                      stacklevel=2)
+    bank_model = getattr(bank, "model_id", None)
+    if bank_model and model.encode_text is not None and bank_model != model.model_id:
+        raise ValueError(f"bank was encoded by model {bank_model!r}, not by {model.model_id!r}; "
+                         "rebuild it with build_text_bank(model, ...)")
 
 
 def bank_cache_key(model_id: str, weights_fingerprint: str, classnames: Sequence[str],

@@ -1,6 +1,7 @@
 """Text banks: open_clip-identical ensembling, label files, .npy/.safetensors, on-disk cache."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -188,5 +189,7 @@ def test_check_bank_dimension_against_the_readout():
     tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "tower"), loaded)
     with pytest.raises(ValueError, match="dimension 16 does not match .* 32"):
         tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 16), "tower"), loaded)
-    with pytest.warns(UserWarning, match="built with 'other'"):
-        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), loaded)
+    tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), loaded)  # no text tower: any bank's origin
+    with_text_tower = dataclasses.replace(loaded, encode_text=lambda texts: torch.ones(len(texts), 32))
+    with pytest.raises(ValueError, match="encoded by model 'other'"):
+        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
