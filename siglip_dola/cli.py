@@ -17,6 +17,20 @@ def subcommand(name: str, help: str):
     return register
 
 
+def int_at_least(minimum: int):
+    """An argparse `type=` that parses an int >= minimum, with an error that states the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
     parser = argparse.ArgumentParser(prog="siglip-dola", description="DoLa for SigLIP vision towers.")

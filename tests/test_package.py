@@ -21,3 +21,15 @@ def test_cli_lists_every_subcommand():
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "siglip_dola", "--help"], capture_output=True, text=True, check=True)
     assert "classify" in out.stdout and "demo" in out.stdout
+
+
+def test_int_options_state_their_bound(capsys):
+    import pytest
+
+    from siglip_dola.cli import main
+
+    for argv, bound in ((["demo", "--n", "0"], ">= 1"), (["shapes", "export", "/tmp/unused", "--n", "-1"], ">= 0"),
+                        (["demo", "--n", "many"], ">= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and bound in capsys.readouterr().err

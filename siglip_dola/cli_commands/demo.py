@@ -1,19 +1,12 @@
 """`siglip-dola demo`: the offline first run on the embedded default model."""
 from __future__ import annotations
 
-from siglip_dola.cli import subcommand
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"--n must be >= 1, got {value}")
-    return value
+from siglip_dola.cli import int_at_least, subcommand
 
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--out", default="siglip-dola-demo", help="folder for the generated images (default ./siglip-dola-demo)")
-    parser.add_argument("--n", type=_positive_int, default=8, help="number of images (default 8)")
+    parser.add_argument("--n", type=int_at_least(1), default=8, help="number of images (default 8)")
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
     parser.add_argument("--mode", choices=("dynamic", "static"), default=None,
                         help="default: the embedded model's shipped calibration (chosen on the val split)")

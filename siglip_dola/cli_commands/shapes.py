@@ -1,16 +1,9 @@
 """`siglip-dola shapes export DIR`: write images of the generated `shapes` dataset with labels and captions."""
 from __future__ import annotations
 
-from siglip_dola.cli import subcommand
+from siglip_dola.cli import int_at_least, subcommand
 
 SPLITS = ("train", "val", "test")
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"--n must be >= 0, got {value}")
-    return value
 
 
 def _add_arguments(parser) -> None:
@@ -18,7 +11,7 @@ def _add_arguments(parser) -> None:
     export = actions.add_parser("export", help="write PNGs, labels.csv, captions.csv and classnames.txt into DIR")
     export.add_argument("dir", help="output folder (created if missing)")
     export.add_argument("--split", choices=SPLITS, default="test")
-    export.add_argument("--n", type=_non_negative_int, default=50, help="number of images (default 50)")
+    export.add_argument("--n", type=int_at_least(0), default=50, help="number of images (default 50)")
     export.add_argument("--seed", type=int, default=0)
 
 
