@@ -34,12 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siglip_dola import scoring_kernel
 from siglip_dola.runtime_checks import (  # noqa: F401  (MODES, COMPAT_MODES are part of runtime's API)
     COMPAT_MODES, MODES, as_tensor, check_alpha, check_bank, check_classes, check_layers, check_mode, check_stacked,
     check_tau, pair, promote, resolve_stacked_layers, to_output,
 )
 
 LN2 = math.log(2.0)
+TRITON_SCORING = True  # score() runs its post-matmul math as one Triton kernel where usable (the benchmark flips it)
 
 
 @dataclass
@@ -241,6 +243,8 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
 
     fused=True (EXPERIMENTAL, opt-in): the same math compiled with torch.compile (siglip_dola.fused_scoring);
     equal up to float rounding, compiles once per new shape/dtype/mode. Default False: eager.
+    With compat=None, fp32 logits on CUDA and C <= scoring_kernel.MAX_CLASSES, everything after the logit
+    matmul is ONE Triton kernel (siglip_dola.scoring_kernel; switch: TRITON_SCORING), equal up to fp32 rounding.
     """
     if fused is not False and fused is not True:
         raise TypeError(f"fused must be True or False, got {fused!r}")
@@ -253,12 +257,41 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     bank, _ = as_tensor(text_bank, "text_bank", like=final)
     check_bank(bank, final, "z_final")
     stacked = None if z_layers is None else as_tensor(z_layers, "z_layers", like=final)[0]
-    checks = [_finite(final, "z_final"), _finite(bank, "text_bank")]
-    if stacked is not None:
-        checks.append(_finite(stacked, "z_layers"))
     layers, stacked = resolve_stacked_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
     reps = final[None] if stacked is None else torch.cat(promote(final[None], stacked))  # (J+1, ..., D)
     reps, bank = promote(reps, bank)
-    log_q = torch.log_softmax(_rep_logits(reps, bank, tau), dim=-1)  # (J+1, ..., C): final, then the layers
+    logits = _rep_logits(reps, bank, tau)  # (J+1, ..., C): final, then the layers
+    checks = lambda: _finite_checks(final, bank, stacked)  # noqa: E731  (built lazily: the Triton path skips them)
+    if TRITON_SCORING and compat is None and logits.is_contiguous():
+        rows = logits.view(logits.shape[0], -1, logits.shape[-1])  # (J+1, R, C)
+        if scoring_kernel.usable(rows):
+            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy)
+    log_q = torch.log_softmax(logits, dim=-1)  # (J+1, ..., C)
     result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
-    return _finish(result, checks, to_numpy)
+    return _finish(result, checks(), to_numpy)
+
+
+def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
+    """score's device-side validity checks, in the order their errors are reported."""
+    checks = [_finite(final, "z_final"), _finite(bank, "text_bank")]
+    if stacked is not None:
+        checks.append(_finite(stacked, "z_layers"))
+    return checks
+
+
+def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy) -> DoLaResult:
+    """score's Triton path: rows (J+1, R, C) fp32 logits, shape the (..., C) of one layer's logits.
+
+    The kernel's per-row NaN/inf flag replaces the per-argument checks (a NaN/inf in z or the bank makes its
+    logits non-finite through F.normalize); only when it is set are they computed, to name the argument.
+    """
+    table = None if layers is None else _layer_table(tuple(layers), rows.device)
+    position = layers.index(int(static_layer)) if mode == "static" else -1
+    *outputs, nonfinite = scoring_kernel.dola_rows(rows, table, alpha, mode, position)
+    if bool(nonfinite.any()):  # the ONE host read of the call
+        _raise_failed(checks())  # slow path, errors only: which argument held the NaN/inf
+    probs, log_probs, final_probs, premature, jsd = outputs
+    lead = tuple(shape[:-1])
+    outputs = (probs.view(shape), log_probs.view(shape), final_probs.view(shape), premature.view(lead),
+               jsd.view(jsd.shape[0], *lead))
+    return DoLaResult(*(to_output(x, to_numpy) for x in outputs))
