@@ -34,6 +34,10 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
+    "rawdot": dict(enabled=True, side_stream=False, kernel="rawdot"),
+    "twostage": dict(enabled=True, side_stream=False, kernel="twostage"),
+    "twostage-x3": dict(enabled=True, side_stream=False, kernel="twostage", precision="tf32x3"),
+    "readfloor": dict(enabled=True, side_stream=False, kernel="onepass"),   # the read floor, see read_floor()
 }
 SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
 SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
@@ -55,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", action="store_true", help="also time the readout alone (no scoring)")
     parser.add_argument("--fused-scoring", action="store_true",
                         help="also time each DoLa point with runtime.score(..., fused=True) (torch.compile), '-fs'")
+    parser.add_argument("--triton-scoring", action="store_true",
+                        help="also time each DoLa point with runtime.TRITON_SCORING on (one-kernel scoring), '-ts'")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
@@ -117,16 +123,27 @@ class Timer:
         return start.elapsed_time(end)
 
 
+def _read_floor_launch(pooler, slot, tokens):
+    """'readfloor': read every captured layer once (tokens.sum()), nothing else: the cost no kernel beats.
+
+    Its z_layers are meaningless (the partials stay unwritten); only its time is reported."""
+    pooler._out[slot].view(-1)[0] = tokens.sum()
+
+
 @contextlib.contextmanager
 def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
     fields = VARIANTS[variant]
     saved = {name: getattr(fused.FUSED, name) for name in fields}
+    launch = fused.LayerPooler._launch
     for name, value in fields.items():
         setattr(fused.FUSED, name, value)
+    if variant == "readfloor":
+        fused.LayerPooler._launch = _read_floor_launch
     try:
         yield
     finally:
+        fused.LayerPooler._launch = launch
         for name, value in saved.items():
             setattr(fused.FUSED, name, value)
 
@@ -142,18 +159,23 @@ def usable_variants(args, device: torch.device) -> list[str]:
     return names
 
 
-def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False):
+def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False,
+                triton_scoring=False):
     """name -> zero-argument callable doing one full scoring pass (baseline first); '-fs': fused scoring."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
 
-    def dola(layers, variant, score=True, fused_score=False):
+    def dola(layers, variant, score=True, fused_score=False, triton_score=False):
         def run():
             with fused_config(variant):
                 z_final, z_layers = readout(images, layers)
             if not score:
                 return z_layers
-            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic", fused=fused_score)
+            saved, runtime.TRITON_SCORING = runtime.TRITON_SCORING, triton_score
+            try:
+                return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic", fused=fused_score)
+            finally:
+                runtime.TRITON_SCORING = saved
         return run
 
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
@@ -162,6 +184,8 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
             points[f"dola{count}-{variant}"] = dola(layers, variant)
             if fused_scoring:
                 points[f"dola{count}-{variant}-fs"] = dola(layers, variant, fused_score=True)
+            if triton_scoring:
+                points[f"dola{count}-{variant}-ts"] = dola(layers, variant, triton_score=True)
             if split:  # the readout alone (no runtime.score), to split the cost
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
     return points
@@ -233,7 +257,8 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype_name], enabled=DTYPES[dtype_name] is not None)
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
-        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring)
+        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring,
+                             args.triton_scoring)
         first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}  # '-fs': includes compile
         for fn in points.values():
             for _ in range(args.warmup):
