@@ -34,10 +34,7 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
-    "rawdot": dict(enabled=True, side_stream=False, kernel="rawdot"),
-    "twostage": dict(enabled=True, side_stream=False, kernel="twostage"),
-    "twostage-x3": dict(enabled=True, side_stream=False, kernel="twostage", precision="tf32x3"),
-    "readfloor": dict(enabled=True, side_stream=False, kernel="onepass"),   # the read floor, see read_floor()
+    "readfloor": dict(enabled=True, side_stream=False),   # the read floor, see _read_floor_launch()
 }
 SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
 SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
@@ -59,8 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", action="store_true", help="also time the readout alone (no scoring)")
     parser.add_argument("--fused-scoring", action="store_true",
                         help="also time each DoLa point with runtime.score(..., fused=True) (torch.compile), '-fs'")
-    parser.add_argument("--triton-scoring", action="store_true",
-                        help="also time each DoLa point with runtime.TRITON_SCORING on (one-kernel scoring), '-ts'")
+    parser.add_argument("--eager-scoring", action="store_true",
+                        help="also time each DoLa point with runtime.TRITON_SCORING off (eager PyTorch scoring), '-es'")
+    parser.add_argument("--cpu-slack", type=float, default=0.0, metavar="MS",
+                        help="also time each readout followed by MS ms of CPU sleep: shows whether the CPU runs ahead")
+    parser.add_argument("--gpu-busy", action="store_true",
+                        help="profile one call per point: GPU kernel time, span and kernel count (CUDA)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
     parser.add_argument("--kernel-sweep", type=int, default=0, metavar="B",
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
@@ -159,13 +160,21 @@ def usable_variants(args, device: torch.device) -> list[str]:
     return names
 
 
+def sleeping(fn, milliseconds: float):
+    def run():
+        result = fn()
+        time.sleep(milliseconds / 1e3)
+        return result
+    return run
+
+
 def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False,
-                triton_scoring=False):
+                eager_scoring=False, cpu_slack_ms=0.0):
     """name -> zero-argument callable doing one full scoring pass (baseline first); '-fs': fused scoring."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
 
-    def dola(layers, variant, score=True, fused_score=False, triton_score=False):
+    def dola(layers, variant, score=True, fused_score=False, triton_score=True):
         def run():
             with fused_config(variant):
                 z_final, z_layers = readout(images, layers)
@@ -179,15 +188,19 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
         return run
 
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
+    if split:  # the model's forward alone: baseline - forward = the baseline's own scoring
+        points["forward"] = lambda: embed(images)
     for count, layers in sets.items():
         for variant in variants:
             points[f"dola{count}-{variant}"] = dola(layers, variant)
             if fused_scoring:
                 points[f"dola{count}-{variant}-fs"] = dola(layers, variant, fused_score=True)
-            if triton_scoring:
-                points[f"dola{count}-{variant}-ts"] = dola(layers, variant, triton_score=True)
+            if eager_scoring:
+                points[f"dola{count}-{variant}-es"] = dola(layers, variant, triton_score=False)
             if split:  # the readout alone (no runtime.score), to split the cost
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
+            if cpu_slack_ms:  # the readout, then the CPU idles: unchanged time = the GPU was still busy
+                points[f"readout{count}-{variant}+sleep"] = sleeping(dola(layers, variant, score=False), cpu_slack_ms)
     return points
 
 
@@ -203,9 +216,9 @@ def first_call(fn, device: torch.device) -> float:
 
 
 def fused_scoring_diffs(points: dict) -> dict[str, dict]:
-    """'-fs' point -> max |fused - eager| of probs and jsd, and the share of equal premature layers."""
+    """'-fs' / '-es' point -> max |its result - the default path's| of probs and jsd, share of equal layers."""
     diffs = {}
-    for name in [n for n in points if n.endswith("-fs")]:
+    for name in [n for n in points if n.endswith(("-fs", "-es"))]:
         fused_result, eager_result = points[name](), points[name[:-3]]()
         diffs[name] = dict(
             probs_max_abs=float((fused_result.probs - eager_result.probs).abs().max()),
@@ -222,6 +235,24 @@ def profile(points: dict, names: list[str]) -> None:
             torch.cuda.synchronize()
         print(f"--- profile {name}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+
+
+def gpu_busy(points: dict) -> dict[str, dict]:
+    """name -> GPU kernel time of one call (union of kernel intervals), its span and the kernel count."""
+    result = {}
+    for name, fn in points.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy_us, end = 0.0, float("-inf")
+        for start, stop in spans:
+            busy_us += max(0.0, stop - max(start, end))
+            end = max(end, stop)
+        result[name] = dict(kernel_ms=busy_us / 1e3, span_ms=(spans[-1][1] - spans[0][0]) / 1e3, kernels=len(spans))
+        print(f"gpu busy {name}: {result[name]}", flush=True)
+    return result
 
 
 def peak_mib(fn, device: torch.device) -> float | None:
@@ -258,7 +289,7 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
         points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring,
-                             args.triton_scoring)
+                             args.eager_scoring, args.cpu_slack)
         first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}  # '-fs': includes compile
         for fn in points.values():
             for _ in range(args.warmup):
@@ -272,10 +303,15 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
         errors = fused_errors(readout, images, sets[max(sets)], variants)
         if args.profile:
             profile(points, ["baseline"] + [f"dola{count}-{variants[-1]}" for count in sorted(sets)])
+        busy = gpu_busy(points) if args.gpu_busy else {}
     base = statistics.median(times["baseline"])
     for name, samples in times.items():
         median = statistics.median(samples)
+        paired = [t / b for t, b in zip(samples, times["baseline"])]  # same run: slow drift cancels
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
         rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
+                         paired_ratio=quartiles[1], paired_ratio_iqr=[quartiles[0], quartiles[2]],
+                         gpu_busy=busy.get(name),
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
                          fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None,
                          first_call_ms=first_call_ms[name], fused_vs_eager_scoring=scoring_diffs.get(name)))
@@ -297,12 +333,14 @@ def environment(device: torch.device) -> dict:
 
 def format_table(rows: list[dict], device_name: str) -> str:
     lines = [f"device: {device_name}",
-             f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'peak MiB':>9} {'rel err':>8} {'1st ms':>8}"]
+             f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'paired':>7} {'peak MiB':>9} "
+             f"{'rel err':>8} {'1st ms':>8}"]
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         err = "-" if r["fused_vs_unfused_rel_err"] is None else f"{r['fused_vs_unfused_rel_err']:.1e}"
         lines.append(f"{r['dtype']:5} {r['batch']:>5} {r['point']:24} {r['median_ms']:>10.3f} "
-                     f"{r['ratio']:>7.4f} {peak:>9} {err:>8} {r.get('first_call_ms', float('nan')):>8.0f}")
+                     f"{r['ratio']:>7.4f} {r['paired_ratio']:>7.4f} {peak:>9} {err:>8} "
+                     f"{r.get('first_call_ms', float('nan')):>8.0f}")
     return "\n".join(lines)
 
 

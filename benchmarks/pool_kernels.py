@@ -1,9 +1,10 @@
-"""The pooling kernels alone on one captured layer, against the read floor (issue #8).
+"""The pooling kernel alone on one captured layer, against the read floor (issue #8).
 
 One layer of ViT-L/16-384 at batch B in timm's layout ((B, D, T) in memory, fp32 under autocast, plus bf16),
 per kernel config: median of 30 CUDA-event timings after 3 warm-ups, read GB/s (token bytes / time), and the
 relative error of the pooled (B, H, D) vs a float64 reference. Floors: ``tokens.sum()`` (one read, the
-library's best case) and ``tokens.clone()`` (read + write).
+library's best case) and ``tokens.clone()`` (read + write). Run 8 also timed two other kernel designs
+here (a raw-x one-pass and a two-stage split-D kernel, commit 7cd8d56); both were slower and were removed.
 
     python benchmarks/pool_kernels.py --batch 64 --out pool_kernels.json
 """
@@ -17,7 +18,7 @@ import sys
 import torch
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import fused, pool_kernels
+from siglip_dola.readout import fused
 
 HEADS, DIM, TOKENS = 16, 1024, 576
 
@@ -37,7 +38,7 @@ def timed(fn, runs: int = 30) -> float:
 
 
 def candidates(tokens, probe, eps, num_sms: int) -> dict:
-    """name -> (run, read_pooled) for every kernel config."""
+    """name -> (run, read_pooled) for each launch config of the library's one-pass kernel."""
     batch = tokens.shape[0]
     runs = {}
     for warps, block_t, stages in ((8, 16, 3), (8, 32, 2)):
@@ -47,22 +48,6 @@ def candidates(tokens, probe, eps, num_sms: int) -> dict:
         runs[f"onepass w{warps} t{block_t} s{stages}"] = (
             lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: fused.pool_partials(tokens, probe, eps, o, l, p, w, t, s),
             lambda o=out, l=lse: fused.combine_partials(o, l))
-        for precision in ("tf32", "tf32x3"):
-            for rw in (4, 8):
-                runs[f"rawdot w{rw} t{block_t} s{stages} {precision}"] = (
-                    lambda w=rw, t=block_t, s=stages, o=out, l=lse, p=per, pr=precision:
-                        pool_kernels.rawdot_partials(tokens, probe, eps, o, l, p, w, t, s, pr),
-                    lambda o=out, l=lse: fused.combine_partials(o, l))
-    pooled = torch.full((batch, HEADS, DIM), float("nan"), device=tokens.device)
-    scratch = pool_kernels.two_stage_buffers(batch, TOKENS, HEADS, tokens.device)
-    for block_t, block_d, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
-                                            (32, 64, 4, 3), (64, 32, 4, 4), (64, 64, 8, 3)):
-        for precision in ("tf32", "tf32x3"):
-            for reverse in ((True, False), (False, False)):
-                name = f"twostage t{block_t} d{block_d} w{warps} s{stages} {precision} rev{int(reverse[0])}"
-                runs[name] = (lambda t=block_t, d=block_d, w=warps, s=stages, pr=precision, r=reverse:
-                              pool_kernels.two_stage_pool(tokens, probe, eps, pooled, scratch, t, d, w, s, r, pr),
-                              lambda: pooled)
     return runs
 
 
@@ -102,7 +87,7 @@ def main(argv=None) -> int:
                   f"err {row.get('rel_err', float('nan')):.1e}")
     if args.out:
         env = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
-                   triton=getattr(pool_kernels.triton, "__version__", None), command=" ".join(sys.argv))
+                   triton=getattr(fused.triton, "__version__", None), command=" ".join(sys.argv))
         write_json_atomic(args.out, dict(environment=env, rows=rows))
     return 0
 

@@ -32,7 +32,8 @@ def queued_ms(fn, busy: torch.Tensor, runs: int = 30) -> float:
     samples = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        busy @ busy                                   # ~ms of GPU work so that the CPU runs ahead
+        with torch.autocast("cuda", enabled=False):
+            busy @ busy                               # ~3 ms of fp32 GPU work, so that the CPU runs ahead
         start.record()
         result = fn()
         end.record()

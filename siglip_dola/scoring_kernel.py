@@ -7,7 +7,7 @@ a loop over the J candidate layers (log_softmax, true JSD, running argmax and th
 q_M), then the head mask, the contrast and its log_softmax. The math is ``runtime._dola_log`` with
 ``compat=None``, in log space (finite for logits up to +-1e4); exact JSD ties go to the earliest layer.
 
-Used only for fp32, contiguous logits on CUDA (or with TRITON_INTERPRET=1, Triton's CPU interpreter,
+Used only for fp32/bf16/fp16 (computed in fp32), contiguous logits on CUDA (or with TRITON_INTERPRET=1, Triton's CPU interpreter,
 which the tests use) and C <= MAX_CLASSES (one block holds a whole row); everything else stays eager.
 """
 from __future__ import annotations
@@ -25,13 +25,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 MAX_CLASSES = 8192  # one block of classes per row; larger banks keep the eager path
 MODE_CODES = {"dynamic": 0, "static": 1, "off": 2}
+HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 LN2 = math.log(2.0)
 
 
 def usable(logits: torch.Tensor) -> bool:
-    """True when dola_rows can run on logits (J+1, R, C): triton imports, fp32, contiguous, CUDA or interpreter."""
+    """True when dola_rows can run on logits (J+1, R, C): triton imports, contiguous, CUDA or interpreter.
+
+    fp32, or bf16/fp16 (under autocast the cosine matmul returns those; the kernel computes in fp32 like
+    the eager path's autocast log_softmax)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (triton is not None and logits.dtype == torch.float32 and logits.is_contiguous()
+    return (triton is not None and logits.dtype in HALF_OR_FLOAT and logits.is_contiguous()
             and (logits.is_cuda or interpreted) and logits.ndim == 3 and logits.shape[1] >= 1
             and 1 <= logits.shape[2] <= MAX_CLASSES)
 
@@ -40,7 +44,7 @@ if triton is not None:
     @triton.jit
     def _log_softmax_row(row_ptr, offs, mask):
         """(logits row as loaded, its log_softmax, 1 where the row holds a NaN/inf) for one block of classes."""
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0)                    # (BLOCK_C,) finite in the tail
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)    # (BLOCK_C,) finite in the tail
         row_max = tl.max(tl.where(mask, x, -float("inf")), axis=0)
         shifted = x - row_max                                                # as torch: (x - max) - log(sum)
         total = tl.sum(tl.where(mask, tl.exp(shifted), 0.0), axis=0)

@@ -50,6 +50,8 @@ def make_cases() -> dict:
         "one_layer_static": (logits(2, 4, 20), [17], 0.1, "static", 0),
         "no_layers_off": (logits(1, 4, 20), [], 0.1, "off", -1),
         "nan_inf_rows": (bad, LAYERS, 0.1, "dynamic", -1),
+        # bf16 logits (autocast's matmul output), passed to the kernel AS bf16: values exactly representable
+        "random_bf16": (torch.from_numpy(logits(4, 5, 300)).bfloat16().float().numpy(), LAYERS, 0.1, "dynamic", -1),
     }
 
 
@@ -86,6 +88,8 @@ INTERPRETER_RUN = textwrap.dedent("""
     kernel = {}
     for name, (logits, layers, alpha, mode, position) in make_cases().items():
         logits = torch.from_numpy(logits)
+        if name.endswith("_bf16"):
+            logits = logits.bfloat16()
         assert scoring_kernel.usable(logits)
         table = torch.tensor(layers, dtype=torch.int64) if layers else None
         outputs = scoring_kernel.dola_rows(logits, table, alpha, mode, position)
@@ -214,7 +218,7 @@ def test_non_finite_z_or_bank_always_gives_non_finite_logits(bad):
         assert not torch.isfinite(rt._rep_logits(z, poisoned, 1e-3)[:, index // 4]).any()
 
 
-def test_usable_only_for_fp32_contiguous_rows_within_the_class_limit(monkeypatch):
+def test_usable_only_for_float_contiguous_rows_within_the_class_limit(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not scoring_kernel.usable(torch.zeros(2, 3, 10))                  # CPU, no interpreter requested
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -223,5 +227,6 @@ def test_usable_only_for_fp32_contiguous_rows_within_the_class_limit(monkeypatch
     assert scoring_kernel.usable(torch.zeros(2, 3, scoring_kernel.MAX_CLASSES)) == has_triton
     assert not scoring_kernel.usable(torch.zeros(2, 3, scoring_kernel.MAX_CLASSES + 1))
     assert not scoring_kernel.usable(torch.zeros(2, 3, 10, dtype=torch.float64))
+    assert scoring_kernel.usable(torch.zeros(2, 3, 10, dtype=torch.bfloat16)) == has_triton   # autocast's logits
     assert not scoring_kernel.usable(torch.zeros(2, 10, 3).transpose(1, 2))  # not contiguous
     assert not scoring_kernel.usable(torch.zeros(2, 0, 10))                  # no rows

@@ -32,8 +32,6 @@ try:  # optional: the PyTorch path below is always available
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-from siglip_dola.readout import pool_kernels  # noqa: E402
-
 BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
 
 
@@ -47,11 +45,6 @@ class FusedConfig:
     num_warps: int = 8          # warps per program (8 was fastest on H100: benchmarks/README.md)
     block_t: int = BLOCK_T      # tokens per inner step
     num_stages: int = 3         # software-pipelining depth of the token loads (Triton's default)
-    kernel: str = "onepass"     # "onepass" | "rawdot" | "twostage" (readout/pool_kernels.py)
-    precision: str = "tf32"     # tl.dot input precision of rawdot / twostage ("tf32" | "tf32x3" | "ieee")
-    stage_block_t: int = 64     # twostage tiles (tokens x channels) and warps
-    stage_block_d: int = 64
-    stage_warps: int = 4
 
 
 FUSED = FusedConfig()
@@ -205,26 +198,11 @@ class LayerPooler:
         target = self.config.target_programs or (
             2 * torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
         self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
-        if self.config.kernel == "twostage":
-            self._out = make(self.num_slots, batch, heads, dim)
-            self._scratch = pool_kernels.two_stage_buffers(batch, num_tokens, heads, tokens.device)
-        else:
-            self._out, self._lse = make(self.num_slots, batch, heads, splits, dim), make(self.num_slots, batch, heads, splits)
+        self._out, self._lse = make(self.num_slots, batch, heads, splits, dim), make(self.num_slots, batch, heads, splits)
         if tokens.is_cuda and self.config.side_stream:
             self._stream = _side_stream(tokens.device)
 
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
-        cfg = self.config
-        if cfg.kernel == "twostage":
-            pool_kernels.two_stage_pool(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot],
-                                        self._scratch, cfg.stage_block_t, cfg.stage_block_d, cfg.stage_warps,
-                                        cfg.num_stages, precision=cfg.precision)
-            return
-        if cfg.kernel == "rawdot":
-            pool_kernels.rawdot_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot],
-                                         self._lse[slot], self._tokens_per_split, cfg.num_warps, cfg.block_t,
-                                         cfg.num_stages, cfg.precision)
-            return
         pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
                       self._tokens_per_split, self.config.num_warps, self.config.block_t, self.config.num_stages)
 
@@ -251,7 +229,7 @@ class LayerPooler:
         if self._fast:
             if self._stream is not None:
                 torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            pooled = self._out if self.config.kernel == "twostage" else combine_partials(self._out, self._lse)
+            pooled = combine_partials(self._out, self._lse)                      # (J, B, H, D)
         else:
             assert all(p is not None for p in self._pooled), "every slot must be added before result()"
             pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
