@@ -141,6 +141,20 @@ INTERPRETER_CHECK = textwrap.dedent("""
                 pooled = fused.combine_partials(partial, lse)
                 key = f"one-pass/{name}/{norm_eps is not None}/{target}x{block_t}/{splits}"
                 errors[key] = float((pooled - ref).norm() / ref.norm())
+    # EVEN path (T a multiple of BLOCK_T and D a power of two: no masks, vector loads), timm layout too
+    even_probe = torch.randn(HEADS, 64) * 0.3
+    for name, tokens in {"even": torch.randn(2, 32, 64) * 2 + 0.5,
+                         "even_timm_layout": (torch.randn(2, 64, 48) * 2 + 0.5).transpose(1, 2)}.items():
+        for norm_eps in (1e-6, None):
+            ref = fused.pool_reference(tokens.double(), even_probe.double(), norm_eps)
+            for target, block_t in ((1, 16), (4, 16), (2, 32)):
+                per_split, splits = fused.split_plan(tokens.shape[0], tokens.shape[1], target, block_t)
+                partial = torch.full((2, HEADS, splits, 64), float("nan"))
+                lse = torch.full((2, HEADS, splits), float("nan"))
+                fused.pool_partials(tokens, even_probe, norm_eps, partial, lse, per_split, block_t=block_t)
+                pooled = fused.combine_partials(partial, lse)
+                errors[f"one-pass/{name}/{norm_eps is not None}/{target}x{block_t}/{splits}"] = float(
+                    (pooled - ref).norm() / ref.norm())
     layers = [tokens_like_a_block(2, 21, seed=s) for s in (20, 21)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
         for warps in (4, 8):
@@ -164,7 +178,7 @@ def test_triton_kernels_in_interpreter_match_float64_reference():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 6 * 2 * 4 + 2
+    assert len(errors) == 6 * 2 * 4 + 2 * 2 * 3 + 2
     assert {int(name.rsplit("/", 1)[1]) for name in errors if name.startswith("one-pass/fp32")} == {1, 2, 3}
     for name, error in errors.items():
         # fp16 products with fp32 accumulation: ~3e-4 on fp32 inputs; the pooler row includes the bf16 tail

@@ -67,8 +67,11 @@ if triton is not None:
     def _pool_partial_kernel(x_ptr, probe_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t, stride_d,
                              tokens_per_split, num_splits, eps,
                              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                             NORMALIZE: tl.constexpr):
-        """One (image, token split): LayerNorm stats, logits, online softmax, weighted sum; one read."""
+                             NORMALIZE: tl.constexpr, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr):
+        """One (image, token split): LayerNorm stats, logits, online softmax, weighted sum; one read.
+
+        EVEN_T (every step holds BLOCK_T tokens) and EVEN_D (D == BLOCK_D) drop the masks, so the loads
+        along the contiguous token axis vectorise: ~10% faster on an H100 (benchmarks/README.md, run 12)."""
         b = tl.program_id(0)
         split = tl.program_id(1)
         offs_d = tl.arange(0, BLOCK_D)
@@ -84,17 +87,23 @@ if triton is not None:
         t_start = split * tokens_per_split
         t_end = tl.minimum(t_start + tokens_per_split, T)
         for t0 in range(t_start, t_end, BLOCK_T):
+            t0 = tl.multiple_of(t0, BLOCK_T)  # t_start is a multiple of BLOCK_T: aligned vector loads
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_mask = offs_t < t_end
-            x = tl.load(x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d,
-                        mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)   # (BT, BD)
+            ptrs = x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+            if EVEN_T and EVEN_D:
+                x = tl.load(ptrs).to(tl.float32)                                             # (BT, BD)
+            else:
+                x = tl.load(ptrs, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             if NORMALIZE:
                 mean = tl.sum(x, axis=1) / D
-                centred = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
-                x = centred / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)[:, None]
+                centred = x - mean[:, None] if EVEN_D else tl.where(d_mask[None, :], x - mean[:, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)           # (BT,) once per token
+                x = centred * rstd[:, None]
             x = x.to(tl.float16)  # normalised: |x_hat| <= sqrt(D), no overflow
             logits = tl.dot(x, probe, out_dtype=tl.float32) * probe_scale                   # (BT, H)
-            logits = tl.where(t_mask[:, None], logits, float("-inf"))
+            if not EVEN_T:
+                logits = tl.where(t_mask[:, None], logits, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(logits, axis=0))
             rescale = tl.exp(run_max - new_max)
             probs = tl.exp(logits - new_max[None, :])                                       # (BT, H)
@@ -146,6 +155,7 @@ def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
         tokens, key_probe, out, lse, num_tokens, dim, *tokens.stride(),
         tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
         H=heads, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(dim), NORMALIZE=norm_eps is not None,
+        EVEN_T=num_tokens % block_t == 0, EVEN_D=dim == triton.next_power_of_2(dim),
         num_warps=num_warps, num_stages=num_stages)
 
 
