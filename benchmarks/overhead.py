@@ -34,7 +34,10 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
-    "readfloor": dict(enabled=True, side_stream=False),   # the read floor, see _read_floor_launch()
+    "onepass-x1": dict(enabled=True, side_stream=False, target_programs=-1),   # -1: 1 x SMs (set at start)
+    "readfloor": dict(enabled=True, side_stream=False),       # floors: see FLOORS
+    "readonly": dict(enabled=True, side_stream=False),
+    "readonly-flat": dict(enabled=True, side_stream=False),
 }
 SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
 SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
@@ -131,20 +134,57 @@ def _read_floor_launch(pooler, slot, tokens):
     pooler._out[slot].view(-1)[0] = tokens.sum()
 
 
+if fused.triton is not None:
+    tl = fused.tl
+
+    @fused.triton.jit
+    def _flat_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        """Sum one contiguous chunk of BLOCK * STEPS elements per program: a plain streaming read."""
+        start = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+        acc = tl.zeros([BLOCK], tl.float32)
+        for step in range(STEPS):
+            offs = start + step * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def _flat_read_launch(pooler, slot, tokens):
+    """'readonly-flat': each layer read once by a streaming Triton kernel over its memory (timm: (B, D, T))."""
+    flat = tokens.transpose(1, 2) if tokens.transpose(1, 2).is_contiguous() else tokens.contiguous()
+    flat = flat.reshape(-1)
+    block, steps = 4096, 8
+    programs = fused.triton.cdiv(flat.numel(), block * steps)
+    partial = pooler._out[slot].view(-1)[:programs]   # scratch: the partials are never read
+    _flat_read_kernel[(programs,)](flat, partial, flat.numel(), BLOCK=block, STEPS=steps, num_warps=8)
+
+
+def _no_tail_result(pooler):
+    """Floor variants 'readonly*': skip the head tail too (placeholder z_layers of width 1)."""
+    return torch.zeros(pooler.num_slots, pooler._out.shape[1], 1, device=pooler._out.device)
+
+
+FLOORS = {  # variant -> (LayerPooler._launch, LayerPooler.result or None to keep the real tail)
+    "readfloor": (_read_floor_launch, None),
+    "readonly": (_read_floor_launch, _no_tail_result),
+    "readonly-flat": (_flat_read_launch, _no_tail_result),
+}
+
+
 @contextlib.contextmanager
 def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
     fields = VARIANTS[variant]
     saved = {name: getattr(fused.FUSED, name) for name in fields}
-    launch = fused.LayerPooler._launch
+    launch, result = fused.LayerPooler._launch, fused.LayerPooler.result
     for name, value in fields.items():
         setattr(fused.FUSED, name, value)
-    if variant == "readfloor":
-        fused.LayerPooler._launch = _read_floor_launch
+    if variant in FLOORS:
+        fused.LayerPooler._launch = FLOORS[variant][0]
+        fused.LayerPooler.result = FLOORS[variant][1] or result
     try:
         yield
     finally:
-        fused.LayerPooler._launch = launch
+        fused.LayerPooler._launch, fused.LayerPooler.result = launch, result
         for name, value in saved.items():
             setattr(fused.FUSED, name, value)
 
@@ -155,6 +195,8 @@ def usable_variants(args, device: torch.device) -> list[str]:
     bad = [n for n in names if n not in VARIANTS or (n != "unfused" and not fast)]
     if bad:
         raise SystemExit(f"--variants {bad} unusable here (fused needs CUDA + triton); valid: {list(VARIANTS)}")
+    if "onepass-x1" in names:
+        VARIANTS["onepass-x1"]["target_programs"] = torch.cuda.get_device_properties(device).multi_processor_count
     if "onepass-tuned" in names and not args.kernel_sweep:
         raise SystemExit("--variants onepass-tuned needs --kernel-sweep B (it takes the fastest swept config)")
     return names
@@ -192,6 +234,9 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
         points["forward"] = lambda: embed(images)
     for count, layers in sets.items():
         for variant in variants:
+            if variant.startswith("readonly"):   # no head tail, so nothing to score: the readout point only
+                points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
+                continue
             points[f"dola{count}-{variant}"] = dola(layers, variant)
             if fused_scoring:
                 points[f"dola{count}-{variant}-fs"] = dola(layers, variant, fused_score=True)
@@ -270,7 +315,7 @@ def fused_errors(readout, images, layers, variants) -> dict[str, float]:
     with fused_config("unfused"):
         _, reference = readout(images, layers)
     errors = {}
-    for variant in variants:
+    for variant in [v for v in variants if not v.startswith("readonly")]:
         with fused_config(variant):
             _, got = readout(images, layers)
         errors[variant] = float(((got.float() - reference.float()).norm(dim=-1) / reference.float().norm(dim=-1)).max())

@@ -3,7 +3,7 @@
 One layer of ViT-L/16-384 at batch B in timm's layout ((B, D, T) in memory, fp32 under autocast, plus bf16),
 per kernel config: median of 30 CUDA-event timings after 3 warm-ups, read GB/s (token bytes / time), and the
 relative error of the pooled (B, H, D) vs a float64 reference. Floors: ``tokens.sum()`` (one read, the
-library's best case) and ``tokens.clone()`` (read + write). Run 8 also timed two other kernel designs
+library's best case), a streaming Triton read of the layer's memory, and ``tokens.clone()`` (read + write). Run 8 also timed two other kernel designs
 here (a raw-x one-pass and a two-stage split-D kernel, commit 7cd8d56); both were slower and were removed.
 
     python benchmarks/pool_kernels.py --batch 64 --out pool_kernels.json
@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import overhead  # benchmarks/overhead.py: its streaming-read floor kernel
 from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import fused
 
@@ -65,7 +66,12 @@ def main(argv=None) -> int:
         tokens = (torch.randn(args.batch, DIM, TOKENS, generator=generator) * 3 + 0.5).to(device, dtype).transpose(1, 2)
         reference = fused.pool_reference(tokens.double(), probe.double(), 1e-6)
         nbytes = tokens.nelement() * tokens.element_size()
-        floors = {"floor: tokens.sum()": lambda: tokens.sum(), "floor: tokens.clone()": lambda: tokens.clone()}
+        flat = tokens.transpose(1, 2).reshape(-1)        # the layer's own memory order, no copy
+        programs = -(-flat.numel() // (4096 * 8))
+        partial = torch.empty(programs, device=device)
+        floors = {"floor: tokens.sum()": lambda: tokens.sum(), "floor: tokens.clone()": lambda: tokens.clone(),
+                  "floor: Triton streaming read": lambda: overhead._flat_read_kernel[(programs,)](
+                      flat, partial, flat.numel(), BLOCK=4096, STEPS=8, num_warps=8)}
         for name, fn in floors.items():
             ms = timed(fn)
             rows.append(dict(dtype=str(dtype), name=name, ms=ms, read_gb_s=nbytes / ms / 1e6))
