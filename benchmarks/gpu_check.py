@@ -6,7 +6,8 @@ Random-init open_clip ViT-L-16-SigLIP-384 and HF SiglipVisionModel (ViT-L/16-384
 - fp32 on CUDA: z_final vs the model's own embedding, z_j vs the model's own norm + head applied to the
   block outputs of the same forward (collected here by plain hooks), as relative max errors;
 - bf16 autocast on CUDA (fused Triton readout where available): z vs the fp32 reference, and whether the
-  DoLa top-1 and premature layer agree with fp32.
+  DoLa top-1 and premature layer agree with fp32;
+- readout.graphed (CUDA graph replay) against the plain calls, fp32 and bf16, and the model left unchanged.
 Prints and writes one JSON object. Nothing here is asserted; the tests do that on CPU.
 """
 from __future__ import annotations
@@ -53,6 +54,28 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
     got = runtime.score(b_final.float(), b_layers.float(), bank, tau, layers)
     row["bf16_top1_agreement"] = float((ref.probs.argmax(-1) == got.probs.argmax(-1)).float().mean())
     row["bf16_premature_layer_agreement"] = float((ref.premature_layer == got.premature_layer).float().mean())
+    if images.is_cuda:
+        row.update(graphed_rows(model, readout, images, layers, (z_final, z_layers), (b_final, b_layers)))
+    return row
+
+
+def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> dict:
+    """readout.graphed: replays equal the plain calls (fp32 and bf16 autocast, new images each replay),
+    and the model is left as it was (weights, hooks)."""
+    from siglip_dola.readout import graphed
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    row, other = {}, torch.randn_like(images)
+    for tag, autocast, plain in (("fp32", False, fp32_outputs), ("bf16", True, bf16_outputs)):
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+            call = graphed.capture(readout, other, layers)     # captured on other images
+            replayed = call(images)                            # replayed on these
+            plain_other = readout(other, layers)
+            replayed_other = call(other)
+        row[f"graphed_{tag}_max_abs_diff"] = max(float((a.float() - b.float()).abs().max())
+                                                 for a, b in zip(replayed + replayed_other, plain + plain_other))
+    row["graphed_model_unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     return row
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from siglip_dola import runtime
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import from_model, fused, map_head
+from siglip_dola.readout import from_model, fused, graphed, map_head
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tuned": filled by --kernel-sweep)
@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time each DoLa point with runtime.TRITON_SCORING off (eager PyTorch scoring), '-es'")
     parser.add_argument("--cpu-slack", type=float, default=0.0, metavar="MS",
                         help="also time each readout followed by MS ms of CPU sleep: shows whether the CPU runs ahead")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time baseline and DoLa with the forward replayed as a CUDA graph (readout.graphed)")
     parser.add_argument("--gpu-busy", action="store_true",
                         help="profile one call per point: GPU kernel time, span and kernel count (CUDA)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")
@@ -211,7 +213,7 @@ def sleeping(fn, milliseconds: float):
 
 
 def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False,
-                eager_scoring=False, cpu_slack_ms=0.0):
+                eager_scoring=False, cpu_slack_ms=0.0, graphs=False):
     """name -> zero-argument callable doing one full scoring pass (baseline first); '-fs': fused scoring."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
@@ -229,13 +231,35 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
                 runtime.TRITON_SCORING = saved
         return run
 
+    def graphed_baseline():
+        state = {}
+        def run():   # captured on the first call, inside the caller's autocast
+            if "call" not in state:
+                state["call"] = graphed.capture_call(embed, images)
+            return runtime.build_probs_from_rep(state["call"](images), bank, tau)
+        return run
+
+    def graphed_dola(layers, variant, score=True):
+        state = {}
+        def run():
+            if "call" not in state:
+                with fused_config(variant):
+                    state["call"] = graphed.capture(readout, images, layers)
+            z_final, z_layers = state["call"](images)
+            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic") if score else z_layers
+        return run
+
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
+    if graphs:
+        points["baseline-graph"] = graphed_baseline()
     if split:  # the model's forward alone: baseline - forward = the baseline's own scoring
         points["forward"] = lambda: embed(images)
     for count, layers in sets.items():
         for variant in variants:
             if variant.startswith("readonly"):   # no head tail, so nothing to score: the readout point only
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
+                if graphs:
+                    points[f"readout{count}-{variant}-graph"] = graphed_dola(layers, variant, score=False)
                 continue
             points[f"dola{count}-{variant}"] = dola(layers, variant)
             if fused_scoring:
@@ -244,6 +268,8 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
                 points[f"dola{count}-{variant}-es"] = dola(layers, variant, triton_score=False)
             if split:  # the readout alone (no runtime.score), to split the cost
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
+            if graphs:  # the readout replayed as a CUDA graph (readout.graphed), scoring as usual
+                points[f"dola{count}-{variant}-graph"] = graphed_dola(layers, variant)
             if cpu_slack_ms:  # the readout, then the CPU idles: unchanged time = the GPU was still busy
                 points[f"readout{count}-{variant}+sleep"] = sleeping(dola(layers, variant, score=False), cpu_slack_ms)
     return points
@@ -334,7 +360,7 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
         points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring,
-                             args.eager_scoring, args.cpu_slack)
+                             args.eager_scoring, args.cpu_slack, args.graphs)
         first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}  # '-fs': includes compile
         for fn in points.values():
             for _ in range(args.warmup):
@@ -350,11 +376,15 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
             profile(points, ["baseline"] + [f"dola{count}-{variants[-1]}" for count in sorted(sets)])
         busy = gpu_busy(points) if args.gpu_busy else {}
     base = statistics.median(times["baseline"])
+    graph_base = statistics.median(times["baseline-graph"]) if "baseline-graph" in times else None
     for name, samples in times.items():
         median = statistics.median(samples)
         paired = [t / b for t, b in zip(samples, times["baseline"])]  # same run: slow drift cancels
         quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
         rows.append(dict(dtype=dtype_name, batch=batch, point=name, median_ms=median, ratio=median / base,
+                         ratio_vs_graph_baseline=median / graph_base if graph_base and "graph" in name else None,
+                         paired_ratio_vs_graph_baseline=statistics.median(
+                             t / b for t, b in zip(samples, times["baseline-graph"])) if graph_base and "graph" in name else None,
                          paired_ratio=quartiles[1], paired_ratio_iqr=[quartiles[0], quartiles[2]],
                          gpu_busy=busy.get(name),
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
@@ -379,13 +409,15 @@ def environment(device: torch.device) -> dict:
 def format_table(rows: list[dict], device_name: str) -> str:
     lines = [f"device: {device_name}",
              f"{'dtype':5} {'batch':>5} {'point':24} {'median ms':>10} {'ratio':>7} {'paired':>7} {'peak MiB':>9} "
-             f"{'rel err':>8} {'1st ms':>8}"]
+             f"{'rel err':>8} {'1st ms':>8} {'vs graph':>8} {'paired':>7}"]
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         err = "-" if r["fused_vs_unfused_rel_err"] is None else f"{r['fused_vs_unfused_rel_err']:.1e}"
         lines.append(f"{r['dtype']:5} {r['batch']:>5} {r['point']:24} {r['median_ms']:>10.3f} "
                      f"{r['ratio']:>7.4f} {r['paired_ratio']:>7.4f} {peak:>9} {err:>8} "
-                     f"{r.get('first_call_ms', float('nan')):>8.0f}")
+                     f"{r.get('first_call_ms', float('nan')):>8.0f} "
+                     + ("" if r.get("ratio_vs_graph_baseline") is None else
+                        f"{r['ratio_vs_graph_baseline']:>8.4f} {r['paired_ratio_vs_graph_baseline']:>7.4f}"))
     return "\n".join(lines)
 
 
