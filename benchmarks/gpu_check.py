@@ -79,6 +79,25 @@ def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> 
     return row
 
 
+def scorer_graphs_row(device) -> dict:
+    """DoLaSigLIP(cuda_graphs=True) vs the plain scorer on the embedded model, bf16, uneven last batch (4, 4, 2)."""
+    import siglip_dola
+
+    model = siglip_dola.load(device=device, precision="bf16")
+    bank = siglip_dola.build_text_bank(model, ["red circle", "blue square", "green triangle"], templates=["a {}"])
+    pixels = torch.rand(10, 3, *model.readout.image_size, generator=torch.Generator().manual_seed(3))
+    plain = siglip_dola.DoLaSigLIP(model, batch_size=4).classify(pixels, bank, top_k=3)
+    graphs = siglip_dola.DoLaSigLIP(model, batch_size=4, cuda_graphs=True)
+    first, again = graphs.classify(pixels, bank, top_k=3), graphs.classify(pixels, bank, top_k=3)
+    diff = max(abs(p["score"] - g["score"]) for a, b in zip(plain, first + again)
+               for p, g in zip(a["predictions"], b["predictions"]))
+    return {"model": "embedded, DoLaSigLIP(cuda_graphs=True) vs plain, bf16, batches 4+4+2",
+            "scorer_graphs_max_score_diff": diff, "graphs_captured": len(graphs._readout._calls),
+            "same_predictions": all(a["predictions"][0]["label"] == b["predictions"][0]["label"]
+                                    and a["premature_layer"] == b["premature_layer"]
+                                    for a, b in zip(plain + plain, first + again))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -102,6 +121,8 @@ def main() -> None:
     vm = getattr(hf, "vision_model", hf)  # transformers 4.x nests the transformer, 5.x does not
     rows.append(check("HF SiglipVisionModel ViT-L/16-384", hf, vm.encoder.layers, lambda h: vm.head(vm.post_layernorm(h)),
                       lambda x: hf(pixel_values=x).pooler_output, images, layers, bank, 0.01))
+    if device.type == "cuda":
+        rows.append(scorer_graphs_row(device))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
     print(json.dumps(result, indent=1))
     if args.out:

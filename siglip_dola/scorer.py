@@ -32,6 +32,7 @@ import torch
 from siglip_dola import runtime
 from siglip_dola.images import expand_image_paths, iter_image_batches
 from siglip_dola.layers import resolve_layers
+from siglip_dola.readout import graphed
 
 MODES = ("dynamic", "static", "off")
 
@@ -62,11 +63,17 @@ class DoLaSigLIP:
     """DoLa scorer over a LoadedModel: classify images against a text bank, rerank texts or images."""
 
     def __init__(self, model, mode: str = "dynamic", alpha: float = 0.1, layers=None, bucket=None,
-                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, fused_scoring: bool = False):
+                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, fused_scoring: bool = False,
+                 cuda_graphs: bool = False):
         # fused_scoring=True: EXPERIMENTAL runtime.score(..., fused=True) (torch.compile; compiles per batch shape)
-        if fused_scoring is not True and fused_scoring is not False:
-            raise TypeError(f"fused_scoring must be True or False, got {fused_scoring!r}")
+        # cuda_graphs=True: the readout replayed from CUDA graphs, one captured per batch shape (readout/graphed.py)
+        for name, flag in (("fused_scoring", fused_scoring), ("cuda_graphs", cuda_graphs)):
+            if flag is not True and flag is not False:
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if cuda_graphs and torch.device(model.device).type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
         self.model, self.fused_scoring = model, fused_scoring
+        self._readout = graphed.GraphCache(model.readout) if cuda_graphs else model.readout
         self.mode = mode
         self.alpha = _check_alpha(alpha)
         self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
@@ -104,7 +111,7 @@ class DoLaSigLIP:
         """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
         _check_pixels(pixels)
         with torch.inference_mode(), self._autocast():
-            z_final, z_layers = self.model.readout(pixels.to(self.model.device), self.layers)
+            z_final, z_layers = self._readout(pixels.to(self.model.device), self.layers)
         z_layers = z_layers.float() if self.layers else None
         return z_final.float(), z_layers
 

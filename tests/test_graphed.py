@@ -63,3 +63,29 @@ def test_replay_refuses_another_autocast_state():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
         call(torch.ones(2, 3))
     assert graph.replays == 0
+
+
+def test_graph_cache_captures_once_per_key_and_keeps_the_most_recent(monkeypatch):
+    captured = []
+
+    def fake_capture(readout, images, layers):
+        captured.append((tuple(images.shape), tuple(layers)))
+        return lambda x: ("replayed", tuple(x.shape), tuple(layers))
+
+    monkeypatch.setattr(graphed, "capture", fake_capture)
+    cache = graphed.GraphCache(readout=object(), size=2)
+    a, b, c = torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)
+    assert cache(a, [2]) == ("replayed", (1, 3, 4, 4), (2,))
+    cache(a, [2]), cache(b, [2]), cache(a, [2])          # hits: a, a; new: b
+    assert captured == [((1, 3, 4, 4), (2,)), ((2, 3, 4, 4), (2,))]
+    cache(a, [4])                                        # other layers: a new graph; evicts b (least recent)
+    cache(c, [2])                                        # evicts a/[2]
+    cache(b, [2])                                        # b was evicted: captured again
+    assert captured[2:] == [((1, 3, 4, 4), (4,)), ((3, 3, 4, 4), (2,)), ((2, 3, 4, 4), (2,))]
+    assert len(cache._calls) == 2
+
+
+@pytest.mark.parametrize("size", [0, 2.0, True])
+def test_graph_cache_refuses_a_bad_size(size):
+    with pytest.raises(ValueError, match="size must be an int >= 1"):
+        graphed.GraphCache(readout=object(), size=size)

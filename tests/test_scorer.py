@@ -263,10 +263,17 @@ def test_rerank_with_dola_siglip_entry_point(loaded, pixels, bank):
     (dict(mode="greedy"), "mode"), (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"),
     (dict(static_layer=5), "static_layer"), (dict(layers=[24]), "layers"), (dict(bucket=4), "bucket"),
     (dict(tau=-1.0), "tau"), (dict(batch_size=0), "batch_size"),
+    (dict(cuda_graphs=True), "cuda_graphs=True needs the model on a CUDA device"),
 ])
 def test_bad_configuration(loaded, kwargs, match):
     with pytest.raises(ValueError, match=match):
         DoLaSigLIP(loaded, **kwargs)
+
+
+@pytest.mark.parametrize("flag", ["fused_scoring", "cuda_graphs"])
+def test_switches_must_be_bools(loaded, flag):
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+        DoLaSigLIP(loaded, **{flag: 1})
 
 
 def test_bad_inputs(loaded, pixels, bank):

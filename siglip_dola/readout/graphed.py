@@ -16,6 +16,7 @@ copied out of the graph's buffers, so a later replay never overwrites a result y
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,7 +65,8 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
     # the caller's autocast, without its weight-cast cache: cached casts live outside the graph and are freed
     # when the caller's autocast region ends, so the graph must record its own casts (PyTorch's CUDA-graph notes)
     no_cache = lambda: torch.autocast(device.type, dtype=state[1], enabled=state[0], cache_enabled=False)  # noqa: E731
-    static_images = example_images.detach().clone()
+    with torch.inference_mode(False):   # a normal tensor: replays may copy into it inside or outside inference mode
+        static_images = example_images.detach().clone()
     side = torch.cuda.Stream(device)   # warm-up on a side stream, as torch.cuda.graph's documentation asks
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), no_cache(), torch.cuda.stream(side):
@@ -86,3 +88,22 @@ def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2)
     readout._check_images(example_images)
     layer_list = readout._check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
+
+
+class GraphCache:
+    """``cache(images, layers)`` = ``readout(images, layers)`` replayed from graphs captured per (shape, dtype,
+    device, layers, autocast); the ``size`` most recently used graphs are kept (each holds its own memory)."""
+
+    def __init__(self, readout, size: int = 4):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        self.readout, self.size, self._calls = readout, size, OrderedDict()
+
+    def __call__(self, images: torch.Tensor, layers=None):
+        """images (B, C, H, W) on CUDA -> (z_final (B, D), z_layers (J, B, D)); captures on a new key."""
+        key = (tuple(images.shape), images.dtype, images.device, tuple(layers or ()), _autocast_state(images.device))
+        call = self._calls.pop(key, None) or capture(self.readout, images, layers)
+        self._calls[key] = call                                   # most recently used last
+        while len(self._calls) > self.size:
+            self._calls.popitem(last=False)
+        return call(images)
