@@ -1,4 +1,4 @@
-"""The pooling kernel alone on one captured layer, against the read floor (issue #8).
+"""The pooling kernel alone on one captured layer, against the read floor; and overhead.py's launch-config sweep.
 
 One layer of ViT-L/16-384 at batch B in timm's layout ((B, D, T) in memory, fp32 under autocast, plus bf16),
 per kernel config: median of 30 CUDA-event timings after 3 warm-ups, read GB/s (token bytes / time), and the
@@ -11,15 +11,14 @@ here (a raw-x one-pass and a two-stage split-D kernel, commit 7cd8d56); both wer
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import torch
 
-import overhead  # benchmarks/overhead.py: its streaming-read floor kernel
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import fused
+from siglip_dola.readout import fused, map_head
+from variants import VARIANTS, _flat_read_kernel  # benchmarks/variants.py: the streaming-read floor kernel
 
 HEADS, DIM, TOKENS = 16, 1024, 576
 
@@ -52,6 +51,80 @@ def candidates(tokens, probe, eps, num_sms: int) -> dict:
     return runs
 
 
+# ---------------------------------------------------------------- launch-config sweep (overhead.py --kernel-sweep)
+SWEEP_WARPS, SWEEP_BLOCK_T, SWEEP_STAGES = (8, 16, 32), (16, 32), (1, 2, 3)
+
+
+SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
+
+
+def _kernel_runner(tokens, probe, eps, config: dict):
+    """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
+    batch, num_tokens, dim = tokens.shape
+    per_split, splits = fused.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
+    out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
+    lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
+    run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
+                                      config["block_t"], config["num_stages"])
+    return run, lambda: fused.combine_partials(out, lse), splits
+
+
+def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
+    """Launch configs: the full grid, or ``spec`` = comma list of warps:block_t:stages:programs_per_SM."""
+    grid = ([tuple(int(v) for v in item.split(":")) for item in spec.split(",")] if spec else
+            [(w, t, s, k) for w in SWEEP_WARPS for t in SWEEP_BLOCK_T for s in SWEEP_STAGES for k in SWEEP_TARGETS])
+    return [dict(num_warps=w, block_t=t, num_stages=s, target_programs=k * num_sms) for w, t, s, k in grid]
+
+
+def _time_config(tokens, probe, eps, reference, config) -> dict:
+    row = dict(config)
+    try:
+        run, read, row["splits"] = _kernel_runner(tokens, probe, eps, config)
+        row["ms"] = timed(run)                                   # 3 warm-ups, median of 30
+        row["combine_ms"] = timed(read, runs=10)
+        row["rel_err"] = float((read().double() - reference).norm() / reference.norm())
+        row["read_gb_per_s"] = tokens.nbytes / row["ms"] / 1e6
+    except Exception as error:  # e.g. triton OutOfResources for a too-large config: record, go on
+        row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+    return row
+
+
+def kernel_sweep(trunk, batch: int, device: torch.device, spec: str | None = None) -> list[dict]:
+    """The pooling kernel alone on one layer (B, T, D) per launch config: fp32 tokens (autocast), then bf16 best."""
+    folded = map_head.fold(map_head.timm_map_parts(trunk.attn_pool, post=lambda pooled: pooled), trunk.norm)
+    num_tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
+    probe, eps = folded.key_probe, folded.norm_eps
+    rows = []
+    configs = _sweep_configs(torch.cuda.get_device_properties(device).multi_processor_count, spec)
+    for dtype in (torch.float32, torch.bfloat16):
+        # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
+        tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
+        reference = fused.pool_reference(tokens.double(), probe.double(), eps)
+        copy_ms = timed(lambda: tokens.clone(), runs=20)  # clone keeps the layout
+        print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
+        if dtype == torch.bfloat16:  # under autocast timm's tokens are fp32: bf16 tokens only for the best configs
+            configs = [{k: r[k] for k in configs[0]} for r in sorted(ok_rows(rows), key=lambda r: r["ms"])[:3]]
+        for config in configs:
+            row = dict(_time_config(tokens, probe, eps, reference, config), dtype=str(dtype), copy_ms=copy_ms)
+            rows.append(row)
+            print("kernel", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def ok_rows(rows: list[dict], dtype: str = "torch.float32") -> list[dict]:
+    """Sweep rows that ran and match the float64 reference (the kernel's fp16 products: ~3e-4)."""
+    return [r for r in rows if r.get("dtype", dtype) == dtype and "ms" in r and r["rel_err"] < 2e-3]
+
+
+def tune_from_sweep(rows: list[dict]) -> dict:
+    """Set the onepass-tuned variant to the fastest accurate fp32 config of the sweep; returns it."""
+    best = min(ok_rows(rows), key=lambda r: r["ms"])
+    tuned = {k: best[k] for k in ("num_warps", "block_t", "num_stages", "target_programs")}
+    VARIANTS["onepass-tuned"].update(tuned)
+    print(f"onepass-tuned = {tuned}: {best['ms'] * 1e3:.0f} us, {best['read_gb_per_s']:.0f} GB/s", flush=True)
+    return tuned
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -70,7 +143,7 @@ def main(argv=None) -> int:
         programs = -(-flat.numel() // (4096 * 8))
         partial = torch.empty(programs, device=device)
         floors = {"floor: tokens.sum()": lambda: tokens.sum(), "floor: tokens.clone()": lambda: tokens.clone(),
-                  "floor: Triton streaming read": lambda: overhead._flat_read_kernel[(programs,)](
+                  "floor: Triton streaming read": lambda: _flat_read_kernel[(programs,)](
                       flat, partial, flat.numel(), BLOCK=4096, STEPS=8, num_warps=8)}
         for name, fn in floors.items():
             ms = timed(fn)
