@@ -67,6 +67,40 @@ def test_layer_pooler_on_cpu_reads_every_slot_like_the_model():
     assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())  # the model is not modified
 
 
+def fake_kernel(fits: int, calls: list):
+    """Stands in for the Triton launch: raises OutOfResources above `fits` stages, else fills the partials
+    with an independent per-split softmax pooling (PyTorch reference per split + log-sum-exp of its logits)."""
+    def pool_partials(tokens, probe, eps, out, lse, per_split, num_warps, block_t, num_stages):
+        calls.append(num_stages)
+        if num_stages > fits:
+            raise fused.OutOfResources(200_000, 166_912, "shared memory")
+        for split in range(out.shape[2]):
+            part = tokens[:, split * per_split:(split + 1) * per_split]
+            x_hat = torch.nn.functional.layer_norm(part, part.shape[-1:], eps=eps)
+            out[:, :, split] = fused.pool_reference(part, probe, eps)
+            lse[:, :, split] = torch.logsumexp(x_hat @ probe.T, dim=1)
+    return pool_partials
+
+
+@pytest.mark.parametrize("fits,first_calls,second_calls", [(2, [3, 2, 2], [2, 2]), (0, [3, 2, 1], [])])
+def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeypatch, fits, first_calls, second_calls):
+    tower = tiny_tower(seed=3)
+    folded = folded_head(tower)
+    layers = [tokens_like_a_block(seed=s) for s in (4, 5)]
+    calls = []
+    monkeypatch.setattr(fused, "pool_partials", fake_kernel(fits, calls))
+    monkeypatch.setattr(fused, "triton_usable", lambda tokens, probe: True)
+    monkeypatch.setattr(fused, "_FITTING_STAGES", {})
+    with torch.no_grad():
+        expected = torch.stack([own_head(tower, tokens) for tokens in layers])
+        for expected_calls in (first_calls, first_calls + second_calls):   # a second call reuses what fitted
+            pooler = fused.LayerPooler(folded, num_slots=2, config=fused.FusedConfig(num_stages=3, target_programs=4))
+            pooler.add(0, layers[0])
+            pooler.add(1, layers[1])
+            torch.testing.assert_close(pooler.result(), expected, rtol=1e-4, atol=1e-5)
+            assert calls == expected_calls and pooler._fast == (fits > 0)
+
+
 def test_combine_partials_matches_softmax_over_all_tokens():
     """Per-split softmax pooling + log-sum-exp, merged, equals one softmax over all tokens (naive loop)."""
     generator = torch.Generator().manual_seed(7)

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 try:  # optional: the PyTorch path below is always available
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
+    OutOfResources = RuntimeError  # never raised without triton
 
 BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
 
@@ -179,6 +181,7 @@ def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_b
 
 # ---------------------------------------------------------------- streaming driver for the block loop
 _SIDE_STREAMS: dict = {}
+_FITTING_STAGES: dict = {}   # (device, dtype, D, block_t, warps, stages asked) -> stages that fit (0: none)
 
 
 def _side_stream(device: torch.device):
@@ -200,6 +203,7 @@ class LayerPooler:
         self._pooled: list = [None] * num_slots   # PyTorch path: (B, H, D) per slot
         self._fast = None                          # decided on the first add()
         self._out = self._lse = self._stream = self._tokens_per_split = None
+        self._launched = False                     # a fast launch succeeded in this call
 
     def _start_fast(self, tokens: torch.Tensor) -> None:
         batch, num_tokens, dim = tokens.shape
@@ -212,14 +216,30 @@ class LayerPooler:
         if tokens.is_cuda and self.config.side_stream:
             self._stream = _side_stream(tokens.device)
 
+    def _stage_key(self, tokens: torch.Tensor) -> tuple:
+        cfg = self.config
+        return tokens.device, tokens.dtype, tokens.shape[-1], cfg.block_t, cfg.num_warps, cfg.num_stages
+
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
-        pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
-                      self._tokens_per_split, self.config.num_warps, self.config.block_t, self.config.num_stages)
+        key = self._stage_key(tokens)
+        stages = _FITTING_STAGES.get(key, self.config.num_stages)
+        while True:   # fewer load stages where shared memory is smaller than an H100's (e.g. an A100's 164 KB)
+            try:
+                pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
+                              self._tokens_per_split, self.config.num_warps, self.config.block_t, stages)
+                _FITTING_STAGES[key] = stages
+                return
+            except OutOfResources:
+                if stages <= 1:
+                    _FITTING_STAGES[key] = 0   # fits nowhere here: later calls go straight to PyTorch
+                    raise
+                stages -= 1
 
     def add(self, slot: int, tokens: torch.Tensor) -> None:
         """Pool one captured layer: tokens (B, T, D), the raw block output."""
         if self._fast is None:
-            self._fast = self.config.enabled and triton_usable(tokens, self.folded.key_probe)
+            self._fast = (self.config.enabled and triton_usable(tokens, self.folded.key_probe)
+                          and _FITTING_STAGES.get(self._stage_key(tokens)) != 0)
             if self._fast:
                 self._start_fast(tokens)
         if not self._fast:
@@ -227,7 +247,15 @@ class LayerPooler:
             return
         # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
         if self._stream is None:
-            self._launch(slot, tokens)
+            if self._launched:
+                self._launch(slot, tokens)
+                return
+            try:   # the first launch of a call: a kernel that fits nowhere here sends the whole call to PyTorch
+                self._launch(slot, tokens)
+                self._launched = True
+            except OutOfResources:
+                self._fast = False
+                self.add(slot, tokens)
             return
         self._stream.wait_stream(torch.cuda.current_stream(tokens.device))   # the tokens are written
         with torch.cuda.stream(self._stream):
