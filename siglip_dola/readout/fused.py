@@ -223,7 +223,7 @@ class LayerPooler:
     def _launch(self, slot: int, tokens: torch.Tensor) -> None:
         key = self._stage_key(tokens)
         stages = _FITTING_STAGES.get(key, self.config.num_stages)
-        while True:   # fewer load stages where shared memory is smaller than an H100's (an A100 allows 163 KiB per program)
+        while True:   # fewer load stages where shared memory is short (an A100 allows 163 KiB per program)
             try:
                 pool_partials(tokens, self.folded.key_probe, self.folded.norm_eps, self._out[slot], self._lse[slot],
                               self._tokens_per_split, self.config.num_warps, self.config.block_t, stages)
