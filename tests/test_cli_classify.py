@@ -123,6 +123,7 @@ def test_rerank_both_directions(capsys, model_dir, image_dir):
     (["--labels", " , "], "empty"),
     ([], "--labels"),
     (["--labels", "cat", "--model", "no-such-model-name"], "unknown model"),
+    (["--labels", "cat", "--cuda-graphs", "--device", "cpu"], "cuda_graphs=True needs the model on a CUDA device"),
 ])
 def test_bad_arguments_exit_2(capsys, model_dir, image_dir, extra, match):
     argv = ["classify", image_dir / "a.png", *extra]

@@ -42,6 +42,8 @@ def _add_scorer_arguments(parser) -> None:
     parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
     parser.add_argument("--calibration", default=None, help="calibration JSON choosing mode/layers/alpha (overrides those options)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the forward from CUDA graphs, one per batch shape (CUDA only; faster at small batches)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -76,9 +78,11 @@ def _build_scorer(args):
     except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
         raise ValueError(str(err)) from None
     options = dict(mode=args.mode, alpha=args.alpha, layers=args.layers, bucket=args.bucket,
-                   n_buckets=args.n_buckets, static_layer=args.static_layer, batch_size=args.batch_size)
+                   n_buckets=args.n_buckets, static_layer=args.static_layer, batch_size=args.batch_size,
+                   cuda_graphs=args.cuda_graphs)
     if args.calibration:
-        return model, DoLaSigLIP.from_calibration(args.calibration, model, batch_size=args.batch_size)
+        return model, DoLaSigLIP.from_calibration(args.calibration, model, batch_size=args.batch_size,
+                                                  cuda_graphs=args.cuda_graphs)
     return model, DoLaSigLIP(model, **options)
 
 
