@@ -247,15 +247,15 @@ class LayerPooler:
             return
         # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
         if self._stream is None:
-            if self._launched:
+            try:
                 self._launch(slot, tokens)
-                return
-            try:   # the first launch of a call: a kernel that fits nowhere here sends the whole call to PyTorch
-                self._launch(slot, tokens)
-                self._launched = True
-            except OutOfResources:
+            except OutOfResources:   # fits nowhere here: the first launch sends the whole call to PyTorch
+                if self._launched:
+                    raise            # (a later one cannot: earlier slots are in the fast buffers)
                 self._fast = False
                 self.add(slot, tokens)
+                return
+            self._launched = True
             return
         self._stream.wait_stream(torch.cuda.current_stream(tokens.device))   # the tokens are written
         with torch.cuda.stream(self._stream):
