@@ -243,8 +243,9 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
 
     fused=True (EXPERIMENTAL, opt-in): the same math compiled with torch.compile (siglip_dola.fused_scoring);
     equal up to float rounding, compiles once per new shape/dtype/mode. Default False: eager.
-    With compat=None, fp32 logits on CUDA and C <= scoring_kernel.MAX_CLASSES, everything after the logit
-    matmul is ONE Triton kernel (siglip_dola.scoring_kernel; switch: TRITON_SCORING), equal up to fp32 rounding.
+    With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= scoring_kernel.MAX_CLASSES,
+    everything after the logit matmul is ONE Triton kernel (siglip_dola.scoring_kernel; switch:
+    TRITON_SCORING), computed in fp32 and equal to the eager path up to fp32 rounding.
     """
     if fused is not False and fused is not True:
         raise TypeError(f"fused must be True or False, got {fused!r}")
