@@ -70,7 +70,8 @@ def test_layer_pooler_on_cpu_reads_every_slot_like_the_model():
 def fake_kernel(fits: int, calls: list):
     """Stands in for the Triton launch: raises OutOfResources above `fits` stages, else fills the partials
     with an independent per-split softmax pooling (PyTorch reference per split + log-sum-exp of its logits)."""
-    def pool_partials(tokens, probe, eps, out, lse, per_split, num_warps, block_t, num_stages):
+    def pool_partials(tokens, probe, eps, out, lse, per_split, num_warps, block_t, num_stages, **shifted):
+        assert not shifted   # these tests add raw block outputs
         calls.append(num_stages)
         if num_stages > fits:
             raise fused.OutOfResources(200_000, 166_912, "shared memory")
@@ -218,3 +219,180 @@ def test_triton_kernels_in_interpreter_match_float64_reference():
         # fp16 products with fp32 accumulation: ~3e-4 on fp32 inputs; the pooler row includes the bf16 tail
         limit = 2e-2 if name.startswith("pooler") else 2e-3
         assert error == error and error < limit, (name, error)  # NaN fails: an unwritten output element
+
+
+# ---------------------------------------------------------------- pooling from the next block's own first norm
+def deep_tower(seed: int = 0, depth: int = 3):
+    """tiny_tower with more blocks and non-trivial norm1 affines (gamma of both signs, beta off zero)."""
+    torch.manual_seed(seed)
+    tower = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, depth=depth,
+                              embed_dim=DIM, num_heads=HEADS, img_size=32).eval()
+    with torch.no_grad():
+        for param in list(tower.attn_pool.parameters()) + list(tower.norm.parameters()):
+            param.normal_(0.0, 0.3)
+        for block in tower.blocks:
+            block.norm1.weight.uniform_(0.3, 1.5).mul_(torch.where(torch.rand(DIM) < 0.2, -1.0, 1.0))
+            block.norm1.bias.normal_(0.0, 1.0)
+    return tower
+
+
+def test_entry_norm_folds_gamma_into_the_probe_and_keeps_beta():
+    tower = deep_tower()
+    folded = folded_head(tower)
+    block = tower.blocks[1]
+    entry = fused.entry_norm(block, folded)
+    gamma, beta = block.norm1.weight.detach(), block.norm1.bias.detach()
+    assert entry.module is block.norm1
+    torch.testing.assert_close(entry.probe * gamma, folded.key_probe)
+    assert torch.equal(entry.shift, beta)
+    torch.testing.assert_close(entry.scale * gamma, torch.ones_like(gamma))
+    tokens = tokens_like_a_block(seed=7).double()
+    with torch.no_grad():   # (n - beta) . probe / gamma == x_hat . key_probe: the logits the kernel computes
+        normed = torch.nn.functional.layer_norm(tokens, (DIM,), gamma.double(), beta.double(), block.norm1.eps)
+        x_hat = torch.nn.functional.layer_norm(tokens, (DIM,), eps=folded.norm_eps)
+    torch.testing.assert_close((normed - entry.shift.double()) @ entry.probe.double().T,
+                               x_hat @ folded.key_probe.double().T)
+
+
+def _break(case: str, tower) -> torch.nn.Module:
+    block = tower.blocks[1]
+    with torch.no_grad():
+        if case == "eps":
+            block.norm1.eps = 1e-5
+        elif case == "zero_gamma":
+            block.norm1.weight[3] = 0.0
+        elif case == "beta_over_gamma":
+            block.norm1.weight[3], block.norm1.bias[3] = 1e-4, 1.0
+        elif case == "fp16_overflow":
+            block.norm1.weight[3] = 1e4
+        elif case == "no_affine":
+            block.norm1 = torch.nn.LayerNorm(DIM, eps=1e-6, elementwise_affine=False)
+        elif case == "post_norm_block":   # timm ResPostBlock applies norm1 after attention, not to its input
+            from timm.models.vision_transformer import ResPostBlock
+            return ResPostBlock(DIM, HEADS)
+    return block
+
+
+@pytest.mark.parametrize("case", ["eps", "zero_gamma", "beta_over_gamma", "fp16_overflow", "no_affine",
+                                  "post_norm_block"])
+def test_entry_norm_refuses_what_it_cannot_read_exactly(case):
+    tower = deep_tower()
+    assert fused.entry_norm(tower.blocks[1], folded_head(tower)) is not None
+    assert fused.entry_norm(_break(case, tower), folded_head(tower)) is None
+
+
+def test_readout_rebuilds_an_entry_norm_when_its_weights_change_in_place():
+    from siglip_dola.readout import from_model
+    tower = deep_tower(seed=5)
+    readout = from_model(tower)
+    head = readout._current_head()
+    first = readout._entry_norm(1, head)
+    assert readout._entry_norm(1, head) is first                                    # cached between calls
+    with torch.no_grad():
+        tower.blocks[1].norm1.weight.mul_(2.0)
+    rebuilt = readout._entry_norm(1, head)
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt.scale * 2.0, first.scale)
+
+
+def _entry_pooler(tower):
+    folded = folded_head(tower)
+    return fused.LayerPooler(folded, num_slots=1), fused.entry_norm(tower.blocks[1], folded)
+
+
+def test_a_mismatched_or_missing_entry_norm_pools_the_block_output():
+    tower = deep_tower(seed=2)
+    tokens = tokens_like_a_block(seed=8)
+    with torch.no_grad():
+        expected = own_head(tower, tokens).unsqueeze(0)
+        for call_entry in (True, False):   # the norm ran on another tensor / never ran
+            pooler, entry = _entry_pooler(tower)
+            pooler.hold(0, tokens)
+            if call_entry:
+                other = tokens.clone()
+                pooler.add_entry(0, entry, other, tower.blocks[1].norm1(other))
+            torch.testing.assert_close(pooler.result(), expected, rtol=1e-4, atol=1e-5)
+            assert pooler.entry_slots == 0
+
+
+def test_a_block_output_modified_in_place_before_its_norm_is_refused():
+    tower = deep_tower(seed=2)
+    tokens = tokens_like_a_block(seed=8)
+    pooler, entry = _entry_pooler(tower)
+    pooler.hold(0, tokens)
+    tokens.add_(1.0)
+    with pytest.raises(RuntimeError, match="in place"):
+        pooler.add_entry(0, entry, tokens, tower.blocks[1].norm1(tokens))
+
+
+ENTRY_CHECK = textwrap.dedent("""
+    import json, os, sys
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from test_fused import deep_tower, folded_head, own_head, tokens_like_a_block
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from siglip_dola.readout import from_model, fused
+    errors, counts = {}, {}
+    tower = deep_tower(seed=4)
+    folded = folded_head(tower)
+    layers = [tokens_like_a_block(2, 21, seed=s) for s in (30, 31, 32)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
+        pooler = fused.LayerPooler(folded, 3, fused.FusedConfig(target_programs=4))
+        for slot in (0, 1):   # slots 0, 1 from block 2's / 3's first norm, slot 2 from its raw block output
+            block = tower.blocks[slot + 1]
+            pooler.hold(slot, layers[slot])
+            pooler.add_entry(slot, fused.entry_norm(block, folded), layers[slot], block.norm1(layers[slot]))
+        pooler.add(2, layers[2])
+        z = pooler.result().float()
+        expected = torch.stack([own_head(tower, t) for t in layers]).float()
+    errors["pooler"] = float((z - expected).norm() / expected.norm())
+    counts["pooler"] = [pooler.entry_slots, bool(pooler._fast)]
+    torch.manual_seed(0)
+    hf = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                              num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    with torch.no_grad():
+        for layer in [m for m in hf.modules() if type(m).__name__ == "SiglipEncoderLayer"]:   # 4.x and 5.x layouts
+            layer.layer_norm1.weight.uniform_(0.3, 1.5); layer.layer_norm1.bias.normal_(0.0, 1.0)
+    made, original = [], fused.pooler_for
+    def cpu_pooler(folded, device, num_slots, config=fused.FUSED):   # the interpreter stands in for CUDA
+        made.append(fused.LayerPooler(folded, num_slots, fused.FusedConfig(target_programs=4)))
+        return made[-1]
+    images = torch.randn(2, 3, 32, 32)
+    for name, model in {"timm": tower, "hf": hf}.items():
+        readout = from_model(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused.pooler_for = lambda *a, **k: None
+            _, reference = readout(images, [1, 2])                      # the PyTorch folded path
+            fused.pooler_for = cpu_pooler
+            _, z_layers = readout(images, [1, 2])
+            with torch.inference_mode():                                # no version counters (the scorer's mode)
+                _, z_inference = readout(images, [1, 2])
+            last_block = [m for m in model.modules() if type(m).__name__ in fused.ENTRY_BLOCK_TYPES][-1]
+            boom = last_block.register_forward_hook(lambda *args: 1 / 0)   # a forward that raises mid-way
+            try:
+                readout(images, [1, 2])
+            except ZeroDivisionError:
+                pass
+            boom.remove()
+            fused.pooler_for = original
+        errors[name] = float((z_layers.float() - reference.float()).norm() / reference.float().norm())
+        errors[name + "/inference_mode"] = float((z_inference.float() - z_layers.float()).norm())
+        counts[name] = [made[-1].entry_slots, bool(made[-1]._fast),
+                        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())]
+    print(json.dumps({"errors": errors, "counts": counts}))
+""")
+
+
+def test_entry_norm_path_in_interpreter_matches_the_models_own_head():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", ENTRY_CHECK, here], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["counts"] == {"pooler": [2, True], "timm": [2, True, 0], "hf": [2, True, 0]}
+    for name, error in result["errors"].items():
+        assert error == error and error < 2e-2, (name, error)   # fp16 products; the tail runs in bf16 here

@@ -3,9 +3,11 @@
 How: forward hooks on the requested blocks, registered for the duration of one call of the model's
 own embedding function and removed in ``finally``. Each hook turns block j's output into z_j right
 away (folded MAP head, or the model's own norm + head), so only (B, D) vectors are kept, never the
-(B, T, D) token tensors. z_final is what the model's own forward returns. The model is never written:
-no weights, flags or lasting hooks; the folded head is a cache derived from the weights and rebuilt
-when their storage, version, dtype, device or the head's train/eval flags change.
+(B, T, D) token tensors. On the fused CUDA path a second hook on block j+1's first LayerNorm pools
+layer j from that norm's output instead (``fused.EntryNorm``: no statistics to compute). z_final is
+what the model's own forward returns. The model is never written: no weights, flags or lasting hooks;
+the folded head (and each EntryNorm) is a cache derived from the weights and rebuilt when their
+storage, version, dtype, device or the head's train/eval flags change.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ def _fingerprint(modules: tuple[nn.Module, ...]) -> tuple:
     weights = tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
                     for module in modules for p in module.parameters())
     return weights + tuple(m.training for module in modules for m in module.modules())
+
+
+def _entry_hook(pooler, slot: int, entry):
+    def hook(module, args, output):
+        pooler.add_entry(slot, entry, args[0] if args else None, output)
+    return hook
 
 
 def _head_param(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
@@ -50,6 +58,7 @@ class Readout:
         self.image_size = tuple(tower.image_size)
         self._fingerprint = None
         self._folded: FoldedMapHead | None = None
+        self._entry_cache: dict = {}   # layer -> (head, norm fingerprint, EntryNorm | None)
         self.fallback_reason: str | None = None
         with torch.no_grad():
             self.embed_dim = int(self._own_layer_embedding(self._probe_tokens()).shape[-1])
@@ -75,8 +84,12 @@ class Readout:
             handles = []
             try:
                 for layer in layer_list:
-                    hook = self._capture_hook(layer, head, captured, pooler, layer_list.index(layer))
+                    slot = layer_list.index(layer)
+                    entry = self._entry_norm(layer, head) if pooler is not None and pooler.config.entry_norms else None
+                    hook = self._capture_hook(layer, head, captured, pooler, slot, hold=entry is not None)
                     handles.append(self._tower.blocks[layer - 1].register_forward_hook(hook))
+                    if entry is not None:   # layer j pooled from block j+1's own first norm (fused.EntryNorm)
+                        handles.append(entry.module.register_forward_hook(_entry_hook(pooler, slot, entry)))
                 z_final = self._tower.embed(images)
             finally:
                 for handle in handles:
@@ -85,17 +98,30 @@ class Readout:
                 captured.update(zip(layer_list, pooler.result()))
         return z_final, self._stack(z_final, layer_list, captured)
 
-    def _capture_hook(self, layer: int, head: FoldedMapHead | None, captured: dict, pooler=None, slot: int = 0):
+    def _capture_hook(self, layer: int, head: FoldedMapHead | None, captured: dict, pooler=None, slot: int = 0,
+                      hold: bool = False):
         def hook(module, args, output):
             if layer in captured:
                 raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
             tokens = block_tokens(output)                                    # (B, T, D)
-            if pooler is not None:   # fused path: pooled now by the Triton kernel, head tail for all layers after
-                pooler.add(slot, tokens)
+            if pooler is not None:   # fused path: pooled now (or at the next norm) by the Triton kernel
+                pooler.hold(slot, tokens) if hold else pooler.add(slot, tokens)
                 captured[layer] = None
                 return
             captured[layer] = head(tokens) if head is not None else self._own_layer_embedding(tokens)
         return hook
+
+    def _entry_norm(self, layer: int, head: FoldedMapHead) -> fused.EntryNorm | None:
+        """Block layer+1's first LayerNorm, prepared for the fused path (cached per head and weights), or None."""
+        block = self._tower.blocks[layer]                                    # block j+1 (0-based index j)
+        norm = fused.first_norm(block)
+        # a cheap key (this runs per layer per call, before the first kernel): the weights' storage and version
+        key = None if norm is None else tuple((p.data_ptr(), fused._version(p), p.dtype) for p in norm.parameters())
+        cached = self._entry_cache.get(layer)
+        if cached is None or cached[0] is not head or cached[1] != key:
+            cached = (head, key, fused.entry_norm(block, head) if norm is not None else None)
+            self._entry_cache[layer] = cached
+        return cached[2]
 
     def _stack(self, z_final: torch.Tensor, layers: list[int], captured: dict) -> torch.Tensor:
         missing = [layer for layer in layers if layer not in captured]

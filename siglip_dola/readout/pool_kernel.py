@@ -1,0 +1,233 @@
+"""Pooling of one captured layer through the folded MAP head: the Triton kernel, its PyTorch reference, the merge.
+
+For tokens x (B, T, D) and per-head key probes p (H, D) (:class:`~siglip_dola.readout.map_head.FoldedMapHead`):
+
+    x_hat[b, t]  = LayerNorm(x[b, t]) without affine                                  # (B, T, D)
+    pooled[b, h] = sum_t softmax_t(x_hat[b, t] . p[h]) * x_hat[b, t]                   # (B, H, D)
+
+:func:`pool_partials` does this in ONE read of the tokens (LayerNorm statistics, (T, D) x (D, H) logits,
+online softmax over tokens, (H, T) x (T, D) weighted sum), per (image, token split); :func:`combine_partials`
+merges the splits. Its "shifted" mode reads the output of the next block's own LayerNorm instead,
+n = gamma * x_hat + beta (the model computes it anyway): then n - beta = gamma * x_hat needs no statistics,
+the probe is p / gamma and the pooled vector is scaled by 1 / gamma at the end (see fused.EntryNorm).
+:func:`pool_reference` is the PyTorch path, fallback and test reference.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: the PyTorch path below is always available
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
+
+
+def pool_reference(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None) -> torch.Tensor:
+    """PyTorch path: tokens (B, T, D) raw block output, key_probe (H, D) -> pooled x_hat (B, H, D)."""
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        x_hat = tokens.to(key_probe.dtype)
+        if norm_eps is not None:
+            x_hat = F.layer_norm(x_hat, x_hat.shape[-1:], eps=norm_eps)          # (B, T, D) no affine
+        weights = torch.softmax(x_hat @ key_probe.T, dim=1)                      # (B, T, H) over tokens
+        return torch.einsum("bth,btd->bhd", weights, x_hat)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pool_partial_kernel(x_ptr, probe_ptr, shift_ptr, scale_ptr, out_ptr, lse_ptr, T, D, stride_b, stride_t,
+                             stride_d, tokens_per_split, num_splits, eps,
+                             H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                             NORMALIZE: tl.constexpr, SHIFTED: tl.constexpr, K_GROUPS: tl.constexpr,
+                             EVEN_T: tl.constexpr, EVEN_D: tl.constexpr):
+        """One (image, token split): x_hat (from stats or a shift), logits, online softmax, weighted sum; one read.
+
+        EVEN_T / EVEN_D drop the masks (vector loads, ~10% faster on an H100). K_GROUPS > 1 splits the logits'
+        D-reduction into a batched (K_GROUPS, BT, BD / K_GROUPS) product, so no warp repeats the whole of it."""
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_h = tl.arange(0, BLOCK_H)   # heads padded to a power of two >= 16 (tl.dot's smallest tile)
+        d_mask = offs_d < D
+        h_mask = offs_h < H
+        probe = tl.load(probe_ptr + offs_h[None, :] * D + offs_d[:, None], mask=d_mask[:, None] & h_mask[None, :],
+                        other=0.0)                                                                  # (BD, BH)
+        # dots in fp16 (fp32 accumulate): more mantissa than bf16, same speed, the interpreter gets it right
+        probe_scale = tl.maximum(tl.max(tl.abs(probe)), 1e-30)
+        probe = (probe / probe_scale).to(tl.float16)  # |probe / scale| <= 1: no overflow
+        if SHIFTED:
+            shift = tl.load(shift_ptr + offs_d, mask=d_mask, other=0.0)                            # (BD,) beta
+        run_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        t_start = split * tokens_per_split
+        t_end = tl.minimum(t_start + tokens_per_split, T)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            t0 = tl.multiple_of(t0, BLOCK_T)  # t_start is a multiple of BLOCK_T: aligned vector loads
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < t_end
+            ptrs = x_ptr + b * stride_b + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+            if EVEN_T and EVEN_D:
+                x = tl.load(ptrs).to(tl.float32)                                             # (BT, BD)
+            else:
+                x = tl.load(ptrs, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            if NORMALIZE:
+                mean = tl.sum(x, axis=1) / D
+                centred = x - mean[:, None] if EVEN_D else tl.where(d_mask[None, :], x - mean[:, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)           # (BT,) once per token
+                x = centred * rstd[:, None]
+            if SHIFTED:
+                x = x - shift[None, :]                                                      # gamma * x_hat
+            x = x.to(tl.float16)  # |x_hat| <= sqrt(D); shifted: the caller bounds gamma (no overflow)
+            if K_GROUPS == 1:
+                logits = tl.dot(x, probe, out_dtype=tl.float32)                             # (BT, BH)
+            else:
+                x_groups = tl.permute(tl.reshape(x, [BLOCK_T, K_GROUPS, BLOCK_D // K_GROUPS]), [1, 0, 2])
+                probe_groups = tl.reshape(probe, [K_GROUPS, BLOCK_D // K_GROUPS, BLOCK_H])
+                logits = tl.sum(tl.dot(x_groups, probe_groups, out_dtype=tl.float32), axis=0)  # (BT, BH)
+            logits = logits * probe_scale
+            if not EVEN_T:
+                logits = tl.where(t_mask[:, None], logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+            rescale = tl.exp(run_max - new_max)
+            probs = tl.exp(logits - new_max[None, :])                                       # (BT, BH)
+            run_sum = run_sum * rescale + tl.sum(probs, axis=0)
+            weighted = tl.dot(tl.trans(probs.to(tl.float16)), x, out_dtype=tl.float32)      # (BH, BD)
+            acc = acc * rescale[:, None] + weighted
+            run_max = new_max
+        pooled = acc / run_sum[:, None]
+        if SHIFTED:
+            pooled = pooled * tl.load(scale_ptr + offs_d, mask=d_mask, other=0.0)[None, :]  # x_hat = n' / gamma
+        rows = (b * H + offs_h) * num_splits + split                                        # (BH,) in (B, H, S)
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], pooled, mask=h_mask[:, None] & d_mask[None, :])
+        tl.store(lse_ptr + rows, run_max + tl.log(run_sum), mask=h_mask)
+
+
+    @triton.jit
+    def _combine_kernel(out_ptr, lse_ptr, pooled_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (image, head) row: pooled = sum_s softmax_s(lse[s]) * out[s], out (rows, S, D), lse (rows, S)."""
+        row = tl.program_id(0).to(tl.int64)
+        d0 = tl.program_id(1) * BLOCK_D
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        lse = tl.load(lse_ptr + row * S + offs_s, mask=offs_s < S, other=float("-inf"))       # (BS,)
+        weights = tl.exp(lse - tl.max(lse, axis=0))
+        weights = weights / tl.sum(weights, axis=0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for split in range(0, S):
+            weight = tl.sum(tl.where(offs_s == split, weights, 0.0), axis=0)
+            acc += weight * tl.load(out_ptr + (row * S + split) * D + offs_d, mask=offs_d < D, other=0.0)
+        tl.store(pooled_ptr + row * D + offs_d, acc, mask=offs_d < D)
+
+
+def combine_partials_triton(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """:func:`combine_partials` as one Triton launch (reads the partials once): (..., H, S, D) -> (..., H, D) fp32.
+
+    torch's batched (1 x S) @ (S x D) product took 0.34 ms for 23 layers at
+    batch 64 on an H100 (benchmarks/README.md, run 22)."""
+    *lead, num_splits, dim = out.shape
+    assert out.is_contiguous() and lse.is_contiguous() and out.dtype == lse.dtype == torch.float32
+    pooled = torch.empty(*lead, dim, device=out.device, dtype=torch.float32)
+    rows, block_d = pooled.numel() // dim, min(1024, triton.next_power_of_2(dim))
+    _combine_kernel[(rows, triton.cdiv(dim, block_d))](out, lse, pooled, num_splits, dim,
+                                                        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+    return pooled
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The fast path's merge: Triton on CUDA (or in the interpreter), else :func:`combine_partials`."""
+    if triton is not None and (out.is_cuda or _interpreted()) and out.dtype == torch.float32:
+        return combine_partials_triton(out.contiguous(), lse.contiguous())
+    return combine_partials(out, lse)
+
+
+def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
+    """True when the Triton kernel can run here (CUDA tokens, or the CPU interpreter) at the caller's precision.
+
+    The kernel's products are fp16 x fp16 -> fp32 (relative error ~1e-3), so it serves half-precision
+    tokens or fp32 tokens under a half-precision autocast (timm's residual stream stays fp32 there);
+    plain fp32 keeps the exact PyTorch path.
+    """
+    interpreted = _interpreted()
+    half = tokens.dtype in (torch.bfloat16, torch.float16) or (
+        tokens.dtype == torch.float32 and torch.is_autocast_enabled(tokens.device.type)
+        and torch.get_autocast_dtype(tokens.device.type) in (torch.bfloat16, torch.float16))
+    return triton is not None and (tokens.is_cuda or interpreted) and key_probe.dtype == torch.float32 and half
+
+
+def split_plan(batch: int, num_tokens: int, slots: int, block_t: int = BLOCK_T) -> tuple[int, int]:
+    """(tokens_per_split, num_splits) for a (batch, num_splits) grid of which ``slots`` programs run at once.
+
+    Picks the split count with the shortest modelled time, waves x (token blocks per split + 1) (the +1: a
+    program's fixed cost, the probe load and the partial store), at most ceil(slots / batch) splits, no split
+    empty; ties go to fewer splits. Whole waves matter: at batch 64 x 576 tokens on an H100 (132 SMs, one
+    program each) 2 splits (128 programs, one wave) beat 5 (320 programs, 2.4 waves) by 15% (benchmarks/README.md).
+    """
+    num_blocks = math.ceil(num_tokens / block_t)
+    most = min(num_blocks, max(1, math.ceil(slots / max(batch, 1))))
+    best = None
+    for splits in range(1, most + 1):
+        blocks_per_split = math.ceil(num_blocks / splits)
+        used = math.ceil(num_blocks / blocks_per_split)             # splits that hold tokens
+        cost = math.ceil(batch * used / max(slots, 1)) * (blocks_per_split + 1)
+        if best is None or cost < best[0]:
+            best = (cost, blocks_per_split * block_t, used)
+    return best[1], best[2]
+
+
+def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None, out: torch.Tensor,
+                  lse: torch.Tensor, tokens_per_split: int, num_warps: int = 8, block_t: int = BLOCK_T,
+                  num_stages: int = 3, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
+    """Triton: tokens (B, T, D) -> out (B, H, S, D) per-split pooled x_hat, lse (B, H, S), both fp32.
+
+    Grid (B, S): one program per (image, token split), all heads and all of D, one read of its tokens.
+    Shifted mode (``shift``, ``scale`` (D,) given, ``norm_eps`` None): tokens are a LayerNorm's output
+    gamma * x_hat + beta, shift = beta, scale = 1 / gamma, key_probe = probe / gamma.
+    """
+    batch, num_tokens, dim = tokens.shape
+    heads, num_splits = key_probe.shape[0], out.shape[2]
+    shifted = shift is not None
+    assert out.shape == (batch, heads, num_splits, dim) and lse.shape == (batch, heads, num_splits)
+    assert out.is_contiguous() and lse.is_contiguous() and key_probe.is_contiguous()
+    assert (num_splits - 1) * tokens_per_split < num_tokens <= num_splits * tokens_per_split
+    assert tokens_per_split % block_t == 0 and (scale is not None) == shifted and not (shifted and norm_eps)
+    block_d = triton.next_power_of_2(dim)
+    _pool_partial_kernel[(batch, num_splits)](
+        tokens, key_probe, shift if shifted else key_probe, scale if shifted else key_probe, out, lse,
+        num_tokens, dim, *tokens.stride(), tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
+        H=heads, BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_T=block_t, BLOCK_D=block_d,
+        NORMALIZE=norm_eps is not None, SHIFTED=shifted,
+        K_GROUPS=min(4, max(1, block_d // 16)) if shifted else 1,   # fastest per mode on an H100 (run 21)
+        EVEN_T=num_tokens % block_t == 0, EVEN_D=dim == block_d, num_warps=num_warps, num_stages=num_stages)
+
+
+def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Merge token splits: out (..., H, S, D), lse (..., H, S) -> pooled (..., H, D).
+
+    One batched (1 x S) @ (S x D) product per head: reads the partials once (no (..., H, S, D)
+    temporary), in the partials' dtype (fp32) with autocast off: a bf16 matmul would round the pooled vectors.
+    """
+    with torch.autocast(device_type=out.device.type, enabled=False):
+        weights = torch.softmax(lse, dim=-1)                                     # (..., H, S)
+        return (weights.unsqueeze(-2) @ out).squeeze(-2)                         # (..., H, D)
+
+
+def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
+    """pooled (N, H, D), value_weight (H, hd, D), value_bias (H, hd) -> head values (N, H * hd).
+
+    In the folded head's dtype (fp32) with autocast off: bf16 products here were not measurably faster at 23
+    layers, batch 64 on an H100 and made the bf16 premature layer differ from fp32 on 1 of 8 images (run 23)."""
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        values = torch.bmm(pooled.transpose(0, 1), value_weight.transpose(1, 2))  # (H, N, hd)
+        return (values.transpose(0, 1) + value_bias).flatten(1)                   # (N, H * hd)

@@ -1,0 +1,93 @@
+"""readout/pool_kernel.py: the Triton kernel's shifted mode (pooling from the next block's own LayerNorm output),
+head counts that are not a power of two and the Triton merge of token splits, in Triton's CPU interpreter
+(a subprocess), against float64.
+
+The stats mode, the split plan and the merge are tested in test_fused.py (they predate this module's split).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from siglip_dola.readout import pool_kernel
+
+CHECK = textwrap.dedent("""
+    import json, os
+    assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
+    import torch, torch.nn.functional as F
+    from siglip_dola.readout import pool_kernel as pk
+    torch.manual_seed(5)
+    errors = {}
+    # (B, T, D, H, layout): T % 16 != 0, D not a power of two, 12 heads (ViT-B) and 2 heads padded to 16
+    for B, T, D, H, layout in [(2, 37, 48, 4, "btd"), (2, 32, 64, 12, "bdt"), (1, 16, 32, 16, "btd"),
+                               (3, 21, 16, 2, "bdt"), (2, 48, 128, 16, "bdt")]:
+        x = torch.randn(B, T, D) * 2 + 0.5 if layout == "btd" else (torch.randn(B, D, T) * 2 + 0.5).transpose(1, 2)
+        gamma = (torch.rand(D) * 1.5 + 0.2) * torch.where(torch.rand(D) < 0.2, -1.0, 1.0)   # some negative
+        beta = torch.randn(D) * 2
+        n = F.layer_norm(x, (D,), gamma, beta, 1e-6)        # what the next block's first norm returns
+        probe = torch.randn(H, D) * 0.3
+        ref = pk.pool_reference(x.double(), probe.double(), 1e-6)                # float64, from the raw tokens
+        for slots in (1, 4, 64):
+            per_split, splits = pk.split_plan(B, T, slots)
+            for mode in ("shifted", "stats"):
+                out = torch.full((B, H, splits, D), float("nan"))   # poisoned: every element must be written
+                lse = torch.full((B, H, splits), float("nan"))
+                if mode == "shifted":
+                    pk.pool_partials(n, (probe / gamma).contiguous(), None, out, lse, per_split,
+                                     shift=beta, scale=1.0 / gamma)
+                else:
+                    pk.pool_partials(x, probe, 1e-6, out, lse, per_split)
+                pooled = pk.combine_partials(out, lse).double()
+                errors[f"{mode}/{B}x{T}x{D}/h{H}/{layout}/s{splits}"] = float((pooled - ref).norm() / ref.norm())
+    for lead, splits, dim in [((3, 2), 5, 48), ((4,), 1, 64), ((2, 3), 36, 1024), ((2,), 2, 1100)]:   # the merge
+        out, lse = torch.randn(*lead, splits, dim), torch.randn(*lead, splits) * 3
+        merged = pk.combine_partials_triton(out, lse).double()
+        ref = torch.einsum("...s,...sd->...d", torch.softmax(lse.double(), -1), out.double())
+        errors[f"merge/{lead}/s{splits}/d{dim}"] = float((merged - ref).norm() / ref.norm())
+    print(json.dumps(errors))
+""")
+
+
+def test_shifted_mode_and_padded_heads_in_interpreter_match_float64():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernel")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) >= 5 * 2 * 2 and any("/h12/" in name for name in errors)
+    assert {name.split("/")[0] for name in errors} == {"shifted", "stats", "merge"}
+    for name, error in errors.items():
+        limit = 1e-6 if name.startswith("merge") else 2e-3   # the merge is fp32 throughout
+        assert error == error and error < limit, (name, error)   # fp16 products, fp32 accumulation; NaN fails
+
+
+def test_shift_identity_the_kernel_relies_on():
+    """(n - beta) . (p / gamma) = x_hat . p and mean_t a_t (n_t - beta) / gamma = mean_t a_t x_hat_t, in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 24, dtype=torch.float64) * 3 + 1
+    gamma, beta = torch.rand(24, dtype=torch.float64) + 0.1, torch.randn(24, dtype=torch.float64)
+    probe = torch.randn(4, 24, dtype=torch.float64)
+    n = F.layer_norm(x, (24,), gamma, beta, 1e-6)
+    x_hat = F.layer_norm(x, (24,), eps=1e-6)
+    torch.testing.assert_close((n - beta) @ (probe / gamma).T, x_hat @ probe.T)
+    weights = torch.softmax(x_hat @ probe.T, dim=1)                                  # (B, T, H)
+    pooled_n = torch.einsum("bth,btd->bhd", weights, n - beta) / gamma
+    torch.testing.assert_close(pooled_n, pool_kernel.pool_reference(x, probe, 1e-6))
+
+
+@pytest.mark.parametrize("batch,num_tokens,slots,block_t,splits", [
+    (64, 576, 132, 16, 2),    # ViT-L/16-384 at batch 64 on an H100: one wave of 128 programs
+    (256, 576, 132, 16, 1),   # more images than SMs: no split
+    (1, 576, 132, 16, 36),    # batch 1: every token block its own program
+    (8, 576, 132, 32, 9),
+])
+def test_split_plan_fills_whole_waves(batch, num_tokens, slots, block_t, splits):
+    per_split, got = pool_kernel.split_plan(batch, num_tokens, slots, block_t)
+    assert got == splits and per_split * splits >= num_tokens > per_split * (splits - 1)
