@@ -6,8 +6,11 @@ Random-init open_clip ViT-L-16-SigLIP-384 and HF SiglipVisionModel (ViT-L/16-384
 - fp32 on CUDA: z_final vs the model's own embedding, z_j vs the model's own norm + head applied to the
   block outputs of the same forward (collected here by plain hooks), as relative max errors;
 - bf16 autocast on CUDA (fused Triton readout where available): z vs the fp32 reference, and whether the
-  DoLa top-1 and premature layer agree with fp32;
-- readout.graphed (CUDA graph replay) against the plain calls, fp32 and bf16, and the model left unchanged.
+  DoLa top-1 and premature layer agree with fp32; how many layers were read from the next block's first norm
+  (fused.EntryNorm) and how far they are from the same layers read from the raw block outputs;
+  every LayerNorm gets a random affine first (random init leaves gamma = 1, beta = 0);
+- readout.graphed (CUDA graph replay) against the plain calls, fp32 and bf16, and the model left unchanged;
+- a 12-head tower (ViT-B-16-SigLIP; the kernel pads heads to 16): fused bf16 layers vs the PyTorch path.
 Prints and writes one JSON object. Nothing here is asserted; the tests do that on CPU.
 """
 from __future__ import annotations
@@ -36,9 +39,34 @@ def own_layers(model, blocks, norm_head, images, layers):
     return torch.stack([norm_head(outputs[j]) for j in layers])
 
 
+def _counting_entry_slots(readout, images, layers):
+    """readout(images, layers) plus how many layers the fused pooler read from the next block's first norm."""
+    from siglip_dola.readout import fused
+
+    made, original = [], fused.pooler_for
+    fused.pooler_for = lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1]
+    try:
+        z_final, z_layers = readout(images, layers)
+    finally:
+        fused.pooler_for = original
+    return z_final, z_layers, (made[-1].entry_slots if made and made[-1] is not None else 0)
+
+
+def randomize_norms(model) -> None:
+    """Give every LayerNorm a non-trivial affine (random init leaves gamma = 1, beta = 0, which hides shift bugs)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                sign = torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
+                gamma = (torch.rand(module.weight.shape, generator=generator) * 1.2 + 0.3) * sign
+                module.weight.copy_(gamma)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.5)
+
+
 def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
     from siglip_dola import runtime
-    from siglip_dola.readout import from_model
+    from siglip_dola.readout import from_model, fused
 
     readout = from_model(model)
     with torch.no_grad():
@@ -47,7 +75,14 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
                "fp32_final_rel_err": rel(z_final, own_embed(images)),
                "fp32_layers_rel_err": rel(z_layers, own_layers(own_embed, blocks, norm_head, images, layers))}
         with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            b_final, b_layers = readout(images, layers)
+            b_final, b_layers, entry_slots = _counting_entry_slots(readout, images, layers)
+            fused.FUSED.entry_norms = False     # the same layers from the raw block outputs (LayerNorm stats)
+            try:
+                _, stats_layers = readout(images, layers)
+            finally:
+                fused.FUSED.entry_norms = True
+    row["bf16_entry_norm_slots"] = entry_slots
+    row["bf16_entry_vs_stats_layers_rel_err"] = rel(b_layers, stats_layers)
     row["bf16_vs_fp32_final_rel_err"] = rel(b_final, z_final)
     row["bf16_vs_fp32_layers_rel_err"] = rel(b_layers, z_layers)
     ref = runtime.score(z_final, z_layers, bank, tau, layers)
@@ -77,6 +112,28 @@ def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> 
     row["graphed_model_unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not any(
         m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     return row
+
+
+def twelve_heads_row(device) -> dict:
+    """open_clip ViT-B-16-SigLIP (12 heads: padded to 16 in the kernel), bf16: fused vs the PyTorch path, all layers."""
+    import open_clip
+    from siglip_dola.readout import from_model, fused
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).to(device).eval()
+    randomize_norms(model)
+    readout = from_model(model)
+    images = torch.randn(4, 3, *readout.image_size, device=device)
+    layers = list(range(1, readout.num_layers))
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        _, fast, entry_slots = _counting_entry_slots(readout, images, layers)
+        fused.FUSED.enabled = False
+        try:
+            _, reference = readout(images, layers)
+        finally:
+            fused.FUSED.enabled = True
+    return {"model": "open_clip ViT-B-16-SigLIP (12 heads), bf16, batch 4", "bf16_entry_norm_slots": entry_slots,
+            "bf16_fused_vs_pytorch_layers_rel_err": rel(fast, reference)}
 
 
 def scorer_graphs_row(device) -> dict:
@@ -112,16 +169,19 @@ def main() -> None:
     images = torch.randn(args.batch, 3, 384, 384, device=device)
     bank = torch.randn(1000, 1024, device=device)
     clip = open_clip.create_model("ViT-L-16-SigLIP-384", pretrained=None).to(device).eval()
+    randomize_norms(clip)
     trunk = clip.visual.trunk
     rows = [check("open_clip ViT-L-16-SigLIP-384", clip, trunk.blocks,
                   lambda h: clip.visual.head(trunk.forward_head(trunk.norm(h))), clip.encode_image, images, layers,
                   bank, 0.01)]
     hf = SiglipVisionModel(SiglipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                               num_attention_heads=16, image_size=384, patch_size=16)).to(device).eval()
+    randomize_norms(hf)
     vm = getattr(hf, "vision_model", hf)  # transformers 4.x nests the transformer, 5.x does not
     rows.append(check("HF SiglipVisionModel ViT-L/16-384", hf, vm.encoder.layers, lambda h: vm.head(vm.post_layernorm(h)),
                       lambda x: hf(pixel_values=x).pooler_output, images, layers, bank, 0.01))
     if device.type == "cuda":
+        rows.append(twelve_heads_row(device))
         rows.append(scorer_graphs_row(device))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
     print(json.dumps(result, indent=1))

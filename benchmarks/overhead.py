@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="first time the Triton kernel alone at batch B over launch configs (CUDA)")
     parser.add_argument("--sweep-configs", default=None, metavar="W:BT:ST:K,...",
                         help="kernel-sweep only these warps:block_t:stages:programs-per-SM (default: the full grid)")
-    parser.add_argument("--target-programs", type=int, default=0, help="fused kernel grid target (0: 2 x SMs)")
+    parser.add_argument("--target-programs", type=int, default=0, help="programs the fused kernel may run at once, for its split plan (0: the number of SMs)")
     parser.add_argument("--num-warps", type=int, default=8, help="fused kernel warps per program")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8,64,256")).split(",")]

@@ -38,16 +38,27 @@ def timed(fn, runs: int = 30) -> float:
 
 
 def candidates(tokens, probe, eps, num_sms: int) -> dict:
-    """name -> (run, read_pooled) for each launch config of the library's one-pass kernel."""
+    """name -> (run, read_pooled) for each launch config of the library's one-pass kernel.
+
+    "entry-norm" rows read what the next block's first LayerNorm returns (fp32, (B, T, D) contiguous, a random
+    affine) in the kernel's shifted mode (fused.EntryNorm), the library's path for layers 1..N-1 since run 21."""
     batch = tokens.shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    gamma = (torch.rand(DIM, generator=generator) * 1.2 + 0.3).to(tokens.device)
+    beta = torch.randn(DIM, generator=generator).to(tokens.device)
+    normed = torch.nn.functional.layer_norm(tokens.float(), (DIM,), gamma, beta, eps)
+    shifted, entry_probe = dict(shift=beta, scale=1.0 / gamma), (probe / gamma).contiguous()
     runs = {}
-    for warps, block_t, stages in ((8, 16, 3), (8, 32, 2)):
-        per, splits = fused.split_plan(batch, TOKENS, 2 * num_sms, block_t)
+    for kind, warps, block_t, stages in (("onepass", 8, 16, 3), ("onepass", 8, 32, 2), ("entry-norm", 8, 16, 3)):
+        per, splits = fused.split_plan(batch, TOKENS, num_sms, block_t)
         out = torch.full((batch, HEADS, splits, DIM), float("nan"), device=tokens.device)
         lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
-        runs[f"onepass w{warps} t{block_t} s{stages}"] = (
-            lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: fused.pool_partials(tokens, probe, eps, o, l, p, w, t, s),
-            lambda o=out, l=lse: fused.combine_partials(o, l))
+        if kind == "entry-norm":
+            run = lambda o=out, l=lse, p=per: fused.pool_partials(normed, entry_probe, None, o, l, p, **shifted)
+        else:
+            run = lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: fused.pool_partials(
+                tokens, probe, eps, o, l, p, w, t, s)
+        runs[f"{kind} w{warps} t{block_t} s{stages}"] = (run, lambda o=out, l=lse: fused.combine_partials(o, l))
     return runs
 
 

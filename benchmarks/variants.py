@@ -10,14 +10,15 @@ import contextlib
 
 import torch
 
-from siglip_dola.readout import fused
+from siglip_dola.readout import fused, pool_kernel
 
 VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tuned": filled by --kernel-sweep)
     "unfused": dict(enabled=False, side_stream=False),
     "onepass": dict(enabled=True, side_stream=False),
     "onepass-stream": dict(enabled=True, side_stream=True),
     "onepass-tuned": dict(enabled=True, side_stream=False),
-    "onepass-x1": dict(enabled=True, side_stream=False, target_programs=-1),   # -1: 1 x SMs (set at start)
+    "onepass-oldplan": dict(enabled=True, side_stream=False, entry_norms=False),   # before run 20: see PLANS
+    "onepass-stats": dict(enabled=True, side_stream=False, entry_norms=False),   # raw block outputs (before run 21)
     "onepass-t32": dict(enabled=True, side_stream=False, block_t=32, num_stages=2),
     "readfloor": dict(enabled=True, side_stream=False),       # floors: see FLOORS
     "readonly": dict(enabled=True, side_stream=False),
@@ -25,7 +26,7 @@ VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tun
 }
 
 
-def _read_floor_launch(pooler, slot, tokens):
+def _read_floor_launch(pooler, slot, tokens, entry=None):
     """'readfloor': read every captured layer once (tokens.sum()), nothing else: the cost no kernel beats.
 
     Its z_layers are meaningless (the partials stay unwritten); only its time is reported."""
@@ -33,7 +34,7 @@ def _read_floor_launch(pooler, slot, tokens):
 
 
 if fused.triton is not None:
-    tl = fused.tl
+    tl = pool_kernel.tl
 
     @fused.triton.jit
     def _flat_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
@@ -46,7 +47,7 @@ if fused.triton is not None:
         tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def _flat_read_launch(pooler, slot, tokens):
+def _flat_read_launch(pooler, slot, tokens, entry=None):
     """'readonly-flat': each layer read once by a streaming Triton kernel over its memory (timm: (B, D, T))."""
     flat = tokens.transpose(1, 2) if tokens.transpose(1, 2).is_contiguous() else tokens.contiguous()
     flat = flat.reshape(-1)
@@ -61,6 +62,17 @@ def _no_tail_result(pooler):
     return torch.zeros(pooler.num_slots, pooler._out.shape[1], 1, device=pooler._out.device)
 
 
+def _old_split_plan(batch, num_tokens, slots, block_t=fused.BLOCK_T):
+    """The split plan before run 20: about 2 x slots programs (5 splits at batch 64, 2.4 waves on an H100)."""
+    max_splits = -(-num_tokens // block_t)
+    splits = max(1, min(max_splits, -(-2 * slots // max(batch, 1))))
+    tokens_per_split = -(-(-(-num_tokens // splits)) // block_t) * block_t
+    return tokens_per_split, -(-num_tokens // tokens_per_split)
+
+
+PLANS = {"onepass-oldplan": _old_split_plan}   # variant -> fused.split_plan stand-in
+
+
 FLOORS = {  # variant -> (LayerPooler._launch, LayerPooler.result or None to keep the real tail)
     "readfloor": (_read_floor_launch, None),
     "readonly": (_read_floor_launch, _no_tail_result),
@@ -73,7 +85,8 @@ def fused_config(variant: str):
     """Set the library's fast-path switches for one variant; restored afterwards."""
     fields = VARIANTS[variant]
     saved = {name: getattr(fused.FUSED, name) for name in fields}
-    launch, result = fused.LayerPooler._launch, fused.LayerPooler.result
+    launch, result, plan = fused.LayerPooler._launch, fused.LayerPooler.result, fused.split_plan
+    fused.split_plan = PLANS.get(variant, plan)
     for name, value in fields.items():
         setattr(fused.FUSED, name, value)
     if variant in FLOORS:
@@ -82,7 +95,7 @@ def fused_config(variant: str):
     try:
         yield
     finally:
-        fused.LayerPooler._launch, fused.LayerPooler.result = launch, result
+        fused.LayerPooler._launch, fused.LayerPooler.result, fused.split_plan = launch, result, plan
         for name, value in saved.items():
             setattr(fused.FUSED, name, value)
 
@@ -93,8 +106,6 @@ def usable_variants(args, device: torch.device) -> list[str]:
     bad = [n for n in names if n not in VARIANTS or (n != "unfused" and not fast)]
     if bad:
         raise SystemExit(f"--variants {bad} unusable here (fused needs CUDA + triton); valid: {list(VARIANTS)}")
-    if "onepass-x1" in names:
-        VARIANTS["onepass-x1"]["target_programs"] = torch.cuda.get_device_properties(device).multi_processor_count
     if "onepass-tuned" in names and not args.kernel_sweep:
         raise SystemExit("--variants onepass-tuned needs --kernel-sweep B (it takes the fastest swept config)")
     return names
