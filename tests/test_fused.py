@@ -1,16 +1,12 @@
 """readout/fused.py: the PyTorch path against the model's own norm + MAP head, the split/merge math
 against a naive loop, and the Triton kernels (CPU interpreter, in a subprocess) against float64."""
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import timm
 import torch
 
+from interpreter import run_interpreted
 from siglip_dola.readout import fused, map_head
 
 DIM, HEADS = 48, 4
@@ -204,15 +200,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernels_in_interpreter_match_float64_reference():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels; "
-                    "the PyTorch reference path is tested above")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, here], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(INTERPRETER_CHECK)
     assert len(errors) == 6 * 2 * 4 + 2 * 2 * 3 + 2
     assert {int(name.rsplit("/", 1)[1]) for name in errors if name.startswith("one-pass/fp32")} == {1, 2, 3}
     for name, error in errors.items():
@@ -385,14 +373,7 @@ ENTRY_CHECK = textwrap.dedent("""
 
 
 def test_entry_norm_path_in_interpreter_matches_the_models_own_head():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", ENTRY_CHECK, here], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_interpreted(ENTRY_CHECK)
     assert result["counts"] == {"pooler": [2, True], "timm": [2, True, 0], "hf": [2, True, 0]}
     for name, error in result["errors"].items():
         assert error == error and error < 2e-2, (name, error)   # fp16 products; the tail runs in bf16 here

@@ -4,17 +4,13 @@ head counts that are not a power of two and the Triton merge of token splits, in
 
 The stats mode, the split plan and the merge are tested in test_fused.py (they predate this module's split).
 """
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from interpreter import run_interpreted
 from siglip_dola.readout import pool_kernel
 
 CHECK = textwrap.dedent("""
@@ -55,12 +51,7 @@ CHECK = textwrap.dedent("""
 
 
 def test_shifted_mode_and_padded_heads_in_interpreter_match_float64():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernel")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(CHECK)
     assert len(errors) >= 5 * 2 * 2 and any("/h12/" in name for name in errors)
     assert {name.split("/")[0] for name in errors} == {"shifted", "stats", "merge"}
     for name, error in errors.items():

@@ -1,11 +1,6 @@
 """scoring_kernel: the one-kernel DoLa scoring (Triton CPU interpreter, in a subprocess) against a naive float64
 numpy/scipy loop, and runtime.score through it against the eager path (values and error messages)."""
-import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +9,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, softmax
 
+from interpreter import run_interpreted
 from siglip_dola import runtime as rt, scoring_kernel
 
 LN2 = math.log(2.0)
@@ -138,14 +134,7 @@ def runtime_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed, so its CPU interpreter (TRITON_INTERPRET=1) cannot run the kernel")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_RUN, here], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(INTERPRETER_RUN, timeout=300)
 
 
 # ---------------------------------------------------------------- kernel against the float64 loop

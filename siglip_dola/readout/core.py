@@ -116,7 +116,7 @@ class Readout:
         block = self._tower.blocks[layer]                                    # block j+1 (0-based index j)
         norm = fused.first_norm(block)
         # a cheap key (this runs per layer per call, before the first kernel): the weights' storage and version
-        key = None if norm is None else tuple((p.data_ptr(), fused._version(p), p.dtype) for p in norm.parameters())
+        key = None if norm is None else tuple((p.data_ptr(), fused.tensor_version(p), p.dtype) for p in norm.parameters())
         cached = self._entry_cache.get(layer)
         if cached is None or cached[0] is not head or cached[1] != key:
             cached = (head, key, fused.entry_norm(block, head) if norm is not None else None)

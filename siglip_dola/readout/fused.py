@@ -105,7 +105,7 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[device]
 
 
-def _version(tokens: torch.Tensor) -> int | None:
+def tensor_version(tokens: torch.Tensor) -> int | None:
     """The in-place version counter; None for inference-mode tensors, which have none (then only
     ENTRY_BLOCK_TYPES, whose forwards do not write their input, guard the held block output)."""
     return None if tokens.is_inference() else tokens._version
@@ -179,7 +179,7 @@ class LayerPooler:
 
     def hold(self, slot: int, tokens: torch.Tensor) -> None:
         """Keep block j's output (a reference, no copy) until :meth:`add_entry` or :meth:`result` pools it."""
-        self._held[slot] = (tokens, _version(tokens))
+        self._held[slot] = (tokens, tensor_version(tokens))
 
     def add_entry(self, slot: int, entry: EntryNorm, norm_input: torch.Tensor, normed: torch.Tensor) -> None:
         """Pool a held slot from block j+1's first LayerNorm, called with its input and output (B, T, D)."""
@@ -198,7 +198,7 @@ class LayerPooler:
 
     def _take(self, slot: int) -> torch.Tensor:
         tokens, version = self._held.pop(slot)
-        if _version(tokens) != version:
+        if tensor_version(tokens) != version:
             raise RuntimeError(f"the block after layer slot {slot} modified that layer's output in place before "
                                "its first norm; the fused readout cannot read it (pass FusedConfig(entry_norms=False))")
         return tokens
