@@ -1,4 +1,5 @@
 """Tests for siglip_dola.readout on tiny models: one pass, exact z_final, z_j vs the model's own modules, zero mutation."""
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -185,6 +186,25 @@ def test_layers_in_requested_order_and_empty_layers(name):
         final_only, none = readout(images, layers=empty)
         assert none.shape == (0, 2, readout.embed_dim)
         assert torch.equal(final_only, z_final)
+
+
+@pytest.mark.parametrize("name", ["timm", "hf_vision"])
+def test_only_the_earliest_block_is_hooked_before_the_forward(name):
+    """The later layers' hooks are registered from the earliest requested block's hook (the set-up's CPU time
+    then overlaps the forward); they still read the right blocks, and none is left afterwards."""
+    case = CASES[name]()
+    readout = from_model(case.model)
+    seen, tower = [], readout._tower
+    def embed(images):
+        seen.append([len(block._forward_hooks) for block in case.blocks])
+        return tower.embed(images)
+    readout._tower = dataclasses.replace(tower, embed=embed)
+    images = _images()
+    _, z_layers = readout(images, layers=[3, 2])
+    _, expected = reference(case, images)
+    assert seen == [[0, 1, 0, 0]]                                     # block 2 only, before the forward
+    assert _rel_err(z_layers[0], expected[3]) <= 1e-5 and _rel_err(z_layers[1], expected[2]) <= 1e-5
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in case.model.modules())
 
 
 @pytest.mark.parametrize("name", ["timm", "hf_vision", "open_clip"])
