@@ -9,8 +9,8 @@
 where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded). The only
 work over all T tokens is the first line: :mod:`siglip_dola.readout.pool_kernel` does it in one read per
 layer (Triton; PyTorch reference and fallback). :class:`LayerPooler` drives it from the readout's hooks, so
-no layer is stored or concatenated; the per-vector part (W_v, the model's proj / norm + MLP) then runs once
-for all layers as batched small GEMMs.
+no layer is stored or concatenated; the per-vector part (the split merge with W_v in one kernel, then the
+model's proj / norm + MLP) runs once for all layers at the end.
 
 Where block j+1 starts with its own LayerNorm of block j's output (timm ``norm1``, HF ``layer_norm1``: pre-norm
 ViTs), layer j is pooled from that norm's output instead (:class:`EntryNorm`): the model computes it anyway,
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from siglip_dola.readout.pool_kernel import (  # noqa: F401  (re-exported: tests and benchmarks use fused.*)
-    BLOCK_T, combine_partials, merge_splits, pool_partials, pool_reference, split_plan, triton, triton_usable,
+    BLOCK_T, combine_partials, merge_values, pool_partials, pool_reference, split_plan, triton, triton_usable,
     values_from_pooled)
 
 try:
@@ -224,16 +224,19 @@ class LayerPooler:
         """z_layers (J, B, D_out) for all slots (every slot must have been added or held)."""
         for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
             self.add(slot, self._take(slot))
+        folded = self.folded
         if self._fast:
             if self._stream is not None:
                 torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            pooled = merge_splits(self._out, self._lse)                          # (J, B, H, D) fp32
+            num_slots, batch = self._out.shape[:2]
+            values = merge_values(self._out.flatten(0, 1), self._lse.flatten(0, 1), folded.value_weight,
+                                  folded.value_bias)                                 # (J * B, H * hd)
         else:
             assert all(p is not None for p in self._pooled), "every slot must be added before result()"
             pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
-        num_slots, batch = pooled.shape[:2]
-        values = values_from_pooled(pooled.flatten(0, 1), self.folded.value_weight, self.folded.value_bias)
-        z_layers = self.folded.tail(values.to(self.folded.tail_dtype))           # (J * B, D_out)
+            num_slots, batch = pooled.shape[:2]
+            values = values_from_pooled(pooled.flatten(0, 1), folded.value_weight, folded.value_bias)
+        z_layers = folded.tail(values.to(folded.tail_dtype))                     # (J * B, D_out)
         return z_layers.reshape(num_slots, batch, -1)
 
 

@@ -6,8 +6,9 @@ For tokens x (B, T, D) and per-head key probes p (H, D) (:class:`~siglip_dola.re
     pooled[b, h] = sum_t softmax_t(x_hat[b, t] . p[h]) * x_hat[b, t]                   # (B, H, D)
 
 :func:`pool_partials` does this in ONE read of the tokens (LayerNorm statistics, (T, D) x (D, H) logits,
-online softmax over tokens, (H, T) x (T, D) weighted sum), per (image, token split); :func:`combine_partials`
-merges the splits. Its "shifted" mode reads the output of the next block's own LayerNorm instead,
+online softmax over tokens, (H, T) x (T, D) weighted sum), per (image, token split); :func:`merge_values`
+merges the splits and applies the head's value weights in one more launch (:func:`combine_partials` and
+:func:`values_from_pooled` are its PyTorch form). Its "shifted" mode reads the output of the next block's own LayerNorm instead,
 n = gamma * x_hat + beta (the model computes it anyway): then n - beta = gamma * x_hat needs no statistics,
 the probe is p / gamma and the pooled vector is scaled by 1 / gamma at the end (see fused.EntryNorm).
 :func:`pool_reference` is the PyTorch path, fallback and test reference.
@@ -111,45 +112,69 @@ if triton is not None:
 
 
     @triton.jit
-    def _combine_kernel(out_ptr, lse_ptr, pooled_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One (image, head) row: pooled = sum_s softmax_s(lse[s]) * out[s], out (rows, S, D), lse (rows, S)."""
-        row = tl.program_id(0).to(tl.int64)
-        d0 = tl.program_id(1) * BLOCK_D
+    def _merge_values_kernel(out_ptr, lse_ptr, weight_ptr, bias_ptr, values_ptr, N, S, D, HD,
+                             H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_HD: tl.constexpr, PRECISION: tl.constexpr):
+        """Rows n, head h: values[n, h] = W_v[h] @ sum_s softmax_s(lse[n, h, s]) out[n, h, s] + b[h] (merge + W_v)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        h = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        lse = tl.load(lse_ptr + row * S + offs_s, mask=offs_s < S, other=float("-inf"))       # (BS,)
-        weights = tl.exp(lse - tl.max(lse, axis=0))
-        weights = weights / tl.sum(weights, axis=0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for split in range(0, S):
-            weight = tl.sum(tl.where(offs_s == split, weights, 0.0), axis=0)
-            acc += weight * tl.load(out_ptr + (row * S + split) * D + offs_d, mask=offs_d < D, other=0.0)
-        tl.store(pooled_ptr + row * D + offs_d, acc, mask=offs_d < D)
+        offs_e = tl.arange(0, BLOCK_HD)
+        rows = offs_n.to(tl.int64) * H + h                                                   # (BN,) in (N, H)
+        n_mask, s_mask, e_mask = offs_n < N, offs_s < S, offs_e < HD
+        lse = tl.load(lse_ptr + rows[:, None] * S + offs_s[None, :], mask=n_mask[:, None] & s_mask[None, :], other=0.0)
+        lse = tl.where(s_mask[None, :], lse, float("-inf"))                                  # (BN, BS)
+        weights = tl.exp(lse - tl.max(lse, axis=1)[:, None])
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_HD], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            pooled = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for split in range(0, S):
+                weight = tl.sum(tl.where(offs_s[None, :] == split, weights, 0.0), axis=1)   # (BN,)
+                part = tl.load(out_ptr + (rows[:, None] * S + split) * D + offs_k[None, :],
+                               mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                pooled += weight[:, None] * part                                             # (BN, BK)
+            value_weight = tl.load(weight_ptr + (h * HD + offs_e[None, :]) * D + offs_k[:, None],
+                                   mask=k_mask[:, None] & e_mask[None, :], other=0.0)       # (BK, BHD) = W_v[h]^T
+            acc = tl.dot(pooled, value_weight, acc, input_precision=PRECISION)
+        acc += tl.load(bias_ptr + h * HD + offs_e, mask=e_mask, other=0.0)[None, :]
+        tl.store(values_ptr + offs_n[:, None].to(tl.int64) * (H * HD) + h * HD + offs_e[None, :], acc,
+                 mask=n_mask[:, None] & e_mask[None, :])
 
 
-def combine_partials_triton(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """:func:`combine_partials` as one Triton launch (reads the partials once): (..., H, S, D) -> (..., H, D) fp32.
+def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torch.Tensor,
+                        value_bias: torch.Tensor) -> torch.Tensor:
+    """Merge the token splits and apply W_v in one Triton launch: out (N, H, S, D), lse (N, H, S), value_weight
+    (H, hd, D), value_bias (H, hd) fp32 -> head values (N, H * hd) fp32, as values_from_pooled(combine_partials()).
 
-    torch's batched (1 x S) @ (S x D) product took 0.34 ms for 23 layers at
-    batch 64 on an H100 (benchmarks/README.md, run 22)."""
-    *lead, num_splits, dim = out.shape
-    assert out.is_contiguous() and lse.is_contiguous() and out.dtype == lse.dtype == torch.float32
-    pooled = torch.empty(*lead, dim, device=out.device, dtype=torch.float32)
-    rows, block_d = pooled.numel() // dim, min(1024, triton.next_power_of_2(dim))
-    _combine_kernel[(rows, triton.cdiv(dim, block_d))](out, lse, pooled, num_splits, dim,
-                                                        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
-    return pooled
+    Products in 3 x TF32 (fp32-level accuracy on tensor cores); the pooled vectors are never written out. torch's
+    batched (1 x S) @ (S x D) merge alone took 0.34 ms for 23 layers at batch 64 on an H100 (run 21d)."""
+    num_rows, heads, num_splits, dim = out.shape
+    head_dim = value_weight.shape[1]
+    assert out.is_contiguous() and lse.is_contiguous() and value_weight.is_contiguous() and value_bias.is_contiguous()
+    assert out.dtype == lse.dtype == value_weight.dtype == value_bias.dtype == torch.float32
+    values = torch.empty(num_rows, heads * head_dim, device=out.device, dtype=torch.float32)
+    block_n = 64
+    _merge_values_kernel[(triton.cdiv(num_rows, block_n), heads)](
+        out, lse, value_weight, value_bias, values, num_rows, num_splits, dim, head_dim, H=heads, BLOCK_N=block_n,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_K=64, BLOCK_HD=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="tf32x3", num_warps=4)
+    return values
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """The fast path's merge: Triton on CUDA (or in the interpreter), else :func:`combine_partials`."""
-    if triton is not None and (out.is_cuda or _interpreted()) and out.dtype == torch.float32:
-        return combine_partials_triton(out.contiguous(), lse.contiguous())
-    return combine_partials(out, lse)
+def merge_values(out: torch.Tensor, lse: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor):
+    """The fast path's merge + W_v: out (N, H, S, D), lse (N, H, S) -> values (N, H * hd); Triton on CUDA (or in
+    the interpreter), else :func:`combine_partials` then :func:`values_from_pooled`."""
+    tensors = (out, lse, value_weight, value_bias)
+    if triton is not None and (out.is_cuda or _interpreted()) and all(t.dtype == torch.float32 for t in tensors):
+        return merge_values_triton(*(t.contiguous() for t in tensors))
+    return values_from_pooled(combine_partials(out, lse), value_weight, value_bias)
 
 
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
