@@ -96,7 +96,7 @@ def entry_norm(block: nn.Module, folded) -> EntryNorm | None:
 
 # ---------------------------------------------------------------- streaming driver for the block loop
 _SIDE_STREAMS: dict = {}
-_FITTING_STAGES: dict = {}   # LayerPooler._stage_key (device, dtype, D, block_t, warps, stages asked, shifted) -> stages that fit (0: none)
+_FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
 
 
 def _side_stream(device: torch.device):
