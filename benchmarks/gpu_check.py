@@ -41,7 +41,7 @@ def own_layers(model, blocks, norm_head, images, layers):
 
 def _counting_entry_slots(readout, images, layers):
     """readout(images, layers) plus how many layers the fused pooler read from the next block's first norm."""
-    from siglip_dola.readout import fused
+    from siglip_dola.readout import pooler as fused
 
     made, original = [], fused.pooler_for
     fused.pooler_for = lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1]
@@ -65,8 +65,8 @@ def randomize_norms(model) -> None:
 
 
 def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
-    from siglip_dola import runtime
-    from siglip_dola.readout import from_model, fused
+    from siglip_dola import scoring as runtime
+    from siglip_dola.readout import from_model, pooler as fused
 
     readout = from_model(model)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
 def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> dict:
     """readout.graphed: replays equal the plain calls (fp32 and bf16 autocast, new images each replay),
     and the model is left as it was (weights, hooks)."""
-    from siglip_dola.readout import graphed
+    from siglip_dola.readout import cuda_graphs as graphed
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row, other = {}, torch.randn_like(images)
@@ -117,7 +117,7 @@ def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> 
 def twelve_heads_row(device) -> dict:
     """open_clip ViT-B-16-SigLIP (12 heads: padded to 16 in the kernel), bf16: fused vs the PyTorch path, all layers."""
     import open_clip
-    from siglip_dola.readout import from_model, fused
+    from siglip_dola.readout import from_model, pooler as fused
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).to(device).eval()

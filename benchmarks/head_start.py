@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from siglip_dola import runtime
+from siglip_dola import scoring as runtime
 from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import from_model
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import from_model, fused
+from siglip_dola.readout import from_model, pooler as fused
 
 from points import first_call, fused_errors, fused_scoring_diffs, gpu_busy, make_points, peak_mib, profile
 from pool_kernels import kernel_sweep, tune_from_sweep

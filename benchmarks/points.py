@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from siglip_dola import runtime
-from siglip_dola.readout import graphed
+from siglip_dola import scoring as runtime
+from siglip_dola.readout import cuda_graphs as graphed
 from variants import fused_config
 
 def sleeping(fn, milliseconds: float):

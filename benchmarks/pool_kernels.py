@@ -17,7 +17,7 @@ import sys
 import torch
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import fused, map_head
+from siglip_dola.readout import pooler as fused, map_head
 from variants import VARIANTS, _flat_read_kernel  # benchmarks/variants.py: the streaming-read floor kernel
 
 HEADS, DIM, TOKENS = 16, 1024, 576

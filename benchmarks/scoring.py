@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from siglip_dola import runtime
+from siglip_dola import scoring as runtime
 from siglip_dola.io import write_json_atomic
 
 DIM = 1024

@@ -1,6 +1,6 @@
 """Readout variants for benchmarks/overhead.py: library switch settings, and floors that replace the pooling.
 
-Each variant names fields of ``siglip_dola.readout.fused.FUSED`` to set while it runs (:func:`fused_config`
+Each variant names fields of ``siglip_dola.readout.pooler.FUSED`` to set while it runs (:func:`fused_config`
 restores them). Floors swap the pooling kernel for a plain read of each captured layer (and, for the
 ``readonly*`` ones, skip the head tail): the cost no readout that leaves the model's forward unchanged can beat.
 """
@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from siglip_dola.readout import fused, pool_kernel
+from siglip_dola.readout import pooler as fused, kernel as pool_kernel
 
 VARIANTS = {  # name -> fields of fused.FUSED set for that variant ("onepass-tuned": filled by --kernel-sweep)
     "unfused": dict(enabled=False, side_stream=False),

@@ -21,8 +21,8 @@ _EXPORTS = {
     "load_text_bank": "siglip_dola.text_bank",
     "DoLaSigLIP": "siglip_dola.scorer",
     "rerank_with_dola_siglip": "siglip_dola.scorer",
-    "dola": "siglip_dola.runtime",
-    "score": "siglip_dola.runtime",
+    "dola": "siglip_dola.scoring",
+    "score": "siglip_dola.scoring",
     "resolve_layers": "siglip_dola.layers",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

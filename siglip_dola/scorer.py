@@ -29,10 +29,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from siglip_dola import runtime
-from siglip_dola.images import expand_image_paths, iter_image_batches
+from siglip_dola import scoring as runtime
+from siglip_dola.data.images import expand_image_paths, iter_image_batches
 from siglip_dola.layers import resolve_layers
-from siglip_dola.readout import graphed
+from siglip_dola.readout import cuda_graphs as graphed
 
 MODES = ("dynamic", "static", "off")
 

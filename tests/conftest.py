@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import SiglipModel
 
-from siglip_dola import train_embedded as te
+from tools import train_embedded as te
 from siglip_dola.loading import from_model
 
 TINY_NUM_LAYERS = 12

@@ -8,11 +8,11 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from siglip_dola import shapes
-from siglip_dola import train_embedded as te
+from siglip_dola.data import shapes
+from tools import train_embedded as te
 from conftest import CountingReadout
-from siglip_dola.calibrate import CalibrationGrid, calibrate, choose, grid_points
-from siglip_dola.datasets import shapes_dataset
+from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate, choose, grid_points
+from siglip_dola.data.datasets import shapes_dataset
 from siglip_dola.scorer import DoLaSigLIP
 from siglip_dola.text_bank import build_text_bank
 

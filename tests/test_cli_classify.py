@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dola import train_embedded
+from tools import train_embedded
 from siglip_dola.cli import main
 
 LABELS = ["red circle", "blue square", "green triangle"]

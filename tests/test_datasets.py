@@ -6,7 +6,8 @@ import sys
 import pytest
 from PIL import Image
 
-from siglip_dola import datasets, shapes
+from siglip_dola.data import datasets
+from siglip_dola.data import shapes
 
 
 def _image(path, colour=(255, 0, 0)):

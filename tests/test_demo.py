@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
-from siglip_dola import shapes
+from siglip_dola.data import shapes
 from siglip_dola.cli import main
-from siglip_dola.demo import EMBEDDED_CALIBRATION, run_demo
+from siglip_dola.evaluation.demo import EMBEDDED_CALIBRATION, run_demo
 
 EMBEDDED = EMBEDDED_CALIBRATION.parent
 

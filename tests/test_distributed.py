@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import SiglipModel
 
-from siglip_dola import distributed, shapes
-from siglip_dola import train_embedded as te
-from siglip_dola.calibrate import calibrate
-from siglip_dola.embed import embed_images
-from siglip_dola.evaluate import evaluate
+from siglip_dola import distributed
+from siglip_dola.data import shapes
+from tools import train_embedded as te
+from siglip_dola.evaluation.calibrate import calibrate
+from siglip_dola.evaluation.embed import embed_images
+from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.loading import load
 
 N_IMAGES = 37  # odd: the two shards differ in size
@@ -64,8 +65,9 @@ WORKER = textwrap.dedent('''
     import sys
     import torch
     from safetensors.torch import save_file
-    from siglip_dola import cli, distributed, shapes
-    from siglip_dola.embed import embed_images
+    from siglip_dola import cli, distributed
+    from siglip_dola.data import shapes
+    from siglip_dola.evaluation.embed import embed_images
     from siglip_dola.loading import load
 
     model_dir, out_dir, n = sys.argv[1], sys.argv[2], sys.argv[3]

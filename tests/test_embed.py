@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dola import shapes
-from siglip_dola import train_embedded as te
+from siglip_dola.data import shapes
+from tools import train_embedded as te
 from conftest import CountingReadout
-from siglip_dola.embed import embed_images
+from siglip_dola.evaluation.embed import embed_images
 
 from conftest import TINY_NUM_LAYERS as NUM_LAYERS
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from siglip_dola import metrics, runtime, shapes
-from siglip_dola import train_embedded as te
-from siglip_dola.calibrate import calibrate
-from siglip_dola.evaluate import evaluate, summary_line
+from siglip_dola.evaluation import metrics
+from siglip_dola import scoring as runtime
+from siglip_dola.data import shapes
+from tools import train_embedded as te
+from siglip_dola.evaluation.calibrate import calibrate
+from siglip_dola.evaluation.evaluate import evaluate, summary_line
 from siglip_dola.text_bank import build_text_bank
 
 NUM_LAYERS, N_IMAGES = 12, 40

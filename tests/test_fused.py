@@ -7,7 +7,7 @@ import timm
 import torch
 
 from interpreter import run_interpreted
-from siglip_dola.readout import fused, map_head
+from siglip_dola.readout import pooler as fused, map_head
 
 DIM, HEADS = 48, 4
 
@@ -143,7 +143,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     from test_fused import tiny_tower, folded_head, own_head, tokens_like_a_block, HEADS, DIM
-    from siglip_dola.readout import fused
+    from siglip_dola.readout import pooler as fused
     assert fused.triton is not None
     SPLITS = [(1, 16), (8, 16), (64, 16), (8, 32)]   # (target programs, block_t)
     torch.manual_seed(11)
@@ -320,7 +320,7 @@ ENTRY_CHECK = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_fused import deep_tower, folded_head, own_head, tokens_like_a_block
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    from siglip_dola.readout import from_model, fused
+    from siglip_dola.readout import from_model, pooler as fused
     errors, counts = {}, {}
     tower = deep_tower(seed=4)
     folded = folded_head(tower)

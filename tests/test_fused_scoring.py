@@ -1,4 +1,4 @@
-"""Tests for siglip_dola.fused_scoring (runtime.score(..., fused=True)): the compiled path equals the eager one.
+"""Tests for siglip_dola.scoring.fused_scoring (runtime.score(..., fused=True)): the compiled path equals the eager one.
 
 The eager runtime.score is checked against scipy in test_runtime.py; here the torch.compile'd path is checked
 against it (and once against a scipy reference directly) on ONE tiny shape, so the inductor compiles stay few.
@@ -11,7 +11,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 
-from siglip_dola import runtime as rt
+from siglip_dola import scoring as rt
 
 B, D, C, TAU = 4, 16, 10, 0.07
 LAYERS = {1: [20], 3: [18, 20, 22]}

@@ -6,7 +6,7 @@ at ViT-L/16-384 size on CUDA (fp32 and bf16) and checks the model is left unchan
 import pytest
 import torch
 
-from siglip_dola.readout import graphed
+from siglip_dola.readout import cuda_graphs as graphed
 
 
 class DoublingGraph:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dola.images import expand_image_paths, iter_image_batches
+from siglip_dola.data.images import expand_image_paths, iter_image_batches
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -15,7 +15,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from siglip_dola import loading
-from siglip_dola.load_adapters import hub
+from siglip_dola.loading import hub
 
 OC_NAME = "sdola-oc-tiny"  # no "siglip" in the name: open_clip would fetch a SigLIP vocab from the web
 OC_CONFIG = {

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_dola import plots
+from siglip_dola.evaluation import plots
 
 
 def _report(counts, mean_jsd_scale=0.05):

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from interpreter import run_interpreted
-from siglip_dola.readout import pool_kernel
+from siglip_dola.readout import kernel as pool_kernel
 
 CHECK = textwrap.dedent("""
     import json, os
     assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
     import torch, torch.nn.functional as F
-    from siglip_dola.readout import pool_kernel as pk
+    from siglip_dola.readout import kernel as pk
     torch.manual_seed(5)
     errors = {}
     # (B, T, D, H, layout): T % 16 != 0, D not a power of two, 12 heads (ViT-B) and 2 heads padded to 16

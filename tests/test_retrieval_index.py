@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dola.embed import embed_images
+from siglip_dola.evaluation.embed import embed_images
 from siglip_dola.loading import load
 from siglip_dola.retrieval import add_to_index, build_index, index as index_module, open_index, storage
 
@@ -20,7 +20,7 @@ def save_tiny_siglip(folder, seed=0):
     """A random-init tiny HF SiglipModel (6 vision layers, width 16, 64 px) + tokenizer saved to `folder`."""
     from transformers import SiglipModel
 
-    from siglip_dola import train_embedded
+    from tools import train_embedded
 
     torch.manual_seed(seed)
     tokenizer = train_embedded.build_tokenizer()

@@ -1,4 +1,4 @@
-"""Tests for siglip_dola.runtime against scipy and naive per-example python loops."""
+"""Tests for siglip_dola.scoring against scipy and naive per-example python loops."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ from scipy.special import log_softmax, softmax
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from siglip_dola import runtime as rt
+from siglip_dola import scoring as rt
 
 LN2 = math.log(2.0)
 FAST = settings(max_examples=40, deadline=None)

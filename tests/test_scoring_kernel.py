@@ -10,7 +10,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, softmax
 
 from interpreter import run_interpreted
-from siglip_dola import runtime as rt, scoring_kernel
+from siglip_dola import scoring as rt
+from siglip_dola.scoring import kernel as scoring_kernel
 
 LN2 = math.log(2.0)
 LAYERS = [2, 4, 6]
@@ -79,7 +80,8 @@ INTERPRETER_RUN = textwrap.dedent("""
     import numpy as np, torch
     sys.path.insert(0, sys.argv[1])
     from test_scoring_kernel import make_cases, runtime_cases
-    from siglip_dola import runtime as rt, scoring_kernel
+    from siglip_dola import scoring as rt
+    from siglip_dola.scoring import kernel as scoring_kernel
     assert scoring_kernel.triton is not None
     kernel = {}
     for name, (logits, layers, alpha, mode, position) in make_cases().items():

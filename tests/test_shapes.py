@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_dola import shapes
+from siglip_dola.data import shapes
 from siglip_dola.cli import main as cli_main
 
 

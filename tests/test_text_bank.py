@@ -12,7 +12,7 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from siglip_dola import text_bank as tb
-from siglip_dola.load_adapters import open_clip as open_clip_adapter
+from siglip_dola.loading import open_clip as open_clip_adapter
 from siglip_dola.loading import LoadedModel, _wrap_text_encoder
 
 TINY_CLIP = {

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 import siglip_dola
-from siglip_dola import shapes
-from siglip_dola import train_embedded as te
+from siglip_dola.data import shapes
+from tools import train_embedded as te
 
 EMBEDDED = Path(siglip_dola.__file__).parent / "assets" / "embedded"
 TINY = dict(vision_layers=4, text_layers=1, hidden_size=32, batch_size=32, warmup_steps=5, lr=3e-3,
@@ -87,7 +87,7 @@ def test_training_record_command_reproduces_the_config(tmp_path):
     cfg = te.TrainConfig(steps=7, seed=3, lr=1.5e-4)
     te.write_training_record(tmp_path, cfg, 1.0, "test machine", note="n")
     record = json.loads((tmp_path / "training.json").read_text())
-    argv = record["command"].split()[3:]                      # after "python -m siglip_dola.train_embedded"
+    argv = record["command"].split()[3:]                      # after "python -m tools.train_embedded"
     values = dict(zip(argv[::2], argv[1::2]))
     assert (int(values["--steps"]), int(values["--seed"]), float(values["--lr"])) == (7, 3, 1.5e-4)
     assert record["note"] == "n" and record["train_config"]["lr"] == 1.5e-4

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from siglip_dola.runtime import DoLaResult
+from siglip_dola.scoring import DoLaResult
 from siglip_dola.scorer import DoLaSigLIP
 
 

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 
-from siglip_dola.images import decode_image
+from siglip_dola.data.images import decode_image
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import _default_layers
 from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank, rerank_layers

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from siglip_dola import distributed
-from siglip_dola.embed import embed_images
-from siglip_dola.images import expand_image_paths
+from siglip_dola.evaluation.embed import embed_images
+from siglip_dola.data.images import expand_image_paths
 from siglip_dola.layers import resolve_layers
 from siglip_dola.retrieval import faiss_store, storage
 from siglip_dola.retrieval.storage import Manifest

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from siglip_dola import runtime
+from siglip_dola import scoring as runtime
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RetrievalIndex, open_index
 

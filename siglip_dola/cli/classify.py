@@ -1,0 +1,203 @@
+"""`siglip-dola classify` and `siglip-dola rerank`: zero-shot classification / reranking of image files with DoLa."""
+from __future__ import annotations
+
+import json
+import sys
+
+from siglip_dola.cli import subcommand
+
+SKIPPED_EXIT_CODE = 1  # some files could not be read; 2 stays "bad arguments"
+
+
+def parse_layers(text: str) -> list[int]:
+    """'18,20,22' -> [18, 20, 22] (argparse type)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated ints such as 18,20,22, got {text!r}") from None
+
+
+def read_label_list(labels: str | None, labels_file: str | None, option: str = "--labels") -> list[str]:
+    """Labels from 'cat,dog' or a UTF-8 file (one per line); empty, blank or duplicate entries -> ValueError."""
+    from siglip_dola.text_bank import read_labels_file, validate_labels
+
+    if labels_file is not None:
+        return read_labels_file(labels_file)
+    items = [item.strip() for item in (labels or "").split(",")]
+    if not any(items):
+        raise ValueError(f"{option} is empty: give at least one entry, e.g. {option} \"cat,dog\"")
+    return validate_labels(items, source=option)
+
+
+def _add_scorer_arguments(parser) -> None:
+    parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
+    parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--mode", choices=("off", "static", "dynamic"), default="dynamic")
+    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
+    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (default: the last)")
+    parser.add_argument("--n-buckets", type=int, default=3, help="number of layer buckets (default 3)")
+    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+    parser.add_argument("--calibration", default=None, help="calibration JSON choosing mode/layers/alpha (overrides those options)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the forward from CUDA graphs, one per batch shape (CUDA only; faster at small batches)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _classify_arguments(parser) -> None:
+    _add_scorer_arguments(parser)
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
+    labels.add_argument("--labels-file", help="UTF-8 text file, one class name per line")
+    parser.add_argument("--bank", default=None,
+                        help="precomputed text bank (.npy / .safetensors); labels from the file or --labels")
+    parser.add_argument("--templates", nargs="+", default=["{}"],
+                        help='prompt templates with {} for the class name (default: "{}")')
+    parser.add_argument("--top-k", type=int, default=5)
+
+
+def _rerank_arguments(parser) -> None:
+    _add_scorer_arguments(parser)
+    texts = parser.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--texts", help='image -> texts: comma-separated candidate texts')
+    texts.add_argument("--texts-file", help="image -> texts: UTF-8 file, one candidate text per line")
+    texts.add_argument("--query", action="append", help="text -> images: rank the images for this text (repeatable)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the best K (default: all)")
+
+
+def _build_scorer(args):
+    """(LoadedModel, DoLaSigLIP) from the parsed scorer options."""
+    from siglip_dola.loading import load
+    from siglip_dola.scorer import DoLaSigLIP
+
+    try:
+        model = load(args.model, device=args.device)
+    except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
+        raise ValueError(str(err)) from None
+    options = dict(mode=args.mode, alpha=args.alpha, layers=args.layers, bucket=args.bucket,
+                   n_buckets=args.n_buckets, static_layer=args.static_layer, batch_size=args.batch_size,
+                   cuda_graphs=args.cuda_graphs)
+    if args.calibration:
+        return model, DoLaSigLIP.from_calibration(args.calibration, model, batch_size=args.batch_size,
+                                                  cuda_graphs=args.cuda_graphs)
+    return model, DoLaSigLIP(model, **options)
+
+
+def _run_batches(scorer, paths, bank, top_k, key) -> tuple[list, list]:
+    """Classify all paths with a progress bar (stderr) when there are more than one batch of images."""
+    from tqdm import tqdm
+
+    results, skipped = [], []
+    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size, file=sys.stderr) as bar:
+        for batch_results, batch_skipped in scorer.iter_classify(paths, bank, top_k, key=key):
+            results.extend(batch_results)
+            skipped.extend({"path": str(p), "error": e} for p, e in batch_skipped)
+            bar.update(len(batch_results) + len(batch_skipped))
+    return results, skipped
+
+
+def _check_queries(queries: list[str]) -> list[str]:
+    queries = [q.strip() for q in queries]
+    if not all(queries):
+        raise ValueError("--query must be a non-empty text")
+    return queries
+
+
+def _embed_all(scorer, paths) -> tuple[list, object, object, list]:
+    """(ids, z_final [n, D], z_layers [J, n, D] | None, skipped) for all paths, with a progress bar."""
+    import torch
+    from tqdm import tqdm
+
+    ids, finals, stacks, skipped = [], [], [], []
+    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size, file=sys.stderr) as bar:
+        for batch_ids, z_final, z_layers, batch_skipped in scorer.iter_embed(paths):
+            skipped.extend({"path": str(p), "error": e} for p, e in batch_skipped)
+            if z_final is not None:
+                ids.extend(batch_ids)
+                finals.append(z_final)
+                stacks.append(z_layers)
+            bar.update(len(batch_ids) + len(batch_skipped))
+    if not finals:
+        raise ValueError("no image could be decoded: " + "; ".join(f"{s['path']}: {s['error']}" for s in skipped))
+    z_layers = torch.cat(stacks, dim=1) if stacks[0] is not None else None  # (J, n, D)
+    return ids, torch.cat(finals), z_layers, skipped
+
+
+def _jsonable(result: dict) -> dict:
+    return {**result, "jsd": {str(layer): value for layer, value in result["jsd"].items()}}
+
+
+def _print_table(results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> None:
+    for result in results:
+        layer = result["premature_layer"]
+        print(f"{result[head]}  (premature layer: {'-' if layer is None else layer})")
+        for rank, row in enumerate(result[items], 1):
+            print(f"  {rank:>3}. {row[key]:<40} dola={row['score']:.4f}  baseline={row['baseline_score']:.4f}")
+    for item in skipped:
+        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+
+
+def _emit(args, results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> int:
+    if args.json:
+        print(json.dumps({"results": [_jsonable(r) for r in results], "skipped": skipped}, indent=2))
+    else:
+        _print_table(results, skipped, items, key, head)
+    return SKIPPED_EXIT_CODE if skipped else 0
+
+
+def _classify_labels(args) -> list[str] | None:
+    """Labels from --labels / --labels-file (validated before the model loads); None with --bank alone."""
+    if args.labels is None and args.labels_file is None:
+        if args.bank is None:
+            raise ValueError("give the classes with --labels \"cat,dog\", --labels-file FILE or --bank FILE")
+        return None
+    return read_label_list(args.labels, args.labels_file)
+
+
+def _classify_bank(args, model, labels):
+    """TextBank from --bank (labels from the file or `labels`) or from labels x --templates."""
+    from siglip_dola.text_bank import build_text_bank, load_text_bank
+
+    if args.bank is not None:
+        return load_text_bank(args.bank, labels=labels)
+    return build_text_bank(model, labels, templates=tuple(args.templates))
+
+
+@subcommand("classify", help="Zero-shot classify images with DoLa.")
+def classify_command(args) -> int:
+    """Classify IMAGES against --labels / --bank; prints a table or --json; exit 1 when some files were skipped."""
+    from siglip_dola.data.images import expand_image_paths
+
+    labels = _classify_labels(args)
+    paths = expand_image_paths(args.images)
+    model, scorer = _build_scorer(args)
+    bank = _classify_bank(args, model, labels)
+    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="label")
+    return _emit(args, results, skipped, "predictions", "label", "image")
+
+
+@subcommand("rerank", help="Rerank texts for each image (--texts) or images for a text (--query) with DoLa.")
+def rerank_command(args) -> int:
+    """Image -> texts (--texts/--texts-file) or text -> images (--query); exit 1 when some files were skipped."""
+    from siglip_dola.data.images import expand_image_paths
+    from siglip_dola.text_bank import build_text_bank
+
+    paths = expand_image_paths(args.images)
+    if args.query:
+        queries = _check_queries(args.query)
+        model, scorer = _build_scorer(args)
+        ids, z_final, z_layers, skipped = _embed_all(scorer, paths)
+        results = scorer.rerank_images(queries, image_embeds=(z_final, z_layers), ids=ids, top_k=args.top_k)
+        return _emit(args, results, skipped, "ranking", "image", "text")
+    texts = read_label_list(args.texts, args.texts_file, option="--texts")
+    model, scorer = _build_scorer(args)
+    bank = build_text_bank(model, texts)
+    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="text")
+    return _emit(args, results, skipped, "predictions", "text", "image")
+
+
+classify_command.add_arguments = _classify_arguments
+rerank_command.add_arguments = _rerank_arguments

@@ -1,0 +1,131 @@
+"""`siglip-dola index build|add` and `siglip-dola search`: the persisted image index and DoLa-reranked search."""
+from __future__ import annotations
+
+import json
+
+from siglip_dola.cli import subcommand
+from siglip_dola.cli.classify import parse_layers
+
+
+def _model_arguments(parser, default_help: str) -> None:
+    parser.add_argument("--model", default=None, help=f"model name, hub id or local path ({default_help})")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=4096, help="images per segment (the resume unit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _index_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="index_command", metavar="{build,add}", required=True)
+    build = sub.add_parser("build", help="embed images once and write a new index")
+    build.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
+    build.add_argument("--out", required=True, help="index folder to create (replaced only when the build completes)")
+    _model_arguments(build, "default: the embedded model")
+    group = build.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=parse_layers, default=None, help="layers to store, e.g. 18,20,22")
+    group.add_argument("--bucket", type=int, default=None, help="1-based bucket of 3 whose even layers to store (default 3)")
+    add = sub.add_parser("add", help="add images not indexed yet to an existing index")
+    add.add_argument("index", help="index folder")
+    add.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
+    _model_arguments(add, "default: the index's model")
+
+
+def _load_model(name, device):
+    from siglip_dola.distributed import local_device
+    from siglip_dola.loading import load
+
+    return load(name, device=device or local_device())
+
+
+def _print_manifest(manifest) -> None:
+    from siglip_dola.distributed import is_main_process
+
+    if is_main_process():
+        print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
+              f"{len(manifest.skipped)} skipped, checksum {manifest.checksum[:16]}")
+        for path, error in manifest.skipped:
+            print(f"skipped: {path}: {error}")
+
+
+@subcommand("index", help="Build or extend a persisted image index (run under torchrun to shard the embedding).")
+def index_command(args) -> int:
+    from siglip_dola.distributed import distributed_session
+    from siglip_dola.retrieval import add_to_index, build_index, storage
+
+    with distributed_session():
+        if args.index_command == "build":
+            model = _load_model(args.model, args.device)
+            manifest = build_index(args.images, args.out, model, layers=args.layers, bucket=args.bucket,
+                                   batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
+        else:
+            model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
+            manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
+                                    chunk_size=args.chunk_size, progress=not args.quiet)
+        _print_manifest(manifest)  # inside the session: only rank 0 prints
+    return 0
+
+
+index_command.add_arguments = _index_arguments
+
+
+def _search_arguments(parser) -> None:
+    parser.add_argument("index", nargs="?", help="index folder (text -> images)")
+    parser.add_argument("query", nargs="?", help='query text, e.g. "a red car"')
+    parser.add_argument("--captions", default=None, help="caption file (.txt one per line, or .csv) for image -> captions")
+    parser.add_argument("--image", default=None, help="query image for --captions")
+    parser.add_argument("--model", default=None, help="model (default: the index's model; with --captions: embedded)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--rerank-k", type=int, default=100, help="first-stage candidates DoLa reranks")
+    parser.add_argument("--mode", choices=("off", "static", "dynamic"), default="dynamic")
+    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
+    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (--captions only; default 3)")
+    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_search(args):
+    from siglip_dola.loading import load
+    from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
+    from siglip_dola.retrieval.storage import read_manifest
+
+    config = RerankConfig(top_k=args.top_k, rerank_k=args.rerank_k, mode=args.mode, alpha=args.alpha,
+                          static_layer=args.static_layer, layers=args.layers)
+    if args.captions is not None:
+        if args.image is None or args.index is not None:
+            raise ValueError("--captions needs --image IMAGE and no INDEX/QUERY: "
+                             "siglip-dola search --captions captions.txt --image img.png")
+        return search_captions(load(args.model, device=args.device), args.image, args.captions, config,
+                               bucket=args.bucket)
+    if args.index is None or args.query is None or args.image is not None:
+        raise ValueError('give INDEX and QUERY (siglip-dola search INDEX "a red car"), '
+                         "or --captions FILE --image IMAGE")
+    if args.bucket is not None:
+        raise ValueError("--bucket applies to --captions only; an index search uses its stored layers (--layers subset)")
+    model = load(args.model or read_manifest(args.index).model_id, device=args.device)
+    index = open_index(args.index, model=model, layers=args.layers)
+    return search(index, args.query, model, config)
+
+
+def _print_table(result) -> None:
+    key = result.item_key
+    layer = "off" if result.premature_layer is None else result.premature_layer
+    print(f"query: {result.query}    premature layer: {layer}")
+    print(f"{'rank':>4}  {'score':>9}  {'baseline':>9}  {'1st':>5}  {key}")
+    for rank, hit in enumerate(result.results, start=1):
+        print(f"{rank:>4}  {hit.score:9.4f}  {hit.baseline_score:9.4f}  {hit.rank_baseline:>5}  {hit.item}")
+
+
+@subcommand("search", help="Search an index with a text query (or captions with an image), DoLa-reranked.")
+def search_command(args) -> int:
+    result = _run_search(args)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_table(result)
+    return 0
+
+
+search_command.add_arguments = _search_arguments

@@ -1,0 +1,200 @@
+"""Evaluation datasets: the embedded `shapes` set, an ImageFolder layout, a CSV of path,label, clip_benchmark names.
+
+Each loader returns an EvalDataset whose `items` are what `embed.embed_images` takes (image paths, or
+(id, PIL image) pairs). Unreadable files are not checked here: the embedding pass reports and skips them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from siglip_dola.data import shapes
+from siglip_dola.data.images import IMAGE_EXTENSIONS
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CLIP_BENCHMARK_HINT = "install it with `pip install 'siglip-dola[clip_benchmark]'` (or `pip install clip-benchmark`)"
+
+
+class MissingDependencyError(ImportError, RuntimeError):
+    """An optional dependency is needed (RuntimeError too, so the CLI prints it as an error line)."""
+
+
+@dataclass
+class EvalDataset:
+    """items [n] (paths or (id, PIL image) pairs), labels [n] (class index, -1 when the set has none),
+    classnames [C], templates ("{}" marks the class name), captions [n][k] for image-caption sets."""
+    name: str
+    split: str
+    items: Sequence
+    labels: list[int]
+    classnames: list[str]
+    templates: list[str]
+    captions: list[list[str]] | None = None
+    tasks: tuple[str, ...] = ("zeroshot_classification",)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
+    """Keep n evenly spaced items (all classes of a sorted listing stay represented)."""
+    if n is None or n >= len(dataset.items):
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    keep = [i * len(dataset.items) // n for i in range(n)]
+    items = dataset.items
+    dataset.items = (_LabelledPairs(items.dataset, [items.indices[i] for i in keep])
+                     if isinstance(items, _LabelledPairs) else [items[i] for i in keep])
+    dataset.labels = [dataset.labels[i] for i in keep]
+    if dataset.captions is not None:
+        dataset.captions = [dataset.captions[i] for i in keep]
+    return dataset
+
+
+def shapes_dataset(split: str = "test", n: int | None = None, seed: int = 0) -> EvalDataset:
+    """The generated shapes set (36 colour x shape classes, one caption per image)."""
+    if split not in shapes.SPLITS:
+        raise ValueError(f"split must be one of {shapes.SPLITS} for dataset 'shapes', got {split!r}")
+    samples = shapes.make_split(split, n=n, seed=seed)
+    return EvalDataset("shapes", split, [(s.name, s.image) for s in samples], [s.label for s in samples],
+                       list(shapes.CLASSNAMES), list(shapes.TEMPLATES), [[s.caption] for s in samples],
+                       tasks=TASKS)
+
+
+def _prompt_name(folder_name: str) -> str:
+    return folder_name.replace("_", " ")
+
+
+def image_folder_dataset(root: str | os.PathLike, split: str = "test",
+                         templates: Sequence[str] = DEFAULT_TEMPLATES) -> EvalDataset:
+    """root/<split>/<class>/<images> or root/<class>/<images>; the class name is the folder name (_ -> space).
+
+    Without a <split> folder the split is recorded as "all" (so calibrating and evaluating on the same
+    folder is recognised as the same images).
+    """
+    root = Path(root)
+    base, split = (root / split, split) if (root / split).is_dir() else (root, "all")
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"dataset folder {str(base)!r} has no class sub-folders (expected <root>/<class>/<image>)")
+    items, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        items.extend(files)
+        labels.extend([label] * len(files))
+    if not items:
+        raise ValueError(f"dataset folder {str(base)!r} holds no image files")
+    return EvalDataset(str(root), split, items, labels, [_prompt_name(p.name) for p in class_dirs], list(templates))
+
+
+def csv_dataset(path: str | os.PathLike, templates: Sequence[str] = DEFAULT_TEMPLATES) -> EvalDataset:
+    """A CSV with a header `path,label` (classification) or `path,caption` (retrieval; a path may repeat).
+
+    Paths are relative to the CSV's folder. Class names are the sorted distinct labels. The file is one
+    split, recorded as "all": use one CSV per split.
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0]) if rows else set()
+    if "path" not in columns or not columns & {"label", "caption"}:
+        raise ValueError(f"CSV {str(path)!r} needs a header with 'path' and 'label' (or 'caption') columns, "
+                         f"got {sorted(columns)}")
+    images: dict[str, dict] = {}  # resolved path -> {"label", "captions"}, in first-seen order
+    for row in rows:
+        entry = images.setdefault(str(path.parent / row["path"]), {"label": row.get("label"), "captions": []})
+        if row.get("caption"):
+            entry["captions"].append(row["caption"])
+    items = [Path(p) for p in images]
+    classnames = sorted({e["label"] for e in images.values() if e["label"]})
+    labels = [classnames.index(e["label"]) if e["label"] else -1 for e in images.values()]
+    has_captions = "caption" in columns
+    return EvalDataset(str(path), "all", items, labels, classnames, list(templates),
+                       [e["captions"] for e in images.values()] if has_captions else None,
+                       tasks=(("zeroshot_classification",) if classnames else ()) +
+                       (("zeroshot_retrieval",) if has_captions else ()))
+
+
+def _clip_benchmark_module():
+    try:
+        import clip_benchmark.datasets as cb_datasets
+    except ImportError as err:
+        raise MissingDependencyError(f"clip_benchmark datasets need the clip_benchmark package: "
+                                     f"{CLIP_BENCHMARK_HINT}") from err
+    return cb_datasets
+
+
+def clip_benchmark_prompts(name: str, language: str = "en") -> tuple[list[str] | None, list[str]]:
+    """(class names or None, templates with "{}") packaged with clip_benchmark for dataset `name`; no download.
+
+    Class names of torchvision-backed sets (cifar10, ...) come with the data, so they are None here.
+    Templates fall back to imagenet1k's, as clip_benchmark does.
+    """
+    package = resources.files(_clip_benchmark_module())
+    try:
+        classnames = json.loads((package / f"{language}_classnames.json").read_text(encoding="utf-8"))
+        templates = json.loads((package / f"{language}_zeroshot_classification_templates.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"clip_benchmark has no prompts for language {language!r}") from None
+    keys = [name, name.split("/", 1)[-1], "imagenet1k"]
+    template_list = next(templates[k] for k in keys if k in templates)
+    return classnames.get(name, classnames.get(keys[1])), [t.replace("{c}", "{}") for t in template_list]
+
+
+class _LabelledPairs(Sequence):
+    """(id, PIL image) pairs of a torchvision-style dataset returning (image, label), loaded lazily."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _LabelledPairs(self.dataset, self.indices[index])
+        return str(self.indices[index]), self.dataset[self.indices[index]][0]
+
+
+def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLike = "clip_benchmark_data",
+                           language: str = "en") -> EvalDataset:
+    """A clip_benchmark classification dataset by name (downloads into `root` on first use)."""
+    _clip_benchmark_module()
+    from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
+    if get_dataset_default_task(name) != "zeroshot_classification":
+        raise ValueError(f"clip_benchmark dataset {name!r} is not a zero-shot classification set; "
+                         "only classification sets are supported from clip_benchmark")
+    dataset = build_dataset(name, root=str(root), transform=None, split=split, download=True, language=language)
+    labels = [int(dataset[i][1]) for i in range(len(dataset))] if not hasattr(dataset, "targets") \
+        else [int(t) for t in dataset.targets]
+    templates = [t.replace("{c}", "{}") for t in dataset.templates] if isinstance(dataset.templates, list) else \
+        clip_benchmark_prompts(name, language)[1]
+    return EvalDataset(name, split, _LabelledPairs(dataset, range(len(dataset))), labels,
+                       list(dataset.classes), templates)
+
+
+def load_dataset(name: str, split: str = "test", n: int | None = None, seed: int = 0,
+                 root: str | os.PathLike | None = None) -> EvalDataset:
+    """`shapes`, a folder (ImageFolder layout), a .csv file, or a clip_benchmark dataset name; n evenly spaced items."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        raise TypeError(f"dataset must be 'shapes', a folder, a .csv file or a clip_benchmark name, got {name!r}")
+    if str(name) == "shapes":
+        return shapes_dataset(split, n=n, seed=seed)
+    path = Path(name)
+    if path.is_dir():
+        return _subsample(image_folder_dataset(path, split), n)
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset CSV {str(path)!r} does not exist")
+        return _subsample(csv_dataset(path), n)
+    try:
+        _clip_benchmark_module()
+    except MissingDependencyError:
+        raise MissingDependencyError(f"dataset {str(name)!r} is not 'shapes', an existing folder or a .csv file; "
+                                     f"for clip_benchmark dataset names {CLIP_BENCHMARK_HINT}") from None
+    return _subsample(clip_benchmark_dataset(str(name), split, root or "clip_benchmark_data"), n)

@@ -1,0 +1,1 @@
+"""One embedding pass, calibration, evaluation, metrics and plots."""

@@ -1,0 +1,237 @@
+"""`load(name_or_path)` and `from_model(model)`: one object with readout, preprocess, text encoder and logit scale.
+
+Accepted names (see ACCEPTED_FORMS): the embedded default, local folders / checkpoints, open_clip names
+with a pretrained tag written `NAME:TAG`, `hf-hub:org/repo`, and Hugging Face ids `org/name`.
+Hub files are looked up in the local cache first; when missing and the Hub is unreachable, loading fails
+within seconds (`hub.HubUnavailableError`) with a message on how to point at local weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from siglip_dola.loading.adapters import ADAPTERS, backend_of
+from siglip_dola.loading import hf as hf_adapter
+from siglip_dola.loading import open_clip as open_clip_adapter
+from siglip_dola.loading.hub import HubUnavailableError  # noqa: F401  (re-exported for callers)
+
+from siglip_dola.loading.embedded import EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACCEPTED_FORMS = (
+    "None or 'embedded' (the embedded offline model); "
+    "a local folder (HF save_pretrained: config.json + model.safetensors, or open_clip: open_clip_config.json "
+    "+ weights); an open_clip name with a pretrained tag 'ViT-L-16-SigLIP-384:webli' or a local checkpoint "
+    "'ViT-L-16-SigLIP-384:/path/to/weights.safetensors' (.pt/.pth/.bin are read with weights_only=True); "
+    "'hf-hub:timm/ViT-L-16-SigLIP-384'; a Hugging Face id 'google/siglip-large-patch16-384'"
+)
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    model_id: str                      # canonical id, written into results / manifests / calibration files
+    readout: object                    # siglip_dola.readout.Readout
+    preprocess: Callable               # PIL.Image -> FloatTensor [3, H, W]
+    encode_text: Callable | None       # list[str] -> FloatTensor [C, D] raw fp32; None without a text tower
+    logit_scale: float                 # as stored (log space); tau = 1 / exp(logit_scale)
+    logit_bias: float
+    device: torch.device
+    dtype: torch.dtype                 # compute dtype (autocast when not fp32)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the underlying module
+    backend: str = ""                  # "open_clip" | "hf" | "timm"
+    fingerprint: str | None = field(default=None, repr=False)       # weights identity, see weights_fingerprint
+
+    @property
+    def tau(self) -> float:
+        """Softmax temperature 1 / exp(logit_scale)."""
+        return 1.0 / math.exp(self.logit_scale)
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """Short hash identifying the weights (files' size/mtime for load(), sampled tensors for from_model())."""
+        if self.fingerprint is None:
+            self.fingerprint = tensor_fingerprint(self.model) if self.model is not None else ""
+        return self.fingerprint
+
+
+def load(name_or_path: str | Path | None = None, device=None, precision: str | None = None) -> LoadedModel:
+    """Load a SigLIP model by name or path (None -> the embedded default) in eval mode on `device`."""
+    device = resolve_device(device)
+    dtype = resolve_precision(precision, device)
+    model, preprocess, tokenizer, model_id, weights = _load_by_name(name_or_path)
+    model = model.eval().requires_grad_(False).to(device)
+    loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
+    loaded.fingerprint = file_fingerprint(weights)
+    return loaded
+
+
+def from_model(model, preprocess=None, tokenizer=None, model_id: str | None = None,
+               logit_scale: float | None = None, logit_bias: float | None = None,
+               precision: str | None = None) -> LoadedModel:
+    """Wrap an already-loaded open_clip model, HF SiglipModel, or vision-only tower (timm / Janus).
+
+    The model is used as is: not moved, not cast, not switched to eval mode. SigLIP towers have no
+    dropout by default, so train/eval give the same embeddings; if yours has active dropout or
+    stochastic depth, call `model.eval()` yourself first. Vision-only towers have no text encoder
+    (`encode_text` is None: bring a precomputed bank) and use `logit_scale` (default log(100)).
+    """
+    backend = backend_of(model)
+    device = _model_device(model)
+    dtype = resolve_precision(precision, device)
+    model_id = model_id or f"{backend}:{type(model).__name__}"
+    loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
+    if logit_scale is not None:
+        loaded.logit_scale = float(logit_scale)
+    elif loaded.encode_text is None:  # tau shapes every q_j and the JSD: a guessed one must not pass silently
+        warnings.warn(f"{model_id}: a vision-only tower stores no logit_scale; using log(100) (tau = 0.01). "
+                      "Pass logit_scale= of the SigLIP checkpoint its text bank comes from.", stacklevel=2)
+    if logit_bias is not None:
+        loaded.logit_bias = float(logit_bias)
+    return loaded
+
+
+def resolve_device(device) -> torch.device:
+    """`device` as torch.device; None -> cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from error
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype:
+    """Compute dtype: None -> fp32 on CPU, bf16 on GPU; else one of PRECISIONS."""
+    if precision is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid values: {sorted(PRECISIONS)} or None")
+    return PRECISIONS[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast context for `dtype` on `device` (a no-op for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _assemble(model, preprocess, tokenizer, model_id, device, dtype) -> LoadedModel:
+    from siglip_dola.readout import from_model as readout_from_model
+
+    backend = backend_of(model)
+    readout = readout_from_model(model)
+    adapter = ADAPTERS[backend]
+    if backend == "timm":
+        parts = adapter.parts(model, preprocess, tokenizer, image_size=tuple(readout.image_size))
+    else:
+        parts = adapter.parts(model, preprocess, tokenizer)
+    encode_text = None if parts.encode_text is None else _wrap_text_encoder(parts.encode_text, device, dtype)
+    return LoadedModel(model_id=model_id, readout=readout, preprocess=parts.preprocess,
+                       encode_text=encode_text, logit_scale=parts.logit_scale, logit_bias=parts.logit_bias,
+                       device=device, dtype=dtype, model=model, backend=backend)
+
+
+def _wrap_text_encoder(encode_raw, device, dtype):
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        """list[str] -> [C, D] raw (unnormalised) fp32 text embeddings on the model's device."""
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise TypeError("encode_text(texts): texts must be a list of str")
+        with torch.inference_mode(), autocast(device, dtype):
+            return encode_raw(list(texts)).float()
+
+    return encode_text
+
+
+def _model_device(model) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _load_by_name(name):
+    """(model, preprocess, tokenizer, model_id, weight paths) for any accepted name."""
+    if name is None or name == "embedded":
+        if not hf_adapter.is_hf_dir(EMBEDDED_DIR):
+            raise FileNotFoundError(f"the embedded model is not installed at {EMBEDDED_DIR}")
+        return (*hf_adapter.load_dir(EMBEDDED_DIR), "embedded", _weight_files(EMBEDDED_DIR))
+    if not isinstance(name, (str, Path)):
+        raise TypeError(f"name_or_path must be a str, a Path or None; got {type(name).__name__}")
+    name = str(name)
+    if Path(name).expanduser().exists():
+        return _load_local(Path(name).expanduser().resolve())
+    if name.startswith("hf-hub:"):
+        model, preprocess, tokenizer, folder = open_clip_adapter.load_hub(name[len("hf-hub:"):])
+        return model, preprocess, tokenizer, name, _weight_files(folder)
+    if _HF_ID.fullmatch(name):  # checked before open_clip names: no open_clip import on this path
+        model, preprocess, tokenizer, folder = hf_adapter.load_hub(name)
+        return model, preprocess, tokenizer, name, _weight_files(folder)
+    arch, _, tag = name.partition(":")
+    if arch in open_clip_adapter.known_names():
+        return _load_open_clip_name(arch, tag)
+    raise ValueError(f"unknown model {name!r}; accepted forms: {ACCEPTED_FORMS}")
+
+
+def _load_local(path: Path):
+    if path.is_dir() and open_clip_adapter.is_open_clip_dir(path):
+        return (*open_clip_adapter.load_dir(path), str(path), _weight_files(path))
+    if path.is_dir() and hf_adapter.is_hf_dir(path):
+        return (*hf_adapter.load_dir(path), str(path), _weight_files(path))
+    if path.is_dir():
+        raise ValueError(f"folder {path} has neither config.json (HF) nor open_clip_config.json (open_clip); "
+                         f"accepted forms: {ACCEPTED_FORMS}")
+    raise ValueError(f"checkpoint file {path}: say which architecture it is, e.g. "
+                     f"'ViT-L-16-SigLIP-384:{path}'; accepted forms: {ACCEPTED_FORMS}")
+
+
+def _load_open_clip_name(arch: str, tag: str):
+    import open_clip
+
+    if not tag:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if len(tags) != 1:
+            raise ValueError(f"open_clip model {arch!r} needs a pretrained tag or checkpoint: "
+                             f"'{arch}:TAG' with TAG in {tags}, or '{arch}:/path/to/weights.safetensors'")
+        tag = tags[0]
+    checkpoint = Path(tag).expanduser()
+    if checkpoint.is_file():
+        checkpoint = checkpoint.resolve()
+        model, preprocess, tokenizer = open_clip_adapter.load_checkpoint(arch, checkpoint)
+        return model, preprocess, tokenizer, f"{arch}:{checkpoint}", [checkpoint]
+    if "/" in tag or tag.endswith(_WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    model, preprocess, tokenizer, folder = open_clip_adapter.load_tag(arch, tag)
+    return model, preprocess, tokenizer, f"{arch}:{tag}", _weight_files(folder)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """Hash of the weight files' resolved paths, sizes and modification times (cheap, no reading)."""
+    entries = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def tensor_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) -> str:
+    """Hash of every state tensor's name, shape, dtype, float64 sum and a strided sample of its values."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::stride].to("cpu", torch.float64)
+            total = float(flat.sum(dtype=torch.float64)) if flat.is_floating_point() else float(flat.sum())
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{total!r}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Repo tooling, not shipped with the package: training and reporting on the embedded model."""
