@@ -12,6 +12,7 @@ import operator
 from collections.abc import Iterable
 
 PARITIES = ("even", "odd", "all")
+MODES = ("off", "static", "dynamic")  # the one definition: plain SigLIP, fixed layer M, per-input M
 
 
 def _as_int(value, name: str) -> int:

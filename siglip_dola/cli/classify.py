@@ -5,6 +5,7 @@ import json
 import sys
 
 from siglip_dola.cli import subcommand
+from siglip_dola.layers import MODES
 
 SKIPPED_EXIT_CODE = 1  # some files could not be read; 2 stays "bad arguments"
 
@@ -33,7 +34,7 @@ def _add_scorer_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--mode", choices=("off", "static", "dynamic"), default="dynamic")
+    parser.add_argument("--mode", choices=MODES, default="dynamic")
     parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")

@@ -5,6 +5,7 @@ import json
 
 from siglip_dola.cli import subcommand
 from siglip_dola.cli.classify import parse_layers
+from siglip_dola.layers import MODES
 
 
 def _model_arguments(parser, default_help: str) -> None:
@@ -77,7 +78,7 @@ def _search_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rerank-k", type=int, default=100, help="first-stage candidates DoLa reranks")
-    parser.add_argument("--mode", choices=("off", "static", "dynamic"), default="dynamic")
+    parser.add_argument("--mode", choices=MODES, default="dynamic")
     parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")

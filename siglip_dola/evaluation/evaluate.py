@@ -17,11 +17,10 @@ from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, class_logi
                                    score_point)
 from siglip_dola.data.datasets import TASKS, EvalDataset
 from siglip_dola.io import write_json_atomic
+from siglip_dola.layers import MODES
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
                                  retrieval_metrics)
 from siglip_dola.scorer import choose_layers
-
-MODES = ("off", "static", "dynamic")
 
 
 def _same_dataset(a: str, b: str) -> bool:

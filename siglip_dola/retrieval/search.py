@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from siglip_dola import scoring as runtime
+from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RetrievalIndex, open_index
-
-MODES = ("off", "static", "dynamic")
 
 
 @contextmanager

@@ -12,7 +12,8 @@ import numbers
 import numpy as np
 import torch
 
-MODES = ("dynamic", "static", "off")
+from siglip_dola.layers import MODES
+
 COMPAT_MODES = (None, "official-dola")
 
 
