@@ -20,10 +20,8 @@ Calibration file (written by ``siglip-dola calibrate``, read by :meth:`DoLaSigLI
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,16 +29,10 @@ import torch
 
 from siglip_dola import scoring as runtime
 from siglip_dola.data.images import expand_image_paths, iter_image_batches
-from siglip_dola.layers import resolve_layers
+from siglip_dola.layers import MODES, resolve_layers
+from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
-
-MODES = ("dynamic", "static", "off")
-
-
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be a real number in (0, 1], got {alpha!r}")
-    return float(alpha)
+from siglip_dola.scoring.checks import check_alpha, check_tau
 
 
 def choose_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int = 3,
@@ -75,12 +67,10 @@ class DoLaSigLIP:
         self.model, self.fused_scoring = model, fused_scoring
         self._readout = graphed.GraphCache(model.readout) if cuda_graphs else model.readout
         self.mode = mode
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
                                                        n_buckets, static_layer)
-        self.tau = float(model.tau if tau is None else tau)
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
+        self.tau = check_tau(model.tau if tau is None else tau)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
@@ -100,17 +90,10 @@ class DoLaSigLIP:
         return cls(model, **{**config, **overrides})
 
     # ------------------------------------------------------------ embeddings
-    def _autocast(self):
-        """bf16/fp16 autocast on GPU (per LoadedModel.dtype), plain fp32 elsewhere."""
-        device, dtype = torch.device(self.model.device), self.model.dtype
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast(device_type="cuda", dtype=dtype)
-        return nullcontext()
-
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
         _check_pixels(pixels)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
             z_final, z_layers = self._readout(pixels.to(self.model.device), self.layers)
         z_layers = z_layers.float() if self.layers else None
         return z_final.float(), z_layers
@@ -250,7 +233,7 @@ class DoLaSigLIP:
             raise ValueError("text must be a non-empty string, a list of non-empty strings or an embedding tensor")
         if self.model.encode_text is None:
             raise ValueError(f"model {self.model.model_id!r} has no text tower: pass text as an embedding tensor [Q, D]")
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
             return texts, self.model.encode_text(texts).float()
 
     def rerank_images(self, text, images=None, *, image_embeds=None, embed_layers=None, ids=None,

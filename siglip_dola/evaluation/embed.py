@@ -4,7 +4,6 @@ Under torchrun each rank embeds a contiguous shard and rank 0 gathers the shards
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from siglip_dola import distributed
 from siglip_dola.data.images import iter_image_batches
+from siglip_dola.loading import autocast
 
 
 @dataclass
@@ -97,16 +97,9 @@ def _pair_batches(pairs: Sequence, offset: int, preprocess, batch_size: int) -> 
         yield _PixelBatch(indices, ids, pixels, skipped, len(chunk))
 
 
-def _autocast(model):
-    """Autocast to the model's compute dtype (no-op for fp32)."""
-    if model.dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=model.device.type, dtype=model.dtype)
-
-
 def _readout_batch(model, pixels: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One readout call: pixels [B,3,H,W] -> (z_final [B,D], z_layers [J,B,D]) fp32 on cpu."""
-    with torch.inference_mode(), _autocast(model):
+    with torch.inference_mode(), autocast(model.device, model.dtype):
         z_final, z_layers = model.readout(pixels.to(model.device), layers=layers)
     return z_final.float().cpu(), z_layers.float().cpu()
 

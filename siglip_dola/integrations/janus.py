@@ -17,6 +17,7 @@ import math
 import torch
 
 from siglip_dola.scoring import DoLaResult
+from siglip_dola.scoring.checks import check_tau
 from siglip_dola.scorer import DoLaSigLIP
 
 
@@ -28,10 +29,11 @@ def _loaded_model(vlm, tau: float):
 
 
 def _check_tau(tau) -> float:
-    if tau is None or isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
-        raise ValueError("tau must be a positive number: Janus has no logit_scale, pass 1 / exp(logit_scale) of "
-                         f"the SigLIP checkpoint the text bank was encoded with (got {tau!r})")
-    return float(tau)
+    try:
+        return check_tau(tau)
+    except (TypeError, ValueError) as error:   # the one check, plus where a Janus user finds tau
+        raise ValueError(f"{error}: Janus has no logit_scale, pass 1 / exp(logit_scale) of the SigLIP checkpoint "
+                         "the text bank was encoded with") from None
 
 
 class JanusDoLa:

@@ -119,11 +119,11 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
     return PRECISIONS[precision]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Autocast context for `dtype` on `device` (a no-op for fp32)."""
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    """Autocast context for `dtype` on `device` (a no-op for fp32); the one helper, for LoadedModel.dtype."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _assemble(model, preprocess, tokenizer, model_id, device, dtype) -> LoadedModel:
