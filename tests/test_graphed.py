@@ -82,7 +82,10 @@ def test_graph_cache_captures_once_per_key_and_keeps_the_most_recent(monkeypatch
     cache(c, [2])                                        # evicts a/[2]
     cache(b, [2])                                        # b was evicted: captured again
     assert captured[2:] == [((1, 3, 4, 4), (4,)), ((3, 3, 4, 4), (2,)), ((2, 3, 4, 4), (2,))]
-    assert len(cache._calls) == 2
+    cache(c, [2]), cache(b, [2])                         # both most recent graphs are held: no capture
+    assert len(captured) == 5
+    cache(a, [4])                                        # evicted by c/[2] (size 2): captured again
+    assert captured[5:] == [((1, 3, 4, 4), (4,))]
 
 
 @pytest.mark.parametrize("size", [0, 2.0, True])
