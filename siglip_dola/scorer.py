@@ -19,6 +19,7 @@ Calibration file (written by ``siglip-dola calibrate``, read by :meth:`DoLaSigLI
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -55,17 +56,17 @@ class DoLaSigLIP:
     """DoLa scorer over a LoadedModel: classify images against a text bank, rerank texts or images."""
 
     def __init__(self, model, mode: str = "dynamic", alpha: float = 0.1, layers=None, bucket=None,
-                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, fused_scoring: bool = False,
-                 cuda_graphs: bool = False):
-        # fused_scoring=True: EXPERIMENTAL runtime.score(..., fused=True) (torch.compile; compiles per batch shape)
-        # cuda_graphs=True: the readout replayed from CUDA graphs, one captured per batch shape (readout/graphed.py)
-        for name, flag in (("fused_scoring", fused_scoring), ("cuda_graphs", cuda_graphs)):
-            if flag is not True and flag is not False:
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, cuda_graphs: bool = False):
+        # cuda_graphs=True: each call (readout + scoring in score_pixels) replayed from a CUDA graph captured per
+        # batch shape (readout/cuda_graphs.py), with no host sync per call
+        if cuda_graphs is not True and cuda_graphs is not False:
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if cuda_graphs and torch.device(model.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
-        self.model, self.fused_scoring = model, fused_scoring
+        self.model, self.cuda_graphs = model, cuda_graphs
         self._readout = graphed.GraphCache(model.readout) if cuda_graphs else model.readout
+        self._graphed_scores = graphed.CallCache() if cuda_graphs else None
+        self._graph_bank = None   # (source bank key, the fp32 bank on the device the graphs read)
         self.mode = mode
         self.alpha = check_alpha(alpha)
         self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
@@ -144,10 +145,35 @@ class DoLaSigLIP:
 
     def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
         """DoLaResult for pixels [B, 3, H, W] against bank_embeds [C, D] (one backbone forward)."""
+        if self._graphed_scores is not None:
+            return self._score_graphed(pixels, bank_embeds)
         z_final, z_layers = self.embed(pixels)
         bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
         return runtime.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
-                             alpha=self.alpha, static_layer=self.static_layer, fused=self.fused_scoring)
+                             alpha=self.alpha, static_layer=self.static_layer)
+
+    def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
+        """score_pixels as ONE replayed CUDA graph (readout + scoring; captured per shape and bank), no host sync:
+        the NaN/inf check is deferred to ``result.nonfinite`` (checked where rows are read, in :meth:`_rows`)."""
+        _check_pixels(pixels)
+        pixels = pixels.to(self.model.device)
+        bank_key = (bank_embeds.data_ptr(), bank_embeds._version, tuple(bank_embeds.shape), bank_embeds.dtype,
+                    bank_embeds.device)
+        if self._graph_bank is None or self._graph_bank[0] != bank_key:   # the graphs read the bank's memory:
+            self._graphed_scores = graphed.CallCache()                      # keep it, capture again for another
+            self._graph_bank = (bank_key, bank_embeds.to(device=pixels.device, dtype=torch.float32))
+        bank_embeds = self._graph_bank[1]
+
+        def call(images):
+            z_final, z_layers = self.model.readout(images, self.layers)
+            result = runtime.score(z_final.float(), z_layers.float() if self.layers else None, bank_embeds,
+                                   self.tau, self.layers or None, mode=self.mode, alpha=self.alpha,
+                                   static_layer=self.static_layer, validate=False)
+            return tuple(getattr(result, f.name) for f in dataclasses.fields(result))
+        key = (tuple(self.layers), self.model.readout.derived_key())   # new weights: capture again
+        with self._autocast():
+            outputs = self._graphed_scores(call, pixels, key)
+        return runtime.DoLaResult(*outputs)
 
     def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
         """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""
@@ -185,6 +211,7 @@ class DoLaSigLIP:
 
     def _rows(self, result: runtime.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
         """One dict per example (row) of a DoLaResult: top-k ranked by (DoLa prob, then q_N)."""
+        runtime.check_finite(result)   # deferred by the graphed path; a no-op otherwise
         probs, final = result.probs.float().cpu(), result.final_probs.float().cpu()
         order = torch.sort(final, dim=-1, descending=True, stable=True).indices  # ties among masked: by q_N
         order = order.gather(-1, torch.sort(probs.gather(-1, order), dim=-1, descending=True, stable=True).indices)

@@ -270,7 +270,7 @@ def test_bad_configuration(loaded, kwargs, match):
         DoLaSigLIP(loaded, **kwargs)
 
 
-@pytest.mark.parametrize("flag", ["fused_scoring", "cuda_graphs"])
+@pytest.mark.parametrize("flag", ["cuda_graphs"])
 def test_switches_must_be_bools(loaded, flag):
     with pytest.raises(TypeError, match=f"{flag} must be True or False"):
         DoLaSigLIP(loaded, **{flag: 1})

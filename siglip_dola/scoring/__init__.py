@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siglip_dola import config
 from siglip_dola.scoring import kernel as scoring_kernel
 from siglip_dola.scoring.checks import (  # noqa: F401  (MODES, COMPAT_MODES are part of runtime's API)
     COMPAT_MODES, MODES, as_tensor, check_alpha, check_bank, check_classes, check_layers, check_mode, check_stacked,
@@ -41,7 +42,6 @@ from siglip_dola.scoring.checks import (  # noqa: F401  (MODES, COMPAT_MODES are
 )
 
 LN2 = math.log(2.0)
-TRITON_SCORING = True  # score() runs its post-matmul math as one Triton kernel where usable (the benchmark flips it)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class DoLaResult:
     final_probs: object      # [..., C] q_N, the model's own distribution
     premature_layer: object  # [...] int64 layer number M per example (-1 for mode "off")
     jsd: object              # [J, ...] JSD(q_N, q_j) per candidate layer (compat: the official value)
+    nonfinite: object = None  # [...] bool rows whose inputs held a NaN/inf; only from score(validate=False)
 
 
 # ---------------------------------------------------------------- value checks on device, read once
@@ -68,7 +69,8 @@ def _probabilities(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
 
 def _finish(result: DoLaResult, checks, to_numpy: bool) -> DoLaResult:
     _raise_failed(checks)
-    return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
+    return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)
+                        if f.name != "nonfinite"))
 
 
 def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -238,20 +240,18 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
 
 
 def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
-          static_layer=None, compat=None, fused: bool = False) -> DoLaResult:
+          static_layer=None, compat=None, validate: bool = True) -> DoLaResult:
     """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult.
 
-    fused=True (EXPERIMENTAL, opt-in): the same math compiled with torch.compile (siglip_dola.scoring.fused_scoring);
-    equal up to float rounding, compiles once per new shape/dtype/mode. Default False: eager.
     With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= scoring_kernel.MAX_CLASSES,
     everything after the logit matmul is ONE Triton kernel (siglip_dola.scoring.kernel; switch:
-    TRITON_SCORING), computed in fp32 and equal to the eager path up to fp32 rounding.
+    ``siglip_dola.config.set_triton_scoring``), computed in fp32 and equal to the eager path up to fp32 rounding.
+    validate=False skips the call's one host read (for CUDA-graph capture): no NaN/inf ValueError is raised;
+    instead ``result.nonfinite`` [...] bool marks the rows whose inputs held a NaN/inf (check it when you read
+    the results; :func:`check_finite` raises the usual error).
     """
-    if fused is not False and fused is not True:
-        raise TypeError(f"fused must be True or False, got {fused!r}")
-    if fused:
-        from siglip_dola.scoring.fused_scoring import score_fused  # lazy: it imports this module
-        return score_fused(z_final, z_layers, text_bank, tau, layers, mode, alpha, static_layer, compat)
+    if validate is not True and validate is not False:
+        raise TypeError(f"validate must be True or False, got {validate!r}")
     alpha = check_mode(mode, alpha, compat)
     tau = check_tau(tau)
     final, to_numpy = as_tensor(z_final, "z_final")
@@ -263,13 +263,23 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     reps, bank = promote(reps, bank)
     logits = _rep_logits(reps, bank, tau)  # (J+1, ..., C): final, then the layers
     checks = lambda: _finite_checks(final, bank, stacked)  # noqa: E731  (built lazily: the Triton path skips them)
-    if TRITON_SCORING and compat is None and logits.is_contiguous():
+    if config.use_triton_scoring() and compat is None and logits.is_contiguous():
         rows = logits.view(logits.shape[0], -1, logits.shape[-1])  # (J+1, R, C)
         if scoring_kernel.usable(rows):
-            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy)
+            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy, validate)
     log_q = torch.log_softmax(logits, dim=-1)  # (J+1, ..., C)
     result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
+    if not validate:   # a NaN/inf anywhere in a row's inputs makes its logits non-finite (F.normalize)
+        result.nonfinite = (~torch.isfinite(logits)).any(-1).any(0)  # (...)
+        return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
     return _finish(result, checks(), to_numpy)
+
+
+def check_finite(result: DoLaResult) -> None:
+    """Raise the ValueError of :func:`score` when a ``validate=False`` result has rows with NaN/inf inputs (a host read)."""
+    if result.nonfinite is not None and bool(torch.as_tensor(result.nonfinite).any()):
+        raise ValueError("z_final, z_layers and text_bank must be finite (no NaN or inf): "
+                         f"{int(torch.as_tensor(result.nonfinite).sum())} row(s) held a NaN/inf")
 
 
 def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
@@ -280,7 +290,7 @@ def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
     return checks
 
 
-def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy) -> DoLaResult:
+def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy, validate=True) -> DoLaResult:
     """score's Triton path: rows (J+1, R, C) fp32 logits, shape the (..., C) of one layer's logits.
 
     The kernel's per-row NaN/inf flag replaces the per-argument checks (a NaN/inf in z or the bank makes its
@@ -289,10 +299,10 @@ def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy
     table = None if layers is None else _layer_table(tuple(layers), rows.device)
     position = layers.index(int(static_layer)) if mode == "static" else -1
     *outputs, nonfinite = scoring_kernel.dola_rows(rows, table, alpha, mode, position)
-    if bool(nonfinite.any()):  # the ONE host read of the call
+    if validate and bool(nonfinite.any()):  # the ONE host read of the call
         _raise_failed(checks())  # slow path, errors only: which argument held the NaN/inf
     probs, log_probs, final_probs, premature, jsd = outputs
     lead = tuple(shape[:-1])
     outputs = (probs.view(shape), log_probs.view(shape), final_probs.view(shape), premature.view(lead),
-               jsd.view(jsd.shape[0], *lead))
-    return DoLaResult(*(to_output(x, to_numpy) for x in outputs))
+               jsd.view(jsd.shape[0], *lead), None if validate else nonfinite.view(lead).bool())
+    return DoLaResult(*(None if x is None else to_output(x, to_numpy) for x in outputs))

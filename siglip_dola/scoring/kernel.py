@@ -13,9 +13,10 @@ which the tests use) and C <= MAX_CLASSES (one block holds a whole row); everyth
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from siglip_dola import config
 
 try:  # optional: runtime.score's eager path is always available
     import triton
@@ -34,7 +35,7 @@ def usable(logits: torch.Tensor) -> bool:
 
     fp32, or bf16/fp16 (under autocast the cosine matmul returns those; the kernel computes in fp32 like
     the eager path's autocast log_softmax)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = config.triton_interpreted()
     return (triton is not None and logits.dtype in HALF_OR_FLOAT and logits.is_contiguous()
             and (logits.is_cuda or interpreted) and logits.ndim == 3 and logits.shape[1] >= 1
             and 1 <= logits.shape[2] <= MAX_CLASSES)
