@@ -15,8 +15,6 @@ Variants and floors live in ``variants.py``, the timed callables in ``points.py`
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,8 +24,9 @@ import torch.nn.functional as F
 
 from siglip_dola.io import write_json_atomic
 from siglip_dola import config
-from siglip_dola.readout import from_model, kernel as pool_kernel
+from siglip_dola.readout import from_model
 
+from benchenv import environment
 from points import first_call, fused_errors, gpu_busy, make_points, peak_mib, profile, scoring_diffs
 from pool_kernels import kernel_sweep, tune_from_sweep
 from variants import VARIANTS, usable_variants
@@ -162,19 +161,6 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
                          fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None,
                          first_call_ms=first_call_ms[name], triton_vs_eager_scoring=diffs.get(name)))
     return rows
-
-
-def environment(device: torch.device) -> dict:
-    import open_clip
-    import timm
-    info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                open_clip=open_clip.__version__, triton=getattr(pool_kernel.triton, "__version__", None),
-                device=str(device), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    else:
-        info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    return info
 
 
 def format_table(rows: list[dict], device_name: str) -> str:

@@ -16,7 +16,8 @@ Where block j+1 starts with its own LayerNorm of block j's output (timm ``norm1`
 ViTs), the fused path pools layer j from that norm's output instead (:class:`EntryNorm`): the model computes it
 anyway, and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (~25% faster on an
 H100). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its output is fp32, its
-input is the very tensor block j returned, and gamma passes the precision guards of :func:`entry_norm`.
+input is the very tensor block j returned, and gamma passes the precision guards of
+:func:`~siglip_dola.readout.entry_norm.entry_norm`.
 
 Each call records the path each layer took (:data:`PATHS`) and why it is not the fastest; the readout exposes
 them as ``layer_paths`` / ``path_reasons``. A fall-back to PyTorch on CUDA is logged once per reason.
@@ -24,12 +25,12 @@ them as ``layer_paths`` / ``path_reasons``. A fall-back to PyTorch on CUDA is lo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from siglip_dola import config
+from siglip_dola.readout.entry_norm import (  # noqa: F401  (ENTRY_BLOCK_TYPES: re-exported for tests)
+    ENTRY_BLOCK_TYPES, EntryNorm, entry_norm, first_norm, tensor_version)
 from siglip_dola.readout.kernel import combine_partials, merge_values, pool_partials, split_plan, triton, triton_usable
 from siglip_dola.readout.map_head import head_values, pool_tokens
 
@@ -40,9 +41,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 LOG = logging.getLogger("siglip_dola.readout")
 PATHS = ("fused-entry-norm", "fused-stats", "pytorch", "model-head")
-ENTRY_NORM_NAMES = ("norm1", "layer_norm1")   # a block's first LayerNorm: timm Block, HF SiglipEncoderLayer
-ENTRY_BLOCK_TYPES = ("Block", "SiglipEncoderLayer")   # pre-norm blocks whose forward starts with norm(input)
-_FP16_SAFE = 3.0e4                            # |gamma * x_hat| <= max|gamma| * sqrt(D) must stay below fp16's max
 _LOGGED: set = set()
 _FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
 
@@ -52,57 +50,6 @@ def log_once(reason: str, level: int = logging.WARNING) -> None:
     if reason not in _LOGGED:
         _LOGGED.add(reason)
         LOG.log(level, "siglip_dola readout: %s", reason)
-
-
-@dataclass(frozen=True)
-class EntryNorm:
-    """Block j+1's first LayerNorm, ready to pool layer j from its output n = gamma * x_hat + beta (derived)."""
-
-    module: nn.Module
-    probe: torch.Tensor   # (H, D) key_probe / gamma: (n - beta) . probe = x_hat . key_probe
-    shift: torch.Tensor   # (D,) beta
-    scale: torch.Tensor   # (D,) 1 / gamma: pooled (n - beta) * scale = pooled x_hat
-
-
-def first_norm(block: nn.Module) -> nn.LayerNorm | None:
-    """The LayerNorm a known pre-norm block applies first to its input (timm Block / HF SiglipEncoderLayer), or None."""
-    if type(block).__name__ not in ENTRY_BLOCK_TYPES:
-        return None
-    return next((getattr(block, name) for name in ENTRY_NORM_NAMES
-                 if isinstance(getattr(block, name, None), nn.LayerNorm)), None)
-
-
-@torch.no_grad()
-def entry_norm(block: nn.Module, folded) -> tuple[EntryNorm | None, str | None]:
-    """(the EntryNorm of ``block`` for the folded head, None) or (None, why pooling its output would not be exact)."""
-    norm = first_norm(block)
-    dim = folded.key_probe.shape[-1]
-    if norm is None:
-        return None, f"block {type(block).__name__} has no known first LayerNorm"
-    if folded.norm_eps is None or norm.weight is None or float(norm.eps) != folded.norm_eps:
-        return None, "its first norm has no affine or another eps than the final norm"
-    if tuple(norm.normalized_shape) != (dim,):
-        return None, "its first norm normalises another shape"
-    with torch.autocast(device_type=norm.weight.device.type, enabled=False):
-        gamma = norm.weight.detach().to(folded.key_probe)
-        beta = norm.bias.detach().to(gamma) if norm.bias is not None else torch.zeros_like(gamma)
-        magnitude = gamma.abs()
-        guards = torch.stack([magnitude.min(), magnitude.max() * dim ** 0.5, (beta.abs() / magnitude).max(),
-                              magnitude.max() / magnitude.min(), (torch.isfinite(gamma).all() & torch.isfinite(beta).all()).to(gamma)])
-        smallest, largest, shift_ratio, spread, finite = guards.tolist()   # one host read, once per weight version
-    # precision guards: n - beta must stay fp16-safe and keep its bits (fp32 rounding of n is ~6e-8 |beta|)
-    if not (finite and smallest > 0):
-        return None, "its first norm's gamma has a zero or non-finite entry"
-    if largest > _FP16_SAFE or shift_ratio > 1e3 or spread > 1e4:
-        return None, (f"its first norm's affine fails the precision guards (max|gamma| sqrt(D) {largest:.3g}, "
-                      f"max|beta/gamma| {shift_ratio:.3g}, max/min |gamma| {spread:.3g})")
-    return EntryNorm(norm, (folded.key_probe / gamma).contiguous(), beta.contiguous(), (1.0 / gamma).contiguous()), None
-
-
-def tensor_version(tokens: torch.Tensor) -> int | None:
-    """The in-place version counter; None for inference-mode tensors, which have none (then only
-    ENTRY_BLOCK_TYPES, whose forwards do not write their input, guard the held block output)."""
-    return None if tokens.is_inference() else tokens._version
 
 
 def _missing_error(missing: list[int]) -> RuntimeError:
