@@ -171,7 +171,7 @@ class DoLaSigLIP:
                                    static_layer=self.static_layer, validate=False)
             return tuple(getattr(result, f.name) for f in dataclasses.fields(result))
         key = (tuple(self.layers), self.model.readout.derived_key())   # new weights: capture again
-        with self._autocast():
+        with autocast(self.model.device, self.model.dtype):
             outputs = self._graphed_scores(call, pixels, key)
         return runtime.DoLaResult(*outputs)
 

@@ -81,7 +81,8 @@ def fake_kernel(fits: int, calls: list):
 
 
 @pytest.mark.parametrize("fits,first_calls,second_calls", [(2, [3, 2, 2], [2, 2]), (0, [3, 2, 1], [])])
-def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeypatch, fits, first_calls, second_calls):
+def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeypatch, caplog, fits, first_calls,
+                                                                         second_calls):
     tower = tiny_tower(seed=3)
     folded = folded_head(tower)
     layers = [tokens_like_a_block(seed=s) for s in (4, 5)]
@@ -89,6 +90,7 @@ def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeyp
     monkeypatch.setattr(fused, "pool_partials", fake_kernel(fits, calls))
     monkeypatch.setattr(fused, "triton_usable", lambda tokens, probe: True)
     monkeypatch.setattr(fused, "_FITTING_STAGES", {})
+    caplog.set_level("INFO", logger="siglip_dola.readout")
     with torch.no_grad():
         expected = torch.stack([own_head(tower, tokens) for tokens in layers])
         for expected_calls in (first_calls, first_calls + second_calls):   # a second call reuses what fitted
@@ -99,6 +101,9 @@ def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeyp
             torch.testing.assert_close(pooler.result(), expected, rtol=1e-4, atol=1e-5)
             assert calls == expected_calls
             assert set(pooler.paths.values()) == {"fused-stats" if fits > 0 else "pytorch"}
+    fallbacks = [r for r in caplog.records if "shared memory" in r.getMessage()]
+    assert len(fallbacks) == (1 if fits == 0 else 0)   # the fall-back to PyTorch is logged once, with its reason
+    assert all(r.levelname == "WARNING" and r.name == "siglip_dola.readout" for r in fallbacks)
 
 
 def test_combine_partials_matches_softmax_over_all_tokens():
