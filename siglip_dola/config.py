@@ -51,6 +51,11 @@ def _parse(name: str, value) -> bool | int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "target_programs" else 1):
         raise ValueError(f"config option {name!r} must be an int >= {0 if name == 'target_programs' else 1}, "
                          f"got {value!r}")
+    if name in ("block_t", "num_warps") and value & (value - 1):   # tl.arange / warps: powers of two
+        raise ValueError(f"config option {name!r} must be a power of two{' >= 16' if name == 'block_t' else ''}, "
+                         f"got {value!r}")
+    if name == "block_t" and value < 16:                             # the smallest tl.dot tile
+        raise ValueError(f"config option 'block_t' must be a power of two >= 16, got {value!r}")
     return value
 
 

@@ -24,6 +24,8 @@ def test_override_sets_and_restores_even_after_an_error():
     (dict(num_warps=0), "must be an int >= 1"),
     (dict(target_programs=-1), "must be an int >= 0"),
     (dict(block_t=True), "must be an int"),
+    (dict(block_t=24), "power of two >= 16"), (dict(block_t=8), "power of two >= 16"),
+    (dict(num_warps=6), "power of two"),
 ])
 def test_unknown_names_and_bad_values_fail_loudly(options, match):
     with pytest.raises(ValueError, match=match):
