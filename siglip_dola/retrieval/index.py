@@ -1,8 +1,9 @@
 """Build, extend and open a persisted retrieval index (layout: see ``retrieval/storage.py``).
 
-    build_index(images, out, model, layers=None, bucket=None)  -> Manifest   # embeds every image once
-    add_to_index(index, images, model)                          -> Manifest   # skips already indexed paths
-    open_index(index, model=None, layers=None)                  -> RetrievalIndex
+    build_index(images, out, model, layers=None, bucket=None, overwrite=False) -> Manifest  # embeds once
+    add_to_index(index, images, model, image_root=None)         -> Manifest   # skips already indexed paths
+    open_index(index, model=None, layers=None, image_root=None, verify=False) -> RetrievalIndex
+    verify_index(index)                                         -> Manifest   # full check (re-hash all)
 
 Every image is embedded once (final + all stored layers in one readout call, via ``embed.embed_images``,
 which shards over torchrun ranks). Work is done in chunks of ``chunk_size`` images; each chunk becomes a
@@ -11,8 +12,11 @@ references is touched before the new manifest is committed.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,30 @@ from siglip_dola.retrieval.storage import Manifest
 DEFAULT_CHUNK_SIZE = 4096
 
 
+def weights_fingerprint(model) -> str:
+    """Content hash of a LoadedModel's weights: every state tensor's name, shape, dtype and a strided
+    sample of its values (exact values, so the same on CPU and GPU); "" for a model without a module.
+
+    Identifies the weights however they were named: "embedded" and the path of the embedded folder, or
+    a copied checkpoint, give the same fingerprint.
+    """
+    module = getattr(model, "model", None)
+    if module is None:
+        return ""
+    cached = getattr(model, "_content_fingerprint", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, tensor in module.state_dict().items():
+                flat = tensor.detach().reshape(-1)
+                sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float64)
+                digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(sample.numpy().tobytes())
+        cached = digest.hexdigest()[:16]
+        model._content_fingerprint = cached
+    return cached
+
+
 def _default_layers(num_layers: int, layers, bucket) -> list[int]:
     """Explicit layers, a bucket's even layers, or (neither) the last of 3 buckets ({18, 20, 22} for N=24)."""
     if layers is None and bucket is None:
@@ -42,13 +70,22 @@ def _new_manifest(model, layers: list[int]) -> Manifest:
     preprocessing = re.sub(r" at 0x[0-9a-fA-F]+", "", preprocessing)  # a bare function's repr carries its address
     return Manifest(model_id=model.model_id, layers=list(layers), num_layers=int(readout.num_layers),
                     embed_dim=int(readout.embed_dim), logit_scale=float(model.logit_scale),
-                    preprocessing=preprocessing[:2000])
+                    preprocessing=preprocessing[:2000], weights_fingerprint=weights_fingerprint(model))
 
 
-def check_compatible(manifest: Manifest, model_id: str | None, layers=None, root="") -> None:
-    """ValueError when the index was built with another model, or lacks requested layers."""
-    if model_id is not None and model_id != manifest.model_id:
-        raise ValueError(f"index {str(root)!r} was built with model {manifest.model_id!r}, not {model_id!r}; "
+def check_compatible(manifest: Manifest, model, layers=None, root="") -> None:
+    """ValueError when the index was built with other weights, or lacks requested layers.
+
+    model: a LoadedModel (compared by weights fingerprint when both sides have one, else by id), a
+    model id string, or None (no check).
+    """
+    model_id = model if isinstance(model, str) or model is None else model.model_id
+    fingerprint = "" if isinstance(model, str) or model is None else weights_fingerprint(model)
+    same = (fingerprint == manifest.weights_fingerprint if fingerprint and manifest.weights_fingerprint
+            else model_id is None or model_id == manifest.model_id)
+    if not same:
+        raise ValueError(f"index {str(root)!r} was built with model {manifest.model_id!r} (weights "
+                         f"{manifest.weights_fingerprint or '?'}), not {model_id!r} (weights {fingerprint or '?'}); "
                          f"use --model {manifest.model_id} or rebuild the index with the new model")
     if layers is not None:
         missing = [j for j in layers if j not in manifest.layers]
@@ -71,18 +108,34 @@ def _find_done(root: Path, name: str) -> bool:
 
 
 def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_size: int,
-                  chunk_size: int, progress: bool) -> list[str]:
-    """Embed `paths` chunk by chunk into staged segments (skipping finished ones); returns segment names."""
+                  chunk_size: int, progress: bool, image_root: str) -> list[str]:
+    """Embed `paths` chunk by chunk into staged segments (skipping finished ones); returns segment names.
+
+    One progress bar (stderr) counts all images, the reused ones included, with an ETA; segment paths
+    are stored relative to `image_root`.
+    """
+    from tqdm.auto import tqdm
+
     chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
     names = [storage.segment_key(model.model_id, layers, chunk) for chunk in chunks]
     done = [_find_done(root, name) for name in names]  # decided by every rank before anyone writes
-    for chunk, name, finished in zip(chunks, names, done):
-        if finished:
-            continue
-        embeddings = embed_images(model, chunk, layers, batch_size=batch_size, progress=progress)
-        if embeddings is not None:  # rank 0 (the others get None and write nothing)
-            storage.write_segment(root / storage.STAGING / name, _vectors_from(embeddings),
-                                  embeddings.ids, embeddings.skipped)
+    reused = sum(len(chunk) for chunk, finished in zip(chunks, done) if finished)
+    main = distributed.is_main_process()
+    if reused and main:
+        print(f"index: reusing {sum(done)} finished segment(s) ({reused} images) already embedded in {root} "
+              "(by an interrupted or earlier run)", file=sys.stderr)
+    with tqdm(total=len(paths), initial=reused, desc="indexing", unit="img", file=sys.stderr,
+              disable=not (progress and main)) as bar:
+        for chunk, name, finished in zip(chunks, names, done):
+            if finished:
+                continue
+            start = bar.n
+            embeddings = embed_images(model, chunk, layers, batch_size=batch_size, progress=bar)
+            bar.update(start + len(chunk) - bar.n)  # other ranks' shards of the chunk
+            if embeddings is not None:  # rank 0 (the others get None and write nothing)
+                relative = [os.path.relpath(p, image_root) for p in embeddings.ids]
+                storage.write_segment(root / storage.STAGING / name, _vectors_from(embeddings),
+                                      relative, embeddings.skipped)
     return names
 
 
@@ -94,7 +147,8 @@ def _segment_entries(root: Path, names: list[str]) -> list[tuple[dict, dict]]:
             storage.promote_segment(root, name)
         meta = storage.read_segment_meta(root / storage.SEGMENTS / name)
         assert meta is not None, f"segment {name} vanished before commit"
-        entries.append(({"name": name, "count": meta["count"], "sha256": meta["sha256"]}, meta))
+        entries.append(({"name": name, "count": meta["count"], "sha256": meta["sha256"],
+                         "bytes": (root / storage.SEGMENTS / name / storage.VECTORS).stat().st_size}, meta))
     return entries
 
 
@@ -116,19 +170,37 @@ def commit_segments(root: Path, manifest: Manifest, names: list[str], base_faiss
     manifest.checksum = storage.index_checksum(manifest.segments)
     indexed = _indexed_paths(root, manifest)
     manifest.skipped = _merge_skipped(manifest.skipped, metas, indexed)
-    manifest.faiss_file = faiss_store.write(root, manifest, base_faiss,
-                                            [root / storage.SEGMENTS / seg["name"] for seg in new_segments])
+    if manifest.count == 0:
+        files = "; ".join(f"{path}: {error}" for path, error in manifest.skipped) or "none given"
+        raise ValueError(f"index: no image could be indexed, nothing was written to {str(root)!r} "
+                         f"(skipped: {files})")
+    manifest.faiss_file, manifest.faiss_sha256 = faiss_store.write(
+        root, manifest, base_faiss, [root / storage.SEGMENTS / seg["name"] for seg in new_segments])
     storage.write_manifest(root, manifest)
     storage.remove_unreferenced(root, manifest)
     return manifest
 
 
-def _indexed_paths(root: Path, manifest: Manifest) -> set[str]:
-    """Paths held by the manifest's segments."""
+def _indexed_paths(root: Path, manifest: Manifest, image_root: str | None = None) -> set[str]:
+    """Absolute paths held by the manifest's segments (relative ones joined to the image root)."""
     paths: set[str] = set()
     for seg in manifest.segments:
-        paths.update(storage.read_segment_meta(root / storage.SEGMENTS / seg["name"])["paths"])
+        meta = storage.read_segment_meta(root / storage.SEGMENTS / seg["name"])
+        if meta is None:
+            raise storage.IndexCorruptError(root, f"{storage.SEGMENTS}/{seg['name']}/{storage.META}",
+                                            "missing or unreadable")
+        paths.update(_absolute(meta["paths"], image_root or manifest.image_root))
     return paths
+
+
+def _absolute(paths: list[str], image_root: str) -> list[str]:
+    """Stored paths -> absolute paths under `image_root` (format 1 paths are absolute already)."""
+    return [os.path.normpath(os.path.join(image_root, p)) if image_root else p for p in paths]
+
+
+def _common_root(paths: list[str]) -> str:
+    """The deepest folder holding every path (the recorded image root)."""
+    return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
 
 
 def _resolved(images) -> list[str]:
@@ -142,41 +214,75 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, base_faiss,
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    names = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress)
-    committed = None
+    with _rank0_lock(root):
+        names = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress,
+                              manifest.image_root)
+        return _rank0_then_all(lambda: commit_segments(root, manifest, names, base_faiss).to_json(),
+                               lambda committed: Manifest(**committed), "commit the index")
+
+
+def _rank0_then_all(work, wrap, what: str):
+    """Run `work` on rank 0 and give every rank `wrap(result)`; rank 0's error reaches every rank."""
+    result = None
     if distributed.is_main_process():
         try:
-            committed = commit_segments(root, manifest, names, base_faiss).to_json()
+            result = work()
         except Exception as err:  # tell the other ranks instead of leaving them waiting
             distributed.broadcast_from_rank0(f"{type(err).__name__}: {err}")
             raise
-    committed = distributed.broadcast_from_rank0(committed)
-    if isinstance(committed, str):
-        raise RuntimeError(f"index: rank 0 failed to commit the index: {committed}")
-    return Manifest(**committed)
+    result = distributed.broadcast_from_rank0(result)
+    if isinstance(result, str):
+        raise RuntimeError(f"index: rank 0 failed to {what}: {result}")
+    return wrap(result)
+
+
+class _rank0_lock:
+    """The index's writer lock, taken by rank 0 (the only writer); its failure stops every rank."""
+
+    def __init__(self, root: Path):
+        self.lock = storage.writer_lock(root) if distributed.is_main_process() else None
+
+    def __enter__(self):
+        _rank0_then_all(lambda: self.lock.__enter__() and None, lambda _: None, "lock the index")
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc) if self.lock is not None else False
 
 
 def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 32,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True) -> Manifest:
+                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False) -> Manifest:
     """Embed every image once and write a new index at `out` (replacing an old one only at commit).
 
     images: files / folders / globs; model: a LoadedModel; layers or bucket: the candidate layers
-    stored next to the final embedding (default: bucket 3 of 3, even layers).
+    stored next to the final embedding (default: bucket 3 of 3, even layers). An existing index at
+    `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
+    relative to the images' common folder, recorded as the manifest's image_root.
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise ValueError(f"out must be a folder (the index), got existing file {str(root)!r}")
+    if (root / storage.MANIFEST).exists() and not overwrite:
+        raise ValueError(f"{str(root)!r} already holds an index: pass overwrite=True to "
+                         f"replace it, or add images with `siglip-dola index add {root} IMAGES`")
     stored = _default_layers(model.readout.num_layers, layers, bucket)
     paths = _resolved(images)
-    return _ingest(root, model, paths, _new_manifest(model, stored), None, batch_size, chunk_size, progress)
+    manifest = _new_manifest(model, stored)
+    manifest.image_root = _common_root(paths)
+    return _ingest(root, model, paths, manifest, None, batch_size, chunk_size, progress)
 
 
 def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 progress: bool = True) -> Manifest:
-    """Add the images not yet indexed to the index at `index`; same model and layers as the index."""
+                 progress: bool = True, image_root: str | None = None) -> Manifest:
+    """Add the images not yet indexed to the index at `index`; same weights and layers as the index.
+
+    image_root: where the indexed images are now, when their folder moved (recorded in the manifest).
+    """
     root = Path(index)
     manifest = storage.read_manifest(root)
-    check_compatible(manifest, model.model_id, root=root)
+    check_compatible(manifest, model, root=root)
+    if image_root is not None:
+        _check_relocatable(manifest, root)
+        manifest.image_root = str(Path(image_root).resolve())
     indexed = _indexed_paths(root, manifest)
     paths = [p for p in _resolved(images) if p not in indexed]
     if not paths:
@@ -220,22 +326,56 @@ class RetrievalIndex:
         return out.transpose(1, 0, 2)  # (R, K, D) view
 
 
-def open_index(index, model=None, layers=None, verify: bool = False) -> RetrievalIndex:
+def _check_relocatable(manifest: Manifest, root) -> None:
+    if not manifest.image_root:
+        raise ValueError(f"index {str(root)!r} (format 1) stores absolute image paths and cannot be relocated "
+                         "with --image-root; rebuild it to store relative paths")
+
+
+def _image_root(manifest: Manifest, root: Path, image_root) -> str:
+    """The folder the stored paths are relative to: `image_root` if given, else the recorded one."""
+    if image_root is not None:
+        _check_relocatable(manifest, root)
+        folder = Path(image_root).resolve()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--image-root {str(image_root)!r} is not a folder")
+        return str(folder)
+    if manifest.image_root and not Path(manifest.image_root).is_dir():
+        warnings.warn(f"index {str(root)!r}: its images were under {manifest.image_root}, which no longer "
+                      "exists; pass --image-root NEW_FOLDER (image_root=) if they moved", stacklevel=3)
+    return manifest.image_root
+
+
+def open_index(index, model=None, layers=None, verify: bool = False, image_root=None) -> RetrievalIndex:
     """Open the index at `index`; `model` (LoadedModel or model id) and `layers` are checked against it.
 
-    verify=True re-hashes every segment (slow for large galleries) and raises ValueError on corruption.
+    Every open checks segment sizes, shapes and path counts and the FAISS file's sha256 (IndexCorruptError,
+    a ValueError naming the file). verify=True also re-hashes every vectors file (reads the whole index).
+    image_root: where the images are now, if their folder moved since the build (paths are relative to it).
     """
     root = Path(index)
     manifest = storage.read_manifest(root)
-    model_id = model if isinstance(model, str) or model is None else model.model_id
-    check_compatible(manifest, model_id, layers, root)
-    folders = [root / storage.SEGMENTS / seg["name"] for seg in manifest.segments]
-    paths = []
-    for folder, seg in zip(folders, manifest.segments):
+    check_compatible(manifest, model, layers, root)
+    folder_of_images = _image_root(manifest, root, image_root)
+    shape = (1 + len(manifest.layers), manifest.embed_dim)
+    paths, vectors = [], []
+    for seg in manifest.segments:
+        folder = root / storage.SEGMENTS / seg["name"]
         if verify:
             storage.verify_segment(folder, seg["sha256"])
-        paths.extend(storage.read_segment_meta(folder)["paths"])
+        segment_vectors, meta = storage.check_segment(root, folder, seg, shape)
+        vectors.append(segment_vectors)
+        paths.extend(_absolute(meta["paths"], folder_of_images))
+    if sum(seg["count"] for seg in manifest.segments) != manifest.count:
+        raise storage.IndexCorruptError(root, storage.MANIFEST, "segment counts do not add up to its count")
     counts = [seg["count"] for seg in manifest.segments]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    vectors = [storage.open_vectors(folder) for folder in folders]
     return RetrievalIndex(root, manifest, faiss_store.read(root, manifest), paths, offsets, vectors)
+
+
+def verify_index(index) -> Manifest:
+    """Full integrity check: every segment's sha256, size, shape and meta, and the FAISS file's hash.
+
+    Returns the manifest; raises IndexCorruptError (a ValueError) naming the first broken file.
+    """
+    return open_index(index, verify=True).manifest
