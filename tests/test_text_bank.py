@@ -193,3 +193,51 @@ def test_check_bank_dimension_against_the_readout():
     with_text_tower = dataclasses.replace(loaded, encode_text=lambda texts: torch.ones(len(texts), 32))
     with pytest.raises(ValueError, match="encoded by model 'other'"):
         tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
+
+
+# ---------------------------------------------------------------- silent wrong answers made loud (issue 16)
+def test_embedded_model_warns_for_words_it_cannot_read():
+    """The embedded tokenizer knows only the shapes vocabulary: "cat" and "dog" encode to the same unknown tokens."""
+    from siglip_dola.loading import load
+
+    model = load()
+    with pytest.warns(UserWarning, match=r"identical text embeddings.*'cat' = 'dog'"):
+        bank = tb.build_text_bank(model, ["cat", "dog", "red circle"])
+    assert torch.allclose(bank.embeds[0], bank.embeds[1])  # the warning tells the truth
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the README's labels are read: no warning
+        tb.build_text_bank(model, ["red circle", "blue square"], templates=["a photo of a {}."])
+
+
+def test_single_label_warns(tiny_clip):
+    with pytest.warns(UserWarning, match="at least 2 candidates"):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat"])
+
+
+@pytest.mark.parametrize("template,match", [("a photo", "does not use the class name"),
+                                            ("a {} {}", "exactly one"), ("a {0} and {0}", "exactly one"),
+                                            ("a {name}", "exactly one"), ("a {", "exactly one")])
+def test_broken_templates_are_refused(tiny_clip, template, match):
+    with pytest.raises(ValueError, match=match):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat", "dog"], templates=[template])
+    with pytest.raises(ValueError, match=match):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat", "dog"], templates=["a photo of a {}.", template])
+
+
+def test_bank_files_hostile_contents(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([[1.0, 2.0], None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy cannot be read"):
+        tb.load_text_bank(tmp_path / "objects.npy", labels=["a", "b"])
+    np.save(tmp_path / "nan.npy", np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0]], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] are NaN, infinite or all zero"):
+        tb.load_text_bank(tmp_path / "nan.npy", labels=["a", "b", "c"])
+    np.save(tmp_path / "vector.npy", np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"expected \[C, D\]"):
+        tb.load_text_bank(tmp_path / "vector.npy", labels=["a"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match="junk.safetensors cannot be read"):
+        tb.load_text_bank(tmp_path / "junk.safetensors")
+    np.save(tmp_path / "same.npy", np.array([[1.0, 0.0], [2.0, 0.0]], dtype=np.float32))
+    with pytest.warns(UserWarning, match="identical text embeddings"):
+        tb.load_text_bank(tmp_path / "same.npy", labels=["a", "b"])

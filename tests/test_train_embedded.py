@@ -18,12 +18,12 @@ TINY = dict(vision_layers=4, text_layers=1, hidden_size=32, batch_size=32, warmu
             logit_bias_init=-4.0)
 
 
-@pytest.fixture
-
 def _embedding(output):
     """transformers 4.x returns the embedding tensor, 5.x an output object holding it as pooler_output."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
+
+@pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

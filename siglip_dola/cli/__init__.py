@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import pkgutil
 import re
 import sys
@@ -79,6 +80,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)  # every (sub-)command documents the exit-code rule
         super().__init__(*args, **kwargs)
 
     def _get_value(self, action, arg_string):
@@ -159,7 +161,11 @@ def report_skipped(skipped, prog: str = "siglip-dola") -> int:
 
 def safe_text(value) -> str:
     """str(value) printable on any terminal: undecodable file-name bytes become \\x.. escapes."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = str(value)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")  # surrogate-escaped bytes -> \xff
+    except UnicodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @contextmanager
