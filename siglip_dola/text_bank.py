@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from siglip_dola.io import atomic_path
 
 BANK_FORMAT = "siglip-dola-text-bank/1"
+# A word no vocabulary holds: a word-level tokenizer maps it to its unknown token, a BPE one to pieces.
+# A class whose prompts encode exactly like this word's was not read by the tokenizer.
+UNREADABLE_PROBE = "qzxjvkwq"
 Template = str | Callable[[str], str]
 
 
@@ -103,8 +106,10 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
         cache_path = _cache_path(Path(cache_dir), model, classnames, templates)
         if cache_path.is_file():
             return load_text_bank(cache_path)
-    embeds = _encode_ensembled(model.encode_text, classnames, templates, batch_size)
-    warn_indistinct(classnames, embeds, f"model {model.model_id!r}")
+    # one more "class", a nonsense word: a class that encodes exactly like it was not read at all
+    embeds = _encode_ensembled(model.encode_text, [*classnames, UNREADABLE_PROBE], templates, batch_size)
+    embeds, probe = embeds[:-1], embeds[-1]
+    warn_indistinct(classnames, embeds, f"model {model.model_id!r}", unreadable_probe=probe)
     bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
     if cache_path is not None:
         save_text_bank(bank, cache_path)
@@ -150,20 +155,31 @@ def _validate_templates(templates) -> list[Template]:
     return templates
 
 
-def warn_indistinct(labels: Sequence[str], embeds: torch.Tensor, source: str, tolerance: float = 1e-6) -> None:
-    """UserWarning when there is one label, or when labels' embeddings [C, D] coincide (cosine >= 1 - tolerance)."""
+def warn_indistinct(labels: Sequence[str], embeds: torch.Tensor, source: str, tolerance: float = 1e-6,
+                    unreadable_probe: torch.Tensor | None = None) -> None:
+    """UserWarning when there is one label, when labels encode like a nonsense word (`unreadable_probe` [D]),
+    or when labels' embeddings [C, D] coincide (cosine >= 1 - tolerance); each names the labels."""
     if len(labels) == 1:
         warnings.warn(f"only one class ({labels[0]!r}): it always scores 1.0; ranking needs at least 2 "
                       "candidates", UserWarning, stacklevel=3)
-        return
     unit = F.normalize(embeds.double(), dim=-1)
+    unread = set()
+    if unreadable_probe is not None:
+        probe = F.normalize(unreadable_probe.double(), dim=-1)
+        unread = set(torch.nonzero(unit @ probe >= 1.0 - tolerance).flatten().tolist())
+        if unread:
+            names = ", ".join(repr(labels[i]) for i in sorted(unread)[:10])
+            warnings.warn(f"{len(unread)} of {len(labels)} classes are not read by the tokenizer of {source} "
+                          f"({names}): their prompts encode exactly like a nonsense word, so their scores carry "
+                          "no information. Use words the model knows (the embedded model reads only its shapes "
+                          "words, e.g. 'red circle') or real weights.", UserWarning, stacklevel=3)
     same = (unit @ unit.T) >= 1.0 - tolerance  # (C, C)
     groups, seen = [], set()
     for i in range(len(labels)):
         if i not in seen:
             members = torch.nonzero(same[i]).flatten().tolist()
             seen.update(members)
-            if len(members) > 1:
+            if len(members) > 1 and not set(members) <= unread:  # unread ones were named above
                 groups.append([labels[j] for j in members])
     if groups:
         shown = "; ".join(" = ".join(repr(name) for name in group) for group in groups[:10])

@@ -85,15 +85,16 @@ def test_cache_hit_and_invalidation(tiny_clip, tmp_path):
     loaded = _loaded(model, tokenizer)
     counter = CountingEncoder(loaded.encode_text)
     loaded.encode_text = counter
+    # 2 classes x 2 templates, + the 2 templates around the nonsense probe word (unread classes warn)
     first = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
-    assert counter.texts == 4 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert counter.texts == 4 + 2 and len(list(tmp_path.glob("*.safetensors"))) == 1
     again = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
-    assert counter.texts == 4  # served from disk
+    assert counter.texts == 6  # served from disk
     torch.testing.assert_close(again.embeds, first.embeds)
     assert again.labels == first.labels and again.model_id == "tiny"
     tb.build_text_bank(loaded, ["cat", "dog"], ["a {}."], cache_dir=tmp_path)  # templates changed
     tb.build_text_bank(loaded, ["cat", "cow"], ["a {}.", "the {}"], cache_dir=tmp_path)  # texts changed
-    assert counter.texts == 4 + 2 + 4
+    assert counter.texts == 6 + (2 + 1) + (4 + 2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -109,7 +110,7 @@ def test_cache_invalidated_when_weights_change(tiny_clip, tmp_path):
     counter = CountingEncoder(loaded.encode_text)
     loaded.encode_text = counter
     updated = tb.build_text_bank(loaded, ["cat", "dog"], cache_dir=tmp_path)
-    assert counter.texts == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert counter.texts == 2 + 1 and len(list(tmp_path.glob("*.safetensors"))) == 2  # + the probe
     assert not torch.allclose(updated.embeds, original.embeds)
 
 
@@ -201,9 +202,11 @@ def test_embedded_model_warns_for_words_it_cannot_read():
     from siglip_dola.loading import load
 
     model = load()
-    with pytest.warns(UserWarning, match=r"identical text embeddings.*'cat' = 'dog'"):
+    with pytest.warns(UserWarning, match=r"2 of 3 classes are not read by the tokenizer.*'cat', 'dog'"):
         bank = tb.build_text_bank(model, ["cat", "dog", "red circle"])
     assert torch.allclose(bank.embeds[0], bank.embeds[1])  # the warning tells the truth
+    with pytest.warns(UserWarning, match=r"1 of 2 classes are not read.*'cat'"):
+        tb.build_text_bank(model, ["cat", "red circle"], templates=["a photo of a {}."])
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the README's labels are read: no warning
