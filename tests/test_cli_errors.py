@@ -168,3 +168,11 @@ def test_unusual_images_are_read_as_a_viewer_shows_them(capsys, tmp_path):
     code, out, err = run(capsys, "classify", folder, "--labels", "red circle,blue square", "--json")
     assert code == 0 and "Traceback" not in err
     assert len(json.loads(out)["results"]) == 4
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (3, 1), (7, 1)])
+def test_thin_images_keep_their_colour_through_the_hf_processor(size):
+    """A 1- or 3-pixel-high image is ambiguous to transformers 4.x's channel guess (read as channels-first)."""
+    from siglip_dola.loading import load
+    pixels = load().preprocess(Image.new("RGB", size, (255, 0, 0)))  # (3, 64, 64), normalised to [-1, 1]
+    assert pixels.shape == (3, 64, 64) and pixels[0].min() > 0.99 and pixels[1:].max() < -0.99

@@ -89,8 +89,10 @@ class Parser(argparse.ArgumentParser):
         if callable(type_func) and type_func not in (int, float, str):
             try:
                 type_func(arg_string)
+            except argparse.ArgumentTypeError:
+                pass  # argparse reports these with their message itself
             except ValueError as err:
-                if str(err) and not isinstance(err, argparse.ArgumentTypeError):
+                if str(err):
                     raise argparse.ArgumentError(action, str(err)) from None
         return super()._get_value(action, arg_string)
 

@@ -196,6 +196,9 @@ def rerank_command(args) -> int:
         queries = _check_queries(args.query)
         model, scorer = _build_scorer(args)
         ids, z_final, z_layers, skipped = _embed_all(scorer, paths)
+        if len(ids) == 1:
+            import warnings
+            warnings.warn("only one image to rank: it always scores 1.0; ranking needs at least 2 candidates")
         results = scorer.rerank_images(queries, image_embeds=(z_final, z_layers), ids=ids, top_k=args.top_k)
         return _emit(args, results, skipped, "ranking", "image", "text")
     texts = read_label_list(args.texts, args.texts_file, option="--texts")

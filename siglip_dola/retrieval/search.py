@@ -8,6 +8,7 @@ first-stage order after the kept ones).
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -135,6 +136,9 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     k = min(config.rerank_k, len(index))
     if k == 0:
         return SearchResult(query, [], None)
+    if k == 1:
+        warnings.warn("only one candidate to rank (rerank_k or the index holds 1): it always scores 1.0; "
+                      "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
     cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
     layer_vectors = index.vectors(ids, [1 + index.layers.index(j) for j in layers]) if layers else None
     with _small_torch_ops():
