@@ -181,3 +181,13 @@ def test_cli_index_add_relocates_and_help_documents_exit_codes(capsys):
         main(["index", "build", "--help"])
     text = capsys.readouterr().out
     assert "exit status" in text and "--overwrite" in text and "skipped" in text
+
+
+def test_one_progress_bar_and_reuse_is_reported(model, images, tmp_path, capsys):  # noqa: F811
+    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "indexing" in err and "8/8" in err and "embedding" not in err  # one bar over all 4 chunks
+    assert "reusing" not in err
+    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True, overwrite=True)
+    err = capsys.readouterr().err
+    assert "reusing 4 finished segment(s) (8 images)" in err

@@ -18,7 +18,7 @@ import torch
 from siglip_dola import scoring as runtime
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
-from siglip_dola.retrieval.index import RetrievalIndex, check_compatible, open_index
+from siglip_dola.retrieval.opened import RetrievalIndex, check_compatible, open_index
 
 
 @contextmanager
