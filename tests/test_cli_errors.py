@@ -54,7 +54,7 @@ def test_type_errors_keep_their_message_in_one_line(capsys, shapes_dir):
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--alpha", "3"], "--alpha must be a real number in (0, 1], got 3.0"),
+    (["--alpha", "3"], "--alpha must be in (0, 1], got 3.0"),
     (["--top-k", "0"], "--top-k must be a positive int, got 0"),
     (["--static-layer", "20"], "--static-layer is only used with --mode static"),
     (["--batch-size", "0"], "--batch-size"),

@@ -4,6 +4,7 @@ Under torchrun each rank embeds a contiguous shard and rank 0 gathers the shards
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
