@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -91,13 +92,74 @@ WORKER = textwrap.dedent('''
 
 
 
+def run_in_own_group(command, env, timeout):
+    """Run `command` in a new session; on timeout kill its whole process group (torchrun AND its workers:
+    killing torchrun alone leaves the workers orphaned), then fail."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s; killed process group {proc.pid}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_exit_barrier_runs_in_a_group_made_by_someone_else(monkeypatch, tmp_path):
+    """The race of issue 16: rank 1 read calib.json before rank 0 wrote it, because distributed_session
+    only synchronised ranks when it had created the process group itself."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real_barrier = dist.barrier
+        monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k)))
+        with distributed.distributed_session() as (rank, world):
+            assert (rank, world) == (0, 1) and calls == []
+        assert calls == ["barrier"] and dist.is_initialized()  # synchronised, and the caller's group kept
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collective_timeout_is_short_and_configurable(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout().total_seconds() == distributed.DEFAULT_TIMEOUT_S <= 120
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    assert distributed.collective_timeout().total_seconds() == 7.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
+            distributed.collective_timeout()
+
+
+HANG = textwrap.dedent('''
+    import os, time
+    from siglip_dola import distributed
+    with distributed.distributed_session() as (rank, world):
+        if rank == 1:
+            time.sleep(60)  # rank 0 waits for it in the exit barrier
+''')
+
+
+def test_a_hung_rank_fails_in_seconds(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "3"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={distributed.free_port()}", str(script)]
+    proc = run_in_own_group(command, env, timeout=45)
+    assert proc.returncode != 0 and "Timed out waiting 3000ms" in proc.stderr  # not after rank 1's 60 s
+
+
 def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={distributed.free_port()}",
                str(script), str(model_dir), str(tmp_path), str(N_IMAGES)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_in_own_group(command, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     model = load(str(model_dir), device="cpu")

@@ -157,12 +157,13 @@ def test_interrupted_build_keeps_previous_index_and_resumes(model, images, tmp_p
     calls = []
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
     with pytest.raises(Crash):
-        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False, overwrite=True)
     assert _snapshot(tmp_path / "idx") == before  # the previous index is untouched
     assert sorted(open_index(tmp_path / "idx").paths) == [str(p.resolve()) for p in paths[:2]]
     calls.clear()
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
-    manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+    manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False,
+                           overwrite=True)
     assert calls == [2, 1]  # chunk 1 = the old index's segment, chunk 2 staged before the crash
     assert manifest.count == len(paths) and not (tmp_path / "idx" / storage.STAGING).exists()
     fresh = build_index(paths, tmp_path / "fresh", model, layers=LAYERS, chunk_size=2, progress=False)
@@ -191,7 +192,9 @@ def test_crash_before_the_manifest_commit_keeps_previous_index(model, images, tm
 
 def test_other_model_or_layers_are_refused(model, images, tmp_path):
     build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
-    other = dataclasses.replace(model, model_id="some/other-model")
+    renamed = dataclasses.replace(model, model_id="some/other-name")  # the same weights under another name
+    assert len(open_index(tmp_path / "idx", renamed)) == 1
+    other = load(save_tiny_siglip(tmp_path / "other", seed=1), device="cpu")  # other weights
     with pytest.raises(ValueError, match="built with model"):
         open_index(tmp_path / "idx", other)
     with pytest.raises(ValueError, match="built with model"):

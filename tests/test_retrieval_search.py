@@ -157,5 +157,6 @@ def test_image_to_captions_matches_naive(model, images):  # noqa: F811
     order = sorted(range(8), key=lambda i: (-p_hat[i], -q_final[i], i))[:5]
     assert [h.item for h in result.results] == [captions[candidates[i]] for i in order]
     np.testing.assert_allclose([h.score for h in result.results], [p_hat[i] for i in order], rtol=1e-3, atol=1e-6)
-    assert result.premature_layer == 4 and result.to_json()["results"][0].keys() == {
-        "caption", "score", "baseline_score", "rank_baseline"}
+    assert result.premature_layer == 4 and result.to_json()["hits"][0].keys() == {
+        "rank", "item", "score", "baseline_score", "rank_baseline"}
+    assert result.to_json()["item_type"] == "caption"

@@ -7,7 +7,7 @@ import sys
 from siglip_dola.cli import subcommand
 from siglip_dola.layers import MODES
 
-SKIPPED_EXIT_CODE = 1  # some files could not be read; 2 stays "bad arguments"
+from siglip_dola.cli import SKIPPED_EXIT_CODE  # noqa: F401  (kept importable; the rule lives in cli/__init__)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -127,26 +127,31 @@ def _embed_all(scorer, paths) -> tuple[list, object, object, list]:
     return ids, torch.cat(finals), z_layers, skipped
 
 
-def _jsonable(result: dict) -> dict:
-    return {**result, "jsd": {str(layer): value for layer, value in result["jsd"].items()}}
+def _print_table(rows: list[dict]) -> None:
+    """Rows of the output vocabulary as text; the item column is as wide as its longest entry."""
+    from siglip_dola.cli import safe_text
 
-
-def _print_table(results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> None:
-    for result in results:
-        layer = result["premature_layer"]
-        print(f"{result[head]}  (premature layer: {'-' if layer is None else layer})")
-        for rank, row in enumerate(result[items], 1):
-            print(f"  {rank:>3}. {row[key]:<40} dola={row['score']:.4f}  baseline={row['baseline_score']:.4f}")
-    for item in skipped:
-        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+    for row in rows:
+        layer = row["premature_layer"]
+        print(f"{safe_text(row['query'])}  (premature layer: {'-' if layer is None else layer})")
+        width = max((len(safe_text(hit["item"])) for hit in row["hits"]), default=0)
+        for hit in row["hits"]:
+            print(f"  {hit['rank']:>3}. {safe_text(hit['item']):<{width}}  dola={hit['score']:.4f}  "
+                  f"baseline={hit['baseline_score']:.4f}")
 
 
 def _emit(args, results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> int:
+    """Print `results` (library rows) in the shared vocabulary (siglip_dola/output.py); skipped -> stderr."""
+    from siglip_dola.cli import report_skipped
+    from siglip_dola.output import results_json, scorer_row
+
+    item_type = "path" if key == "image" else key
+    rows = [scorer_row(r, head, items, key, item_type) for r in results]
     if args.json:
-        print(json.dumps({"results": [_jsonable(r) for r in results], "skipped": skipped}, indent=2))
+        print(json.dumps(results_json(rows, skipped), indent=2))
     else:
-        _print_table(results, skipped, items, key, head)
-    return SKIPPED_EXIT_CODE if skipped else 0
+        _print_table(rows)
+    return report_skipped(skipped, getattr(args, "_prog", "siglip-dola"))
 
 
 def _classify_labels(args) -> list[str] | None:
@@ -191,6 +196,9 @@ def rerank_command(args) -> int:
         queries = _check_queries(args.query)
         model, scorer = _build_scorer(args)
         ids, z_final, z_layers, skipped = _embed_all(scorer, paths)
+        if len(ids) == 1:
+            import warnings
+            warnings.warn("only one image to rank: it always scores 1.0; ranking needs at least 2 candidates")
         results = scorer.rerank_images(queries, image_embeds=(z_final, z_layers), ids=ids, top_k=args.top_k)
         return _emit(args, results, skipped, "ranking", "image", "text")
     texts = read_label_list(args.texts, args.texts_file, option="--texts")

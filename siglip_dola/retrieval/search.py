@@ -8,6 +8,7 @@ first-stage order after the kept ones).
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 from siglip_dola import scoring as runtime
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
-from siglip_dola.retrieval.index import RetrievalIndex, open_index
+from siglip_dola.retrieval.opened import RetrievalIndex, check_compatible, open_index
 
 
 @contextmanager
@@ -50,10 +51,13 @@ class SearchResult:
     item_key: str = "path"
 
     def to_json(self) -> dict:
-        """{"query", "results": [{<item_key>, "score", "baseline_score", "rank_baseline"}], "premature_layer"}."""
-        hits = [{self.item_key: h.item, "score": h.score, "baseline_score": h.baseline_score,
+        """One row of the shared output vocabulary (siglip_dola/output.py): query, hits [{rank, item, ...}]."""
+        from siglip_dola.output import result_row
+
+        hits = [{"item": h.item, "score": h.score, "baseline_score": h.baseline_score,
                  "rank_baseline": h.rank_baseline} for h in self.results]
-        return {"query": self.query, "results": hits, "premature_layer": self.premature_layer}
+        query_type = "image" if self.item_key == "caption" else "text"
+        return result_row(self.query, query_type, self.item_key, hits, self.premature_layer)
 
 
 @dataclass
@@ -132,6 +136,9 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     k = min(config.rerank_k, len(index))
     if k == 0:
         return SearchResult(query, [], None)
+    if k == 1:
+        warnings.warn("only one candidate to rank (rerank_k or the index holds 1): it always scores 1.0; "
+                      "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
     cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
     layer_vectors = index.vectors(ids, [1 + index.layers.index(j) for j in layers]) if layers else None
     with _small_torch_ops():
@@ -154,8 +161,8 @@ def search(index, query: str, model=None, config: RerankConfig | None = None, **
     if model is None:
         from siglip_dola.loading import load
         model = load(index.manifest.model_id)
-    elif model.model_id != index.manifest.model_id:
-        raise ValueError(f"index was built with model {index.manifest.model_id!r}, not {model.model_id!r}")
+    else:
+        check_compatible(index.manifest, model, root=index.root)  # same weights, however they are named
     if model.encode_text is None:
         raise ValueError(f"model {model.model_id!r} has no text tower; text queries need one")
     with torch.inference_mode():
