@@ -111,15 +111,15 @@ def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_bucke
     explicit = layers is not None or bucket is not None
     if layers is not None and bucket is not None:
         raise ValueError("pass at most one of layers= (explicit layer numbers) or bucket= (1-based bucket index)")
+    if static_layer is not None and mode != "static":
+        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
+    if mode == "static" and static_layer is not None:
+        return resolve_layers(num_layers, layers=[static_layer]), int(static_layer)
     if mode == "off" and not explicit:
         candidates = []  # off reads no early layer by default
     else:
         candidates = resolve_layers(num_layers, layers=layers, bucket=bucket if explicit else n_buckets,
                                     n_buckets=n_buckets)
     if mode == "static":
-        if static_layer is None:
-            static_layer = candidates[len(candidates) // 2]
-        return resolve_layers(num_layers, layers=[static_layer]), int(static_layer)
-    if static_layer is not None:
-        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
+        return [candidates[len(candidates) // 2]], candidates[len(candidates) // 2]
     return (candidates if mode == "dynamic" or explicit else []), None

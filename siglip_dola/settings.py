@@ -117,7 +117,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
     """
     flags = _flags(mode=mode, layers=layers, bucket=bucket, n_buckets=n_buckets, static_layer=static_layer,
                    alpha=alpha, contrast_weight=contrast_weight)
-    name, base, base_sources = None, {}, {}
+    name, base, base_sources, inherits = None, {}, {}, False
     if calibration is not None and str(calibration) != NO_CALIBRATION:
         name, report = read_calibration_file(calibration, task)
         if model_id is not None and report.get("model") not in (None, model_id):
@@ -133,7 +133,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
             base.pop("layers", None)  # static_layer says it all
         elif inherited.bucket is not None:
             base.pop("layers", None)  # the bucket regenerates them
-        base_sources = dict(inherited.sources)
+        base_sources, inherits = dict(inherited.sources), True
     values, sources = {}, {}
     for key in ("mode", "alpha", "contrast_weight"):
         if key in flags:
@@ -142,7 +142,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
             values[key], sources[key] = base[key], base_sources.get(key, "calibration")
         else:
             values[key], sources[key] = DEFAULTS[key], "default"
-    spec, sources["layers"] = _layer_spec(flags, base, base_sources, values["mode"])
+    spec, sources["layers"] = _layer_spec(flags, base, base_sources, values["mode"], inherits)
     read, static = default_layers(num_layers, values["mode"], spec.get("layers"), spec.get("bucket"),
                                   spec.get("n_buckets"), spec.get("static_layer"))
     bucket_of, n_buckets_of = None, None  # recorded when the layers are a bucket's
@@ -158,11 +158,12 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
     return settings
 
 
-def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str) -> tuple[dict, str]:
-    """(layers / bucket / n_buckets / static_layer as one unit, its source)."""
+def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str, inherits: bool) -> tuple[dict, str]:
+    """(layers / bucket / n_buckets / static_layer as one unit, its source). Inherited candidate layers (an
+    index's) stay the candidates when a flag picks another mode: static then defaults to their middle one."""
     if any(k in flags for k in LAYER_KEYS):
         return {k: flags[k] for k in LAYER_KEYS if k in flags}, "flag"
-    if "mode" in flags and flags["mode"] != base.get("mode", flags["mode"]):
+    if not inherits and "mode" in flags and flags["mode"] != base.get("mode", flags["mode"]):
         return {}, "default"  # another mode than the calibration's, with no best entry for it
     spec = {k: base[k] for k in LAYER_KEYS if k in base}
     if mode == "off" and "bucket" not in base and "layers" not in base:

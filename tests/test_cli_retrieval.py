@@ -35,7 +35,8 @@ def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):  # 
 
 def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsys):  # noqa: F811
     out = run_json(capsys, ["search", str(cli_index), "a red circle", "--top-k", "3", "--rerank-k", "6", "--json"])
-    assert list(out) == ["query", "results", "premature_layer"]
+    assert list(out) == ["query", "results", "premature_layer", "settings"]
+    assert out["settings"]["layers"] == [2, 4] and out["settings"]["mode"] == "dynamic"
     assert out["query"] == "a red circle" and out["premature_layer"] in (2, 4) and len(out["results"]) == 3
     for hit in out["results"]:
         assert list(hit) == ["path", "score", "baseline_score", "rank_baseline"]

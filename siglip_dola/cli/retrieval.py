@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 
 from siglip_dola.cli import subcommand
-from siglip_dola.cli.classify import parse_layers
-from siglip_dola.layers import MODES
+from siglip_dola.cli.classify import add_settings_arguments, settings_flags
 
 
 def _model_arguments(parser, default_help: str) -> None:
@@ -22,13 +21,13 @@ def _index_arguments(parser) -> None:
     build.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     build.add_argument("--out", required=True, help="index folder to create (replaced only when the build completes)")
     _model_arguments(build, "default: the embedded model")
-    group = build.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="layers to store, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket of 3 whose even layers to store (default 3)")
+    add_settings_arguments(build)  # the settings are stored in the manifest, with the layers they read
     add = sub.add_parser("add", help="add images not indexed yet to an existing index")
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     _model_arguments(add, "default: the index's model")
+    add.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
+                     help="check that the index stores the layers this calibration needs")
 
 
 def _load_model(name, device):
@@ -44,6 +43,9 @@ def _print_manifest(manifest) -> None:
     if is_main_process():
         print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
               f"{len(manifest.skipped)} skipped, checksum {manifest.checksum[:16]}")
+        if manifest.settings:
+            from siglip_dola.settings import DoLaSettings
+            print(f"settings: {DoLaSettings.from_json(manifest.settings).describe()}")
         for path, error in manifest.skipped:
             print(f"skipped: {path}: {error}")
 
@@ -56,12 +58,15 @@ def index_command(args) -> int:
     with distributed_session():
         if args.index_command == "build":
             model = _load_model(args.model, args.device)
-            manifest = build_index(args.images, args.out, model, layers=args.layers, bucket=args.bucket,
-                                   batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
+            flags = settings_flags(args)
+            manifest = build_index(args.images, args.out, model, layers=flags.pop("layers"),
+                                   bucket=flags.pop("bucket"), batch_size=args.batch_size, chunk_size=args.chunk_size,
+                                   progress=not args.quiet, calibration=args.calibration, **flags)
         else:
             model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
             manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
-                                    chunk_size=args.chunk_size, progress=not args.quiet)
+                                    chunk_size=args.chunk_size, progress=not args.quiet,
+                                    calibration=args.calibration)
         _print_manifest(manifest)  # inside the session: only rank 0 prints
     return 0
 
@@ -78,12 +83,7 @@ def _search_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rerank-k", type=int, default=100, help="first-stage candidates DoLa reranks")
-    parser.add_argument("--mode", choices=MODES, default="dynamic")
-    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (--captions only; default 3)")
-    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+    add_settings_arguments(parser)  # default: the index's stored settings; --bucket / --n-buckets: --captions only
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -93,20 +93,24 @@ def _run_search(args):
     from siglip_dola.retrieval.storage import read_manifest
 
     config = RerankConfig(top_k=args.top_k, rerank_k=args.rerank_k, mode=args.mode, alpha=args.alpha,
-                          static_layer=args.static_layer, layers=args.layers)
+                          static_layer=args.static_layer, layers=args.layers, contrast_weight=args.contrast_weight,
+                          calibration=args.calibration)
     if args.captions is not None:
         if args.image is None or args.index is not None:
             raise ValueError("--captions needs --image IMAGE and no INDEX/QUERY: "
                              "siglip-dola search --captions captions.txt --image img.png")
+        if args.n_buckets is not None and args.bucket is None:
+            raise ValueError("--n-buckets needs --bucket")
         return search_captions(load(args.model, device=args.device), args.image, args.captions, config,
-                               bucket=args.bucket)
+                               bucket=args.bucket, n_buckets=args.n_buckets)
     if args.index is None or args.query is None or args.image is not None:
         raise ValueError('give INDEX and QUERY (siglip-dola search INDEX "a red car"), '
                          "or --captions FILE --image IMAGE")
-    if args.bucket is not None:
-        raise ValueError("--bucket applies to --captions only; an index search uses its stored layers (--layers subset)")
+    if args.bucket is not None or args.n_buckets is not None:
+        raise ValueError("--bucket / --n-buckets apply to --captions only; an index search uses its stored layers "
+                         "(--layers subset)")
     model = load(args.model or read_manifest(args.index).model_id, device=args.device)
-    index = open_index(args.index, model=model, layers=args.layers)
+    index = open_index(args.index, model=model)
     return search(index, args.query, model, config)
 
 
