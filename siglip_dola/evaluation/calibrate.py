@@ -27,7 +27,7 @@ from siglip_dola import scoring as runtime
 from siglip_dola.data.datasets import EvalDataset, load_dataset
 from siglip_dola.evaluation.embed import Embeddings, embed_images
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point  # noqa: F401  (re-exported)
-from siglip_dola.evaluation.metrics import hits_at_k, mean_per_class_recall, one_hot_targets, rank_scores
+from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
 from siglip_dola.text_bank import build_text_bank
@@ -159,11 +159,13 @@ class _Hits:
         self.ks, self.hits, self.top1 = ks, {k: [] for k in ks}, []
 
     def add(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        """scores [r, C] ranking scores, labels [r] the target column per row."""
-        targets = one_hot_targets(labels, scores.shape[-1])
+        """scores [r, C] ranking scores, labels [r] the target column per row; one stable sort for every k
+        (the order metrics.hits_at_k uses: ties go to the lower index)."""
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :max(self.ks)]  # (r, k)
+        correct = order == labels[:, None]  # (r, k)
         for k in self.ks:
-            self.hits[k].append(hits_at_k(scores, targets, k))
-        self.top1.append(torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, 0])
+            self.hits[k].append(correct[:, :k].any(dim=-1))
+        self.top1.append(order[:, 0])
 
     def classification(self, labels: torch.Tensor) -> dict:
         """{acc1, acc5, mean_per_class_recall, correct1, correct} as metrics.classification_metrics computes them."""
