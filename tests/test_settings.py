@@ -117,3 +117,22 @@ def test_default_layers_policy():
     assert default_layers(24, "dynamic", bucket=4, n_buckets=4) == ([20, 22], None)
     assert default_layers(24, "static", static_layer=7) == ([7], 7)
     assert default_layers(8, "static", static_layer=3) == ([3], 3)  # needs no bucket of its own
+
+
+def test_the_embedded_model_defaults_to_its_shipped_calibration_everywhere(capsys):
+    from siglip_dola.loading import load
+    from siglip_dola.retrieval.search import RerankConfig  # noqa: F401  (imports cleanly with settings)
+    from siglip_dola.scorer import DoLaSigLIP
+
+    model = load(device="cpu")
+    assert model.calibration == "embedded"
+    shipped = json.loads(EMBEDDED_CALIBRATION.read_text())["choice"]
+    scorer = DoLaSigLIP(model)
+    assert scorer.settings.calibration == "embedded" and set(scorer.settings.sources.values()) == {"calibration"}
+    assert (scorer.mode, scorer.alpha, scorer.contrast_weight) == \
+        (shipped["mode"], shipped["alpha"], shipped["contrast_weight"])
+    assert DoLaSigLIP.from_calibration("embedded", model).settings == scorer.settings
+    assert DoLaSigLIP(model, alpha=0.2).settings.sources["alpha"] == "flag"
+    plain = DoLaSigLIP(model, calibration="none")
+    assert plain.layers == [18, 20, 22] and plain.settings.calibration is None
+    assert capsys.readouterr().err.count("DoLa is uncalibrated") == 1
