@@ -1,7 +1,8 @@
 """Peak memory of calibration's grid scoring: the old all-layers cache vs today's row chunks (issue #17 item 6).
 
 Synthetic embeddings (n images x D, N-1 layers, a [C, D] bank) stand in for a split: only the scoring after the
-embedding pass is measured. Each case runs in a fresh subprocess; "peak beyond embeddings" = the process's peak
+embedding pass is measured, for 3 grid points (off, dynamic bucket 3 of 3, static layer 2; a point adds O(n) to
+the peak, not O(n*C)) and, in the chunked run, every single layer's top-1 as calibrate does. Each case runs in a fresh subprocess; "peak beyond embeddings" = the process's peak
 RSS (ru_maxrss) minus its RSS once the embeddings exist. Both algorithms score the same grid and must agree.
 
     python benchmarks/calibration_memory.py --n 50000 --classes 1000 --layers 23            # chunked only
@@ -29,8 +30,9 @@ n, classes, layers, dim, algorithm = int(sys.argv[1]), int(sys.argv[2]), int(sys
 torch.manual_seed(0)
 z_final, z_layers, bank = torch.randn(n, dim), torch.randn(layers, n, dim), torch.randn(classes, dim)
 labels = torch.randint(0, classes, (n,))
-grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), contrast_weights=(1.0, 0.5))
-points = grid_points(grid, layers + 1)
+grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), contrast_weights=(0.5,))
+points = [p for p in grid_points(grid, layers + 1) if p["mode"] != "static" or p["static_layer"] == 2]  # 3 points
+
 base = rss_kb()
 start = time.perf_counter()
 final = rt.build_log_probs_from_rep(z_final, bank, 0.05)
