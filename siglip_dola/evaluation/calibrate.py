@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from siglip_dola import distributed
 from siglip_dola import scoring as runtime
 from siglip_dola.data.datasets import EvalDataset, load_dataset
 from siglip_dola.evaluation.embed import Embeddings, embed_images
@@ -238,8 +239,21 @@ def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None =
     grid = grid or CalibrationGrid()
     dataset = as_dataset(dataset, split, n)
     embeddings = embed_dataset(model, dataset, batch_size, progress)
-    if embeddings is None:
+    if embeddings is None:  # other ranks wait until rank 0 has written `out`: a next command may read it
+        error = distributed.broadcast_from_rank0(None)
+        if error:
+            raise ValueError(error)
         return None
+    try:
+        report = _score_and_write(model, dataset, embeddings, grid, out, task, metric)
+    except Exception as err:
+        distributed.broadcast_from_rank0(f"calibration failed on rank 0: {err}")
+        raise
+    distributed.broadcast_from_rank0(None)
+    return report
+
+
+def _score_and_write(model, dataset, embeddings, grid, out, task, metric) -> dict:
     cache = _task_cache(model, dataset, embeddings, task)
     scores, layers = score_grid(cache, grid_points(grid, model.readout.num_layers), task, metric)
     chosen = choose(scores)
