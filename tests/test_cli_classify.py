@@ -50,12 +50,19 @@ def own_logits(model_dir, paths, labels):
         return model(input_ids=ids, pixel_values=pixels).logits_per_image  # (B, C)
 
 
-def test_classify_json_layout_skips_corrupt_file(capsys, model_dir, image_dir):
+def test_classify_json_layout_skips_corrupt_file(capsys, model_dir, image_dir, monkeypatch):
+    from siglip_dola import settings
+    monkeypatch.setattr(settings, "_warned_uncalibrated", False)  # printed once per process
     code, out, err = run_cli(capsys, "classify", image_dir, "--labels", ",".join(LABELS), "--model", model_dir,
                              "--top-k", "2", "--json")
     assert code == 1  # some files were skipped
     payload = json.loads(out)
-    assert list(payload) == ["results", "skipped"]
+    assert list(payload) == ["settings", "results", "skipped"]
+    assert payload["settings"] == {"mode": "dynamic", "layers": [10], "static_layer": None, "alpha": 0.1,
+                                   "contrast_weight": 1.0, "bucket": 3, "n_buckets": 3, "calibration": None,
+                                   "sources": {"mode": "default", "alpha": "default", "contrast_weight": "default",
+                                               "layers": "default"}}
+    assert "DoLa is uncalibrated" in err and "siglip-dola calibrate" in err
     assert [s["path"] for s in payload["skipped"]] == [str(image_dir / "broken.png")]
     assert payload["skipped"][0]["error"]
     images = [str(image_dir / n) for n in ["a.png", "b.jpg", "sub/c.png"]]

@@ -40,7 +40,8 @@ def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):  # 
 
 def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsys):  # noqa: F811
     out = run_json(capsys, ["search", str(cli_index), "a red circle", "--top-k", "3", "--rerank-k", "6", "--json"])
-    assert list(out) == ["results", "skipped"] and out["skipped"] == []
+    assert list(out) == ["settings", "results", "skipped"] and out["skipped"] == []
+    assert out["settings"]["layers"] == [2, 4] and out["settings"]["mode"] == "dynamic"
     (row,) = out["results"]  # the shared vocabulary of docs/output.md
     assert list(row) == ["query", "query_type", "item_type", "premature_layer", "jsd", "hits"]
     assert row["query"] == "a red circle" and row["premature_layer"] in (2, 4) and len(row["hits"]) == 3

@@ -7,7 +7,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 from siglip_dola.data import shapes
 from siglip_dola.cli import main
-from siglip_dola.evaluation.demo import EMBEDDED_CALIBRATION, run_demo
+from siglip_dola.evaluation.demo import run_demo
+from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION
 
 EMBEDDED = EMBEDDED_CALIBRATION.parent
 

@@ -217,3 +217,26 @@ def test_bad_arguments_and_corruption(model, images, tmp_path):
     vectors.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
         open_index(tmp_path / "idx", verify=True)
+
+
+def test_build_stores_its_settings_and_the_layers_they_need(model, images, tmp_path):
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"model": model.model_id, "task": "zeroshot_retrieval",
+                                 "choice": {"mode": "static", "static_layer": 2, "alpha": 0.2, "contrast_weight": 0.5}}))
+    manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, calibration=calib, progress=False)
+    assert manifest.layers == [2]  # only what the calibration reads
+    assert manifest.settings == {"mode": "static", "layers": [2], "static_layer": 2, "alpha": 0.2,
+                                 "contrast_weight": 0.5, "bucket": None, "n_buckets": None, "calibration": str(calib),
+                                 "sources": dict.fromkeys(("mode", "alpha", "contrast_weight", "layers"), "calibration")}
+    assert storage.read_manifest(tmp_path / "idx").settings == manifest.settings
+    flagged = build_index([images / "img_00.png"], tmp_path / "idx2", model, calibration=calib, layers=[2, 4],
+                          mode="dynamic", progress=False)
+    assert flagged.layers == [2, 4] and flagged.settings["sources"]["layers"] == "flag"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": model.model_id, "choice": {"mode": "static", "static_layer": 4}}))
+    with pytest.raises(ValueError, match=r"stores layers \[2\], but the settings need layers \[4\]"):
+        add_to_index(tmp_path / "idx", [images], model, calibration=other, progress=False)
+    from siglip_dola.retrieval.index import index_settings
+    searched = index_settings(storage.read_manifest(tmp_path / "idx"))
+    assert (searched.mode, searched.layers, searched.alpha, searched.sources) == \
+        ("static", [2], 0.2, manifest.settings["sources"])  # a search without flags uses the stored settings

@@ -126,9 +126,9 @@ def test_layer_subset_and_small_gallery_limits(index, gallery):
     (RerankConfig(top_k=10, rerank_k=5), "rerank_k"),
     (RerankConfig(top_k=0), "top_k"),
     (RerankConfig(mode="greedy"), "mode must be one of"),
-    (RerankConfig(mode="static", static_layer=3), "static_layer must be one of"),
+    (RerankConfig(mode="static", static_layer=3), r"stores layers \[2, 4, 6\], but the settings need layers \[3\]"),
     (RerankConfig(mode="dynamic", static_layer=2), "only used with mode='static'"),
-    (RerankConfig(layers=[3]), "valid layers"),
+    (RerankConfig(layers=[3]), r"stores layers \[2, 4, 6\], but the settings need layers \[3\]"),
 ])
 def test_bad_configs_name_the_argument(index, config, message):
     with pytest.raises(ValueError, match=message):

@@ -63,7 +63,7 @@ def evaluate_checkpoint(out_dir, n_val: int | None = None, n_test: int | None = 
         held_out = torch.tensor([shapes.CLASSNAMES[s.label] in shapes.HELD_OUT for s in samples])
         data[split] = (*layer_logits(readout, class_embeds, samples, tau), labels, held_out)
     num_layers = readout.num_layers
-    buckets = {b: candidates for b in (1, 2, 3) if (candidates := _bucket_or_none(num_layers, b))}
+    buckets = _buckets(num_layers)
     static_candidates = sorted({layer for layers in buckets.values() for layer in layers})
     final, stacked, labels, _ = data["val"]
     val_dynamic = {b: dola_top1(final, stacked, labels, layers, "dynamic")[0] for b, layers in buckets.items()}
@@ -83,14 +83,13 @@ def attribute_accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
             for k, attribute in enumerate(("colour", "shape"))}
 
 
-def _bucket_or_none(num_layers: int, bucket: int) -> list[int] | None:
-    """Even candidate layers of ``bucket`` (3 buckets), or None when it has none (tiny test models)."""
-    from siglip_dola.layers import resolve_layers
+def _buckets(num_layers: int) -> dict[int, list[int]]:
+    """{bucket: even candidate layers} of 3 buckets, buckets without one left out (tiny test models): the
+    enumeration calibrate's grid uses (siglip_dola.evaluation.calibrate.grid_points), not a copy of it."""
+    from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points
 
-    try:
-        return resolve_layers(num_layers, bucket=bucket)
-    except ValueError:
-        return None
+    grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), contrast_weights=(1.0,))
+    return {p["bucket"]: p["layers"] for p in grid_points(grid, num_layers) if p["mode"] == "dynamic"}
 
 
 def _test_metrics(test, num_layers, buckets, best_bucket, best_static, val_dynamic, val_static, tau, n_val):

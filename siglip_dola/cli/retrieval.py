@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 
 from siglip_dola.cli import subcommand
-from siglip_dola.cli.classify import parse_layers
-from siglip_dola.layers import MODES
+from siglip_dola.cli.classify import add_settings_arguments, settings_flags
 
 
 def _model_arguments(parser, default_help: str) -> None:
@@ -26,9 +25,7 @@ def _index_arguments(parser) -> None:
     build.add_argument("--overwrite", action="store_true",
                        help="replace an existing index at --out (to extend one, use `index add`)")
     _model_arguments(build, "default: the embedded model")
-    group = build.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="layers to store, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket of 3 whose even layers to store (default 3)")
+    add_settings_arguments(build)  # the settings are stored in the manifest, with the layers they read
     add = sub.add_parser("add", help="add images not indexed yet to an existing index", epilog=EXIT_STATUS_HELP)
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
@@ -38,6 +35,8 @@ def _index_arguments(parser) -> None:
     verify = sub.add_parser("verify", help="full integrity check: re-hash every file of an index",
                             epilog="exit status: 0 intact; 2 a file is missing or corrupt (named on stderr)")
     verify.add_argument("index", help="index folder")
+    add.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
+                     help="check that the index stores the layers this calibration needs")
 
 
 def _load_model(name, device):
@@ -56,6 +55,9 @@ def _print_manifest(manifest, skipped: list, prog: str) -> int:
         return EXIT_SKIPPED if skipped else EXIT_OK
     print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
           f"{len(skipped)} skipped, checksum {manifest.checksum[:16]}, image root {safe_text(manifest.image_root)}")
+    if manifest.settings:
+        from siglip_dola.settings import DoLaSettings
+        print(f"settings: {DoLaSettings.from_json(manifest.settings).describe()}")
     return report_skipped(skipped, prog)
 
 
@@ -67,16 +69,18 @@ def _run_index(args):
         return verify_index(args.index), []
     if args.index_command == "build":
         model = _load_model(args.model, args.device)
-        manifest = build_index(args.images, args.out, model, layers=args.layers, bucket=args.bucket,
-                               batch_size=args.batch_size, chunk_size=args.chunk_size,
-                               progress=not args.quiet, overwrite=args.overwrite)
+        flags = settings_flags(args)
+        manifest = build_index(args.images, args.out, model, layers=flags.pop("layers"), bucket=flags.pop("bucket"),
+                               batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet,
+                               overwrite=args.overwrite, calibration=args.calibration, **flags)
         return manifest, manifest.skipped
     from siglip_dola.data.images import expand_image_paths
 
     inputs = {str(p.resolve()) for p in expand_image_paths(args.images)}
     model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
     manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
-                            chunk_size=args.chunk_size, progress=not args.quiet, image_root=args.image_root)
+                            chunk_size=args.chunk_size, progress=not args.quiet, image_root=args.image_root,
+                            calibration=args.calibration)
     return manifest, [s for s in manifest.skipped if s[0] in inputs]
 
 
@@ -105,12 +109,7 @@ def _search_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rerank-k", type=int, default=100, help="first-stage candidates DoLa reranks")
-    parser.add_argument("--mode", choices=MODES, default="dynamic")
-    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (--captions only; default 3)")
-    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+    add_settings_arguments(parser)  # default: the index's stored settings; --bucket / --n-buckets: --captions only
     parser.add_argument("--image-root", default=None,
                         help="where the index's images are now, if their folder moved (default: the recorded root)")
     parser.add_argument("--verify", action="store_true",
@@ -124,7 +123,8 @@ def _run_search(args):
     from siglip_dola.retrieval.storage import read_manifest
 
     config = RerankConfig(top_k=args.top_k, rerank_k=args.rerank_k, mode=args.mode, alpha=args.alpha,
-                          static_layer=args.static_layer, layers=args.layers)
+                          static_layer=args.static_layer, layers=args.layers, contrast_weight=args.contrast_weight,
+                          calibration=args.calibration)
     if args.captions is not None:
         if args.image is None or args.index is not None:
             raise ValueError("--captions needs --image IMAGE and no INDEX/QUERY: "
@@ -132,15 +132,18 @@ def _run_search(args):
         for flag in ("image_root", "verify"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} applies to an index search, not --captions")
+        if args.n_buckets is not None and args.bucket is None:
+            raise ValueError("--n-buckets needs --bucket")
         return search_captions(load(args.model, device=args.device), args.image, args.captions, config,
-                               bucket=args.bucket)
+                               bucket=args.bucket, n_buckets=args.n_buckets)
     if args.index is None or args.query is None or args.image is not None:
         raise ValueError('give INDEX and QUERY (siglip-dola search INDEX "a red car"), '
                          "or --captions FILE --image IMAGE")
-    if args.bucket is not None:
-        raise ValueError("--bucket applies to --captions only; an index search uses its stored layers (--layers subset)")
+    if args.bucket is not None or args.n_buckets is not None:
+        raise ValueError("--bucket / --n-buckets apply to --captions only; an index search uses its stored layers "
+                         "(--layers subset)")
     model = load(args.model or read_manifest(args.index).model_id, device=args.device)
-    index = open_index(args.index, model=model, layers=args.layers, verify=args.verify, image_root=args.image_root)
+    index = open_index(args.index, model=model, verify=args.verify, image_root=args.image_root)
     return search(index, args.query, model, config)
 
 
@@ -164,7 +167,8 @@ def search_command(args) -> int:
 
     result = _run_search(args)
     if args.json:
-        print(json.dumps(results_json([result.to_json()], []), indent=2))
+        settings = None if result.settings is None else result.settings.to_json()
+        print(json.dumps({"settings": settings, **results_json([result.to_json()], [])}, indent=2))
     else:
         _print_table(result)
     return 0

@@ -25,26 +25,21 @@ class DemoRow:
     premature_layer: int | None
 
 
-from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION  # noqa: E402
-
-
-def make_scorer(model, mode: str | None):
-    """The embedded model's shipped calibration (chosen on the val split) unless `mode` is given."""
+def make_scorer(model, mode: str | None, calibration=None):
+    """The model's calibration (the embedded model's shipped one, chosen on its val split) unless `mode` is given:
+    a given mode takes that mode's best settings from the calibration."""
     from siglip_dola.scorer import DoLaSigLIP
 
-    if mode is None and model.model_id == "embedded":
-        return DoLaSigLIP.from_calibration(EMBEDDED_CALIBRATION, model)
-    return DoLaSigLIP(model, mode=mode or "dynamic")
+    return DoLaSigLIP(model, mode=mode, calibration=calibration)
 
 
 def describe(scorer) -> str:
-    """One line naming the scorer's DoLa configuration."""
-    layers = f"layer {scorer.static_layer}" if scorer.mode == "static" else f"layers {scorer.layers}"
-    return f"DoLa {scorer.mode}, {layers}, alpha {scorer.alpha}"
+    """One line naming the scorer's DoLa configuration and where it came from."""
+    return scorer.settings.describe()
 
 
 def run_demo(out_dir: str | Path, n: int = 8, model_name: str | None = None, mode: str | None = None,
-             seed: int = 0) -> tuple[list[DemoRow], str]:
+             seed: int = 0, calibration=None) -> tuple[list[DemoRow], str]:
     """Export `n` test-split shapes images to `out_dir` and classify them: (one DemoRow per image, config line)."""
     from siglip_dola.data import shapes
     from siglip_dola.loading import load
@@ -56,7 +51,7 @@ def run_demo(out_dir: str | Path, n: int = 8, model_name: str | None = None, mod
     bank = build_text_bank(model, shapes.CLASSNAMES, shapes.TEMPLATES)
     paths = [str(image_dir / name) for name in true_labels]
     # top_k=None returns every class, so the baseline's own top-1 (argmax q_N) is there too: one forward.
-    scorer = make_scorer(model, mode)
+    scorer = make_scorer(model, mode, calibration)
     results = scorer.classify(paths, bank, top_k=None)
     return [_row(result, true_labels[Path(result["image"]).name]) for result in results], describe(scorer)
 

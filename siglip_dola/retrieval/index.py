@@ -23,29 +23,49 @@ import torch
 from siglip_dola import distributed
 from siglip_dola.evaluation.embed import embed_images
 from siglip_dola.data.images import expand_image_paths
-from siglip_dola.layers import resolve_layers
 from siglip_dola.retrieval import faiss_store, storage
 from siglip_dola.retrieval.opened import (RetrievalIndex, absolute_paths, check_compatible,  # noqa: F401 (re-exported)
                                           check_relocatable, open_index, verify_index, weights_fingerprint)
 from siglip_dola.retrieval.storage import Manifest
+from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
 
 DEFAULT_CHUNK_SIZE = 4096
+RETRIEVAL = "zeroshot_retrieval"
 
 
-def _default_layers(num_layers: int, layers, bucket) -> list[int]:
-    """Explicit layers, a bucket's even layers, or (neither) the last of 3 buckets ({18, 20, 22} for N=24)."""
-    if layers is None and bucket is None:
-        bucket = 3
-    return resolve_layers(num_layers, layers=layers, bucket=bucket)
+def stored_settings(manifest: Manifest) -> DoLaSettings:
+    """The settings an index was built with (an index from before settings were stored: dynamic over its layers)."""
+    if manifest.settings:
+        return DoLaSettings.from_json(manifest.settings)
+    return DoLaSettings(mode="dynamic", layers=list(manifest.layers), static_layer=None, alpha=0.1,
+                        contrast_weight=1.0, bucket=None, n_buckets=None,
+                        sources=dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "default"))
 
 
-def _new_manifest(model, layers: list[int]) -> Manifest:
+def index_settings(manifest: Manifest, calibration=None, root="", warn: bool = True, **flags) -> DoLaSettings:
+    """Search-time settings: flags > `calibration` > the index's stored settings > defaults; ValueError naming
+    the layers the index lacks."""
+    inherited = stored_settings(manifest) if calibration is None else None
+    settings = resolve_settings(manifest.num_layers, calibration=calibration, model_id=manifest.model_id,
+                                task=RETRIEVAL, inherited=inherited, warn=warn, **flags)
+    missing = [j for j in settings.layers if j not in manifest.layers]
+    if missing:
+        origin = settings.sources["layers"] + (f" {settings.calibration!r}" if settings.calibration else "")
+        raise ValueError(f"index {str(root)!r} stores layers {manifest.layers}, but the settings need layers "
+                         f"{missing} (layers from: {origin}); pass --layers / --static-layer from "
+                         f"{manifest.layers}, or rebuild the index with these settings (siglip-dola index build "
+                         f"... with the same --calibration / --layers)")
+    return settings
+
+
+def _new_manifest(model, settings: DoLaSettings) -> Manifest:
     readout = model.readout
     preprocessing = f"image_size={tuple(readout.image_size)}; {model.preprocess!r}".replace("\n", " ")
     preprocessing = re.sub(r" at 0x[0-9a-fA-F]+", "", preprocessing)  # a bare function's repr carries its address
-    return Manifest(model_id=model.model_id, layers=list(layers), num_layers=int(readout.num_layers),
+    return Manifest(model_id=model.model_id, layers=list(settings.layers), num_layers=int(readout.num_layers),
                     embed_dim=int(readout.embed_dim), logit_scale=float(model.logit_scale),
-                    preprocessing=preprocessing[:2000], weights_fingerprint=weights_fingerprint(model))
+                    preprocessing=preprocessing[:2000], weights_fingerprint=weights_fingerprint(model),
+                    settings=settings.to_json())
 
 def _vectors_from(embeddings) -> np.ndarray:
     """Embeddings(z_final [n, D], z_layers [J, n, D]) -> L2-normalised float32 [n, 1+J, D]."""
@@ -197,12 +217,14 @@ class _rank0_lock:
 
 
 def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 32,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False) -> Manifest:
+                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False, *, calibration=None,
+                mode=None, alpha=None, contrast_weight=None, static_layer=None, n_buckets=None) -> Manifest:
     """Embed every image once and write a new index at `out` (replacing an old one only at commit).
 
-    images: files / folders / globs; model: a LoadedModel; layers or bucket: the candidate layers
-    stored next to the final embedding (default: bucket 3 of 3, even layers). An existing index at
-    `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
+    images: files / folders / globs; model: a LoadedModel. The DoLa settings (siglip_dola.settings: these
+    flags > `calibration` > the model's own, e.g. the embedded model's shipped retrieval calibration >
+    defaults) are stored in the manifest with the layers they read next to the final embedding. An existing
+    index at `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
     relative to the images' common folder, recorded as the manifest's image_root.
     """
     root = Path(out)
@@ -211,18 +233,21 @@ def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 
     if (root / storage.MANIFEST).exists() and not overwrite:
         raise ValueError(f"{str(root)!r} already holds an index: pass overwrite=True to "
                          f"replace it, or add images with `siglip-dola index add {root} IMAGES`")
-    stored = _default_layers(model.readout.num_layers, layers, bucket)
+    settings = settings_for_model(model, calibration, task=RETRIEVAL, mode=mode, layers=layers, bucket=bucket,
+                                  n_buckets=n_buckets, static_layer=static_layer, alpha=alpha,
+                                  contrast_weight=contrast_weight)
     paths = _resolved(images)
-    manifest = _new_manifest(model, stored)
+    manifest = _new_manifest(model, settings)
     manifest.image_root = _common_root(paths)
     return _ingest(root, model, paths, manifest, None, batch_size, chunk_size, progress)
 
 
 def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 progress: bool = True, image_root: str | None = None) -> Manifest:
+                 progress: bool = True, image_root: str | None = None, calibration=None) -> Manifest:
     """Add the images not yet indexed to the index at `index`; same weights and layers as the index.
 
     image_root: where the indexed images are now, when their folder moved (recorded in the manifest).
+    `calibration` (optional) is checked against the stored layers, so a later search with it works.
     """
     root = Path(index)
     manifest = storage.read_manifest(root)
@@ -230,6 +255,8 @@ def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = D
     if image_root is not None:
         check_relocatable(manifest, root)
         manifest.image_root = str(Path(image_root).resolve())
+    if calibration is not None:
+        index_settings(manifest, calibration, root=root)
     indexed = _indexed_paths(root, manifest)
     paths = [p for p in _resolved(images) if p not in indexed]
     if not paths:

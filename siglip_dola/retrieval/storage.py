@@ -65,6 +65,7 @@ class Manifest:
     skipped: list[list[str]] = field(default_factory=list)
     layout: str = LAYOUT
     format_version: int = FORMAT_VERSION
+    settings: dict | None = None  # DoLaSettings.to_json() the index was built with (None: built before settings)
 
     def to_json(self) -> dict:
         """The manifest as a JSON-ready dict."""
