@@ -115,7 +115,7 @@ def _flatten(prefix: str, value, row: dict) -> None:
 
 def table_row(report: dict) -> dict:
     """One CSV row of a result JSON: its top-level scalars, `metrics` unprefixed (as clip_benchmark build
-    does), `model_fullname`, and every nested value as a dotted column (modes.static.acc1, paired.static.delta)."""
+    does), `model_fullname`, and every nested value as a dotted column (modes.static.metrics.acc1, paired.static.delta)."""
     missing = [k for k in ("dataset", "model", "task", "metrics") if k not in report]
     if missing or not isinstance(report.get("metrics"), dict):
         raise ValueError(f"not a result JSON of `siglip-dola eval` or `clip_benchmark eval`: lacks {missing or ['metrics']}")
