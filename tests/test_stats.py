@@ -86,3 +86,13 @@ def test_bad_inputs_are_clear_errors():
         stats.paired_comparison([1, 0], [1, 1], "acc1", confidence=1.5)
     with pytest.raises(ValueError, match="at least one item"):
         stats.paired_comparison([], [], "acc1")
+
+
+@pytest.mark.parametrize("successes,n", [(31, 100), (392, 1440), (0, 20), (20, 20)])
+def test_proportion_interval_matches_scipy_percentile_bootstrap(successes, n):
+    outcomes = np.array([1.0] * successes + [0.0] * (n - successes))
+    reference = scipy_stats.bootstrap((outcomes,), np.mean, vectorized=True, n_resamples=20_000, method="percentile",
+                                      random_state=np.random.default_rng(2))
+    low, high = stats.bootstrap_proportion_interval(successes, n, n_resamples=20_000)
+    assert low == pytest.approx(reference.confidence_interval.low, abs=max(1.5 / n, 0.004))
+    assert high == pytest.approx(reference.confidence_interval.high, abs=max(1.5 / n, 0.004))

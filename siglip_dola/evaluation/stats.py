@@ -69,6 +69,15 @@ def bootstrap_delta_interval(fixed: int, broken: int, n: int, n_resamples: int =
     return float(low), float(high)
 
 
+def bootstrap_proportion_interval(successes: int, n: int, n_resamples: int = N_RESAMPLES,
+                                  confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of one proportion (e.g. acc1 = successes / n) over resampled items."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes}, n={n}")
+    # a resample's success count is Binomial(n, successes / n): the fixed/broken draw with nothing broken
+    return bootstrap_delta_interval(successes, 0, n, n_resamples, confidence, seed)
+
+
 def paired_comparison(off, mode, metric: str, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
                       seed: int = SEED) -> dict:
     """`mode` vs `off` on the same n items (off, mode [n] 0/1 outcomes): the result JSON's `paired` entry.
