@@ -79,7 +79,7 @@ WORKER = textwrap.dedent('''
         assert world == 2
         assert cli.main(["calibrate", *common, "--split", "val", "--out", f"{out_dir}/calib.json"]) == 0
         assert cli.main(["eval", *common, "--split", "test", "--calibration", f"{out_dir}/calib.json",
-                         "--out", f"{out_dir}/result.json"]) == 0
+                         "--out", f"{out_dir}/result.json", "--predictions", f"{out_dir}/predictions.jsonl"]) == 0
         items = [(s.name, s.image) for s in shapes.make_split("test", n=int(n))]
         items[5] = ("broken", None)
         result = embed_images(load(model_dir, device="cpu"), items, [2, 7], batch_size=4, progress=False)
@@ -176,7 +176,14 @@ def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
     multi = json.loads((tmp_path / "result.json").read_text())
     assert multi["n_images"] == single["n_images"] == N_IMAGES
     for mode in ("off", "static", "dynamic"):
-        assert multi["metrics"][mode] == pytest.approx(single["metrics"][mode], abs=1e-6)
+        assert multi["modes"][mode]["metrics"] == pytest.approx(single["modes"][mode]["metrics"], abs=1e-6)
+    assert multi["paired"] == single["paired"]  # same outcomes, same seed: same interval
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert multi["predictions"] == str(tmp_path / "predictions.jsonl")
+    assert [r["index"] for r in rows] == list(range(N_IMAGES))  # rank 0 wrote every image, in input order
+    assert [r["id"] for r in rows] == [s.name for s in shapes.make_split("test", n=N_IMAGES)]
+    static_right = [r["modes"]["static"]["top5"][0]["index"] == r["label_index"] for r in rows]
+    assert np.mean(static_right) == pytest.approx(single["modes"]["static"]["metrics"]["acc1"])
     assert multi["layer_lens"]["dynamic_layer_counts"] == single["layer_lens"]["dynamic_layer_counts"]
     assert multi["layer_lens"]["top1"] == pytest.approx(single["layer_lens"]["top1"], abs=1e-6)
     assert multi["layer_lens"]["mean_jsd"] == pytest.approx(single["layer_lens"]["mean_jsd"], rel=1e-4, abs=1e-7)

@@ -264,8 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
     parser.add_argument("--note", default="", help="free text for training.json and the model card (e.g. the load)")
     parser.add_argument("--diagnosis", default="", help="free text: what was tried on val before this recipe")
-    parser.add_argument("--no-report", action="store_true", help="skip MODEL_CARD.md / metrics.json")
-    parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out")
+    parser.add_argument("--no-report", action="store_true", help="skip the report (calibrate on val, eval on test: MODEL_CARD.md, metrics.json, results_test.json)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out, with its calibration.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report_only:
@@ -276,10 +276,10 @@ def main(argv=None) -> int:
         notes = {k: v for k, v in (("note", args.note), ("diagnosis", args.diagnosis)) if v}
         write_training_record(args.out, cfg, seconds, machine_description(), **notes)
     if not args.no_report:
-        from tools.embedded_report import write_report
+        from tools.embedded_report import write_report  # one direction: the report never imports training code
 
-        metrics = write_report(args.out)["zero_shot"]
-        print(json.dumps({k: metrics[k] for k in ("final_layer", "dola_dynamic", "dola_static")}, indent=1))
+        _, table = write_report(args.out, calibrate_first=not args.report_only)
+        print(table)
     return 0
 
 

@@ -20,10 +20,11 @@ def demo_command(args) -> int:
     """Run the demo, print its table and how to switch to real SigLIP weights."""
     from siglip_dola.evaluation.demo import REAL_MODEL_HINT, format_table, run_demo
 
-    rows, config = run_demo(args.out, n=args.n, model_name=args.model, mode=args.mode, seed=args.seed,
-                            calibration=args.calibration)
+    rows, config, effect = run_demo(args.out, n=args.n, model_name=args.model, mode=args.mode, seed=args.seed,
+                                    calibration=args.calibration)
     print(f"Generated {len(rows)} test-split images of the 'shapes' dataset in {args.out}/ ({config})")
     print(format_table(rows))
+    print(effect)
     print()
     print(REAL_MODEL_HINT)
     return 0

@@ -5,7 +5,7 @@ shard, rank 0 scores, prints and writes.
 """
 from __future__ import annotations
 
-from siglip_dola.cli import subcommand
+from siglip_dola.cli import int_at_least, subcommand
 
 TASK_NAMES = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 
@@ -93,12 +93,19 @@ def _eval_arguments(parser) -> None:
     parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
                         help="calibration JSON from `siglip-dola calibrate`, 'embedded' or 'none' (default: the "
                              "model's own: the shipped one for the embedded model)")
+    parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                        help="also write one JSON line per image (per caption for retrieval): top-k of every mode, "
+                             "premature layer, JSD per candidate layer, head-set size")
+    parser.add_argument("--n-resamples", type=int_at_least(1), default=10_000,
+                        help="paired bootstrap resamples for the intervals (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--plots", default=None, help="folder for the layer-lens PNGs")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
                         help="classification (acc1/acc5/mean per-class recall) or retrieval (recall@1/5/10)")
 
 
-@subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw.")
+@subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw, with paired "
+                          "statistics against off.")
 def eval_command(args) -> int:
     from siglip_dola.distributed import distributed_session
     from siglip_dola.evaluation.evaluate import evaluate, summary_line
@@ -106,7 +113,8 @@ def eval_command(args) -> int:
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
-                          batch_size=args.batch_size, progress=args.progress)
+                          batch_size=args.batch_size, progress=args.progress, predictions=args.predictions,
+                          n_resamples=args.n_resamples, seed=args.seed)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
     return 0

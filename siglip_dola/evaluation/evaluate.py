@@ -1,14 +1,15 @@
-"""Evaluation on a split the calibration never saw: off / static / dynamic metrics and the layer lens.
+"""Evaluation on a split the calibration never saw: off / static / dynamic, paired statistics, the layer lens.
 
-The JSON follows clip_benchmark's layout (`dataset`, `model`, `task`, `metrics`) with metrics per mode
-(`metrics.off`, `metrics.static`, `metrics.dynamic`), plus `layer_lens`: top-1 of every layer read out
-alone, how often dynamic mode chose each layer, and the mean JSD(q_N || q_j) per layer.
+Every mode is scored on the same items; `results.py` assembles the result JSON (clip_benchmark's top-level
+keys with the calibration's CHOSEN mode under `metrics`; every mode, the paired statistics against `off`,
+the best single layer as a reference and the layer lens beside them), `predictions.py` the per-item rows.
 """
 from __future__ import annotations
 
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, caption_pa
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
 from siglip_dola.data.datasets import TASKS, EvalDataset
 from siglip_dola.io import write_json_atomic
-from siglip_dola.layers import MODES
+from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
-                                 retrieval_metrics)
+                                            retrieval_hits, retrieval_metrics)
+from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report, summary_line  # noqa: F401
+from siglip_dola.layers import MODES
 from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
 
 
@@ -31,14 +34,17 @@ def _same_dataset(a: str, b: str) -> bool:
     return a == b
 
 
-def check_calibration(calibration: dict, model, dataset: EvalDataset) -> None:
+def check_calibration(calibration: dict, model, dataset: EvalDataset, task: str = "zeroshot_classification") -> None:
     """Refuse a calibration made for another model, or on the very split being evaluated."""
+    if calibration.get("task", task) != task:
+        raise ValueError(f"calibration was made for task {calibration['task']!r}, not {task!r}: run "
+                         f"`siglip-dola calibrate --task ...` for this task, or pass --calibration none")
     if calibration["model"] != model.model_id:
         raise ValueError(f"calibration was made for model {calibration['model']!r}, not {model.model_id!r}")
     if _same_dataset(calibration["dataset"], dataset.name) and calibration["split"] == dataset.split:
         raise ValueError(f"calibration used split {calibration['split']!r} of dataset {calibration['dataset']!r}, "
                          "the split being evaluated: evaluate on a split the calibration never saw (e.g. calibrate on val, "
-                         "evaluate on test)")
+                         "evaluate on test), or pass --calibration none")
 
 
 def _calibration_for(model, dataset: EvalDataset, calibration, task: str) -> tuple[str | None, dict | None]:
@@ -52,7 +58,7 @@ def _calibration_for(model, dataset: EvalDataset, calibration, task: str) -> tup
     name, report = read_calibration_file(calibration, task)
     report = read_calibration(report)
     try:
-        check_calibration(report, model, dataset)
+        check_calibration(report, model, dataset, task)
     except ValueError as err:
         if not implicit:
             raise
@@ -92,43 +98,82 @@ def layer_lens(cache: LayerLogits, targets: torch.Tensor, dynamic: runtime.DoLaR
             "jsd_layers": list(range(1, num_layers)), "mean_jsd": jsd_table.mean(dim=-1).tolist()}
 
 
-def _classification(model, dataset, embeddings, points) -> tuple[dict, dict]:
+@dataclass
+class TaskScores:
+    """Everything scored on one split: {mode: metrics}, {mode: per-item 0/1 outcome of `metric`} (paired
+    statistics), the best single layer's metrics and outcome (None without one), the layer lens, the rows."""
+    metric: str
+    metrics: dict
+    outcomes: dict
+    reference: dict | None
+    lens: dict
+    rows: list[dict] | None
+
+
+def _single_layer(calibration: dict | None, num_layers: int) -> int | None:
+    """The calibration's best single layer (a candidate 1..N-1), or None when it records none."""
+    layer = ((calibration or {}).get("best_single_layer") or {}).get("layer")
+    if layer is None:
+        return None
+    if not 1 <= int(layer) < num_layers:
+        raise ValueError(f"calibration's best_single_layer {layer} is not a layer 1..{num_layers - 1} of this model")
+    return int(layer)
+
+
+def _classification(model, dataset, embeddings, points, single_layer, want_rows) -> TaskScores:
     cache = class_logits(model, dataset, embeddings)
     results = score_modes(cache, points)
-    metrics = {mode: classification_metrics(rank_scores(r), cache.labels) for mode, r in results.items()}
-    targets = one_hot_targets(cache.labels, cache.final.shape[-1])
-    return metrics, layer_lens(cache, targets, results["dynamic"], "acc1")
+    targets = one_hot_targets(cache.labels, cache.final.shape[-1])  # (n, C)
+    rankings = {mode: rank_scores(r) for mode, r in results.items()}
+    reference = None
+    if single_layer is not None:
+        alone = _layer_alone(cache, single_layer)  # (n, C) log q_j: layer j read out alone
+        reference = {"layer": single_layer, "metrics": classification_metrics(alone, cache.labels),
+                     "outcome": hits_at_k(alone, targets, 1)}
+    rows = None if not want_rows else rows_of.classification_rows(
+        embeddings.ids, embeddings.indices, cache.labels, dataset.classnames, results, points)
+    return TaskScores("acc1", {mode: classification_metrics(r, cache.labels) for mode, r in rankings.items()},
+                      {mode: hits_at_k(r, targets, 1) for mode, r in rankings.items()}, reference,
+                      layer_lens(cache, targets, results["dynamic"], "acc1"), rows)
 
 
-def _retrieval(model, dataset, embeddings, points) -> tuple[dict, dict]:
+def _layer_alone(cache: LayerLogits, layer: int) -> torch.Tensor:
+    """[n, C] log-probs of one layer read out alone (the same computation as the cache's chunks)."""
+    if cache.column_layers is None:
+        return runtime.build_log_probs_from_rep(cache.row_layers[layer - 1], cache.columns, cache.tau)
+    return runtime.build_log_probs_from_rep(cache.rows, cache.column_layers[layer - 1], cache.tau)
+
+
+def _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric) -> TaskScores:
     texts, text_image = caption_pairs(dataset, embeddings)  # (T,) image of each caption
     text = text_embeds(model, texts)
     i2t_final = runtime.build_log_probs_from_rep(embeddings.z_final, text, model.tau)  # (I, T)
     i2t = LayerLogits(i2t_final, None, embeddings, model.tau, row_layers=embeddings.z_layers, columns=text)
     t2i = text_to_image_logits(model, text, text_image, embeddings)
     i2t_results, t2i_results = score_modes(i2t, points), score_modes(t2i, points)
-    metrics = {mode: retrieval_metrics(rank_scores(i2t_results[mode]), rank_scores(t2i_results[mode]), text_image)
-               for mode in points}
+    hits = {mode: retrieval_hits(rank_scores(i2t_results[mode]), rank_scores(t2i_results[mode]), text_image)
+            for mode in points}
+    reference = None
+    if single_layer is not None:
+        alone = retrieval_hits(_layer_alone(i2t, single_layer), _layer_alone(t2i, single_layer), text_image)
+        reference = {"layer": single_layer, "metrics": retrieval_metrics(alone), "outcome": alone[metric]}
+    rows = None if not want_rows else rows_of.retrieval_rows(texts, text_image, embeddings.ids, t2i_results, points)
     targets = one_hot_targets(text_image, len(embeddings.ids)).T  # (I, T)
-    return metrics, layer_lens(i2t, targets, i2t_results["dynamic"], "text_retrieval_recall@1")
-
-
-def summary_line(report: dict) -> str:
-    """One line for the terminal: the headline metric per mode."""
-    key = "acc1" if report["task"] == "zeroshot_classification" else "text_retrieval_recall@1"
-    parts = " ".join(f"{mode}={report['metrics'][mode][key]:.4f}" for mode in MODES)
-    return f"{report['dataset']} [{report['split']}, n={report['n_images']}] {report['task']} {key}: {parts}"
+    return TaskScores(metric, {mode: retrieval_metrics(h) for mode, h in hits.items()},
+                      {mode: h[metric] for mode, h in hits.items()}, reference,
+                      layer_lens(i2t, targets, i2t_results["dynamic"], "text_retrieval_recall@1"), rows)
 
 
 def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
-             plots_dir: str | os.PathLike | None = None, task: str = "zeroshot_classification",
-             n: int | None = None, batch_size: int = 32, progress: bool = True) -> dict | None:
-    """Metrics for off / static / dynamic on `split`, written to `out` (atomic JSON) and PNGs in `plots_dir`.
+             plots_dir: str | os.PathLike | None = None, task: str = CLASSIFICATION,
+             n: int | None = None, batch_size: int = 32, progress: bool = True,
+             predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0) -> dict | None:
+    """Result JSON (results.assemble_report) for off / static / dynamic on `split`, written to `out` (atomic),
+    per-item rows to `predictions` (atomic JSONL), layer-lens PNGs to `plots_dir`.
 
-    `calibration`: a calibration JSON path, "embedded", a dict or "none" (refused if made for another model or on
-    this split); None: the model's default calibration (the embedded model's shipped one), else the design
-    note's defaults (last of 3 buckets, static layer its middle candidate, alpha 0.1, lambda 1).
-    report["settings"]: the chosen settings (the calibration's choice) and where each value came from.
+    `calibration`: path, dict, "embedded" or "none"; None: the model's default (the embedded model's shipped
+    one; left out, with a line on stderr, when made on this split). An explicit one made for another model or
+    on this split is refused. The calibration's choice is the chosen mode (`off` without a calibration).
     Under torchrun rank 0 returns the report, the other ranks None.
     """
     if task not in TASKS:
@@ -137,18 +182,24 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     if task not in dataset.tasks:
         raise ValueError(f"dataset {dataset.name!r} supports tasks {list(dataset.tasks)}, not {task!r}")
     name, calibration_report = _calibration_for(model, dataset, calibration, task)
-    settings = resolve_settings(model.readout.num_layers, calibration=calibration_report, model_id=model.model_id,
-                                task=task, warn=True)
-    settings.calibration = name
+    # the design note's defaults apply to the DoLa modes without a calibration: say so once, on stderr
+    resolve_settings(model.readout.num_layers, calibration=calibration_report, model_id=model.model_id, task=task)
     points = mode_points(model.readout.num_layers, calibration_report)
+    single_layer = _single_layer(calibration_report, model.readout.num_layers)
     embeddings = embed_dataset(model, dataset, batch_size, progress)
     if embeddings is None:
         return None
-    run = _classification if task == "zeroshot_classification" else _retrieval
-    metrics, lens = run(model, dataset, embeddings, points)
-    report = {"dataset": dataset.name, "model": model.model_id, "task": task, "split": dataset.split,
-              "n_images": len(embeddings.ids), "skipped": [list(s) for s in embeddings.skipped],
-              "calibration": name, "settings": settings.to_json(), "modes": points, "metrics": metrics, "layer_lens": lens}
+    want_rows = predictions is not None
+    if task == CLASSIFICATION:
+        scored = _classification(model, dataset, embeddings, points, single_layer, want_rows)
+    else:
+        metric = (calibration_report or {}).get("metric") or RETRIEVAL_METRIC
+        scored = _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric)
+    report = assemble_report(model.model_id, dataset, task, embeddings, points, scored, calibration_report, name,
+                             predictions=None if predictions is None else str(predictions),
+                             n_resamples=n_resamples, seed=seed)
+    if predictions is not None:
+        rows_of.write_predictions(predictions, scored.rows)
     if plots_dir is not None:
         from siglip_dola.evaluation.plots import plot_layer_lens
         report["plots"] = [str(p) for p in plot_layer_lens(report, plots_dir)]
