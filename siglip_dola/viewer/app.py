@@ -15,7 +15,7 @@ from importlib import resources
 from siglip_dola.viewer.service import IndexUnavailable, SearchService
 
 INSTALL_HINT = "the search page needs starlette and uvicorn: pip install 'starlette>=0.40' 'uvicorn>=0.30'"
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self'; connect-src 'self'; "
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self' data:; connect-src 'self'; "
                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 

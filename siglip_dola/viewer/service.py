@@ -159,9 +159,10 @@ class SearchService:
             raise ValueError("the upload is not an image PIL can decode (PNG, JPEG, WebP, ...)") from None
         config = self._config(query)
         with self.lock:
+            config.layers = config.layers or self.current().layers  # the index's candidate layers, both directions
             started = time.perf_counter()
             result = search_captions(self.model, image, self.captions, config, caption_embeds=self.caption_embeds)
-            return self._answer(result, query, config, config.layers or [], started, None)
+            return self._answer(result, query, config, config.layers, started, None)
 
     def thumbnail(self, image_id: int) -> bytes | None:
         """JPEG thumbnail of index image `image_id`, re-encoded (never the raw file); None when unknown."""
