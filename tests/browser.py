@@ -97,7 +97,9 @@ class Chromium:
         raise TimeoutError(f"page never satisfied {expression!r}; errors: {self.errors()}")
 
     def open(self, url: str, ready: str = "document.body && document.body.dataset.ready === '1'"):
-        """Navigate to `url` and wait until `ready` holds."""
+        """Navigate to `url` and wait until `ready` holds (a same-document hash change included: the old
+        page's ready mark is cleared first, so only a render after this navigation satisfies it)."""
+        self.evaluate("document.body && delete document.body.dataset.ready")
         self.send("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete'")
         return self.wait_for(ready)

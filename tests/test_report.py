@@ -123,3 +123,182 @@ def classification_files(tmp_path_factory):
 def embedded_data(html):
     match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html, re.S)
     return json.loads(match.group(1))
+
+
+PLAN_CODE = {"both wrong": 0, "fixed": 1, "broken": 2, "both right": 3}
+
+
+@pytest.fixture(scope="module")
+def report_html(classification_files, tmp_path_factory):
+    result, predictions, _ = classification_files
+    out = tmp_path_factory.mktemp("html") / "report.html"
+    assert write_report(result, predictions, out) == out
+    return out
+
+
+def test_rows_carry_the_planned_outcomes_and_the_predictions(report_html, classification_files):
+    _, _, records = classification_files
+    data = embedded_data(report_html.read_text())
+    assert data["mode_order"] == ["dynamic", "static"]  # the chosen mode first
+    assert data["modes"]["dynamic"]["outcome"] == [PLAN_CODE[o] for o in OUTCOME_PLAN]
+    off_right = [o in ("broken", "both right") for o in OUTCOME_PLAN]
+    assert data["modes"]["static"]["outcome"] == [3 if right else 1 for right in off_right]  # static is always right
+    for i, record in enumerate(records):
+        assert data["label"][i] == record["label_index"]
+        assert [c for c, _ in data["off"]["top"][i]] == [e["index"] for e in record["modes"]["off"]["top5"][:3]]
+        dynamic = data["modes"]["dynamic"]
+        assert dynamic["layer"][i] == record["modes"]["dynamic"]["premature_layer"]
+        assert dynamic["head"][i] == record["modes"]["dynamic"]["head_set_size"]
+        jsd = record["modes"]["dynamic"]["jsd"]
+        assert dynamic["jsd"][i] == pytest.approx([jsd[str(j)] for j in dynamic["jsd_layers"]], abs=1e-4)
+        assert data["modes"]["static"]["true_prob"][i] == pytest.approx(record["modes"]["static"]["true_prob"], abs=1e-4)
+
+
+def test_summary_lists_every_mode_with_its_paired_figures(report_html, classification_files):
+    result = json.loads(classification_files[0].read_text())
+    html = report_html.read_text()
+    summary = html[html.index('<table class="summary">'):html.index("</table>")]
+    for mode in ("off", "static", "dynamic"):
+        assert f'data-mode="{mode}"' in summary
+    dynamic = summary[summary.index('data-mode="dynamic"'):]
+    paired = result["paired"]["dynamic"]
+    assert f'{result["modes"]["dynamic"]["metrics"]["acc1"]:.4f}' in dynamic
+    assert f'{paired["delta"]:+.4f} [{paired["ci_low"]:+.4f}, {paired["ci_high"]:+.4f}]' in dynamic
+    assert f'<td class="fixed">5</td><td class="broken">3</td>' in dynamic
+    assert "layers=[2, 4, 6, 8] <span class=\"src\">(default)</span>" in dynamic
+    for fact in ("<b>embedded</b>", "<b>shapes</b>", "<b>test</b>", "layer 12: 0.3100"):
+        assert fact in html
+
+
+def test_thumbnails_are_small_jpegs_from_files_and_the_dataset(report_html, classification_files):
+    data = embedded_data(report_html.read_text())
+    for i, uri in enumerate(data["thumb"][:29]):  # 26 files + 3 shapes dataset ids
+        assert uri.startswith("data:image/jpeg;base64,"), i
+        thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+        assert thumb.format == "JPEG" and max(thumb.size) <= 64
+        original = shapes.make_sample("test", i).image.resize(thumb.size, Image.Resampling.BOX)
+        error = np.abs(np.asarray(thumb, np.float64) - np.asarray(original, np.float64)).mean()
+        assert error < 12, (i, error)  # the same picture (JPEG loss only), dataset ids included
+    assert data["thumb"][29] is None  # the file that is gone: a placeholder
+    assert "1 images could not be found or decoded" in report_html.read_text()
+
+
+def test_bad_prediction_lines_are_reported_not_fatal(report_html):
+    html = report_html.read_text()
+    assert "line 31: not JSON" in html and "line 32: not a prediction record" in html
+
+
+def test_report_is_offline_by_construction(report_html):
+    html = report_html.read_text()
+    assert "default-src 'none'; img-src data:" in html
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']?([^"' >]+)""", html)
+    assert urls and all(u.startswith("data:") or u.startswith("${") for u in urls), urls
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", html)
+
+
+def test_chart_bars_are_proportional_to_the_layer_lens(report_html, classification_files):
+    lens = json.loads(classification_files[0].read_text())["layer_lens"]
+    svg = report_html.read_text().split("<figure>")[1]
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([0-9.]+)" class="bar', svg)]
+    assert len(heights) == 24
+    np.testing.assert_allclose(np.array(heights) / heights[-1], np.array(lens["top1"]) / lens["top1"][-1], atol=0.02)
+
+
+def test_cli_report_and_its_errors(classification_files, tmp_path, capsys):
+    result, predictions, _ = classification_files
+    out = tmp_path / "r.html"
+    assert main(["report", str(result), "--out", str(out)]) == 0  # the predictions named by the result
+    assert out.is_file() and "report: " in capsys.readouterr().out
+    assert main(["report", str(result), str(predictions), "--out", str(out), "--thumb-size", "200"]) == 2
+    assert "--thumb-size must be an integer in [8, 96]" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "none.json"), str(predictions), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "x"}))
+    assert main(["report", str(tmp_path / "bad.json"), str(predictions), "--out", str(out)]) == 2
+    assert "result JSON lacks" in capsys.readouterr().err
+
+
+def _retrieval_files(root):
+    """8 text->image queries over 10 shape images; rank-1 gold for off / dynamic planned per query."""
+    ids = []
+    for i in range(10):
+        path = root / f"g_{i}.png"
+        shapes.make_sample("test", 40 + i).image.save(path)
+        ids.append(str(path))
+    plan = ["fixed", "fixed", "broken", "both right", "both right", "both wrong", "both wrong", "both right"]
+    records = []
+    for q, outcome in enumerate(plan):
+        gold = ids[q]
+        others = [i for i in ids if i != gold]
+        def ranking(right):
+            order = [gold] + others[:4] if right else others[:2] + [gold] + others[2:4]
+            return [{"id": i, "score": round(1 - 0.1 * r, 3)} for r, i in enumerate(order)]
+        records.append({"index": q, "query": f"query {q}", "gold": [gold],
+                        "modes": {"off": {"top5": ranking(outcome in ("broken", "both right"))},
+                                  "dynamic": {"top5": ranking(outcome in ("fixed", "both right")),
+                                              "premature_layer": 2 + 2 * (q % 3)}}})
+    predictions = root / "retrieval.jsonl"
+    write_jsonl(predictions, records)
+    metrics = {"image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.5}
+    result = {"dataset": "shapes", "model": "embedded", "pretrained": None, "task": "zeroshot_retrieval",
+              "language": "en", "metrics": metrics, "split": "test", "n_images": 10, "chosen_mode": "dynamic",
+              "settings": _settings("dynamic", [2, 4, 6]),
+              "modes": {"off": {"settings": _settings("off", []), "metrics": metrics},
+                        "dynamic": {"settings": _settings("dynamic", [2, 4, 6]), "metrics": metrics}},
+              "paired": {}, "layer_lens": None, "predictions": str(predictions), "skipped": []}
+    (root / "retrieval.json").write_text(json.dumps(result))
+    return root / "retrieval.json", predictions, plan
+
+
+def test_retrieval_report_marks_gold_side_by_side(tmp_path):
+    result, predictions, plan = _retrieval_files(tmp_path)
+    out = write_report(result, predictions, tmp_path / "retrieval.html")
+    data = embedded_data(out.read_text())
+    assert data["modes"]["dynamic"]["outcome"] == [PLAN_CODE[o] for o in plan]
+    assert all(uri and uri.startswith("data:image/jpeg") for uri in data["thumbs"].values())
+    with Chromium() as browser:
+        browser.open(out.as_uri())
+        assert browser.evaluate("document.querySelectorAll('.query').length") == 8
+        gold_marks = browser.evaluate("Array.from(document.querySelectorAll('.query')).map("
+                                      "q => Array.from(q.querySelectorAll('.ranking')).map("
+                                      "r => Array.from(r.querySelectorAll('.hit')).findIndex(h => h.classList.contains('gold'))))")
+        right = {"fixed": (False, True), "broken": (True, False), "both right": (True, True), "both wrong": (False, False)}
+        assert gold_marks == [[0 if right[o][0] else 2, 0 if right[o][1] else 2] for o in plan]
+        browser.open(out.as_uri() + "#outcome=fixed", ready="document.body.dataset.matching === '2'")
+        assert browser.evaluate("document.querySelectorAll('.query').length") == 2
+        assert browser.errors() == []
+
+
+def test_report_in_chromium_filters_sorts_and_keeps_url_state(report_html, classification_files):
+    _, _, records = classification_files
+    delta = [r["modes"]["dynamic"]["true_prob"] - r["modes"]["off"]["true_prob"] for r in records]
+    with Chromium() as browser:
+        browser.open(report_html.as_uri())
+        body = browser.evaluate("document.body.innerText")
+        assert "Summary" in body and "Layer lens" in body and "dynamic" in body
+        assert browser.evaluate("document.querySelectorAll('#summary tbody tr').length") == 3
+        assert browser.evaluate("document.querySelectorAll('svg.chart').length") == 3
+        assert browser.evaluate("document.querySelectorAll('tr.row').length") == 30
+        # a filter click narrows the rows and lands in the URL
+        browser.evaluate("document.querySelector('#f-outcome button[data-v=fixed]').click()")
+        assert browser.evaluate("document.querySelectorAll('tr.row').length") == 5
+        assert "outcome=fixed" in browser.evaluate("location.hash")
+        # URL state alone: broken rows of one premature layer, most hurt first
+        layer = records[5]["modes"]["dynamic"]["premature_layer"]
+        expected = [i for i, o in enumerate(OUTCOME_PLAN) if o == "broken"
+                    and records[i]["modes"]["dynamic"]["premature_layer"] == layer]
+        expected.sort(key=lambda i: delta[i])
+        browser.open(report_html.as_uri() + f"#outcome=broken&layer={layer}&sort=delta-asc",
+                     ready=f"document.body.dataset.matching === '{len(expected)}'")
+        shown = browser.evaluate("Array.from(document.querySelectorAll('tr.row')).map(r => +r.dataset.index)")
+        assert shown == expected
+        assert browser.evaluate("document.getElementById('f-layer').value") == str(layer)
+        # true-class filter + sort by gain
+        label = records[3]["label_index"]
+        browser.open(report_html.as_uri() + f"#cls={label}&sort=delta-desc", ready="document.body.dataset.ready === '1'")
+        shown = browser.evaluate("Array.from(document.querySelectorAll('tr.row')).map(r => +r.dataset.index)")
+        assert shown == sorted([i for i, r in enumerate(records) if r["label_index"] == label], key=lambda i: -delta[i])
+        assert browser.evaluate("document.querySelectorAll('tr.row img').length") >= 1
+        assert browser.evaluate("document.querySelectorAll('svg.spark').length") >= 1
+        assert browser.errors() == []
+        assert all(u.startswith(("file:", "data:")) for u in browser.requested_urls())
