@@ -54,8 +54,8 @@ def bar_chart(xs: list[int], ys: list[float], title: str, y_format: str = "{:.2f
         label, value = reference
         y = TOP + plot_h - plot_h * value / top
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="ref"/>')
-        parts.append(f'<text x="{WIDTH - RIGHT}" y="{y - 4:.1f}" text-anchor="end" class="ref-label">'
-                     f'{escape(label)} {escape(y_format.format(value))}</text>')
+        parts.append(f'<text x="{WIDTH - RIGHT}" y="16" text-anchor="end" class="ref-label">'  # in the title row:
+                     f'- - {escape(label)} {escape(y_format.format(value))}</text>')  # never over a bar
     parts.append(f'<text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" text-anchor="middle" class="axis">layer</text>')
     parts.append("</svg>")
     return "".join(parts)

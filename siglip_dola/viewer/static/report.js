@@ -102,6 +102,7 @@
   function sparkline(values, layers, chosen) {
     const points = values.map((v, k) => [k, v]).filter(([, v]) => v !== null);
     if (!points.length) return "–";
+    if (points.length === 1) return `<span title="JSD(q_N || q_${layers[points[0][0]]})">${points[0][1].toFixed(3)}</span>`;
     const top = Math.max(...points.map(([, v]) => v)) || 1;
     const x = (k) => 3 + (layers.length > 1 ? 74 * k / (layers.length - 1) : 37);
     const y = (v) => 21 - 18 * v / top;
