@@ -206,7 +206,7 @@ def screenshots(docs: Path, limit: int) -> None:
         result, predictions = embedded(tmp / "eval", limit)
         out = write_report(result, predictions, tmp / "report.html")
         with Chromium(width=1280, height=1500) as browser:
-            browser.open(out.as_uri() + "#outcome=fixed")
+            browser.open(out.as_uri() + "#mode=dynamic&outcome=fixed")
             browser.screenshot(docs / "report.png", full_page=False)
         for i in range(120):
             shapes.make_sample("test", i).image.save(tmp / f"s_{i:03d}.png")

@@ -183,6 +183,14 @@ def test_thumbnails_are_small_jpegs_from_files_and_the_dataset(report_html, clas
     assert "1 images could not be found or decoded" in report_html.read_text()
 
 
+def test_report_file_has_the_usual_mode(report_html):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report_html.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_bad_prediction_lines_are_reported_not_fatal(report_html):
     html = report_html.read_text()
     assert "line 31: not JSON" in html and "line 32: not a prediction record" in html

@@ -125,4 +125,7 @@ def write_report(result, predictions_path: str | os.PathLike, out: str | os.Path
     html = render_report(result, payload, problems, len(thumbs.missing))
     out = Path(out)
     write_text_atomic(out, html)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # a report is for sharing: the usual mode, not the temp file's 0600
     return out
