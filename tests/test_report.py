@@ -114,7 +114,8 @@ def classification_files(tmp_path_factory):
     ids += ["test_0_00026", "test_0_00027", "test_0_00028", str(root / "gone.png")]
     records = classification_records(ids, OUTCOME_PLAN)
     predictions = root / "predictions.jsonl"
-    write_jsonl(predictions, records, extra_lines=["{not json", '{"index": 99}'])
+    broken_record = dict(records[0], index=98, modes={**records[0]["modes"], "off": {"top5": [], "true_prob": 0.5}})
+    write_jsonl(predictions, records, extra_lines=["{not json", '{"index": 99}', json.dumps(broken_record)])
     result = root / "result.json"
     result.write_text(json.dumps(classification_result(records, predictions)))
     return result, predictions, records
@@ -194,6 +195,7 @@ def test_report_file_has_the_usual_mode(report_html):
 def test_bad_prediction_lines_are_reported_not_fatal(report_html):
     html = report_html.read_text()
     assert "line 31: not JSON" in html and "line 32: not a prediction record" in html
+    assert "record 98: left out" in html and "modes.off.top5 is empty" in html and len(embedded_data(html)["label"]) == 30
 
 
 def test_report_is_offline_by_construction(report_html):

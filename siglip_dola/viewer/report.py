@@ -121,7 +121,7 @@ def write_report(result, predictions_path: str | os.PathLike, out: str | os.Path
     records, problems = read_predictions(predictions_path)
     thumbs = ThumbnailSource(result.get("dataset"), result.get("split"), thumb_size,
                              None if image_root is None else str(image_root))
-    payload = report_payload(result, records, thumbs)
+    payload = report_payload(result, records, thumbs, problems)
     html = render_report(result, payload, problems, len(thumbs.missing))
     out = Path(out)
     write_text_atomic(out, html)

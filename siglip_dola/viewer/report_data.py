@@ -146,11 +146,41 @@ def _retrieval(records: list[dict], modes: list[str], thumbs: ThumbnailSource) -
     return payload
 
 
-def report_payload(result: dict, records: list[dict], thumbs: ThumbnailSource) -> dict:
-    """The JSON the page renders: rows of the task plus the DoLa modes it can compare with off."""
+def _record_problem(record: dict, task: str, modes: list[str]) -> str | None:
+    """Why `record` cannot be shown (a missing or mistyped field), or None."""
+    try:
+        if task == CLASSIFICATION:
+            int(record["label_index"]), str(record["label"]), str(record["id"])
+            for mode in ("off", *modes):
+                prediction = record["modes"][mode]
+                float(prediction["true_prob"])
+                if not prediction["top5"]:
+                    raise ValueError(f"modes.{mode}.top5 is empty")
+                for entry in prediction["top5"][:3]:
+                    int(entry["index"]), float(entry["prob"]), str(entry["label"])
+        else:
+            list(record["gold"])
+            for mode in ("off", *modes):
+                for hit in record["modes"][mode][_top_key(record["modes"][mode])]:
+                    str(hit["id"])
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        return f"record {record.get('index', '?')}: left out, a field is missing or malformed ({type(err).__name__}: {err})"
+    return None
+
+
+def report_payload(result: dict, records: list[dict], thumbs: ThumbnailSource,
+                   problems: list[str] | None = None) -> dict:
+    """The JSON the page renders: rows of the task plus the DoLa modes it can compare with off.
+    Records missing a field the report shows are left out and described in `problems`."""
     modes = dola_modes(result, records)
     if not modes:
         raise ValueError("predictions hold no DoLa mode (static or dynamic) next to 'off'; rerun eval with them")
+    checked = [(r, _record_problem(r, result["task"], modes)) for r in records]
+    if problems is not None:
+        problems.extend(problem for _, problem in checked if problem)
+    records = [r for r, problem in checked if problem is None]
+    if not records:
+        raise ValueError("no prediction record has the fields the report needs (see the Predictions JSONL contract)")
     build = _classification if result["task"] == CLASSIFICATION else _retrieval
     payload = build(records, modes, thumbs)
     payload["mode_order"] = modes
