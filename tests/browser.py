@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -61,6 +62,8 @@ class Chromium:
             line = self.process.stderr.readline()
             match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
             if match:
+                # keep draining stderr: a full pipe would block chromium (it logs dbus/gpu noise there)
+                threading.Thread(target=self.process.stderr.read, daemon=True).start()
                 return int(match.group(1))
             if not line and self.process.poll() is not None:
                 break

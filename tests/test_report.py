@@ -312,3 +312,27 @@ def test_report_in_chromium_filters_sorts_and_keeps_url_state(report_html, class
         assert browser.evaluate("document.querySelectorAll('svg.spark').length") >= 1
         assert browser.errors() == []
         assert all(u.startswith(("file:", "data:")) for u in browser.requested_urls())
+
+
+def test_large_reports_render_one_page_at_a_time(tmp_path):
+    """120 rows: 50 in the DOM, the pager walks to the rest, the page number lands in the URL."""
+    ids = [f"missing_{i}" for i in range(120)]  # no image anywhere: placeholders, and the report says so
+    plan = [("fixed", "broken", "both right", "both wrong")[i % 4] for i in range(120)]
+    records = classification_records(ids, plan, seed=1)
+    write_jsonl(tmp_path / "p.jsonl", records)
+    result = dict(classification_result(records, tmp_path / "p.jsonl"), dataset=str(tmp_path / "gone.csv"))
+    out = write_report(result, tmp_path / "p.jsonl", tmp_path / "big.html")
+    assert "120 images could not be found" in out.read_text()
+    with Chromium() as browser:
+        browser.open(out.as_uri())
+        assert browser.evaluate("document.querySelectorAll('tr.row').length") == 50
+        assert browser.evaluate("document.querySelectorAll('tr.row .ph').length") == 50
+        browser.evaluate("document.getElementById('next').click(); document.getElementById('next').click()")
+        assert browser.evaluate("Array.from(document.querySelectorAll('tr.row')).map(r => +r.dataset.index)") == \
+            list(range(100, 120))
+        assert "page=2" in browser.evaluate("location.hash")
+        browser.open(out.as_uri() + "#outcome=broken&page=1", ready="document.body.dataset.matching === '30'")
+        # 30 broken rows fit one page: a page past the end clamps to the last one
+        assert browser.evaluate("Array.from(document.querySelectorAll('tr.row')).map(r => +r.dataset.index)") == \
+            [i for i in range(120) if plan[i] == "broken"]
+        assert browser.errors() == []
