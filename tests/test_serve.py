@@ -199,3 +199,36 @@ def test_cli_serve_bad_port_is_a_clear_error(index_dir, tiny_dir, capsys):  # no
     with pytest.raises(SystemExit):
         main(["serve", str(index_dir), "--port", "-1"])
     assert "must be >= 0" in capsys.readouterr().err
+
+
+def _calibration(model_id, static_layer=4, dynamic_layers=(2, 4)):
+    point = {"bucket": None, "n_buckets": None}
+    return {"model": model_id, "dataset": "shapes", "split": "val", "choice": {"mode": "static"},
+            "best": {"static": {"mode": "static", "layers": [static_layer], "static_layer": static_layer, "alpha": 0.2,
+                                **point},
+                     "dynamic": {"mode": "dynamic", "layers": list(dynamic_layers), "static_layer": None,
+                                 "alpha": 0.05, **point}}}
+
+
+def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, model):  # noqa: F811
+    service = SearchService(index_dir, model, RerankConfig(alpha=0.3), flags={"alpha"},
+                            calibration=_calibration(model.model_id, 4), calibration_name="calib.json")
+    with TestClient(create_app(service)) as c:
+        answer = c.get("/api/search", params={"q": "a blue star", "k": 4, "mode": "static"}).json()
+        expected = search(open_index(index_dir), "a blue star", model,
+                          RerankConfig(top_k=4, mode="static", static_layer=4, alpha=0.3))
+        assert answer["results"] == json.loads(json.dumps(expected.to_json()))["results"]
+        assert answer["premature_layer"] == 4
+        settings = answer["settings"]
+        assert (settings["static_layer"], settings["alpha"], settings["layers"]) == (4, 0.3, [4])
+        assert settings["sources"]["static_layer"] == "calibration" and settings["sources"]["alpha"] == "flag"
+        assert settings["calibration"] == "calib.json"
+        dynamic = c.get("/api/search", params={"q": "a blue star", "mode": "dynamic"}).json()["settings"]
+        assert dynamic["layers"] == [2, 4] and dynamic["sources"]["layers"] == "calibration"
+
+
+def test_calibration_for_other_layers_or_model_is_refused(index_dir, model):  # noqa: F811
+    with pytest.raises(ValueError, match=r"static mode uses layers \[3\].*stores \[2, 4\]; rebuild"):
+        SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
+    with pytest.raises(ValueError, match="calibration was made for model 'other'"):
+        SearchService(index_dir, model, calibration=_calibration("other"))

@@ -57,21 +57,68 @@ def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
     return value
 
 
+def mode_settings(base: RerankConfig, flags: set[str], calibration: dict | None, num_layers: int) -> dict:
+    """{mode: {"layers", "static_layer", "alpha", "sources"}} for static and dynamic; each value from a
+    command-line flag (named in `flags`), else the calibration's best point of that mode, else the default."""
+    from siglip_dola.layers import resolve_layers
+
+    best = (calibration or {}).get("best", {})
+    settings = {}
+    for mode in ("static", "dynamic"):
+        point = best.get(mode) or {}
+        layers = point.get("layers")
+        if not layers and point.get("bucket") is not None:
+            layers = resolve_layers(num_layers, bucket=point["bucket"], n_buckets=point.get("n_buckets") or 3)
+        calibrated = {"layers": list(layers) if mode == "dynamic" and layers else None,
+                      "static_layer": point.get("static_layer") if mode == "static" else None,
+                      "alpha": point.get("alpha")}
+        entry, sources = {}, {}
+        for name, default in (("layers", None), ("static_layer", None), ("alpha", 0.1)):
+            if name in flags:
+                entry[name], sources[name] = getattr(base, name), "flag"
+            elif calibrated.get(name) is not None:
+                entry[name], sources[name] = calibrated[name], "calibration"
+            else:
+                entry[name], sources[name] = default, "default"
+        if mode == "dynamic":
+            entry["static_layer"], sources["static_layer"] = None, "default"
+        settings[mode] = {**entry, "sources": sources}
+    return settings
+
+
 class SearchService:
-    """Queries over the index at `root` with `model` (LoadedModel); `base` holds the served defaults."""
+    """Queries over the index at `root` with `model` (LoadedModel); `base` holds the served defaults,
+    `flags` the RerankConfig fields given on the command line, `calibration` a calibration report
+    (its best static / dynamic points fill what no flag set; `calibration_name` is recorded)."""
 
     def __init__(self, root, model, base: RerankConfig | None = None, captions=None,
-                 image_root=None, limits: Limits | None = None, flags: set[str] | None = None):
+                 image_root=None, limits: Limits | None = None, flags: set[str] | None = None,
+                 calibration: dict | None = None, calibration_name: str | None = None):
         self.root, self.model = Path(root), model
         self.base = base or RerankConfig()
         self.limits = limits or Limits()
-        self.flags = set(flags or ())  # RerankConfig fields given on the command line
+        self.flags = set(flags or ())
         self.image_root = None if image_root is None else Path(image_root)
         self.lock = threading.Lock()
         self._stamp = None
         self.index = self._open()
+        if calibration is not None and calibration.get("model") != self.index.manifest.model_id:
+            raise ValueError(f"calibration was made for model {calibration.get('model')!r}, the index with "
+                             f"{self.index.manifest.model_id!r}; calibrate that model or rebuild the index")
+        self.calibration_name = calibration_name if calibration is not None else None
+        self.per_mode = mode_settings(self.base, self.flags, calibration, self.index.manifest.num_layers)
+        self._check_layers(self.index.layers)
         self.captions = None if captions is None else read_captions(captions)
         self.caption_embeds = None if self.captions is None else encode_captions(model, self.captions)
+
+    def _check_layers(self, stored: list[int]) -> None:
+        for mode, entry in self.per_mode.items():
+            wanted = (entry["layers"] or []) + ([entry["static_layer"]] if entry["static_layer"] is not None else [])
+            missing = [j for j in wanted if j not in stored]
+            if missing:
+                raise ValueError(f"{mode} mode uses layers {wanted} ({entry['sources']}) but the index stores "
+                                 f"{stored}; rebuild it with `siglip-dola index build ... --layers "
+                                 f"{','.join(map(str, sorted(set(stored) | set(wanted))))}` or pass --layers")
 
     # -- the index on disk ---------------------------------------------------------------------------------
     def _manifest_stamp(self):
@@ -89,7 +136,9 @@ class SearchService:
         """The opened index, re-opened first when its manifest changed; IndexUnavailable if that fails."""
         try:
             if self._manifest_stamp() != self._stamp:
-                self.index = self._open()
+                index = self._open()
+                self._check_layers(index.layers)
+                self.index = index
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise IndexUnavailable(f"the index at {str(self.root)!r} changed on disk and cannot be opened: {err}. "
                                    "Fix or rebuild it (siglip-dola index build), then restart siglip-dola serve") from None
@@ -107,22 +156,29 @@ class SearchService:
         return Query(k, rerank_k, mode)
 
     def _config(self, query: Query) -> RerankConfig:
-        static = self.base.static_layer if query.mode == "static" else None
-        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=self.base.alpha,
-                            static_layer=static, layers=self.base.layers)
+        entry = self.per_mode.get(query.mode, self.per_mode["dynamic"])  # off: no layer is read
+        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=entry["alpha"],
+                            static_layer=entry["static_layer"] if query.mode == "static" else None,
+                            layers=entry["layers"])
 
     def settings(self, query: Query, config: RerankConfig, layers: list[int]) -> dict:
-        """The settings this query ran with and where each came from ("flag": command line or request)."""
-        requested = {"top_k", "rerank_k", "mode"}
-        sources = {name: "flag" if name in requested | self.flags else "default"
-                   for name in ("mode", "layers", "static_layer", "alpha", "top_k", "rerank_k")}
+        """The settings this query ran with and where each came from (flag: command line or request;
+        calibration; default)."""
+        entry = self.per_mode.get(config.mode, {"sources": {}})
+        sources = {"mode": "flag", "top_k": "flag", "rerank_k": "flag",
+                   **{name: entry["sources"].get(name, "default") for name in ("layers", "static_layer", "alpha")}}
         return {"mode": config.mode, "layers": [] if config.mode == "off" else layers,
                 "static_layer": config.static_layer, "alpha": None if config.mode == "off" else config.alpha,
-                "top_k": config.top_k, "rerank_k": config.rerank_k, "sources": sources, "calibration": None}
+                "top_k": config.top_k, "rerank_k": config.rerank_k, "sources": sources,
+                "calibration": self.calibration_name}
 
-    def _answer(self, result, query: Query, config: RerankConfig, layers, started: float, ids) -> dict:
+    def _answer(self, result, query: Query, config: RerankConfig, stored, started: float, ids) -> dict:
         answer = result.to_json()
         answer["ids"] = ids
+        if config.mode == "static":  # the layer actually contrasted (the stored layers' middle by default)
+            config.static_layer, layers = result.premature_layer, [result.premature_layer]
+        else:
+            layers = list(config.layers or stored)
         answer.setdefault("settings", self.settings(query, config, layers))
         answer["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
         return answer
@@ -160,6 +216,8 @@ class SearchService:
         config = self._config(query)
         with self.lock:
             config.layers = config.layers or self.current().layers  # the index's candidate layers, both directions
+            if config.static_layer is not None and config.static_layer not in config.layers:
+                config.layers = sorted({*config.layers, config.static_layer})
             started = time.perf_counter()
             result = search_captions(self.model, image, self.captions, config, caption_embeds=self.caption_embeds)
             return self._answer(result, query, config, config.layers, started, None)
