@@ -165,7 +165,7 @@ def test_summary_lists_every_mode_with_its_paired_figures(report_html, classific
     paired = result["paired"]["dynamic"]
     assert f'{result["modes"]["dynamic"]["metrics"]["acc1"]:.4f}' in dynamic
     assert f'{paired["delta"]:+.4f} [{paired["ci_low"]:+.4f}, {paired["ci_high"]:+.4f}]' in dynamic
-    assert f'<td class="fixed">5</td><td class="broken">3</td>' in dynamic
+    assert '<td class="fixed">5</td><td class="broken">3</td>' in dynamic
     assert "layers=[2, 4, 6, 8] <span class=\"src\">(default)</span>" in dynamic
     for fact in ("<b>embedded</b>", "<b>shapes</b>", "<b>test</b>", "layer 12: 0.3100"):
         assert fact in html

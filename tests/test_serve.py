@@ -12,16 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
+from starlette.testclient import TestClient  # starlette is a runtime dependency: no skip
 
 from siglip_dola.data import shapes
 from siglip_dola.retrieval import RerankConfig, add_to_index, build_index, open_index, search, search_captions
 from siglip_dola.viewer.app import bind, create_app, url_of
 from siglip_dola.viewer.service import SearchService
 from browser import Chromium
-from test_retrieval_index import model, save_tiny_siglip, tiny_dir  # noqa: F401
+from test_retrieval_index import model, tiny_dir  # noqa: F401
 
-starlette_testclient = pytest.importorskip("starlette.testclient", reason="starlette is a runtime dependency")
-TestClient = starlette_testclient.TestClient
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a small yellow triangle", "a purple cross"]
 
 
