@@ -142,12 +142,13 @@ def test_index_that_changes_or_breaks_while_serving(gallery, model, tmp_path):  
 
 
 @pytest.fixture
-def live_server(index_dir, model):  # noqa: F811
+def live_server(index_dir, gallery, model):  # noqa: F811
     """uvicorn on a free loopback port in a thread; stopped after the test."""
     import uvicorn
 
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(SearchService(index_dir, model)), log_level="warning"))
+    service = SearchService(index_dir, model, captions=gallery / "captions.txt")
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -158,7 +159,7 @@ def live_server(index_dir, model):  # noqa: F811
         sock.close()
 
 
-def test_page_in_chromium_renders_both_rankings(live_server):
+def test_page_in_chromium_renders_both_rankings(live_server, gallery):
     with Chromium() as browser:
         browser.open(live_server + "?q=a+red+circle&k=5&mode=dynamic")
         assert browser.evaluate("document.querySelectorAll('#col-off .hit').length") == 5
@@ -172,6 +173,14 @@ def test_page_in_chromium_renders_both_rankings(live_server):
                          "document.getElementById('go').click()")
         browser.wait_for("document.body.dataset.ready === '1'")
         assert browser.evaluate("document.querySelectorAll('#col-dola .hit').length") == 3
+        # an image upload searches the captions: both columns list captions
+        document = browser.send("DOM.getDocument")["root"]["nodeId"]
+        upload = browser.send("DOM.querySelector", nodeId=document, selector="#upload")["nodeId"]
+        browser.evaluate("document.body.dataset.ready = ''")
+        browser.send("DOM.setFileInputFiles", nodeId=upload, files=[str(gallery / "shape_00.png")])
+        browser.wait_for("document.body.dataset.ready === '1'")
+        captions = browser.evaluate("Array.from(document.querySelectorAll('#col-dola .captions li')).length")
+        assert captions == 3 and browser.evaluate("document.querySelectorAll('#col-off .captions li').length") == 3
         assert browser.errors() == []
         assert all(u.startswith((live_server, "data:")) for u in browser.requested_urls())
 
