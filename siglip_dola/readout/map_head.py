@@ -60,13 +60,19 @@ class FoldedMapHead:
     tail: Tail
     tail_dtype: torch.dtype      # dtype of the model's head modules
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw block output (B, T, D) -> concatenated head values (B, D), before the output projection."""
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw block output (B, T, D) -> concatenated head values (B, D), before the output projection.
+
+        ``mask`` (B, T), optional: nonzero for real tokens; the others get zero attention weight (NaFlex padding).
+        """
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             x = tokens.to(self.key_probe.dtype)
             if self.norm_eps is not None:
                 x = F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)        # (B, T, D) affine folded away
-            weights = torch.softmax(x @ self.key_probe.T, dim=1)             # (B, T, H) over tokens
+            logits = x @ self.key_probe.T                                    # (B, T, H)
+            if mask is not None:
+                logits = logits.masked_fill(~mask.bool()[:, :, None], float("-inf"))
+            weights = torch.softmax(logits, dim=1)                           # (B, T, H) over tokens
             pooled = torch.einsum("bth,btd->bhd", weights, x)                # (B, H, D)
             values = torch.einsum("bhd,hed->bhe", pooled, self.value_weight) + self.value_bias  # (B, H, hd)
         return values.flatten(1)                                             # (B, D)

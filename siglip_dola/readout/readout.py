@@ -43,8 +43,10 @@ def _head_param(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
 class Readout:
     """``readout(images, layers)`` -> (z_final (B, D), z_layers (J, B, D)) raw embeddings, one forward pass.
 
-    Attributes: ``num_layers`` (N), ``embed_dim`` (D), ``image_size`` (H, W), ``backend`` ("timm" | "hf"),
-    ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head),
+    Attributes: ``num_layers`` (N), ``embed_dim`` (D), ``image_size`` (H, W), ``backend`` ("timm" | "hf" | "open_clip"),
+    ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head |
+    "token": class token, then the model's final norm and projection | "pooled": the model's own pooling,
+    then its projection | "masked_map": folded MAP head over a padding mask; token_head.py),
     ``fallback_reason`` (why the folded head is not used, else None).
     """
 
@@ -71,15 +73,18 @@ class Readout:
     @property
     def head_path(self) -> str:
         """"folded" when intermediate layers go through the folded MAP head, else "model"."""
-        return "folded" if self._folded is not None else "model"
+        return getattr(self._folded, "path", "folded") if self._folded is not None else "model"
 
-    def __call__(self, images: torch.Tensor, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W), layers 1..N-1 -> z_final (B, D), z_layers (J, B, D) in the order of ``layers``."""
+    def __call__(self, images: torch.Tensor, layers=None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W), layers 1..N-1 -> z_final (B, D), z_layers (J, B, D) in the order of ``layers``.
+
+        ``inputs``: the tower's extra keyword inputs (SigLIP2 NaFlex: pixel_attention_mask, spatial_shapes).
+        """
         layer_list = self._check_layers(layers)
-        self._check_images(images)
+        self._check_inputs(images, inputs)
         with torch.no_grad():
             head = self._current_head()
-            pooler = fused.pooler_for(head, images.device, len(layer_list))  # CUDA + Triton fast path, else None
+            pooler = self._pooler(head, images.device, len(layer_list), inputs)
             captured: dict[int, torch.Tensor] = {}
             handles = []
 
@@ -89,13 +94,20 @@ class Readout:
                 if layer_list:   # the earliest block's hooks now, the rest from its hook: that CPU work then
                     first = min(layer_list)   # overlaps the forward (eager set-up, 23 layers: 0.8 ms; run 27)
                     register([first], then=lambda: register([layer for layer in layer_list if layer != first]))
-                z_final = self._tower.embed(images)
+                z_final = self._tower.embed(images, **inputs) if inputs else self._tower.embed(images)
             finally:
                 for handle in handles:
                     handle.remove()
             if pooler is not None and all(layer in captured for layer in layer_list):
                 captured.update(zip(layer_list, pooler.result()))
         return z_final, self._stack(z_final, layer_list, captured)
+
+    @staticmethod
+    def _pooler(head, device: torch.device, count: int, inputs: dict):
+        """The tower's own layer pooler (token_head.LayerHead, any device), else the fused MAP fast path or None."""
+        if hasattr(head, "pooler"):
+            return head.pooler(count, inputs) if count else None
+        return fused.pooler_for(head, device, count)   # CUDA + Triton fast path, else None
 
     def _register(self, layers, layer_list, head, captured: dict, pooler, handles: list, then=None) -> None:
         """Forward hooks for ``layers`` (slot = position in layer_list) into ``handles``; ``then`` runs in their first call."""
@@ -162,20 +174,27 @@ class Readout:
         return self._folded
 
     def _build_folded(self) -> tuple[FoldedMapHead | None, str | None]:
-        if not self._use_folded:
+        if self._tower.layer_head is not None:   # the tower says how to read a layer (token_head.py)
+            folded = self._tower.layer_head(self._use_folded)
+            if folded.path == "model":
+                return folded, None if self._use_folded else "folded_head=False"
+        elif not self._use_folded:
             return None, "folded_head=False"
-        parts = self._tower.map_parts()
-        if parts is None:
-            return None, "the head is not a single-query MAP head of the plain form"
-        folded = fold(parts, self._tower.final_norm)
-        if folded is None:
-            return None, f"final norm {type(self._tower.final_norm).__name__} is not LayerNorm/Identity"
+        else:
+            parts = self._tower.map_parts()
+            if parts is None:
+                return None, "the head is not a single-query MAP head of the plain form"
+            folded = fold(parts, self._tower.final_norm)
+            if folded is None:
+                return None, f"final norm {type(self._tower.final_norm).__name__} is not LayerNorm/Identity"
         probe = self._probe_tokens()
         with torch.autocast(device_type=probe.device.type, enabled=False):
             expected, got = self._own_layer_embedding(probe).float(), folded(probe).float()
         error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
         if not error <= _CHECK_TOL.get(probe.dtype, _HALF_TOL):
-            return None, f"folded head differs from the model's own head (relative error {error:.2e})"
+            reason = f"folded head differs from the model's own head (relative error {error:.2e})"
+            own = self._tower.layer_head(False) if self._tower.layer_head is not None else None
+            return (own if own is not None and own.path == "model" else None), reason
         return folded, None
 
     def _check_layers(self, layers) -> list[int]:
@@ -185,6 +204,17 @@ class Readout:
             return resolve_layers(self.num_layers, layers=layers)
         except TypeError as error:
             raise TypeError(f"{error}; valid layers are ints in 1..{self.num_layers - 1}") from None
+
+    def _check_inputs(self, images, inputs: dict) -> None:
+        expected = self._tower.extra_inputs
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise TypeError(f"unexpected keyword inputs {unknown}; this model takes "
+                            + (f"{list(expected)}" if expected else "images only"))
+        if self._tower.check_inputs is not None:
+            self._tower.check_inputs(images, **inputs)
+        else:
+            self._check_images(images)
 
     def _check_images(self, images) -> None:
         channels, (height, width) = self._tower.in_chans, self.image_size
