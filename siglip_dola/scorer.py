@@ -282,9 +282,11 @@ class DoLaSigLIP:
 
 
 def _check_pixels(pixels) -> None:
-    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+    # 3-D: packed NaFlex patches [B, 1+P, C*p*p] (readout.tower_hf_siglip2.pack); the readout checks the sizes
+    if not isinstance(pixels, torch.Tensor) or not (pixels.ndim == 4 and pixels.shape[1] == 3 or pixels.ndim == 3):
         shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+        raise ValueError(f"images must be a [B, 3, H, W] tensor (SigLIP2 NaFlex: packed patches "
+                         f"[B, 1+P, C*p*p]), got {shape}")
 
 
 def _check_top_k(top_k) -> int:

@@ -85,7 +85,7 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
 
 def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
     """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
-    readout._check_images(example_images)
+    readout._prepare_inputs(example_images, {})
     layer_list = readout._check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
 

@@ -81,7 +81,7 @@ class Readout:
         ``inputs``: the tower's extra keyword inputs (SigLIP2 NaFlex: pixel_attention_mask, spatial_shapes).
         """
         layer_list = self._check_layers(layers)
-        self._check_inputs(images, inputs)
+        images, inputs = self._prepare_inputs(images, inputs)
         with torch.no_grad():
             head = self._current_head()
             pooler = self._pooler(head, images.device, len(layer_list), inputs)
@@ -205,16 +205,17 @@ class Readout:
         except TypeError as error:
             raise TypeError(f"{error}; valid layers are ints in 1..{self.num_layers - 1}") from None
 
-    def _check_inputs(self, images, inputs: dict) -> None:
+    def _prepare_inputs(self, images, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """The checked (images, extra inputs) for the tower's embed and pooler (NaFlex: unpacked)."""
         expected = self._tower.extra_inputs
         unknown = sorted(set(inputs) - set(expected))
         if unknown:
             raise TypeError(f"unexpected keyword inputs {unknown}; this model takes "
                             + (f"{list(expected)}" if expected else "images only"))
-        if self._tower.check_inputs is not None:
-            self._tower.check_inputs(images, **inputs)
-        else:
-            self._check_images(images)
+        if self._tower.prepare_inputs is not None:
+            return self._tower.prepare_inputs(images, **inputs)
+        self._check_images(images)
+        return images, inputs
 
     def _check_images(self, images) -> None:
         channels, (height, width) = self._tower.in_chans, self.image_size

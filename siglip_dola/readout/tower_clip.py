@@ -82,8 +82,8 @@ def _locate(model):
     visual = getattr(model, "visual", None)
     if not _is_visual(visual):
         return None
-    if hasattr(model, "encode_image"):
-        return visual, lambda images: _first(model.encode_image(images))
+    if hasattr(model, "encode_image"):   # raw: CoCa's encode_image normalises unless told not to
+        return visual, lambda images: _first(model.encode_image(images, normalize=False))
     return visual, lambda images: _first(visual(images))
 
 

@@ -29,7 +29,8 @@ class Tower:
     # layer_head(folded) -> a token_head.LayerHead; None: the folded MAP head (map_parts) or the model's own
     layer_head: Callable[[bool], object] | None = None
     extra_inputs: tuple[str, ...] = ()                     # keyword inputs of embed besides the images
-    check_inputs: Callable[..., None] | None = None        # (images, **extra) -> None or ValueError; None: images
+    # (images, **extra) -> (images, extra) checked and completed (ValueError); None: [B, C, H, W] images only
+    prepare_inputs: Callable[..., tuple] | None = None
 
 
 def block_tokens(output) -> torch.Tensor:
