@@ -205,3 +205,45 @@ def test_token_head_and_the_models_own_head_agree():
     assert (fast.head_path, plain.head_path) == ("token", "model")
     (zf_fast, zl_fast), (zf_plain, zl_plain) = fast(images, [2, 5, 9]), plain(images, [2, 5, 9])
     assert torch.equal(zf_fast, zf_plain) and _rel(zl_fast, zl_plain) <= FP32_TOL
+
+
+def test_open_clip_eva02_b_16_timm_trunk_class_token():
+    """open_clip builds EVA through timm (Eva trunk, global_pool='token', rope): layer j = head(norm(h_j)[:, 0])."""
+    model = _open_clip("EVA02-B-16")
+    trunk = model.visual.trunk
+    blocks, layers = list(trunk.blocks), [2, 6, 11]
+    readout = from_model(model)
+    assert (readout.backend, readout.head_path, readout.num_layers) == ("timm", "token", 12)
+    images = _images(1, 224)
+    before = snapshot(model)
+    z_final, z_layers = _counted_call(readout, trunk.patch_embed, blocks, images, layers)
+    assert_unchanged(before, model)
+    with torch.no_grad():
+        assert torch.equal(z_final, model.encode_image(images))
+        intermediates = trunk.forward_intermediates(images, indices=[j - 1 for j in layers], output_fmt="NLC",
+                                                    intermediates_only=True, return_prefix_tokens=True)
+        for index, (patches, prefix) in enumerate(intermediates):   # the model's own pool: token 0 of norm(h_j)
+            h = torch.cat([prefix, patches], dim=1)
+            expected = model.visual.head(trunk.head(trunk.fc_norm(trunk.norm(h)[:, 0])))
+            assert _rel(z_layers[index], expected) <= FP32_TOL, layers[index]
+    _raising_call_leaves_no_trace(model, readout, blocks, images, layers)
+
+
+def test_timm_average_pool_tower_reads_layers_through_its_own_head():
+    import timm
+
+    tower = fill_random_(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, depth=4,
+                                           embed_dim=64, num_heads=4, img_size=64, global_pool="avg",
+                                           fc_norm=True))
+    readout = from_model(tower)
+    assert readout.head_path == "model"
+    images = _images(2, 64)
+    z_final, z_layers = _counted_call(readout, tower.patch_embed, list(tower.blocks), images, [1, 3])
+    with torch.no_grad():
+        assert torch.equal(z_final, tower(images))
+        for index, tokens in enumerate(tower.forward_intermediates(images, indices=[0, 2], output_fmt="NLC",
+                                                                   intermediates_only=True,
+                                                                   return_prefix_tokens=True)):
+            h = torch.cat([tokens[1], tokens[0]], dim=1)
+            expected = tower.fc_norm(tower.norm(h)[:, 1:].mean(dim=1))   # avg over patch tokens, then fc_norm
+            assert _rel(z_layers[index], expected) <= FP32_TOL

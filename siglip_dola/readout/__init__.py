@@ -26,6 +26,8 @@ SUPPORTED = (
     "Janus-style towers (timm 0.9 VisionTransformer with attn_pool), their CLIPVisionTower "
     "(.vision_tower, optional .image_norm) or MultiModalityCausalLM (.vision_model); "
     "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True; "
+    "timm towers with a class-token or average head (global_pool='token'/'avg': timm CLIP ViTs, Eva, "
+    "open_clip's EVA models at model.visual.trunk); "
     "open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
     "with a class-token, average or CoCa attention-pool head; "
     "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel; "

@@ -17,6 +17,7 @@ import torch.nn as nn
 from siglip_dola.layers import resolve_layers
 from siglip_dola.readout import pooler as fused
 from siglip_dola.readout.map_head import FoldedMapHead, fold
+from siglip_dola.readout.token_head import LayerHead
 from siglip_dola.readout.towers import Tower, block_tokens
 
 _PROBE_SHAPE = (2, 7)          # (B, T) of the random tokens that check the folded head against the model's
@@ -105,7 +106,7 @@ class Readout:
     @staticmethod
     def _pooler(head, device: torch.device, count: int, inputs: dict):
         """The tower's own layer pooler (token_head.LayerHead, any device), else the fused MAP fast path or None."""
-        if hasattr(head, "pooler"):
+        if isinstance(head, LayerHead):
             return head.pooler(count, inputs) if count else None
         return fused.pooler_for(head, device, count)   # CUDA + Triton fast path, else None
 
