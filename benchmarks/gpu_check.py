@@ -13,7 +13,7 @@ Random-init open_clip ViT-L-16-SigLIP-384 and HF SiglipVisionModel (ViT-L/16-384
 - a 12-head tower (ViT-B-16-SigLIP; the kernel pads heads to 16): fused bf16 layers vs the PyTorch path;
 - CLIP-family and NaFlex towers (token_head.py), the same checks: open_clip ViT-L-14-336 and HF
   CLIPVisionModelWithProjection at ViT-L/14-336 (class token, ln_post, proj), open_clip CoCa ViT-B-32
-  (attention pool), HF Siglip2VisionModel base NaFlex (two patch grids with padding in one batch, packed
+  (attention pool), open_clip EVA02-B-16 (timm Eva trunk, class token), HF Siglip2VisionModel base NaFlex (two patch grids with padding in one batch, packed
   images; its CUDA-graph row says whether the call could be captured).
 ``--only clip`` runs just the CLIP-family rows; ``--device cpu`` smoke-tests the script (slow at these sizes).
 Prints and writes one JSON object. Nothing here is asserted; the tests do that on CPU.
@@ -173,21 +173,27 @@ def clip_family_rows(device, batch: int) -> list[dict]:
     from siglip_dola.readout.tower_hf_siglip2 import pack, unpack
 
     rows = []
-    for name, size, pool in (("ViT-L-14-336", 336, "token"), ("coca_ViT-B-32", 224, "coca")):
+    for name, size, pool in (("ViT-L-14-336", 336, "token"), ("coca_ViT-B-32", 224, "coca"),
+                             ("EVA02-B-16", 224, "eva")):
         torch.manual_seed(0)
         model = open_clip.create_model(name, pretrained=None).to(device).eval()
         randomize_norms(model)
         visual = model.visual
         if pool == "token":
             head = lambda h, v=visual: v.ln_post(h)[:, 0] @ v.proj                     # noqa: E731
-        else:
+            blocks = visual.transformer.resblocks
+        elif pool == "coca":
             head = lambda h, v=visual: v.ln_post(v.attn_pool(h))[:, 0] @ v.proj       # noqa: E731
-        layers = list(range(1, len(visual.transformer.resblocks)))
+            blocks = visual.transformer.resblocks
+        else:   # timm Eva trunk: norm, class token, fc_norm, the trunk's head, open_clip's head
+            head = lambda h, v=visual, t=visual.trunk: v.head(t.head(t.fc_norm(t.norm(h)[:, 0])))  # noqa: E731
+            blocks = visual.trunk.blocks
+        layers = list(range(1, len(blocks)))
         images = torch.randn(batch, 3, size, size, device=device)
         embed = lambda x, m=model: m.encode_image(x, normalize=False)                 # noqa: E731
-        bank = torch.randn(1000, visual.output_dim, device=device)
-        rows.append(check(f"open_clip {name}", model, visual.transformer.resblocks, head, embed, images, layers,
-                          bank, 0.01))
+        with torch.no_grad():
+            bank = torch.randn(1000, int(embed(images[:1]).shape[-1]), device=device)
+        rows.append(check(f"open_clip {name}", model, blocks, head, embed, images, layers, bank, 0.01))
         del model
     torch.manual_seed(0)
     hf = CLIPVisionModelWithProjection(CLIPVisionConfig(
