@@ -48,7 +48,8 @@ class Readout:
     ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head |
     "token": class token, then the model's final norm and projection | "pooled": the model's own pooling,
     then its projection | "masked_map": folded MAP head over a padding mask; token_head.py),
-    ``fallback_reason`` (why the folded head is not used, else None).
+    ``fallback_reason`` (why the folded head is not used, else None), ``packed_inputs`` (True: the model takes
+    packed NaFlex patches (B, 1 + P, C*p*p), tower_hf_siglip2.pack, instead of (B, C, H, W) images).
     """
 
     def __init__(self, tower: Tower, folded_head: bool = True):
@@ -59,6 +60,7 @@ class Readout:
         self.backend = tower.backend
         self.num_layers = len(tower.blocks)
         self.image_size = tuple(tower.image_size)
+        self.packed_inputs = tower.prepare_inputs is not None   # NaFlex: one packed patch tensor per image
         self._fingerprint = None
         self._folded: FoldedMapHead | None = None
         self._entry_cache: dict = {}   # layer -> (head, norm fingerprint, EntryNorm | None)
