@@ -43,8 +43,13 @@ def fill_random_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _open_clip(name: str) -> nn.Module:
+    """Built on the meta device (the library initialisers take tens of seconds on CPU), then filled here; a
+    tower with buffers (EVA's rope tables) is built for real: to_empty would leave its buffers uninitialised."""
     model = open_clip.create_model(name, pretrained=None, device="meta")
-    model.to_empty(device="cpu")
+    if any(True for _ in model.visual.buffers()):
+        model = open_clip.create_model(name, pretrained=None)
+    else:
+        model.to_empty(device="cpu")
     return fill_random_(model)
 
 

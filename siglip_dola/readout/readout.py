@@ -75,7 +75,8 @@ class Readout:
 
     @property
     def head_path(self) -> str:
-        """"folded" when intermediate layers go through the folded MAP head, else "model"."""
+        """How layers 1..N-1 are read: "folded" (folded MAP head), a token_head path ("token", "pooled",
+        "masked_map"), or "model" (the model's own norm + head per layer)."""
         return getattr(self._folded, "path", "folded") if self._folded is not None else "model"
 
     def __call__(self, images: torch.Tensor, layers=None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
