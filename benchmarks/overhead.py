@@ -11,7 +11,8 @@ Variants and floors live in ``variants.py``, the timed callables in ``points.py`
 
     python benchmarks/overhead.py --device cpu --quick                    # ~1 min on 2 CPU cores
     python benchmarks/overhead.py --batches 64 --dtypes bf16 --layers 3,23 --out overhead.json
-    python benchmarks/overhead.py --model ViT-L-14-336 --batches 64 --layers 3,23 --variants onepass  # CLIP: token head
+    python benchmarks/overhead.py --model ViT-L-14-336 --batches 64 --layers 3,23 --variants unfused  # CLIP: the token
+                                                       # head has no kernel and ignores the fused switches
 """
 from __future__ import annotations
 

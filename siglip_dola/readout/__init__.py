@@ -38,7 +38,7 @@ __all__ = ["Readout", "from_model", "SUPPORTED"]
 
 
 def from_model(model, folded_head: bool = True) -> Readout:
-    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP); the model is only read, never changed.
+    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP, CLIP, SigLIP2); the model is only read, never changed.
 
     ``folded_head=False`` reads every layer through the model's own head modules (for comparison/benchmarks).
     """
