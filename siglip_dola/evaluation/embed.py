@@ -4,6 +4,7 @@ Under torchrun each rank embeds a contiguous shard and rank 0 gathers the shards
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,10 @@ def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_s
     batches = (_path_batches if items and _is_path(items[0]) else _pair_batches)(
         items, offset, model.preprocess, batch_size)
     finals, stacks, result = [], [], Embeddings(None, None, list(layers), [])
-    with tqdm(total=len(items), disable=not progress, desc="embedding", unit="img") as bar:
+    # a caller's bar (an index build's one bar over all chunks) is updated, not closed
+    given = hasattr(progress, "update")
+    with (contextlib.nullcontext(progress) if given else
+          tqdm(total=len(items), disable=not progress, desc="embedding", unit="img")) as bar:
         for batch in batches:
             result.skipped.extend(batch.skipped)
             if batch.pixels is not None:
@@ -139,7 +143,7 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
 
 
 def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32,
-                 progress: bool = True) -> Embeddings | None:
+                 progress=True) -> Embeddings | None:
     """Embed image paths or (id, PIL image) pairs: z_final [n, D], z_layers [J, n, D] (fp32, cpu).
 
     One model.readout call per batch gives the final and every requested layer. Bad files are skipped
@@ -152,6 +156,6 @@ def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int 
     layers = [int(j) for j in layers]
     rank, world = distributed.rank_and_world()
     start, stop = distributed.shard_bounds(len(items), rank, world)
-    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress and rank == 0)
+    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress if rank == 0 else False)
     parts = distributed.gather_to_rank0(local)
     return None if parts is None else concat_embeddings(parts)

@@ -26,11 +26,6 @@ from siglip_dola.readout.map_head import FoldedMapHead
 
 
 @dataclass(frozen=True)
-class _NoEntryNorms:
-    entry_norms: bool = False    # the readout asks a pooler's config this (pooler.FusedConfig has it too)
-
-
-@dataclass(frozen=True)
 class LayerHead:
     """How a tower reads layer j: ``select`` in the hook, ``finish`` batched over layers (see module doc)."""
 
@@ -42,26 +37,34 @@ class LayerHead:
         """Raw block output (B, T, D) -> embedding (B, D_out), one layer."""
         return self.finish(self.select(tokens, **inputs)[None])[0]
 
-    def pooler(self, num_slots: int, inputs: dict) -> "HeadPooler":
-        """A per-call pooler with the readout's LayerPooler interface (add / result)."""
-        return HeadPooler(self, num_slots, inputs)
 
 
 class HeadPooler:
-    """Per call: ``add(slot, tokens)`` from block j's hook, then ``result()`` -> (J, B, D_out) in slot order."""
+    """One call's pooler for a LayerHead, with pooler.Pooling's interface: ``hooks(layer, blocks)`` ->
+    [(block j, hook)] (select in the hook), then ``result()`` -> (J, B, D_out) (finish, batched)."""
 
-    config = _NoEntryNorms()
+    def __init__(self, head: LayerHead, layers: list[int], inputs: dict):
+        self.head, self.layers, self.inputs = head, list(layers), inputs
+        self._parts: dict[int, torch.Tensor] = {}
+        path = "model-head" if head.path == "model" else "pytorch"
+        self.paths = {layer: path for layer in self.layers}
+        self.reasons = {layer: f"{head.path} layer head (token_head.py): PyTorch, no fused kernel"
+                        for layer in self.layers}
 
-    def __init__(self, head: LayerHead, num_slots: int, inputs: dict):
-        self.head, self.inputs = head, inputs
-        self.parts: list[torch.Tensor | None] = [None] * num_slots
-
-    def add(self, slot: int, tokens: torch.Tensor) -> None:
-        self.parts[slot] = self.head.select(tokens, **self.inputs)          # (B, P)
+    def hooks(self, layer: int, blocks) -> list:
+        def hook(module, args, output):
+            if layer in self._parts:
+                raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
+            tokens = output[0] if isinstance(output, (tuple, list)) else output   # (B, T, D)
+            self._parts[layer] = self.head.select(tokens, **self.inputs)        # (B, P)
+        return [(blocks[layer - 1], hook)]
 
     def result(self) -> torch.Tensor:
-        assert all(part is not None for part in self.parts), "result() before every layer was added"
-        return self.head.finish(torch.stack(self.parts))                     # (J, B, D_out)
+        missing = [layer for layer in self.layers if layer not in self._parts]
+        if missing:
+            raise RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
+                               "does not call hooks); pass the eager model")
+        return self.head.finish(torch.stack([self._parts[layer] for layer in self.layers]))   # (J, B, D_out)
 
 
 def class_token_head(norm: nn.Module, project: Callable[[torch.Tensor], torch.Tensor], index: int = 0) -> LayerHead:
