@@ -11,6 +11,8 @@ Variants and floors live in ``variants.py``, the timed callables in ``points.py`
 
     python benchmarks/overhead.py --device cpu --quick                    # ~1 min on 2 CPU cores
     python benchmarks/overhead.py --batches 64 --dtypes bf16 --layers 3,23 --out overhead.json
+    python benchmarks/overhead.py --model ViT-L-14-336 --batches 64 --layers 3,23 --variants unfused  # CLIP: the token
+                                                       # head has no kernel and ignores the fused switches
 """
 from __future__ import annotations
 
@@ -85,8 +87,9 @@ def build_model(args):
         return model.eval().to(args.device), model, model, 10.0 ** 0.5, (64, 64)
     import open_clip
     model = open_clip.create_model(args.model, pretrained=None, device=args.device).eval()
-    size = model.visual.trunk.patch_embed.img_size
-    return model, model.visual.trunk, model.encode_image, float(model.logit_scale.detach()), tuple(size)
+    trunk = getattr(model.visual, "trunk", model.visual)   # CLIP-family: the VisionTransformer itself (no sweep)
+    size = trunk.patch_embed.img_size if hasattr(model.visual, "trunk") else model.visual.image_size
+    return model, trunk, model.encode_image, float(model.logit_scale.detach()), tuple(size)
 
 
 def layer_sets(num_layers: int, counts: list[int]) -> dict[int, list[int]]:

@@ -65,9 +65,12 @@ class DoLaSigLIP:
         return cls(model, calibration=path, **overrides)
 
     # ------------------------------------------------------------ embeddings
+    def _packed(self) -> bool:
+        return bool(getattr(self.model.readout, "packed_inputs", False))
+
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
-        _check_pixels(pixels)
+        _check_pixels(pixels, self._packed())
         with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
             z_final, z_layers = self._readout(pixels.to(self.model.device), self.layers)
         z_layers = z_layers.float() if self.layers else None
@@ -76,7 +79,7 @@ class DoLaSigLIP:
     def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
         """(ids, pixels [B, 3, H, W], skipped [(path, error)]) per batch from a tensor, PIL images or paths."""
         if isinstance(images, torch.Tensor):
-            _check_pixels(images)
+            _check_pixels(images, self._packed())
             for start in range(0, images.shape[0], self.batch_size):
                 chunk = images[start:start + self.batch_size]
                 yield list(range(start, start + chunk.shape[0])), chunk, []
@@ -283,10 +286,13 @@ class DoLaSigLIP:
         return z_final, z_layers[[stored.index(j) for j in self.layers]]
 
 
-def _check_pixels(pixels) -> None:
-    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+def _check_pixels(pixels, packed: bool = False) -> None:
+    """packed: the model takes packed NaFlex patches [B, 1+P, C*p*p] (readout.tower_hf_siglip2.pack), not images."""
+    ok = isinstance(pixels, torch.Tensor) and (pixels.ndim == 3 if packed else pixels.ndim == 4 and pixels.shape[1] == 3)
+    if not ok:
         shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+        expected = "packed NaFlex patches [B, 1+P, C*p*p]" if packed else "[B, 3, H, W]"
+        raise ValueError(f"images must be a {expected} tensor, got {shape}")
 
 
 def _check_top_k(top_k) -> int:

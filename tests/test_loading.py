@@ -246,7 +246,9 @@ def test_bad_local_paths_devices_and_precisions(tmp_path, hf_dir):
     assert loading.resolve_precision(None, torch.device("cpu")) == torch.float32
 
 
-def test_naflex_siglip2_folder_is_rejected(tmp_path):
+def test_naflex_siglip2_folder_without_safetensors_is_refused(tmp_path):
+    # NaFlex 'siglip2' folders load since issue #18 (tests/test_loading_clip.py); their weights must be safetensors
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
-    with pytest.raises(ValueError, match="model_type='siglip2'"):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(FileNotFoundError, match="only safetensors weights"):
         loading.load(tmp_path, device="cpu")

@@ -31,7 +31,9 @@ ACCEPTED_FORMS = (
     "a local folder (HF save_pretrained: config.json + model.safetensors, or open_clip: open_clip_config.json "
     "+ weights); an open_clip name with a pretrained tag 'ViT-L-16-SigLIP-384:webli' or a local checkpoint "
     "'ViT-L-16-SigLIP-384:/path/to/weights.safetensors' (.pt/.pth/.bin are read with weights_only=True); "
-    "'hf-hub:timm/ViT-L-16-SigLIP-384'; a Hugging Face id 'google/siglip-large-patch16-384'"
+    "'hf-hub:timm/ViT-L-16-SigLIP-384'; CLIP-family open_clip names 'ViT-L-14-336:openai', "
+    "'ViT-H-14-378-quickgelu:dfn5b'; a Hugging Face id of a SigLIP, CLIP or SigLIP2 (NaFlex) model: "
+    "'google/siglip-large-patch16-384', 'openai/clip-vit-large-patch14-336', 'google/siglip2-base-patch16-naflex'"
 )
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -66,7 +68,7 @@ class LoadedModel:
 
 
 def load(name_or_path: str | Path | None = None, device=None, precision: str | None = None) -> LoadedModel:
-    """Load a SigLIP model by name or path (None -> the embedded default) in eval mode on `device`."""
+    """Load a SigLIP / CLIP / SigLIP2 model by name or path (None -> the embedded default) in eval mode on `device`."""
     device = resolve_device(device)
     dtype = resolve_precision(precision, device)
     model, preprocess, tokenizer, model_id, weights = _load_by_name(name_or_path)
@@ -81,7 +83,7 @@ def load(name_or_path: str | Path | None = None, device=None, precision: str | N
 def from_model(model, preprocess=None, tokenizer=None, model_id: str | None = None,
                logit_scale: float | None = None, logit_bias: float | None = None,
                precision: str | None = None) -> LoadedModel:
-    """Wrap an already-loaded open_clip model, HF SiglipModel, or vision-only tower (timm / Janus).
+    """Wrap an already-loaded open_clip model, HF SiglipModel / CLIPModel / Siglip2Model, or vision-only tower.
 
     The model is used as is: not moved, not cast, not switched to eval mode. SigLIP towers have no
     dropout by default, so train/eval give the same embeddings; if yours has active dropout or

@@ -14,5 +14,5 @@ def backend_of(model) -> str:
     for name, adapter in ADAPTERS.items():
         if adapter.is_model(model):
             return name
-    raise TypeError(f"model must be an open_clip CLIP, a transformers SiglipModel or a torch.nn.Module; "
+    raise TypeError(f"model must be an open_clip CLIP / CoCa, a transformers SiglipModel / CLIPModel / Siglip2Model or a torch.nn.Module; "
                     f"got {type(model).__name__}")

@@ -1,4 +1,9 @@
-"""Hugging Face transformers SigLIP (`SiglipModel`): local save_pretrained folders, Hub ids, loaded objects."""
+"""Hugging Face transformers SigLIP, CLIP and SigLIP2 NaFlex (`SiglipModel`, `CLIPModel`, `Siglip2Model`):
+local save_pretrained folders, Hub ids, loaded objects.
+
+A NaFlex image processor returns patches, a patch mask and the patch grid per image; `NaFlexPreprocess`
+packs them into one tensor per image (readout.tower_hf_siglip2.pack), which the readout unpacks.
+"""
 from __future__ import annotations
 
 import json
@@ -16,7 +21,9 @@ HUB_FILES = [
     "spiece.model", "*.model",
 ]
 WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json"]
-SUPPORTED_MODEL_TYPES = ("siglip",)
+# config.json model_type -> transformers class holding both towers
+MODEL_CLASSES = {"siglip": "SiglipModel", "clip": "CLIPModel", "siglip2": "Siglip2Model"}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 
 def is_hf_dir(folder: Path) -> bool:
@@ -25,23 +32,25 @@ def is_hf_dir(folder: Path) -> bool:
 
 
 def is_model(model) -> bool:
-    """True for a transformers SiglipModel (vision + text towers)."""
-    from transformers import SiglipModel
+    """True for a transformers SiglipModel / CLIPModel / Siglip2Model (vision + text towers)."""
+    import transformers
 
-    return isinstance(model, SiglipModel)
+    return isinstance(model, tuple(getattr(transformers, name) for name in MODEL_CLASSES.values()))
 
 
 def load_dir(folder: Path):
     """(model, preprocess, tokenizer) from a local HF folder; safetensors weights only, no network."""
-    _check_config(folder)
+    model_type = _check_config(folder)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(
             f"{folder} has no model.safetensors: only safetensors weights are loaded (nothing is unpickled)"
         )
-    from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
 
+    model_class = getattr(transformers, MODEL_CLASSES[model_type])
     with _quiet_transformers():
-        model = SiglipModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, processor, tokenizer
@@ -73,37 +82,54 @@ def load_hub(repo_id: str):
     return (*load_dir(folder), folder)
 
 
-def _check_config(folder: Path) -> None:
+def _check_config(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{folder}/config.json has model_type={model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)} "
-            "(fixed-resolution SigLIP / SigLIP 2 checkpoints; NaFlex 'siglip2' models are not supported)"
+            "(SigLIP and fixed-resolution SigLIP 2: 'siglip'; CLIP: 'clip'; SigLIP 2 NaFlex: 'siglip2'; "
+            "vision-only checkpoints: load the module yourself and use from_model)"
         )
+    return model_type
 
 
 def parts(model, preprocess=None, tokenizer=None) -> AdapterParts:
-    """Preprocess / text encoder / logit scale and bias of a SiglipModel."""
+    """Preprocess / text encoder / logit scale and bias of a SiglipModel / CLIPModel / Siglip2Model."""
     if tokenizer is None:
-        raise TypeError("from_model(SiglipModel) needs tokenizer= (e.g. AutoTokenizer.from_pretrained(...))")
+        raise TypeError(f"from_model({type(model).__name__}) needs tokenizer= "
+                        "(e.g. AutoTokenizer.from_pretrained(...))")
+    bias = getattr(model, "logit_bias", None)   # CLIP has none (softmax training)
     return AdapterParts(
         preprocess=_wrap_processor(preprocess, model),
         encode_text=_text_encoder(model, tokenizer),
         logit_scale=float(model.logit_scale.detach().float().reshape(-1)[0]),
-        logit_bias=float(model.logit_bias.detach().float().reshape(-1)[0]),
+        logit_bias=0.0 if bias is None else float(bias.detach().float().reshape(-1)[0]),
     )
 
 
-def _wrap_processor(processor, model):
-    """PIL -> [3, H, W]: an HF image processor is wrapped; a plain callable is used as is."""
-    if processor is None:
-        from transformers import SiglipImageProcessor
+def _default_processor(model):
+    """The model type's own image processor at the model's size (its checkpoint's settings are not known)."""
+    import transformers
 
-        size = model.config.vision_config.image_size
-        processor = SiglipImageProcessor(size={"height": size, "width": size})
+    model_type = model.config.model_type
+    if model_type == "siglip2":
+        vision = model.config.vision_config
+        return transformers.Siglip2ImageProcessor(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+    size = model.config.vision_config.image_size
+    if model_type == "clip":
+        return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return transformers.SiglipImageProcessor(size={"height": size, "width": size})
+
+
+def _wrap_processor(processor, model):
+    """PIL -> [3, H, W] (NaFlex: packed patches): an HF image processor is wrapped; a plain callable is used as is."""
+    if processor is None:
+        processor = _default_processor(model)
     if not hasattr(processor, "preprocess"):
         return processor
+    if "spatial_shapes" in getattr(processor, "model_input_names", ()):
+        return NaFlexPreprocess(processor)
     return HFImagePreprocess(processor)
 
 
@@ -126,15 +152,33 @@ class HFImagePreprocess:
         return f"{type(self.processor).__name__}({settings})"
 
 
+class NaFlexPreprocess(HFImagePreprocess):
+    """PIL -> packed NaFlex patches (1 + P, C*p*p) through a Siglip2 image processor (tower_hf_siglip2.pack)."""
+
+    SETTINGS = (*HFImagePreprocess.SETTINGS, "patch_size", "max_num_patches")
+
+    def __call__(self, image):
+        from siglip_dola.readout.tower_hf_siglip2 import pack
+
+        out = self.processor(images=image.convert("RGB"), return_tensors="pt")
+        return pack(out["pixel_values"], out["spatial_shapes"])[0]
+
+
 def _text_encoder(model, tokenizer):
     max_length = model.config.text_config.max_position_embeddings
+    # SigLIP was trained on max_length padding and its text model takes no attention mask; CLIP (eos pooling)
+    # and SigLIP2 (processor: padding="max_length", max_length=64, with the mask) get their attention mask.
+    with_mask = model.config.model_type in ("clip", "siglip2")
+    if model.config.model_type == "siglip2":
+        max_length = min(max_length, 64)
 
     def encode(texts: list[str]) -> torch.Tensor:
-        # SigLIP was trained on max_length padding; the text model takes no attention mask.
         tokens = tokenizer(list(texts), padding="max_length", max_length=max_length,
                            truncation=True, return_tensors="pt")
-        input_ids = tokens["input_ids"].to(model.logit_scale.device)
-        output = model.get_text_features(input_ids=input_ids)
+        device = model.logit_scale.device
+        mask = tokens.get("attention_mask") if with_mask else None
+        output = model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                         **({"attention_mask": mask.to(device)} if mask is not None else {}))
         return output if isinstance(output, torch.Tensor) else output.pooler_output  # (C, D)
 
     return encode

@@ -1,4 +1,4 @@
-"""open_clip SigLIP: `NAME:TAG`, `hf-hub:org/repo`, `NAME:/path/ckpt.safetensors`, local folders, loaded objects.
+"""open_clip SigLIP, CLIP and CoCa: `NAME:TAG` (e.g. `ViT-L-14-336:openai`), `hf-hub:org/repo`, `NAME:/path/ckpt.safetensors`, local folders, loaded objects.
 
 open_clip loads checkpoints with `torch.load(weights_only=True)` (we pass it explicitly) or safetensors.
 Hub files are located through `hub.snapshot` first, so open_clip itself only ever sees local paths.
@@ -20,10 +20,10 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def is_model(model) -> bool:
-    """True for an open_clip CLIP / CustomTextCLIP model."""
+    """True for an open_clip CLIP / CustomTextCLIP / CoCa model."""
     import open_clip
 
-    return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+    return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP, open_clip.CoCa))
 
 
 def is_open_clip_dir(folder: Path) -> bool:
@@ -128,6 +128,6 @@ def parts(model, preprocess=None, tokenizer=None) -> AdapterParts:
 def _text_encoder(model, tokenizer):
     def encode(texts: list[str]) -> torch.Tensor:
         tokens = tokenizer(list(texts)).to(model.logit_scale.device)
-        return model.encode_text(tokens)  # (C, D), raw
+        return model.encode_text(tokens, normalize=False)  # (C, D), raw (CoCa normalises by default)
 
     return encode

@@ -1,34 +1,44 @@
-"""One-pass layer readout for SigLIP vision towers.
+"""One-pass layer readout for SigLIP / SigLIP2 / CLIP-family vision towers.
 
     readout = from_model(model)
     z_final, z_layers = readout(images, layers=[18, 20, 22])   # (B, D), (J, B, D): raw, not normalised
 
 z_final is exactly the model's own image embedding; z_layers[i] = head(norm(h_j)) for j = layers[i],
-read through the same final norm and MAP head (folded, see map_head.py). One backbone forward per call.
+read through the same final norm and head: SigLIP's MAP head folded (map_head.py); CLIP's class token,
+then ln_post and proj (token_head.py); NaFlex's MAP head with its padding masked. One backbone forward per call.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from siglip_dola.readout import tower_hf, tower_vit
+from siglip_dola.readout import tower_clip, tower_hf, tower_hf_clip, tower_hf_siglip2, tower_vit
 from siglip_dola.readout.readout import Readout
 
-# Tower builders, dispatched through a plain dict: each ``build(model)`` returns a Tower or None.
-ADAPTERS = {"vit": tower_vit.build, "hf": tower_hf.build}
+# Tower builders, dispatched through a plain dict in order: each ``build(model)`` returns a Tower or None
+# (or raises ValueError for a recognised tower whose head form is not supported). SigLIP2 NaFlex comes
+# before "hf": its vision model also has embeddings / encoder / post_layernorm / head.
+ADAPTERS = {"vit": tower_vit.build, "open_clip_vit": tower_clip.build, "hf_siglip2": tower_hf_siglip2.build,
+            "hf": tower_hf.build, "hf_clip": tower_hf_clip.build}
 
 SUPPORTED = (
     "timm VisionTransformer with a MAP head (global_pool='map', e.g. vit_large_patch16_siglip_384); "
     "open_clip SigLIP models (model.visual.trunk is such a tower, e.g. ViT-L-16-SigLIP-384) or their .visual; "
     "Janus-style towers (timm 0.9 VisionTransformer with attn_pool), their CLIPVisionTower "
     "(.vision_tower, optional .image_norm) or MultiModalityCausalLM (.vision_model); "
-    "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True"
+    "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True; "
+    "timm towers with a class-token or average head (global_pool='token'/'avg': timm CLIP ViTs, Eva, "
+    "open_clip's EVA models at model.visual.trunk); "
+    "open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
+    "with a class-token, average or CoCa attention-pool head; "
+    "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel; "
+    "Hugging Face Siglip2Model / Siglip2VisionModel (NaFlex: pass pixel_attention_mask= and spatial_shapes=)"
 )
 
 __all__ = ["Readout", "from_model", "SUPPORTED"]
 
 
 def from_model(model, folded_head: bool = True) -> Readout:
-    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP); the model is only read, never changed.
+    """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP, CLIP, SigLIP2); the model is only read, never changed.
 
     ``folded_head=False`` reads every layer through the model's own head modules (for comparison/benchmarks).
     """

@@ -86,7 +86,7 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
 
 def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
     """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
-    readout.check_images(example_images)
+    readout.prepare_inputs(example_images, {})   # checks the images (NaFlex: packed patches)
     layer_list = readout.check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
 

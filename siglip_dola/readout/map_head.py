@@ -60,24 +60,34 @@ class FoldedMapHead:
     tail: Tail
     tail_dtype: torch.dtype      # dtype of the model's head modules
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw block output (B, T, D) -> concatenated head values (B, D), before the output projection."""
-        return head_values(pool_tokens(tokens, self.key_probe, self.norm_eps), self.value_weight, self.value_bias)
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw block output (B, T, D) -> concatenated head values (B, D), before the output projection.
+
+        ``mask`` (B, T), optional: nonzero for real tokens; the others get zero attention weight (NaFlex padding).
+        """
+        pooled = pool_tokens(tokens, self.key_probe, self.norm_eps, mask=mask)
+        return head_values(pooled, self.value_weight, self.value_bias)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raw block output (B, T, D) -> embedding (B, D_out), equal to head(norm(tokens))."""
         return self.tail(self.pool(tokens).to(self.tail_dtype))
 
 
-def pool_tokens(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None) -> torch.Tensor:
+def pool_tokens(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """THE PyTorch reference of the pooling: tokens (B, T, D) raw block output, key_probe (H, D) -> (B, H, D),
     pooled[b, h] = sum_t softmax_t(x_hat[b, t] . key_probe[h]) x_hat[b, t]; x_hat = LayerNorm(x) without affine
-    (``norm_eps`` None: x itself). In key_probe's dtype with autocast off. The Triton kernel is tested against it."""
+    (``norm_eps`` None: x itself). In key_probe's dtype with autocast off. The Triton kernel is tested against it.
+    ``mask`` (B, T), optional: nonzero for real tokens; the others get zero weight (SigLIP2 NaFlex padding, as
+    the model's own additive finfo.min mask gives them)."""
     with torch.autocast(device_type=tokens.device.type, enabled=False):
         x_hat = tokens.to(key_probe.dtype)
         if norm_eps is not None:
             x_hat = F.layer_norm(x_hat, x_hat.shape[-1:], eps=norm_eps)          # (B, T, D) affine folded away
-        weights = torch.softmax(x_hat @ key_probe.T, dim=1)                      # (B, T, H) over tokens
+        logits = x_hat @ key_probe.T                                             # (B, T, H)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool()[:, :, None], float("-inf"))
+        weights = torch.softmax(logits, dim=1)                                   # (B, T, H) over tokens
         return torch.einsum("bth,btd->bhd", weights, x_hat)                      # (B, H, D)
 
 

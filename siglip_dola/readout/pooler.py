@@ -33,6 +33,7 @@ from siglip_dola.readout.entry_norm import (  # noqa: F401  (ENTRY_BLOCK_TYPES: 
     ENTRY_BLOCK_TYPES, EntryNorm, entry_norm, first_norm, tensor_version)
 from siglip_dola.readout.kernel import combine_partials, merge_values, pool_partials, split_plan, triton, triton_usable
 from siglip_dola.readout.map_head import head_values, pool_tokens
+from siglip_dola.readout.token_head import HeadPooler, LayerHead
 
 try:
     from triton.runtime.errors import OutOfResources
@@ -64,10 +65,15 @@ class Pooling:
         self._blocks, self._own_embedding = blocks, own_embedding
         self._entries: dict = {}   # layer -> (head, norm weights key, EntryNorm | None, reason)
 
-    def begin(self, head, layers: list[int], device: torch.device):
-        """The pooler for one call: hooks(layer) -> [(module, forward hook)], then result() -> (J, B, D_out)."""
+    def begin(self, head, layers: list[int], device: torch.device, inputs: dict | None = None):
+        """The pooler for one call: hooks(layer) -> [(module, forward hook)], then result() -> (J, B, D_out).
+
+        ``inputs``: the call's extra model inputs (SigLIP2 NaFlex's mask), for a tower's own
+        :class:`~siglip_dola.readout.token_head.LayerHead` (class token, pooled, masked MAP), pooled in PyTorch."""
         if head is None:
             return OwnHeadPooler(self._own_embedding, layers)
+        if isinstance(head, LayerHead):
+            return HeadPooler(head, layers, inputs or {})
         fused, reason = _fused_possible(head, torch.device(device))
         if not fused:
             entries = {}

@@ -42,11 +42,14 @@ def _head_param(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
 class Readout:
     """``readout(images, layers)`` -> (z_final (B, D), z_layers (J, B, D)) raw embeddings, one forward pass.
 
-    Attributes: ``num_layers`` (N), ``embed_dim`` (D), ``image_size`` (H, W), ``backend`` ("timm" | "hf"),
-    ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head),
-    ``fallback_reason`` (why the folded head is not used, else None), and from the last call ``layer_paths``
-    ({layer: "fused-entry-norm" | "fused-stats" | "pytorch" | "model-head"}) and ``path_reasons`` ({layer: why
-    not the fastest path, or None}).
+    Attributes: ``num_layers`` (N), ``embed_dim`` (D), ``image_size`` (H, W), ``backend`` ("timm" | "hf" | "open_clip"),
+    ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head |
+    "token": class token, then the model's final norm and projection | "pooled": the model's own pooling,
+    then its projection | "masked_map": folded MAP head over a padding mask; token_head.py),
+    ``fallback_reason`` (why the folded head is not used, else None), ``packed_inputs`` (True: the model takes
+    packed NaFlex patches (B, 1 + P, C*p*p), tower_hf_siglip2.pack, instead of (B, C, H, W) images), and from
+    the last call ``layer_paths`` ({layer: "fused-entry-norm" | "fused-stats" | "pytorch" | "model-head"}) and
+    ``path_reasons`` ({layer: why not the fastest path, or None}).
     """
 
     def __init__(self, tower: Tower, folded_head: bool = True):
@@ -57,6 +60,7 @@ class Readout:
         self.backend = tower.backend
         self.num_layers = len(tower.blocks)
         self.image_size = tuple(tower.image_size)
+        self.packed_inputs = tower.prepare_inputs is not None   # NaFlex: one packed patch tensor per image
         self._fingerprint = None
         self._folded: FoldedMapHead | None = None
         self._pooling = Pooling(tower.blocks, self._own_layer_embedding)
@@ -81,15 +85,19 @@ class Readout:
 
     @property
     def head_path(self) -> str:
-        """"folded" when intermediate layers go through the folded MAP head, else "model"."""
-        return "folded" if self._folded is not None else "model"
+        """How layers 1..N-1 are read: "folded" (folded MAP head), a token_head path ("token", "pooled",
+        "masked_map"), or "model" (the model's own norm + head per layer)."""
+        return getattr(self._folded, "path", "folded") if self._folded is not None else "model"
 
-    def __call__(self, images: torch.Tensor, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W), layers 1..N-1 -> z_final (B, D), z_layers (J, B, D) in the order of ``layers``."""
+    def __call__(self, images: torch.Tensor, layers=None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W), layers 1..N-1 -> z_final (B, D), z_layers (J, B, D) in the order of ``layers``.
+
+        ``inputs``: the tower's extra keyword inputs (SigLIP2 NaFlex: pixel_attention_mask, spatial_shapes).
+        """
         layer_list = self.check_layers(layers)
-        self.check_images(images)
+        images, inputs = self.prepare_inputs(images, inputs)
         with torch.no_grad():
-            pooler = self._pooling.begin(self._current_head(), layer_list, images.device)
+            pooler = self._pooling.begin(self._current_head(), layer_list, images.device, inputs)
             blocks, handles = self._tower.blocks, []
 
             def attach(layers) -> None:
@@ -106,7 +114,7 @@ class Readout:
                             attach(rest)
                     handles.append(blocks[first - 1].register_forward_hook(attach_rest))
                     attach([first])
-                z_final = self._tower.embed(images)
+                z_final = self._tower.embed(images, **inputs) if inputs else self._tower.embed(images)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -143,19 +151,26 @@ class Readout:
         return self._folded
 
     def _build_folded(self) -> tuple[FoldedMapHead | None, str | None]:
-        if not self._use_folded:
+        if self._tower.layer_head is not None:   # the tower says how to read a layer (token_head.py)
+            folded = self._tower.layer_head(self._use_folded)
+            if folded.path == "model":
+                return folded, None if self._use_folded else "folded_head=False"
+        elif not self._use_folded:
             return None, "folded_head=False"
-        parts = self._tower.map_parts()
-        if parts is None:
-            return None, "the head is not a single-query MAP head of the plain form"
-        folded = fold(parts, self._tower.final_norm)
-        if folded is None:
-            return None, f"final norm {type(self._tower.final_norm).__name__} is not LayerNorm/Identity"
+        else:
+            parts = self._tower.map_parts()
+            if parts is None:
+                return None, "the head is not a single-query MAP head of the plain form"
+            folded = fold(parts, self._tower.final_norm)
+            if folded is None:
+                return None, f"final norm {type(self._tower.final_norm).__name__} is not LayerNorm/Identity"
         probe = self._probe_tokens()
         expected, got = self._own_layer_embedding(probe).float(), folded(probe).float()
         error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
         if not error <= _CHECK_TOL.get(probe.dtype, _HALF_TOL):
-            return None, f"folded head differs from the model's own head (relative error {error:.2e})"
+            reason = f"folded head differs from the model's own head (relative error {error:.2e})"
+            own = self._tower.layer_head(False) if self._tower.layer_head is not None else None
+            return (own if own is not None and own.path == "model" else None), reason
         return folded, None
 
     def check_layers(self, layers) -> list[int]:
@@ -166,6 +181,19 @@ class Readout:
             return resolve_layers(self.num_layers, layers=layers)
         except TypeError as error:
             raise TypeError(f"{error}; valid layers are ints in 1..{self.num_layers - 1}") from None
+
+    def prepare_inputs(self, images, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """The checked (images, extra inputs) for the tower's embed and pooler (NaFlex: unpacked); TypeError/
+        ValueError for inputs this model does not take."""
+        expected = self._tower.extra_inputs
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise TypeError(f"unexpected keyword inputs {unknown}; this model takes "
+                            + (f"{list(expected)}" if expected else "images only"))
+        if self._tower.prepare_inputs is not None:
+            return self._tower.prepare_inputs(images, **inputs)
+        self.check_images(images)
+        return images, inputs
 
     def check_images(self, images) -> None:
         """Raise TypeError/ValueError unless images is a floating-point (B, C, H, W) tensor this model accepts."""

@@ -1,4 +1,9 @@
-"""timm-style towers: timm VisionTransformer with a MAP head, open_clip SigLIP (``visual.trunk``), Janus (duck typed).
+"""timm-style towers: timm VisionTransformer with a MAP head, open_clip SigLIP (``visual.trunk``), Janus (duck typed);
+and timm towers with a class-token or average head (timm CLIP ViTs, timm Eva: open_clip's EVA models).
+
+Class-token towers (``global_pool='token'``, no attn_pool) read layer j as head(fc_norm(norm(h_j[:, 0]))): the
+final norm is per token, so taking the class token first is exact (token_head.class_token_head). Other pools
+(``'avg'``, ...) go through the tower's own ``forward_head(norm(h_j))``.
 
 Janus (never imported) holds timm 0.9's VisionTransformer built with ``ignore_head=True`` at
 ``MultiModalityCausalLM.vision_model.vision_tower``; its ``vision_model`` (CLIPVisionTower) applies
@@ -10,15 +15,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from siglip_dola.readout import token_head
 from siglip_dola.readout.map_head import timm_map_parts
 from siglip_dola.readout.towers import Tower, two_tuple
 
 TOWER_ATTRS = ("blocks", "norm", "attn_pool", "forward_features", "forward_head", "patch_embed")
+POOLED_GLOBAL_POOLS = ("token", "avg", "max", "avgmax")   # timm global_pool values without attention pooling
 
 
 def _is_tower(module) -> bool:
-    return (isinstance(module, nn.Module) and all(hasattr(module, name) for name in TOWER_ATTRS)
-            and isinstance(module.attn_pool, nn.Module) and len(module.blocks) >= 2)
+    if not (isinstance(module, nn.Module) and all(hasattr(module, name) for name in TOWER_ATTRS)
+            and len(module.blocks) >= 2):
+        return False
+    return isinstance(module.attn_pool, nn.Module) or _plain_pool(module)
+
+
+def _plain_pool(tower) -> bool:
+    """A timm tower pooling without attention (class token / average): no attn_pool, a known global_pool."""
+    return tower.attn_pool is None and getattr(tower, "global_pool", None) in POOLED_GLOBAL_POOLS
+
+
+def _class_token(tower) -> bool:
+    return (getattr(tower, "global_pool", None) == "token" and getattr(tower, "num_prefix_tokens", 0) >= 1
+            and isinstance(tower.norm, (nn.LayerNorm, nn.Identity)))   # per-token: norm(h)[:, 0] == norm(h[:, 0])
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +91,20 @@ def _own_head(tower, outer_head):
     return lambda normed: outer_head(tower.forward_head(normed))
 
 
+def _layer_head_fn(tower, outer_head):
+    """Tower.layer_head for class-token / average towers (None for MAP towers: the folded MAP head)."""
+    if not _plain_pool(tower):
+        return None
+    own = _own_head(tower, outer_head)
+    post = _post_pool(tower, outer_head)
+
+    def layer_head(folded: bool) -> token_head.LayerHead:
+        if folded and _class_token(tower):
+            return token_head.class_token_head(tower.norm, post)
+        return token_head.own_head(lambda tokens: own(tower.norm(tokens)))
+    return layer_head
+
+
 def build(model) -> Tower | None:
     """A Tower for timm / open_clip / Janus-style models, or None when ``model`` is none of them."""
     located = _locate(model)
@@ -96,4 +129,5 @@ def build(model) -> Tower | None:
         image_size=two_tuple(size) if size is not None else (0, 0),
         in_chans=int(getattr(proj, "in_channels", 3)),
         dynamic_size=dynamic or size is None,
+        layer_head=_layer_head_fn(tower, outer_head),
     )

@@ -14,7 +14,7 @@ from siglip_dola.readout.map_head import MapHeadParts
 class Tower:
     """A supported vision tower, bound to the model's own modules (nothing here is ever written)."""
 
-    backend: str                                           # "timm" | "hf"
+    backend: str                                           # "timm" | "hf" | "open_clip"
     blocks: Sequence[nn.Module]                            # transformer blocks 1..N, in order
     embed: Callable[[torch.Tensor], torch.Tensor]          # images (B,3,H,W) -> z_final (B,D): the model's own forward
     final_norm: nn.Module                                  # norm applied to block N's output before the head
@@ -25,6 +25,12 @@ class Tower:
     image_size: tuple[int, int]
     in_chans: int
     dynamic_size: bool = False                             # the model accepts other image sizes
+    # towers whose head is not a MAP head (class token, average, masked MAP) say how to pool each layer:
+    # layer_head(folded) -> a token_head.LayerHead; None: the folded MAP head (map_parts) or the model's own
+    layer_head: Callable[[bool], object] | None = None
+    extra_inputs: tuple[str, ...] = ()                     # keyword inputs of embed besides the images
+    # (images, **extra) -> (images, extra) checked and completed (ValueError); None: [B, C, H, W] images only
+    prepare_inputs: Callable[..., tuple] | None = None
 
 
 def block_tokens(output) -> torch.Tensor:
