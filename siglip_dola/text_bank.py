@@ -96,17 +96,18 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
         cache_path = _cache_path(Path(cache_dir), model, classnames, templates)
         if cache_path.is_file():
             return load_text_bank(cache_path)
-    embeds = _encode_ensembled(model.encode_text, classnames, templates, batch_size)
+    embeds = _encode_ensembled(model, classnames, templates, batch_size)
     bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
     if cache_path is not None:
         save_text_bank(bank, cache_path)
     return bank
 
 
-def _encode_ensembled(encode_text, classnames, templates, batch_size) -> torch.Tensor:
+def _encode_ensembled(model, classnames, templates, batch_size) -> torch.Tensor:
+    from siglip_dola.evaluation.embed import embed_texts
+
     texts = [_apply(template, name) for name in classnames for template in templates]  # class-major
-    chunks = [encode_text(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
-    text_embeds = F.normalize(torch.cat(chunks), dim=-1)                    # (C * T, D)
+    text_embeds = F.normalize(embed_texts(model, texts, batch_size, "text banks"), dim=-1)  # (C * T, D)
     text_embeds = text_embeds.reshape(len(classnames), len(templates), -1)  # (C, T, D)
     return F.normalize(text_embeds.mean(dim=1), dim=-1)                     # (C, D)
 

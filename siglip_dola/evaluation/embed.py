@@ -1,20 +1,28 @@
-"""One pass over a dataset or image list: final + all requested layers' embeddings in one readout call per batch.
+"""The one image loop and the one text loop: classify, rerank, calibrate, eval, index build/add and caption
+search all embed through here.
 
+Images: files are decoded by `data.images.decode_image` (a bad file is reported, never raised) in
+DataLoader worker processes; batches arrive in pinned memory, are uploaded on a side CUDA stream, and each
+batch's results are copied back without blocking while the next batch computes. So decoding, both copies
+and the forward overlap, and the GPU waits on the host only when decoding is slower than the forward.
 Under torchrun each rank embeds a contiguous shard and rank 0 gathers the shards in input order.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from siglip_dola import distributed
-from siglip_dola.data.images import iter_image_batches
+from siglip_dola.data.images import decode_image
 from siglip_dola.loading import autocast
+
+MAX_WORKERS = 16       # decode processes per rank; past this the host copies, not decoding, limit
+PREFETCH_BATCHES = 4   # batches each worker decodes ahead
 
 
 @dataclass
@@ -34,20 +42,37 @@ class Embeddings:
 
 
 @dataclass
-class _PixelBatch:
-    indices: list[int]            # positions in the full input
+class PixelBatch:
+    """One batch: pixels [B, 3, H, W] (None when every item failed) of `ids` at input positions `indices`."""
+    indices: list[int]
     ids: list[str]
-    pixels: torch.Tensor | None   # (B, 3, H, W)
+    pixels: torch.Tensor | None
+    skipped: list[tuple[str, str]]   # (id, error)
+    size: int                        # items consumed (good + skipped), for progress bars
+
+    def pin_memory(self) -> "PixelBatch":
+        """Called by the DataLoader's pinning thread."""
+        pixels = None if self.pixels is None else self.pixels.pin_memory()
+        return PixelBatch(self.indices, self.ids, pixels, self.skipped, self.size)
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch's embeddings: z_final [B, D], z_layers [J, B, D] (fp32 cpu; None when every item failed)."""
+    indices: list[int]
+    ids: list[str]
+    z_final: torch.Tensor | None
+    z_layers: torch.Tensor | None
     skipped: list[tuple[str, str]]
-    size: int                     # items consumed (good + skipped), for the progress bar
+    size: int
 
 
 def _is_path(item) -> bool:
     return isinstance(item, (str, os.PathLike))
 
 
-def _check_items(items) -> Sequence:
-    """items as an indexable sequence of all paths or all (id, PIL image) pairs."""
+def check_items(items) -> Sequence:
+    """items as an indexable sequence of all paths or all (id, PIL image) pairs (TypeError otherwise)."""
     if isinstance(items, (str, os.PathLike)):
         raise TypeError("items must be a sequence of image paths or (id, PIL image) pairs, not a single path")
     if not isinstance(items, Sequence):
@@ -57,68 +82,154 @@ def _check_items(items) -> Sequence:
     return items
 
 
-def _path_batches(paths: Sequence, offset: int, preprocess, batch_size: int) -> Iterator[_PixelBatch]:
-    """Decode paths with images.iter_image_batches; map the kept paths back to input positions."""
-    paths = [Path(p) for p in paths]
-    for chunk_start, batch in zip(range(0, len(paths), batch_size),
-                                  iter_image_batches(paths, preprocess, batch_size)):
-        chunk = paths[chunk_start:chunk_start + batch_size]
-        kept, cursor = [], 0
-        for position, path in enumerate(chunk):  # kept paths are an in-order subsequence of the chunk
-            if cursor < len(batch.paths) and batch.paths[cursor] == path:
-                kept.append(offset + chunk_start + position)
-                cursor += 1
-        assert cursor == len(batch.paths), "iter_image_batches returned paths out of order"
-        yield _PixelBatch(kept, [str(p) for p in batch.paths], batch.pixels,
-                          [(str(p), err) for p, err in batch.skipped], len(chunk))
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _preprocess_one(image, preprocess) -> torch.Tensor | str:
-    try:
-        return preprocess(image.convert("RGB"))
-    except Exception as err:  # noqa: BLE001 - one bad image must not end the pass
-        return f"{type(err).__name__}: {err}"
+class _Decoded(Dataset):
+    """Item i -> (i, id, pixels [3, H, W] or the error as text) for paths or (id, PIL image) pairs."""
+
+    def __init__(self, items: Sequence, preprocess):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        is_path = _is_path(item)
+        item_id = str(item) if is_path else str(item[0])
+        try:
+            pixels = decode_image(item, self.preprocess) if is_path else self.preprocess(item[1].convert("RGB"))
+        except Exception as err:  # noqa: BLE001 - one bad image must not end the pass
+            return index, item_id, f"{type(err).__name__}: {err}"
+        return index, item_id, pixels
 
 
-def _pair_batches(pairs: Sequence, offset: int, preprocess, batch_size: int) -> Iterator[_PixelBatch]:
-    """Preprocess (id, PIL image) pairs batch by batch; images that fail are reported, not raised."""
-    for chunk_start in range(0, len(pairs), batch_size):
-        chunk = pairs[chunk_start:chunk_start + batch_size]
-        indices, ids, tensors, skipped = [], [], [], []
-        for position, (item_id, image) in enumerate(chunk):
-            result = _preprocess_one(image, preprocess)
-            if isinstance(result, str):
-                skipped.append((str(item_id), result))
-                continue
-            indices.append(offset + chunk_start + position)
-            ids.append(str(item_id))
-            tensors.append(result)
-        pixels = torch.stack(tensors) if tensors else None  # (B, 3, H, W)
-        yield _PixelBatch(indices, ids, pixels, skipped, len(chunk))
+def _collate(rows) -> PixelBatch:
+    """Stack the good items of one batch; list the bad ones with their errors."""
+    good = [row for row in rows if isinstance(row[2], torch.Tensor)]
+    pixels = torch.stack([row[2] for row in good]) if good else None  # (B, 3, H, W)
+    skipped = [(row[1], row[2]) for row in rows if not isinstance(row[2], torch.Tensor)]
+    return PixelBatch([row[0] for row in good], [row[1] for row in good], pixels, skipped, len(rows))
 
 
-def _readout_batch(model, pixels: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One readout call: pixels [B,3,H,W] -> (z_final [B,D], z_layers [J,B,D]) fp32 on cpu."""
-    with torch.inference_mode(), autocast(model.device, model.dtype):
-        z_final, z_layers = model.readout(pixels.to(model.device), layers=layers)
-    return z_final.float().cpu(), z_layers.float().cpu()
+def default_workers(n_items: int, batch_size: int) -> int:
+    """Decode processes: the spare cores of this rank's share of the host (the main process drives the
+    model), capped at MAX_WORKERS; 0 (decode in this process) when the input is one batch."""
+    if n_items <= batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = cores // distributed.rank_and_world()[1] - 1
+    return max(0, min(spare, MAX_WORKERS, -(-n_items // batch_size)))
 
 
-def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_size: int,
-                 progress: bool) -> Embeddings:
-    """Embeddings of one contiguous shard items (input positions offset..offset+len-1)."""
-    batches = (_path_batches if items and _is_path(items[0]) else _pair_batches)(
-        items, offset, model.preprocess, batch_size)
+def _host_batches(items, preprocess, batch_size: int, workers: int | None, pin: bool) -> Iterator[PixelBatch]:
+    """PixelBatches on the host in input order (positions 0..len-1), decoded by `workers` processes."""
+    if isinstance(items, torch.Tensor):
+        for start in range(0, items.shape[0], batch_size):
+            chunk = items[start:start + batch_size]
+            positions = list(range(start, start + chunk.shape[0]))
+            yield PixelBatch(positions, [str(i) for i in positions], chunk, [], chunk.shape[0])
+        return
+    workers = default_workers(len(items), batch_size) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
+    loader = DataLoader(_Decoded(items, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate, pin_memory=pin, prefetch_factor=PREFETCH_BATCHES if workers else None)
+    yield from loader
+
+
+def iter_pixel_batches(model, items, batch_size: int = 32, workers: int | None = None) -> Iterator[PixelBatch]:
+    """PixelBatches with pixels [B, 3, H, W] on `model.device`, in input order; bad items listed, never raised.
+
+    items: image paths, (id, PIL image) pairs, or a [n, 3, H, W] tensor. On CUDA each upload runs on a side
+    stream from pinned memory, so it overlaps the previous batch's forward; the pixels are ready on the
+    current stream when yielded.
+    """
+    _check_batch_size(batch_size)
+    device = torch.device(model.device)
+    cuda = device.type == "cuda"
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+    for batch in _host_batches(items, model.preprocess, batch_size, workers, pin=cuda):
+        if batch.pixels is not None and cuda:
+            with torch.cuda.stream(copy_stream):
+                pixels = batch.pixels.to(device, non_blocking=True)
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(copy_stream)
+            pixels.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            batch.pixels = pixels
+        elif batch.pixels is not None:
+            batch.pixels = batch.pixels.to(device)
+        yield batch
+
+
+def _launch(readout, model, pixels: torch.Tensor, layers: list[int]) -> tuple:
+    """One readout call, queued: pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D]) fp32 on the device."""
+    with torch.inference_mode(), autocast(torch.device(model.device), model.dtype):
+        z_final, z_layers = readout(pixels, layers=layers)
+    return z_final.float(), z_layers.float()
+
+
+def _start_readback(tensors: tuple) -> tuple[tuple, torch.cuda.Event | None]:
+    """Queue device -> host copies (into pinned memory on CUDA); the event marks their completion."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _finish_readback(host: tuple, done) -> tuple:
+    """Wait for the copies; clone out of the pinned staging memory (which is then reused for later batches)."""
+    if done is None:
+        return host
+    done.synchronize()
+    return tuple(t.clone() for t in host)
+
+
+def iter_embedded(model, items, layers: Sequence[int], batch_size: int = 32, workers: int | None = None,
+                  readout=None) -> Iterator[EmbeddedBatch]:
+    """EmbeddedBatches (z_final [B, D], z_layers [J, B, D] fp32 cpu) in input order, one readout call per batch.
+
+    The next batch is uploaded and queued before this one's results are read back, so the device never
+    waits on the host between batches. `readout` (default model.readout) may be e.g. a CUDA-graph cache.
+    """
+    readout = model.readout if readout is None else readout
+    layers = [int(j) for j in layers]
+    pending = None  # (batch, host tensors, event) read back after the next batch is queued
+    for batch in iter_pixel_batches(model, items, batch_size, workers):
+        queued = None
+        if batch.pixels is not None:
+            queued = (batch, *_start_readback(_launch(readout, model, batch.pixels, layers)))
+        else:
+            queued = (batch, None, None)
+        if pending is not None:
+            yield _embedded(*pending)
+        pending = queued
+    if pending is not None:
+        yield _embedded(*pending)
+
+
+def _embedded(batch: PixelBatch, host, done) -> EmbeddedBatch:
+    z_final, z_layers = _finish_readback(host, done) if host is not None else (None, None)
+    return EmbeddedBatch(batch.indices, batch.ids, z_final, z_layers, batch.skipped, batch.size)
+
+
+def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_size: int, progress: bool,
+                 workers: int | None, readout) -> Embeddings:
+    """Embeddings of one contiguous shard (input positions offset..offset+len-1)."""
     finals, stacks, result = [], [], Embeddings(None, None, list(layers), [])
     with tqdm(total=len(items), disable=not progress, desc="embedding", unit="img") as bar:
-        for batch in batches:
+        for batch in iter_embedded(model, items, layers, batch_size, workers, readout):
             result.skipped.extend(batch.skipped)
-            if batch.pixels is not None:
-                z_final, z_layers = _readout_batch(model, batch.pixels, list(layers))
-                finals.append(z_final)
-                stacks.append(z_layers)
+            if batch.z_final is not None:
+                finals.append(batch.z_final)
+                stacks.append(batch.z_layers)
                 result.ids.extend(batch.ids)
-                result.indices.extend(batch.indices)
+                result.indices.extend(offset + i for i in batch.indices)
             bar.update(batch.size)
     dim = model.readout.embed_dim
     result.z_final = torch.cat(finals) if finals else torch.zeros(0, dim)
@@ -138,20 +249,37 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
     )
 
 
-def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32,
-                 progress: bool = True) -> Embeddings | None:
+def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32, progress: bool = True,
+                 workers: int | None = None, readout=None) -> Embeddings | None:
     """Embed image paths or (id, PIL image) pairs: z_final [n, D], z_layers [J, n, D] (fp32, cpu).
 
-    One model.readout call per batch gives the final and every requested layer. Bad files are skipped
-    and listed in `skipped`. Under torch.distributed each rank embeds a contiguous shard; rank 0
-    returns everything in input order and the other ranks return None.
+    One readout call per batch gives the final and every requested layer. Bad files are skipped and
+    listed in `skipped`. workers: decode processes (None: the spare cores; 0: in this process).
+    Under torch.distributed each rank embeds a contiguous shard; rank 0 returns everything in input
+    order and the other ranks return None.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    items = _check_items(items)
+    _check_batch_size(batch_size)
+    items = check_items(items)
     layers = [int(j) for j in layers]
     rank, world = distributed.rank_and_world()
     start, stop = distributed.shard_bounds(len(items), rank, world)
-    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress and rank == 0)
+    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress and rank == 0,
+                         workers, readout)
     parts = distributed.gather_to_rank0(local)
     return None if parts is None else concat_embeddings(parts)
+
+
+def embed_texts(model, texts: Sequence[str], batch_size: int = 256, needed_for: str = "text embeddings") -> torch.Tensor:
+    """Raw (not normalised) text embeddings [T, D] fp32 cpu, `batch_size` texts per encoder call.
+
+    ValueError naming `needed_for` when the model has no text tower.
+    """
+    if model.encode_text is None:
+        raise ValueError(f"model {model.model_id!r} has no text tower: {needed_for} need one")
+    _check_batch_size(batch_size)
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, model.readout.embed_dim)
+    with torch.inference_mode():
+        return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(texts), batch_size)])

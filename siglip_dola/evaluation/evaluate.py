@@ -16,6 +16,7 @@ from siglip_dola import scoring as runtime
 from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, class_logits, embed_dataset, read_calibration,
                                    score_point)
 from siglip_dola.data.datasets import TASKS, EvalDataset
+from siglip_dola.evaluation.embed import embed_texts
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import MODES
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
@@ -76,22 +77,13 @@ def _classification(model, dataset, embeddings, points) -> tuple[dict, dict]:
     return metrics, layer_lens(cache.final, cache.layers, targets, results["dynamic"], "acc1")
 
 
-def _text_embeds(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Raw text embeddings [T, D] fp32 cpu."""
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower: retrieval needs one")
-    with torch.inference_mode():
-        return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
-
-
 def _retrieval(model, dataset, embeddings, points) -> tuple[dict, dict]:
     captions = [dataset.captions[i] for i in embeddings.indices]
     texts = [c for caps in captions for c in caps]
     text_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.int64)  # (T,)
     if not texts:
         raise ValueError(f"dataset {dataset.name!r} has no captions: retrieval needs image-caption pairs")
-    text = _text_embeds(model, texts)
+    text = embed_texts(model, texts, needed_for="retrieval")  # (T, D)
     i2t_final = runtime.build_log_probs_from_rep(embeddings.z_final, text, model.tau)  # (I, T)
     i2t_layers = runtime.build_log_probs_from_rep(embeddings.z_layers, text, model.tau)  # (N-1, I, T)
     t2i_final = runtime.build_log_probs_from_rep(text, embeddings.z_final, model.tau)  # (T, I)

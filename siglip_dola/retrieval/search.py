@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from siglip_dola import scoring as runtime
+from siglip_dola.evaluation.embed import embed_texts
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RetrievalIndex, open_index
@@ -156,8 +157,5 @@ def search(index, query: str, model=None, config: RerankConfig | None = None, **
         model = load(index.manifest.model_id)
     elif model.model_id != index.manifest.model_id:
         raise ValueError(f"index was built with model {index.manifest.model_id!r}, not {model.model_id!r}")
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower; text queries need one")
-    with torch.inference_mode():
-        text_embed = model.encode_text([query])[0].float().cpu()  # (D,)
+    text_embed = embed_texts(model, [query], needed_for="text queries")[0]  # (D,)
     return search_embedding(index, text_embed, config, query=query, tau=model.tau)
