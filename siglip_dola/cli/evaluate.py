@@ -83,6 +83,8 @@ def _eval_arguments(parser) -> None:
     parser.add_argument("--plots", default=None, help="folder for the layer-lens PNGs")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
                         help="classification (acc1/acc5/mean per-class recall) or retrieval (recall@1/5/10)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decode processes (default: the spare CPU cores; 0: decode in the main process)")
 
 
 @subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw.")
@@ -93,7 +95,7 @@ def eval_command(args) -> int:
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
-                          batch_size=args.batch_size, progress=args.progress)
+                          batch_size=args.batch_size, progress=args.progress, workers=args.workers)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
     return 0

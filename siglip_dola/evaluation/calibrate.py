@@ -51,9 +51,11 @@ def as_dataset(dataset, split: str, n: int | None) -> EvalDataset:
     return dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset, split=split, n=n)
 
 
-def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True) -> Embeddings | None:
+def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True,
+                  workers: int | None = None) -> Embeddings | None:
     """Embed every item with all layers 1..N-1 in one pass; None on torchrun ranks other than 0."""
-    embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress)
+    embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress,
+                              workers=workers)
     if embeddings is not None and not embeddings.ids:
         raise ValueError(f"dataset {dataset.name!r} split {dataset.split!r}: no image could be read "
                          f"({len(embeddings.skipped)} skipped)")

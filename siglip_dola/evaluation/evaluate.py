@@ -108,11 +108,13 @@ def summary_line(report: dict) -> str:
 
 def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
              plots_dir: str | os.PathLike | None = None, task: str = "zeroshot_classification",
-             n: int | None = None, batch_size: int = 32, progress: bool = True) -> dict | None:
+             n: int | None = None, batch_size: int = 32, progress: bool = True,
+             workers: int | None = None) -> dict | None:
     """Metrics for off / static / dynamic on `split`, written to `out` (atomic JSON) and PNGs in `plots_dir`.
 
     `calibration`: a calibration JSON path or dict (refused if made for another model or on this split);
     without it the defaults (last of 3 buckets, static layer its middle candidate, alpha 0.1).
+    `workers`: image decode processes (None: the spare cores; 0: decode in this process).
     Under torchrun rank 0 returns the report, the other ranks None.
     """
     if task not in TASKS:
@@ -124,7 +126,7 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     if calibration_report is not None:
         check_calibration(calibration_report, model, dataset)
     points = mode_points(model.readout.num_layers, calibration_report)
-    embeddings = embed_dataset(model, dataset, batch_size, progress)
+    embeddings = embed_dataset(model, dataset, batch_size, progress, workers)
     if embeddings is None:
         return None
     run = _classification if task == "zeroshot_classification" else _retrieval
