@@ -206,6 +206,26 @@ def check_bank(bank, model) -> None:
                          "rebuild it with build_text_bank(model, ...)")
 
 
+def bank_for_classes(bank: TextBank, classnames: Sequence[str], model, source: str = "bank") -> TextBank:
+    """`bank` with its rows in the order of `classnames`, checked against `model` (check_bank).
+
+    A bank with the same label set is reordered by label; a bank without stored labels ("0", "1", ...,
+    e.g. a .npy) is taken row for row when it has one row per class. Anything else -> ValueError naming `source`.
+    """
+    check_bank(bank, model)
+    classnames = list(classnames)
+    if list(bank.labels) == classnames:
+        return bank
+    if sorted(bank.labels) == sorted(classnames):
+        rows = torch.tensor([bank.labels.index(name) for name in classnames])
+        return TextBank(labels=classnames, embeds=bank.embeds[rows], model_id=bank.model_id)
+    if list(bank.labels) == [str(i) for i in range(len(classnames))]:
+        return TextBank(labels=classnames, embeds=bank.embeds, model_id=bank.model_id)
+    missing = sorted(set(classnames) - set(bank.labels))[:5]
+    raise ValueError(f"{source} has {len(bank.labels)} labels that are not the dataset's {len(classnames)} classes "
+                     f"(missing e.g. {missing}); build it from the dataset's class names")
+
+
 def bank_cache_key(model_id: str, weights_fingerprint: str, classnames: Sequence[str],
                    templates: Sequence[Template]) -> str:
     """sha256 over model id, weights fingerprint, class names and templates (as format strings)."""

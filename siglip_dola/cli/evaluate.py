@@ -37,6 +37,9 @@ def _common_arguments(parser, default_split: str) -> None:
                         help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--bank", default=None,
+                        help="precomputed text bank (.safetensors / .npy) for classification, e.g. for a model "
+                             "without its text tower offline; rows matched to the dataset's class names")
 
 
 def _load_model(args):
@@ -61,12 +64,14 @@ def _calibrate_arguments(parser) -> None:
 @subcommand("calibrate", help="Choose DoLa mode, bucket / static layer and alpha by top-1 on a validation split.")
 def calibrate_command(args) -> int:
     from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
+    from siglip_dola.text_bank import load_text_bank
     from siglip_dola.distributed import distributed_session
 
     grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas)
     with distributed_session():
+        bank = None if args.bank is None else load_text_bank(args.bank)
         report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
-                           n=args.limit, batch_size=args.batch_size, progress=args.progress)
+                           n=args.limit, batch_size=args.batch_size, progress=args.progress, bank=bank)
     if report is not None:
         metrics = report["choice_metrics"]
         print(f"{report['dataset']} [{report['split']}, n={report['n_images']}] chose {report['choice']} "
@@ -95,7 +100,8 @@ def eval_command(args) -> int:
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
-                          batch_size=args.batch_size, progress=args.progress, workers=args.workers)
+                          batch_size=args.batch_size, progress=args.progress, workers=args.workers,
+                          bank=args.bank)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
     return 0

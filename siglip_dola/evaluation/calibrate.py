@@ -19,7 +19,7 @@ from siglip_dola.evaluation.embed import Embeddings, embed_images
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
 from siglip_dola.evaluation.metrics import classification_metrics, rank_scores
-from siglip_dola.text_bank import build_text_bank
+from siglip_dola.text_bank import TextBank, bank_for_classes, build_text_bank
 
 
 @dataclass
@@ -62,11 +62,13 @@ def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: b
     return embeddings
 
 
-def class_logits(model, dataset: EvalDataset, embeddings: Embeddings) -> LayerLogits:
-    """Per-layer class log-probs from embeddings against the dataset's class prompts."""
+def class_logits(model, dataset: EvalDataset, embeddings: Embeddings, bank: TextBank | None = None) -> LayerLogits:
+    """Per-layer class log-probs from embeddings against the dataset's class prompts (or a precomputed `bank`)."""
     if not dataset.classnames:
         raise ValueError(f"dataset {dataset.name!r} has no class labels (classification needs path,label data)")
-    bank = build_text_bank(model, dataset.classnames, dataset.templates).embeds.float().cpu()  # (C, D)
+    bank = build_text_bank(model, dataset.classnames, dataset.templates) if bank is None else \
+        bank_for_classes(bank, dataset.classnames, model)
+    bank = bank.embeds.float().cpu()  # (C, D)
     final = runtime.build_log_probs_from_rep(embeddings.z_final, bank, model.tau)  # (n, C)
     layers = runtime.build_log_probs_from_rep(embeddings.z_layers, bank, model.tau)  # (N-1, n, C)
     labels = torch.tensor([dataset.labels[i] for i in embeddings.indices], dtype=torch.int64)
@@ -142,8 +144,10 @@ def score_grid(cache: LayerLogits, points: list[dict]) -> list[dict]:
 
 def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None = None,
               out: str | os.PathLike | None = None, n: int | None = None, batch_size: int = 32,
-              progress: bool = True) -> dict | None:
+              progress: bool = True, bank: TextBank | None = None) -> dict | None:
     """Search the grid on `split` of `dataset`; write the calibration JSON to `out` (atomically) and return it.
+
+    `bank`: a precomputed TextBank for the class names (see evaluate); default: built with the model's text tower.
 
     Under torchrun, every rank embeds its shard; rank 0 scores, writes and returns, the others return None.
     """
@@ -152,7 +156,7 @@ def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None =
     embeddings = embed_dataset(model, dataset, batch_size, progress)
     if embeddings is None:
         return None
-    cache = class_logits(model, dataset, embeddings)
+    cache = class_logits(model, dataset, embeddings, bank)
     scores = score_grid(cache, grid_points(grid, model.readout.num_layers))
     chosen = choose(scores)
     report = {"model": model.model_id, "dataset": dataset.name, "split": dataset.split,

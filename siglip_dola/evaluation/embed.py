@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from siglip_dola import distributed
@@ -22,7 +22,7 @@ from siglip_dola.data.images import decode_image
 from siglip_dola.loading import autocast
 
 MAX_WORKERS = 16       # decode processes per rank; past this the host copies, not decoding, limit
-PREFETCH_BATCHES = 4   # batches each worker decodes ahead
+PREFETCH_BATCHES = 2   # batches each worker decodes ahead (each in shared memory: B x 3 x H x W fp32)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class _Decoded(Dataset):
 def _collate(rows) -> PixelBatch:
     """Stack the good items of one batch; list the bad ones with their errors."""
     good = [row for row in rows if isinstance(row[2], torch.Tensor)]
-    pixels = torch.stack([row[2] for row in good]) if good else None  # (B, 3, H, W)
+    pixels = default_collate([row[2] for row in good]) if good else None  # (B, 3, H, W), in shared memory in a worker
     skipped = [(row[1], row[2]) for row in rows if not isinstance(row[2], torch.Tensor)]
     return PixelBatch([row[0] for row in good], [row[1] for row in good], pixels, skipped, len(rows))
 

@@ -22,6 +22,7 @@ from siglip_dola.layers import MODES
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
                                  retrieval_metrics)
 from siglip_dola.scorer import choose_layers
+from siglip_dola.text_bank import load_text_bank
 
 
 def _same_dataset(a: str, b: str) -> bool:
@@ -69,15 +70,15 @@ def layer_lens(final: torch.Tensor, layers: torch.Tensor, targets: torch.Tensor,
             "jsd_layers": list(range(1, num_layers)), "mean_jsd": jsd_table.mean(dim=-1).tolist()}
 
 
-def _classification(model, dataset, embeddings, points) -> tuple[dict, dict]:
-    cache = class_logits(model, dataset, embeddings)
+def _classification(model, dataset, embeddings, points, bank=None) -> tuple[dict, dict]:
+    cache = class_logits(model, dataset, embeddings, bank)
     results = {mode: score_point(cache.final, cache.layers, point) for mode, point in points.items()}
     metrics = {mode: classification_metrics(rank_scores(r), cache.labels) for mode, r in results.items()}
     targets = one_hot_targets(cache.labels, cache.final.shape[-1])
     return metrics, layer_lens(cache.final, cache.layers, targets, results["dynamic"], "acc1")
 
 
-def _retrieval(model, dataset, embeddings, points) -> tuple[dict, dict]:
+def _retrieval(model, dataset, embeddings, points, bank=None) -> tuple[dict, dict]:
     captions = [dataset.captions[i] for i in embeddings.indices]
     texts = [c for caps in captions for c in caps]
     text_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.int64)  # (T,)
@@ -109,12 +110,14 @@ def summary_line(report: dict) -> str:
 def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
              plots_dir: str | os.PathLike | None = None, task: str = "zeroshot_classification",
              n: int | None = None, batch_size: int = 32, progress: bool = True,
-             workers: int | None = None) -> dict | None:
+             workers: int | None = None, bank=None) -> dict | None:
     """Metrics for off / static / dynamic on `split`, written to `out` (atomic JSON) and PNGs in `plots_dir`.
 
     `calibration`: a calibration JSON path or dict (refused if made for another model or on this split);
     without it the defaults (last of 3 buckets, static layer its middle candidate, alpha 0.1).
     `workers`: image decode processes (None: the spare cores; 0: decode in this process).
+    `bank`: a precomputed TextBank (or its .safetensors / .npy path) for classification, e.g. for a
+    model whose text tower is not available offline; rows are matched to the class names.
     Under torchrun rank 0 returns the report, the other ranks None.
     """
     if task not in TASKS:
@@ -125,15 +128,21 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     calibration_report = None if calibration is None else read_calibration(calibration)
     if calibration_report is not None:
         check_calibration(calibration_report, model, dataset)
+    if bank is not None and task != "zeroshot_classification":
+        raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
+    bank_source = bank if isinstance(bank, (str, os.PathLike)) or bank is None else "TextBank"
+    if isinstance(bank, (str, os.PathLike)):
+        bank = load_text_bank(bank)
     points = mode_points(model.readout.num_layers, calibration_report)
     embeddings = embed_dataset(model, dataset, batch_size, progress, workers)
     if embeddings is None:
         return None
     run = _classification if task == "zeroshot_classification" else _retrieval
-    metrics, lens = run(model, dataset, embeddings, points)
+    metrics, lens = run(model, dataset, embeddings, points, bank)
     report = {"dataset": dataset.name, "model": model.model_id, "task": task, "split": dataset.split,
               "n_images": len(embeddings.ids), "skipped": [list(s) for s in embeddings.skipped],
               "calibration": None if calibration is None or isinstance(calibration, dict) else str(calibration),
+              "bank": str(bank_source) if bank_source is not None else None,
               "modes": points, "metrics": metrics, "layer_lens": lens}
     if plots_dir is not None:
         from siglip_dola.evaluation.plots import plot_layer_lens
