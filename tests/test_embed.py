@@ -111,7 +111,10 @@ def test_workers_match_the_naive_loop_in_input_order(tiny_hf_siglip, tiny_loaded
     items = [(s.name, s.image) for s in samples]
     items[3], items[8] = ("bad-3", None), ("bad-8", b"bytes")
     layers = [1, 6, 11]
-    result = embed_images(tiny_loaded, items, layers, batch_size=3, progress=False, workers=workers)
+    counting = dataclasses.replace(tiny_loaded, readout=CountingReadout(tiny_loaded.readout))
+    # batch 4 with workers: decoded as sub-batches of 1, put back together as batches of 4 input items
+    result = embed_images(counting, items, layers, batch_size=4, progress=False, workers=workers)
+    assert counting.readout.calls == 3  # ceil(11 / 4)
     kept = [i for i in range(11) if i not in (3, 8)]
     z_final, z_layers = naive_embeddings(tiny_hf_siglip, [samples[i].image for i in kept], layers)
     assert result.indices == kept and result.ids == [samples[i].name for i in kept]
