@@ -260,8 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--work-dir", default="/tmp/sdola_eval_throughput")
     parser.add_argument("--skip-cli", action="store_true")
-    parser.add_argument("--loop-workers", type=lambda t: [int(v) for v in t.split(",")], default=None,
-                        help="worker counts for the loop-alone timing, e.g. 7,15 (default: eval's and half of it)")
+    parser.add_argument("--loop-workers", type=lambda t: [int(v) for v in t.split(",") if v], default=None,
+                        help="worker counts for the loop-alone timing, e.g. 7,15; '' for none (default: eval's and half)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
     return parser
@@ -305,7 +305,8 @@ def run(args) -> dict:
             report = evaluated[1]
         print(f"(b) clip_benchmark loop {clip_rates[-1:]} img/s   (c) eval {eval_rates[-1:]} img/s", flush=True)
     loop = {f"workers={w}": _guarded(errors, f"loop_workers_{w}", embedding_loop, loaded, root, args.batch_size, w)
-            for w in dict.fromkeys(args.loop_workers or (workers, max(1, workers // 2)))}
+            for w in dict.fromkeys((workers, max(1, workers // 2)) if args.loop_workers is None
+                                                   else args.loop_workers)}
     print(f"eval's embedding loop alone: {loop}", flush=True)
     check = None if features is None else _guarded(errors, "check", embedding_check, loaded, root, features,
                                                    min(256, args.n))
