@@ -40,16 +40,9 @@ def own_layers(model, blocks, norm_head, images, layers):
 
 
 def _counting_entry_slots(readout, images, layers):
-    """readout(images, layers) plus how many layers the fused pooler read from the next block's first norm."""
-    from siglip_dola.readout import pooler as fused
-
-    made, original = [], fused.pooler_for
-    fused.pooler_for = lambda *args, **kwargs: made.append(original(*args, **kwargs)) or made[-1]
-    try:
-        z_final, z_layers = readout(images, layers)
-    finally:
-        fused.pooler_for = original
-    return z_final, z_layers, (made[-1].entry_slots if made and made[-1] is not None else 0)
+    """readout(images, layers) plus how many layers it read from the next block's first norm (its path record)."""
+    z_final, z_layers = readout(images, layers)
+    return z_final, z_layers, sum(path == "fused-entry-norm" for path in readout.layer_paths.values())
 
 
 def randomize_norms(model) -> None:
@@ -65,8 +58,8 @@ def randomize_norms(model) -> None:
 
 
 def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
-    from siglip_dola import scoring as runtime
-    from siglip_dola.readout import from_model, pooler as fused
+    from siglip_dola import config, scoring as runtime
+    from siglip_dola.readout import from_model
 
     readout = from_model(model)
     with torch.no_grad():
@@ -76,11 +69,9 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
                "fp32_layers_rel_err": rel(z_layers, own_layers(own_embed, blocks, norm_head, images, layers))}
         with torch.autocast(images.device.type, dtype=torch.bfloat16):
             b_final, b_layers, entry_slots = _counting_entry_slots(readout, images, layers)
-            fused.FUSED.entry_norms = False     # the same layers from the raw block outputs (LayerNorm stats)
-            try:
+            row["bf16_layer_paths"] = sorted(set(readout.layer_paths.values()))
+            with config.override(entry_norms=False):   # the same layers from the raw block outputs (LayerNorm stats)
                 _, stats_layers = readout(images, layers)
-            finally:
-                fused.FUSED.entry_norms = True
     row["bf16_entry_norm_slots"] = entry_slots
     row["bf16_entry_vs_stats_layers_rel_err"] = rel(b_layers, stats_layers)
     row["bf16_vs_fp32_final_rel_err"] = rel(b_final, z_final)
@@ -117,7 +108,8 @@ def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> 
 def twelve_heads_row(device) -> dict:
     """open_clip ViT-B-16-SigLIP (12 heads: padded to 16 in the kernel), bf16: fused vs the PyTorch path, all layers."""
     import open_clip
-    from siglip_dola.readout import from_model, pooler as fused
+    from siglip_dola import config
+    from siglip_dola.readout import from_model
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).to(device).eval()
@@ -127,11 +119,8 @@ def twelve_heads_row(device) -> dict:
     layers = list(range(1, readout.num_layers))
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         _, fast, entry_slots = _counting_entry_slots(readout, images, layers)
-        fused.FUSED.enabled = False
-        try:
+        with config.override(fused_pooling=False):
             _, reference = readout(images, layers)
-        finally:
-            fused.FUSED.enabled = True
     return {"model": "open_clip ViT-B-16-SigLIP (12 heads), bf16, batch 4", "bf16_entry_norm_slots": entry_slots,
             "bf16_fused_vs_pytorch_layers_rel_err": rel(fast, reference)}
 
@@ -149,7 +138,7 @@ def scorer_graphs_row(device) -> dict:
     diff = max(abs(p["score"] - g["score"]) for a, b in zip(plain, first + again)
                for p, g in zip(a["predictions"], b["predictions"]))
     return {"model": "embedded, DoLaSigLIP(cuda_graphs=True) vs plain, bf16, batches 4+4+2",
-            "scorer_graphs_max_score_diff": diff, "graphs_captured": len(graphs._readout._calls),
+            "scorer_graphs_max_score_diff": diff, "graphs_captured": len(graphs._graphed_scores),
             "same_predictions": all(a["predictions"][0]["label"] == b["predictions"][0]["label"]
                                     and a["premature_layer"] == b["premature_layer"]
                                     for a, b in zip(plain + plain, first + again))}

@@ -4,7 +4,7 @@ Baseline: the model's own embedding path (open_clip ``encode_image``; a timm tow
 ``--quick``) plus scoring against an ImageNet-1k-sized text bank [1000, D]. DoLa: ``readout(images,
 layers)`` (same forward, layer readout) plus ``runtime.score`` (dynamic). Variants of the readout:
 ``unfused`` (folded head per layer in PyTorch), ``onepass`` (Triton one-pass pooling, all tails batched;
-the library default on CUDA), ``onepass-stream`` (the same on a side CUDA stream). Timings are medians
+the library default on CUDA), ``onepass-stats`` (pooled from raw block outputs). Timings are medians
 of ``--runs`` runs after warm-up, CUDA events on GPU; the variants are interleaved run by run.
 Variants and floors live in ``variants.py``, the timed callables in ``points.py``, the kernel sweep in
 ``pool_kernels.py`` (all in benchmarks/).
@@ -15,8 +15,6 @@ Variants and floors live in ``variants.py``, the timed callables in ``points.py`
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import from_model, pooler as fused
+from siglip_dola import config
+from siglip_dola.readout import from_model
 
-from points import first_call, fused_errors, fused_scoring_diffs, gpu_busy, make_points, peak_mib, profile
+from benchenv import environment
+from points import first_call, fused_errors, gpu_busy, make_points, peak_mib, profile, scoring_diffs
 from pool_kernels import kernel_sweep, tune_from_sweep
 from variants import VARIANTS, usable_variants
 
@@ -48,10 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--split", action="store_true", help="also time the readout alone (no scoring)")
-    parser.add_argument("--fused-scoring", action="store_true",
-                        help="also time each DoLa point with runtime.score(..., fused=True) (torch.compile), '-fs'")
     parser.add_argument("--eager-scoring", action="store_true",
-                        help="also time each DoLa point with runtime.TRITON_SCORING off (eager PyTorch scoring), '-es'")
+                        help="also time each DoLa point with config triton_scoring=False (eager PyTorch scoring), '-es'")
     parser.add_argument("--cpu-slack", type=float, default=0.0, metavar="MS",
                         help="also time each readout followed by MS ms of CPU sleep: shows whether the CPU runs ahead")
     parser.add_argument("--graphs", action="store_true",
@@ -131,13 +129,13 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype_name], enabled=DTYPES[dtype_name] is not None)
     timer, rows = Timer(device), []
     with torch.inference_mode(), autocast:
-        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.fused_scoring,
-                             args.eager_scoring, args.cpu_slack, args.graphs)
-        first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}  # '-fs': includes compile
+        points = make_points(embed, readout, images, bank, tau, sets, variants, args.split, args.eager_scoring,
+                             args.cpu_slack, args.graphs)
+        first_call_ms = {name: first_call(fn, device) for name, fn in points.items()}
         for fn in points.values():
             for _ in range(args.warmup):
                 fn()
-        scoring_diffs = fused_scoring_diffs(points)
+        diffs = scoring_diffs(points)
         times = {name: [] for name in points}
         for _ in range(args.runs):
             for name, fn in points.items():
@@ -161,21 +159,8 @@ def measure_point(args, model_parts, readout, dtype_name: str, batch: int, devic
                          gpu_busy=busy.get(name),
                          min_ms=min(samples), max_ms=max(samples), runs=len(samples), peak_mib=peaks[name],
                          fused_vs_unfused_rel_err=errors.get(name.split("-", 1)[-1]) if "-" in name else None,
-                         first_call_ms=first_call_ms[name], fused_vs_eager_scoring=scoring_diffs.get(name)))
+                         first_call_ms=first_call_ms[name], triton_vs_eager_scoring=diffs.get(name)))
     return rows
-
-
-def environment(device: torch.device) -> dict:
-    import open_clip
-    import timm
-    info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                open_clip=open_clip.__version__, triton=getattr(fused.triton, "__version__", None),
-                device=str(device), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    else:
-        info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    return info
 
 
 def format_table(rows: list[dict], device_name: str) -> str:
@@ -196,7 +181,7 @@ def format_table(rows: list[dict], device_name: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    fused.FUSED.target_programs, fused.FUSED.num_warps = args.target_programs, args.num_warps
+    config.set(target_programs=args.target_programs, num_warps=args.num_warps)
     model, trunk, embed, logit_scale, image_size = build_model(args)
     readout = from_model(model)
     variants = usable_variants(args, device)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import config, scoring as runtime
 from siglip_dola.readout import cuda_graphs as graphed
 from variants import fused_config
 
@@ -17,23 +17,20 @@ def sleeping(fn, milliseconds: float):
     return run
 
 
-def make_points(embed, readout, images, bank, tau, sets, variants, split=False, fused_scoring=False,
-                eager_scoring=False, cpu_slack_ms=0.0, graphs=False):
-    """name -> zero-argument callable doing one full scoring pass (baseline first); '-fs': fused scoring."""
+def make_points(embed, readout, images, bank, tau, sets, variants, split=False, eager_scoring=False,
+                cpu_slack_ms=0.0, graphs=False):
+    """name -> zero-argument callable doing one full scoring pass (baseline first); '-es': eager scoring."""
     def baseline():
         return runtime.build_probs_from_rep(embed(images), bank, tau)
 
-    def dola(layers, variant, score=True, fused_score=False, triton_score=True):
+    def dola(layers, variant, score=True, triton_score=True):
         def run():
             with fused_config(variant):
                 z_final, z_layers = readout(images, layers)
             if not score:
                 return z_layers
-            saved, runtime.TRITON_SCORING = runtime.TRITON_SCORING, triton_score
-            try:
-                return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic", fused=fused_score)
-            finally:
-                runtime.TRITON_SCORING = saved
+            with config.override(triton_scoring=triton_score):
+                return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
         return run
 
     def graphed_baseline():
@@ -61,14 +58,7 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
         points["forward"] = lambda: embed(images)
     for count, layers in sets.items():
         for variant in variants:
-            if variant.startswith("readonly"):   # no head tail, so nothing to score: the readout point only
-                points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
-                if graphs:
-                    points[f"readout{count}-{variant}-graph"] = graphed_dola(layers, variant, score=False)
-                continue
             points[f"dola{count}-{variant}"] = dola(layers, variant)
-            if fused_scoring:
-                points[f"dola{count}-{variant}-fs"] = dola(layers, variant, fused_score=True)
             if eager_scoring:
                 points[f"dola{count}-{variant}-es"] = dola(layers, variant, triton_score=False)
             if split:  # the readout alone (no runtime.score), to split the cost
@@ -81,7 +71,7 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
 
 
 def first_call(fn, device: torch.device) -> float:
-    """Wall milliseconds of one call, synchronised: for '-fs' points the first one includes the compile."""
+    """Wall milliseconds of one call, synchronised (includes Triton compiles and graph captures)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -91,10 +81,10 @@ def first_call(fn, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def fused_scoring_diffs(points: dict) -> dict[str, dict]:
-    """'-fs' / '-es' point -> max |its result - the default path's| of probs and jsd, share of equal layers."""
+def scoring_diffs(points: dict) -> dict[str, dict]:
+    """'-es' point -> max |its result - the default path's| of probs and jsd, share of equal layers."""
     diffs = {}
-    for name in [n for n in points if n.endswith(("-fs", "-es"))]:
+    for name in [n for n in points if n.endswith("-es")]:
         fused_result, eager_result = points[name](), points[name[:-3]]()
         diffs[name] = dict(
             probs_max_abs=float((fused_result.probs - eager_result.probs).abs().max()),
@@ -146,7 +136,7 @@ def fused_errors(readout, images, layers, variants) -> dict[str, float]:
     with fused_config("unfused"):
         _, reference = readout(images, layers)
     errors = {}
-    for variant in [v for v in variants if not v.startswith("readonly")]:
+    for variant in variants:
         with fused_config(variant):
             _, got = readout(images, layers)
         errors[variant] = float(((got.float() - reference.float()).norm(dim=-1) / reference.float().norm(dim=-1)).max())

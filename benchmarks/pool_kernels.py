@@ -3,8 +3,8 @@
 One layer of ViT-L/16-384 at batch B in timm's layout ((B, D, T) in memory, fp32 under autocast, plus bf16),
 per kernel config: median of 30 CUDA-event timings after 3 warm-ups, read GB/s (token bytes / time), and the
 relative error of the pooled (B, H, D) vs a float64 reference. Floors: ``tokens.sum()`` (one read, the
-library's best case), a streaming Triton read of the layer's memory, and ``tokens.clone()`` (read + write). Run 8 also timed two other kernel designs
-here (a raw-x one-pass and a two-stage split-D kernel, commit 7cd8d56); both were slower and were removed.
+library's best case), a streaming Triton read of the layer's memory, and ``tokens.clone()`` (read + write). Two other kernel designs (a raw-x
+one-pass and a two-stage split-D kernel, commit 7cd8d56) were slower and were removed.
 
     python benchmarks/pool_kernels.py --batch 64 --out pool_kernels.json
 """
@@ -17,8 +17,21 @@ import sys
 import torch
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import pooler as fused, map_head
-from variants import VARIANTS, _flat_read_kernel  # benchmarks/variants.py: the streaming-read floor kernel
+from siglip_dola.readout import kernel as pool_kernel, map_head
+from variants import VARIANTS
+
+if pool_kernel.triton is not None:
+    tl = pool_kernel.tl
+
+    @pool_kernel.triton.jit
+    def _flat_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        """Sum one contiguous chunk of BLOCK * STEPS elements per program: a plain streaming read (the floor)."""
+        start = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+        acc = tl.zeros([BLOCK], tl.float32)
+        for step in range(STEPS):
+            offs = start + step * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 HEADS, DIM, TOKENS = 16, 1024, 576
 
@@ -41,7 +54,7 @@ def candidates(tokens, probe, eps, num_sms: int) -> dict:
     """name -> (run, read_pooled) for each launch config of the library's one-pass kernel.
 
     "entry-norm" rows read what the next block's first LayerNorm returns (fp32, (B, T, D) contiguous, a random
-    affine) in the kernel's shifted mode (fused.EntryNorm), the library's path for layers 1..N-1 since run 21."""
+    affine) in the kernel's shifted mode (pooler.EntryNorm), the library's path for layers 1..N-1."""
     batch = tokens.shape[0]
     generator = torch.Generator(device="cpu").manual_seed(1)
     gamma = (torch.rand(DIM, generator=generator) * 1.2 + 0.3).to(tokens.device)
@@ -50,15 +63,15 @@ def candidates(tokens, probe, eps, num_sms: int) -> dict:
     shifted, entry_probe = dict(shift=beta, scale=1.0 / gamma), (probe / gamma).contiguous()
     runs = {}
     for kind, warps, block_t, stages in (("onepass", 8, 16, 3), ("onepass", 8, 32, 2), ("entry-norm", 8, 16, 3)):
-        per, splits = fused.split_plan(batch, TOKENS, num_sms, block_t)
+        per, splits = pool_kernel.split_plan(batch, TOKENS, num_sms, block_t)
         out = torch.full((batch, HEADS, splits, DIM), float("nan"), device=tokens.device)
         lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
         if kind == "entry-norm":
-            run = lambda o=out, l=lse, p=per: fused.pool_partials(normed, entry_probe, None, o, l, p, **shifted)
+            run = lambda o=out, l=lse, p=per: pool_kernel.pool_partials(normed, entry_probe, None, o, l, p, **shifted)
         else:
-            run = lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: fused.pool_partials(
+            run = lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: pool_kernel.pool_partials(
                 tokens, probe, eps, o, l, p, w, t, s)
-        runs[f"{kind} w{warps} t{block_t} s{stages}"] = (run, lambda o=out, l=lse: fused.combine_partials(o, l))
+        runs[f"{kind} w{warps} t{block_t} s{stages}"] = (run, lambda o=out, l=lse: pool_kernel.combine_partials(o, l))
     return runs
 
 
@@ -72,12 +85,12 @@ SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
 def _kernel_runner(tokens, probe, eps, config: dict):
     """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
-    per_split, splits = fused.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
+    per_split, splits = pool_kernel.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
     out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
-    run = lambda: fused.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
+    run = lambda: pool_kernel.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
                                       config["block_t"], config["num_stages"])
-    return run, lambda: fused.combine_partials(out, lse), splits
+    return run, lambda: pool_kernel.combine_partials(out, lse), splits
 
 
 def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
@@ -110,7 +123,7 @@ def kernel_sweep(trunk, batch: int, device: torch.device, spec: str | None = Non
     for dtype in (torch.float32, torch.bfloat16):
         # the layout timm's residual stream has: (B, D, T) in memory, strides (T*D, 1, T)
         tokens = torch.randn(batch, trunk.embed_dim, num_tokens, device=device).mul(3).add(0.5).to(dtype).transpose(1, 2)
-        reference = fused.pool_reference(tokens.double(), probe.double(), eps)
+        reference = map_head.pool_tokens(tokens.double(), probe.double(), eps)
         copy_ms = timed(lambda: tokens.clone(), runs=20)  # clone keeps the layout
         print(f"kernel B={batch} {dtype}: copy (read+write) {2 * tokens.nbytes / copy_ms / 1e6:.0f} GB/s", flush=True)
         if dtype == torch.bfloat16:  # under autocast timm's tokens are fp32: bf16 tokens only for the best configs
@@ -148,7 +161,7 @@ def main(argv=None) -> int:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         tokens = (torch.randn(args.batch, DIM, TOKENS, generator=generator) * 3 + 0.5).to(device, dtype).transpose(1, 2)
-        reference = fused.pool_reference(tokens.double(), probe.double(), 1e-6)
+        reference = map_head.pool_tokens(tokens.double(), probe.double(), 1e-6)
         nbytes = tokens.nelement() * tokens.element_size()
         flat = tokens.transpose(1, 2).reshape(-1)        # the layer's own memory order, no copy
         programs = -(-flat.numel() // (4096 * 8))
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
                   f"err {row.get('rel_err', float('nan')):.1e}")
     if args.out:
         env = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
-                   triton=getattr(fused.triton, "__version__", None), command=" ".join(sys.argv))
+                   triton=getattr(pool_kernel.triton, "__version__", None), command=" ".join(sys.argv))
         write_json_atomic(args.out, dict(environment=env, rows=rows))
     return 0
 

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from siglip_dola import scoring as runtime
+from siglip_dola import config, scoring as runtime
 from siglip_dola.io import write_json_atomic
 
 DIM = 1024
@@ -50,24 +50,14 @@ def points(batch: int, classes: int, count: int, device) -> dict:
     bank = F.normalize(torch.randn(classes, DIM, generator=generator), dim=-1).to(device)
     layers, tau = list(range(24 - count, 24)), 0.1
 
-    def score(fused=False, triton_scoring=None):
+    def score(triton_scoring: bool):
         def run():
-            saved = getattr(runtime, "TRITON_SCORING", None)
-            if triton_scoring is not None:
-                runtime.TRITON_SCORING = triton_scoring
-            try:
-                return runtime.score(z_final, z_layers, bank, tau, layers, fused=fused)
-            finally:
-                if saved is not None:
-                    runtime.TRITON_SCORING = saved
+            with config.override(triton_scoring=triton_scoring):
+                return runtime.score(z_final, z_layers, bank, tau, layers)
         return run
 
-    named = {"baseline: build_probs_from_rep": lambda: runtime.build_probs_from_rep(z_final, bank, tau),
-             f"score J={count} eager": score(triton_scoring=False) if hasattr(runtime, "TRITON_SCORING") else score(),
-             f"score J={count} fused (torch.compile)": score(fused=True)}
-    if hasattr(runtime, "TRITON_SCORING"):
-        named[f"score J={count} triton"] = score(triton_scoring=True)
-    return named
+    return {"baseline: build_probs_from_rep": lambda: runtime.build_probs_from_rep(z_final, bank, tau),
+            f"score J={count} eager": score(False), f"score J={count} triton": score(True)}
 
 
 def main(argv=None) -> int:

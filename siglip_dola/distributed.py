@@ -8,10 +8,29 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+# A rank waiting on a collective fails after this many seconds instead of torch's 10 (gloo: 30) minutes:
+# a rank that died or raised surfaces quickly. Rank 0 alone scores and writes while the others wait at
+# the next collective, so it must exceed the longest such step; set SIGLIP_DOLA_DIST_TIMEOUT to change it.
+TIMEOUT_ENV = "SIGLIP_DOLA_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def collective_timeout() -> timedelta:
+    """The process-group timeout: $SIGLIP_DOLA_DIST_TIMEOUT seconds (default 120)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0 seconds, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -46,22 +65,26 @@ def init_from_env(backend: str | None = None) -> bool:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(local_device())  # object collectives on nccl use the current device
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=collective_timeout())
     return True
 
 
 @contextmanager
 def distributed_session(backend: str | None = None) -> Iterator[tuple[int, int]]:
-    """Context: init from the environment if needed, yield (rank, world), destroy the group we made on exit."""
+    """Context: init from the environment if needed, yield (rank, world); every rank leaves together.
+
+    The exit barrier runs whoever created the group: a command whose rank 0 writes a file (a
+    calibration, an index) returns on no rank before it is written, so the next step on any rank can
+    read it. The group is destroyed on exit only if this call created it.
+    """
     created = init_from_env(backend)
     try:
         yield rank_and_world()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # success: rank 0's writes are done before anyone moves on
     finally:
         if created and dist.is_initialized():
-            try:
-                dist.barrier()  # leave together: a rank re-initialising while another still works can hang
-            finally:
-                dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

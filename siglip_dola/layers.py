@@ -1,4 +1,5 @@
-"""Candidate premature layers: the one place that turns ``layers=`` / ``bucket=`` into layer numbers.
+"""Candidate premature layers: the one place that turns ``layers=`` / ``bucket=`` into layer numbers,
+and the one default-layer policy (:func:`default_layers`).
 
 Layer j (1..N) is the output of transformer block j; layer N is the final (mature) layer and is
 never a candidate. Buckets are 1-based, contiguous, inclusive ranges of 1..N. When N is not
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 PARITIES = ("even", "odd", "all")
 MODES = ("off", "static", "dynamic")  # the one definition: plain SigLIP, fixed layer M, per-input M
+DEFAULT_N_BUCKETS = 3  # the design note: buckets [1,8], [9,16], [17,24] for N = 24
 
 
 def _as_int(value, name: str) -> int:
@@ -92,3 +94,32 @@ def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = 3
     if layers is not None:
         return _validate_explicit(num_layers, layers)
     return _bucket_candidates(num_layers, bucket, n_buckets, parity)
+
+
+def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int | None = None,
+                   static_layer=None) -> tuple[list[int], int | None]:
+    """The ONE layer policy: (layers read per forward, static layer or None) for a DoLa mode.
+
+    Explicit ``layers`` or ``bucket`` (of ``n_buckets``, default 3) win. Without them the design note's
+    default is the last of ``n_buckets`` buckets, even layers, N excluded ({18, 20, 22} for N=24).
+    "static" reads only ``static_layer`` (default: the middle candidate, 20 for N=24); "off" reads no
+    early layer unless ``layers`` / ``bucket`` are given (then their JSD is reported).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n_buckets = DEFAULT_N_BUCKETS if n_buckets is None else n_buckets
+    explicit = layers is not None or bucket is not None
+    if layers is not None and bucket is not None:
+        raise ValueError("pass at most one of layers= (explicit layer numbers) or bucket= (1-based bucket index)")
+    if static_layer is not None and mode != "static":
+        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
+    if mode == "static" and static_layer is not None:
+        return resolve_layers(num_layers, layers=[static_layer]), int(static_layer)
+    if mode == "off" and not explicit:
+        candidates = []  # off reads no early layer by default
+    else:
+        candidates = resolve_layers(num_layers, layers=layers, bucket=bucket if explicit else n_buckets,
+                                    n_buckets=n_buckets)
+    if mode == "static":
+        return [candidates[len(candidates) // 2]], candidates[len(candidates) // 2]
+    return (candidates if mode == "dynamic" or explicit else []), None

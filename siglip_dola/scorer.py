@@ -4,25 +4,17 @@ Per batch the core is the two-line composition (ONE backbone forward):
     z_final, z_layers = model.readout(pixels, layers)
     result = runtime.score(z_final, z_layers, bank.embeds, tau, layers, mode, alpha, static_layer)
 
-Default layers: the last of ``n_buckets`` buckets, even layers, N excluded ({18, 20, 22} for N=24 and
-3 buckets). Mode "static" reads only ``static_layer`` (default: the middle candidate, 20 for N=24);
-mode "off" reads no early layer unless ``layers``/``bucket`` are given (then their JSD is reported).
-
-Calibration file (written by ``siglip-dola calibrate``, read by :meth:`DoLaSigLIP.from_calibration`)::
-
-    {"model": "<LoadedModel.model_id the choice was made for>",
-     "choice": {"mode": "dynamic" | "static" | "off",
-                "bucket": 3, "n_buckets": 3,       # or "layers": [18, 20, 22] (one of the two, optional)
-                "static_layer": 20,                # static mode only (optional)
-                "alpha": 0.1}}                     # optional, default 0.1
-    Other keys are ignored.
+Settings (mode, layers, alpha, contrast weight) come from ``siglip_dola.settings.resolve_settings``:
+explicit arguments > a calibration (a ``siglip-dola calibrate`` JSON, or "embedded"; default: the
+LoadedModel's own, the shipped one for the embedded model) > the design note's defaults (dynamic, the
+last of 3 buckets' even layers, alpha 0.1, lambda 1). ``scorer.settings`` records each value's source.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -30,47 +22,38 @@ import torch
 from siglip_dola import scoring as runtime
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.evaluation.embed import embed_texts, iter_embedded, iter_pixel_batches
-from siglip_dola.layers import MODES, resolve_layers
 from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
-from siglip_dola.scoring.checks import check_alpha, check_tau
-
-
-def choose_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int = 3,
-                  static_layer=None) -> tuple[list[int], int | None]:
-    """(layers read per forward, static layer or None) for a scorer configuration; see the module docstring."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    explicit = layers is not None or bucket is not None
-    candidates = resolve_layers(num_layers, layers=layers, bucket=n_buckets if not explicit else bucket,
-                                n_buckets=n_buckets)
-    if mode == "static":
-        static_layer = candidates[len(candidates) // 2] if static_layer is None else static_layer
-        return resolve_layers(num_layers, layers=[static_layer]), int(static_layer)
-    if static_layer is not None:
-        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
-    return (candidates if mode == "dynamic" or explicit else []), None
+from siglip_dola.scoring.checks import check_tau
+from siglip_dola.settings import DoLaSettings, settings_for_model
 
 
 class DoLaSigLIP:
     """DoLa scorer over a LoadedModel: classify images against a text bank, rerank texts or images."""
 
-    def __init__(self, model, mode: str = "dynamic", alpha: float = 0.1, layers=None, bucket=None,
-                 n_buckets: int = 3, static_layer=None, tau=None, batch_size: int = 32, fused_scoring: bool = False,
-                 cuda_graphs: bool = False):
-        # fused_scoring=True: EXPERIMENTAL runtime.score(..., fused=True) (torch.compile; compiles per batch shape)
-        # cuda_graphs=True: the readout replayed from CUDA graphs, one captured per batch shape (readout/graphed.py)
-        for name, flag in (("fused_scoring", fused_scoring), ("cuda_graphs", cuda_graphs)):
-            if flag is not True and flag is not False:
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+    def __init__(self, model, mode: str | None = None, alpha: float | None = None, layers=None, bucket=None,
+                 n_buckets: int | None = None, static_layer=None, tau=None, batch_size: int = 32,
+                 cuda_graphs: bool = False, contrast_weight: float | None = None,
+                 calibration=None, settings: DoLaSettings | None = None):
+        # None arguments are "not given": see the module docstring for where their values come from.
+        # calibration: a calibrate JSON path, "embedded" or "none"; settings: an already resolved DoLaSettings
+        # cuda_graphs=True: each call (readout + scoring in score_pixels) replayed from a CUDA graph captured per
+        # batch shape (readout/cuda_graphs.py), with no host sync per call
+        if cuda_graphs is not True and cuda_graphs is not False:
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if cuda_graphs and torch.device(model.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
-        self.model, self.fused_scoring = model, fused_scoring
+        self.model, self.cuda_graphs = model, cuda_graphs
         self._readout = graphed.GraphCache(model.readout) if cuda_graphs else model.readout
-        self.mode = mode
-        self.alpha = check_alpha(alpha)
-        self.layers, self.static_layer = choose_layers(model.readout.num_layers, mode, layers, bucket,
-                                                       n_buckets, static_layer)
+        if settings is None:
+            settings = settings_for_model(model, calibration, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
+                                          n_buckets=n_buckets, static_layer=static_layer,
+                                          contrast_weight=contrast_weight)
+        self.settings = settings
+        self.mode, self.alpha, self.contrast_weight = settings.mode, settings.alpha, settings.contrast_weight
+        self.layers, self.static_layer = list(settings.layers), settings.static_layer
+        self._graphed_scores = graphed.CallCache() if cuda_graphs else None
+        self._graph_bank = None   # (source bank key, the fp32 bank on the device the graphs read)
         self.tau = check_tau(model.tau if tau is None else tau)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -78,17 +61,9 @@ class DoLaSigLIP:
 
     @classmethod
     def from_calibration(cls, path: str | os.PathLike, model, **overrides) -> "DoLaSigLIP":
-        """A scorer configured by a calibration JSON (schema in the module docstring); `overrides` win."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        choice = data.get("choice") if isinstance(data, dict) else None
-        if not isinstance(choice, dict) or "mode" not in choice:
-            raise ValueError(f"calibration file {str(path)!r} needs a 'choice' object with a 'mode' key")
-        if data.get("model") not in (None, model.model_id):
-            raise ValueError(f"calibration file {str(path)!r} was made for model {data['model']!r}, "
-                             f"not {model.model_id!r}")
-        keys = ("mode", "alpha", "layers", "bucket", "n_buckets", "static_layer")
-        config = {k: choice[k] for k in keys if choice.get(k) is not None}
-        return cls(model, **{**config, **overrides})
+        """A scorer configured by a calibration JSON path or "embedded" (schema: evaluation/calibrate.py);
+        `overrides` (constructor arguments) win."""
+        return cls(model, calibration=path, **overrides)
 
     # ------------------------------------------------------------ embeddings
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,10 +118,36 @@ class DoLaSigLIP:
 
     def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
         """DoLaResult for pixels [B, 3, H, W] against bank_embeds [C, D] (one backbone forward)."""
+        if self._graphed_scores is not None:
+            return self._score_graphed(pixels, bank_embeds)
         z_final, z_layers = self.embed(pixels)
         bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
         return runtime.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
-                             alpha=self.alpha, static_layer=self.static_layer, fused=self.fused_scoring)
+                             alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
+
+    def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
+        """score_pixels as ONE replayed CUDA graph (readout + scoring; captured per shape and bank), no host sync:
+        the NaN/inf check is deferred to ``result.nonfinite`` (checked where rows are read, in :meth:`_rows`)."""
+        _check_pixels(pixels)
+        pixels = pixels.to(self.model.device)
+        bank_key = (bank_embeds.data_ptr(), bank_embeds._version, tuple(bank_embeds.shape), bank_embeds.dtype,
+                    bank_embeds.device)
+        if self._graph_bank is None or self._graph_bank[0] != bank_key:   # the graphs read the bank's memory:
+            self._graphed_scores = graphed.CallCache()                      # keep it, capture again for another
+            self._graph_bank = (bank_key, bank_embeds.to(device=pixels.device, dtype=torch.float32))
+        bank_embeds = self._graph_bank[1]
+
+        def call(images):
+            z_final, z_layers = self.model.readout(images, self.layers)
+            result = runtime.score(z_final.float(), z_layers.float() if self.layers else None, bank_embeds,
+                                   self.tau, self.layers or None, mode=self.mode, alpha=self.alpha,
+                                   static_layer=self.static_layer, validate=False,
+                                   contrast_weight=self.contrast_weight)
+            return tuple(getattr(result, f.name) for f in dataclasses.fields(result))
+        key = (tuple(self.layers), self.model.readout.derived_key())   # new weights: capture again
+        with autocast(self.model.device, self.model.dtype):
+            outputs = self._graphed_scores(call, pixels, key)
+        return runtime.DoLaResult(*outputs)
 
     def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
         """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""
@@ -184,6 +185,7 @@ class DoLaSigLIP:
 
     def _rows(self, result: runtime.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
         """One dict per example (row) of a DoLaResult: top-k ranked by (DoLa prob, then q_N)."""
+        runtime.check_finite(result)   # deferred by the graphed path; a no-op otherwise
         probs, final = result.probs.float().cpu(), result.final_probs.float().cpu()
         order = torch.sort(final, dim=-1, descending=True, stable=True).indices  # ties among masked: by q_N
         order = order.gather(-1, torch.sort(probs.gather(-1, order), dim=-1, descending=True, stable=True).indices)
@@ -258,7 +260,7 @@ class DoLaSigLIP:
         scores_layers = None if z_layers is None else torch.stack(
             [runtime.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
         result = runtime.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
-                              alpha=self.alpha, static_layer=self.static_layer)
+                              alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
         top_k = len(ids) if top_k is None else _check_top_k(top_k)
         rows = self._rows(result, ids, top_k, key="image")
         return [{"text": q, "ranking": row.pop("predictions"), **row} for q, row in zip(queries, rows)]

@@ -2,12 +2,19 @@
 
 Ensembling (open_clip's `build_zero_shot_classifier`): every (class, template) text is encoded and
 L2-normalised, the per-class mean over templates is taken and L2-normalised again.
+
+Silent wrong answers are made loud: a template must hold exactly one ``{}`` (else ValueError); a bank
+with one class, or with classes whose embeddings are identical (typically prompts made only of words
+the tokenizer does not know, which all encode to the same unknown tokens), gives a UserWarning naming
+them: their scores are tied by construction. Such banks are still returned (warned, not refused),
+since a tied pair among many classes can be intended.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,9 @@ import torch.nn.functional as F
 from siglip_dola.io import atomic_path
 
 BANK_FORMAT = "siglip-dola-text-bank/1"
+# A word no vocabulary holds: a word-level tokenizer maps it to its unknown token, a BPE one to pieces.
+# A class whose prompts encode exactly like this word's was not read by the tokenizer.
+UNREADABLE_PROBE = "qzxjvkwq"
 Template = str | Callable[[str], str]
 
 
@@ -96,7 +106,10 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
         cache_path = _cache_path(Path(cache_dir), model, classnames, templates)
         if cache_path.is_file():
             return load_text_bank(cache_path)
-    embeds = _encode_ensembled(model, classnames, templates, batch_size)
+    # one more "class", a nonsense word: a class that encodes exactly like it was not read at all
+    embeds = _encode_ensembled(model, [*classnames, UNREADABLE_PROBE], templates, batch_size)
+    embeds, probe = embeds[:-1], embeds[-1]
+    warn_indistinct(classnames, embeds, f"model {model.model_id!r}", unreadable_probe=probe)
     bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
     if cache_path is not None:
         save_text_bank(bank, cache_path)
@@ -121,12 +134,60 @@ def _template_string(template: Template) -> str:
 
 
 def _validate_templates(templates) -> list[Template]:
+    """Templates as a list; ValueError unless each puts the class name into the text exactly once."""
     if isinstance(templates, str):
         templates = [templates]
     templates = list(templates)
     if not templates or not all(isinstance(t, str) or callable(t) for t in templates):
         raise ValueError("templates must be a non-empty list of format strings ('a photo of a {}.') or callables")
+    for template in templates:
+        shown = template if isinstance(template, str) else getattr(template, "__name__", repr(template))
+        try:
+            first, second = _apply(template, "\x00a"), _apply(template, "\x00b")
+        except (IndexError, KeyError, ValueError, AttributeError) as err:
+            raise ValueError(f"template {shown!r} must hold exactly one {{}} for the class name, e.g. "
+                             f"'a photo of a {{}}.' ({type(err).__name__}: {err})") from None
+        if not isinstance(first, str) or first == second:
+            raise ValueError(f"template {shown!r} does not use the class name: every class would get the same "
+                             "text; put {} where the name goes, e.g. 'a photo of a {}.'")
+        if first.count("\x00a") != 1:
+            raise ValueError(f"template {shown!r} must hold exactly one {{}} for the class name, "
+                             f"not {first.count(chr(0) + 'a')}")
     return templates
+
+
+def warn_indistinct(labels: Sequence[str], embeds: torch.Tensor, source: str, tolerance: float = 1e-6,
+                    unreadable_probe: torch.Tensor | None = None) -> None:
+    """UserWarning when there is one label, when labels encode like a nonsense word (`unreadable_probe` [D]),
+    or when labels' embeddings [C, D] coincide (cosine >= 1 - tolerance); each names the labels."""
+    if len(labels) == 1:
+        warnings.warn(f"only one class ({labels[0]!r}): it always scores 1.0; ranking needs at least 2 "
+                      "candidates", UserWarning, stacklevel=3)
+    unit = F.normalize(embeds.double(), dim=-1)
+    unread = set()
+    if unreadable_probe is not None:
+        probe = F.normalize(unreadable_probe.double(), dim=-1)
+        unread = set(torch.nonzero(unit @ probe >= 1.0 - tolerance).flatten().tolist())
+        if unread:
+            names = ", ".join(repr(labels[i]) for i in sorted(unread)[:10])
+            warnings.warn(f"{len(unread)} of {len(labels)} classes are not read by the tokenizer of {source} "
+                          f"({names}): their prompts encode exactly like a nonsense word, so their scores carry "
+                          "no information. Use words the model knows (the embedded model reads only its shapes "
+                          "words, e.g. 'red circle') or real weights.", UserWarning, stacklevel=3)
+    same = (unit @ unit.T) >= 1.0 - tolerance  # (C, C)
+    groups, seen = [], set()
+    for i in range(len(labels)):
+        if i not in seen:
+            members = torch.nonzero(same[i]).flatten().tolist()
+            seen.update(members)
+            if len(members) > 1 and not set(members) <= unread:  # unread ones were named above
+                groups.append([labels[j] for j in members])
+    if groups:
+        shown = "; ".join(" = ".join(repr(name) for name in group) for group in groups[:10])
+        warnings.warn(f"{sum(map(len, groups))} of {len(labels)} classes have identical text embeddings under "
+                      f"{source} ({shown}): their scores are tied, so the answer among them is arbitrary. "
+                      "Usually every word of those prompts is unknown to the tokenizer; use words the model "
+                      "knows (or real weights).", UserWarning, stacklevel=3)
 
 
 def save_text_bank(bank: TextBank, path: str | Path) -> None:
@@ -157,34 +218,53 @@ def load_text_bank(path: str | Path, labels: Sequence[str] | str | Path | None =
     embeds, stored_labels, stored_model_id = _read_bank_file(path)
     if isinstance(labels, (str, Path)):
         labels = read_labels_file(labels)
+    if embeds.ndim != 2:
+        raise ValueError(f"bank {path} has shape {tuple(embeds.shape)}; expected [C, D]")
     if labels is None:
+        if stored_labels is None:
+            warnings.warn(f"bank {path} stores no labels: its classes are named '0'..'{embeds.shape[0] - 1}'; "
+                          "give the class names with --labels / --labels-file (labels=)", UserWarning, stacklevel=2)
         labels = stored_labels if stored_labels is not None else [str(i) for i in range(embeds.shape[0])]
     labels = validate_labels(labels, source="labels")
-    if embeds.ndim != 2 or embeds.shape[0] != len(labels):
+    if embeds.shape[0] != len(labels):
         raise ValueError(f"bank {path} has shape {tuple(embeds.shape)}; expected [C, D] with C = "
                          f"{len(labels)} labels")
-    embeds = F.normalize(embeds.float(), dim=-1)
+    embeds = embeds.float()
+    if not torch.isfinite(embeds).all() or (embeds.norm(dim=-1) == 0).any():
+        bad = sorted(set(torch.nonzero(~torch.isfinite(embeds).all(-1) | (embeds.norm(dim=-1) == 0)).flatten().tolist()))
+        raise ValueError(f"bank {path}: rows {bad[:10]} are NaN, infinite or all zero; rebuild the bank")
+    embeds = F.normalize(embeds, dim=-1)
+    warn_indistinct(labels, embeds, f"bank {path}")
     return TextBank(labels=labels, embeds=embeds, model_id=model_id or stored_model_id or "")
 
 
 def _read_bank_file(path: Path):
     """(embeds tensor, stored labels or None, stored model_id or None)."""
     if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:  # object arrays, truncated or not .npy at all
+            raise ValueError(f"bank {path} cannot be read as a numeric .npy array ({err}); "
+                             "save it with np.save(path, embeds.astype(np.float32))") from None
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"bank {path} has dtype {array.dtype}; expected floating point embeddings")
         return torch.from_numpy(np.ascontiguousarray(array)), None, None
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            key = "embeds" if "embeds" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise ValueError(f"bank {path} must hold an 'embeds' tensor or exactly one tensor; has {keys}")
-            metadata = handle.metadata() or {}
-            labels = json.loads(metadata["labels"]) if "labels" in metadata else None
-            return handle.get_tensor(key), labels, metadata.get("model_id")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+                key = "embeds" if "embeds" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ValueError(f"bank {path} must hold an 'embeds' tensor or exactly one tensor; has {keys}")
+                metadata = handle.metadata() or {}
+                labels = json.loads(metadata["labels"]) if "labels" in metadata else None
+                return handle.get_tensor(key), labels, metadata.get("model_id")
+        except ValueError:
+            raise
+        except Exception as err:  # safetensors' SafetensorError: truncated / not a safetensors file
+            raise ValueError(f"bank {path} cannot be read as .safetensors ({type(err).__name__}: {err})") from None
     raise ValueError(f"text bank path must end with .safetensors or .npy; got {path}")
 
 

@@ -28,13 +28,15 @@ def test_grid_for_vit_l_16():
     static = sorted({p["static_layer"] for p in points if p["mode"] == "static"})
     assert static == list(range(2, 24, 2))
     assert points[0]["mode"] == "off" and sum(p["mode"] == "off" for p in points) == 1
-    assert len(points) == 1 + 3 * (9 + 11)
-    all_static = grid_points(CalibrationGrid(static_parity="all", alphas=(0.1,)), 24)
+    assert len(points) == 1 + 3 * 3 * (9 + 11)  # alphas x contrast weights x (buckets + static layers)
+    weights = [p["contrast_weight"] for p in points if p["mode"] == "dynamic"]
+    assert sorted(set(weights)) == [0.25, 0.5, 1.0] and weights[0] == 1.0  # lambda = 1 first: it wins ties
+    all_static = grid_points(CalibrationGrid(static_parity="all", alphas=(0.1,), contrast_weights=(1.0,)), 24)
     assert sorted(p["static_layer"] for p in all_static if p["mode"] == "static") == list(range(1, 24))
 
 
-def _scored(mode, correct1, layers):
-    return {"mode": mode, "correct1": correct1, "layers": layers}
+def _scored(mode, correct, layers):
+    return {"mode": mode, "correct": correct, "layers": layers}
 
 
 def test_choice_ties_go_to_baseline_then_fewer_layers():
@@ -75,11 +77,15 @@ def naive_prediction(q, point):
         divergences = [jensenshannon(q_final, q[j]) ** 2 for j in point["layers"]]
         premature = point["layers"][int(np.argmax(divergences))]
     keep = q_final >= point["alpha"] * q_final.max()
-    contrast = np.where(keep, np.log(q_final) - np.log(q[premature]), -np.inf)
+    contrast = np.where(keep, np.log(q_final) - point["contrast_weight"] * np.log(q[premature]), -np.inf)
     return int(np.argmax(contrast))
 
 
-def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip, tiny_loaded, tmp_path):
+@pytest.mark.parametrize("chunk_floor", [1 << 22, 1])  # one chunk; chunks of 3 rows (36 // 11 layers)
+def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip, tiny_loaded, tmp_path, monkeypatch,
+                                                                 chunk_floor):
+    from siglip_dola.evaluation import layer_logits
+    monkeypatch.setattr(layer_logits, "CHUNK_FLOOR", chunk_floor)
     counting = dataclasses.replace(tiny_loaded, readout=CountingReadout(tiny_loaded.readout))
     out = tmp_path / "calib.json"
     report = calibrate(counting, "shapes", split="val", n=N_IMAGES, batch_size=BATCH, out=out, progress=False)
@@ -90,22 +96,28 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip,
     z = naive_layer_embeds(tiny_hf_siglip, [s.image for s in samples])
     q = [{j: naive_probs(z[j][i], bank, tiny_loaded.tau) for j in z} for i in range(N_IMAGES)]
     labels = [s.label for s in samples]
-    assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 43
+    assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 1 + 3 * 42
     for score in report["scores"]:
         correct = sum(naive_prediction(q[i], score) == labels[i] for i in range(N_IMAGES))
         assert score["correct1"] == correct, score
         assert score["acc1"] == pytest.approx(correct / N_IMAGES)
     best = max(s["correct1"] for s in report["scores"])
     assert report["choice_metrics"]["acc1"] == pytest.approx(best / N_IMAGES)
+    alone = {j: sum(int(np.argmax(q[i][j])) == labels[i] for i in range(N_IMAGES)) for j in range(1, NUM_LAYERS)}
+    top = max(alone.values())
+    assert report["best_single_layer"] == {"layer": max(j for j in alone if alone[j] == top),  # ties: deeper
+                                           "acc1": pytest.approx(top / N_IMAGES)}
 
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(report))
     assert written["model"] == "tiny" and written["dataset"] == "shapes" and written["split"] == "val"
     assert written["grid"] == {"n_buckets": [2, 3, 4], "parity": "even", "static_parity": "even",
-                               "alphas": [0.05, 0.1, 0.2]}
+                               "alphas": [0.05, 0.1, 0.2], "contrast_weights": [1.0, 0.5, 0.25]}
     scorer = DoLaSigLIP.from_calibration(out, tiny_loaded)
     choice = written["choice"]
     assert scorer.mode == choice["mode"] and scorer.alpha == pytest.approx(choice.get("alpha", 0.1))
+    assert scorer.contrast_weight == choice.get("contrast_weight", 1.0)
+    assert scorer.settings.sources["mode"] == "calibration" and scorer.settings.calibration == str(out)
     chosen = next(s for s in report["scores"] if s["correct1"] == best)
     if choice["mode"] != "off":
         assert scorer.layers == chosen["layers"]
@@ -113,7 +125,7 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip,
 
 def test_calibrate_accepts_a_dataset_object_and_custom_grid(tiny_loaded):
     dataset = shapes_dataset("val", n=12)
-    grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), static_parity="all")
+    grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), static_parity="all", contrast_weights=(1.0,))
     report = calibrate(tiny_loaded, dataset, grid=grid, progress=False)
     assert report["n_images"] == 12
     assert len(report["scores"]) == 1 + 3 + (NUM_LAYERS - 1)

@@ -50,21 +50,29 @@ def own_logits(model_dir, paths, labels):
         return model(input_ids=ids, pixel_values=pixels).logits_per_image  # (B, C)
 
 
-def test_classify_json_layout_skips_corrupt_file(capsys, model_dir, image_dir):
+def test_classify_json_layout_skips_corrupt_file(capsys, model_dir, image_dir, monkeypatch):
+    from siglip_dola import settings
+    monkeypatch.setattr(settings, "_warned_uncalibrated", False)  # printed once per process
     code, out, err = run_cli(capsys, "classify", image_dir, "--labels", ",".join(LABELS), "--model", model_dir,
                              "--top-k", "2", "--json")
     assert code == 1  # some files were skipped
     payload = json.loads(out)
-    assert list(payload) == ["results", "skipped"]
+    assert list(payload) == ["settings", "results", "skipped"]
+    assert payload["settings"] == {"mode": "dynamic", "layers": [10], "static_layer": None, "alpha": 0.1,
+                                   "contrast_weight": 1.0, "bucket": 3, "n_buckets": 3, "calibration": None,
+                                   "sources": {"mode": "default", "alpha": "default", "contrast_weight": "default",
+                                               "layers": "default"}}
+    assert "DoLa is uncalibrated" in err and "siglip-dola calibrate" in err
     assert [s["path"] for s in payload["skipped"]] == [str(image_dir / "broken.png")]
     assert payload["skipped"][0]["error"]
     images = [str(image_dir / n) for n in ["a.png", "b.jpg", "sub/c.png"]]
-    assert [r["image"] for r in payload["results"]] == images
-    for result in payload["results"]:
-        assert list(result) == ["image", "predictions", "premature_layer", "jsd"]
+    assert [r["query"] for r in payload["results"]] == images
+    for result in payload["results"]:  # the shared vocabulary of docs/output.md
+        assert list(result) == ["query", "query_type", "item_type", "premature_layer", "jsd", "hits"]
+        assert result["query_type"] == "image" and result["item_type"] == "label"
         assert list(result["jsd"]) == ["10"] and result["premature_layer"] == 10  # N=12: bucket 3 -> {10}
-        assert len(result["predictions"]) == 2
-        assert all(list(p) == ["label", "score", "baseline_score"] for p in result["predictions"])
+        assert len(result["hits"]) == 2 and [h["rank"] for h in result["hits"]] == [1, 2]
+        assert all(list(p) == ["rank", "item", "score", "baseline_score"] for p in result["hits"])
 
 
 def test_mode_off_matches_the_models_own_logits(capsys, model_dir, image_dir):
@@ -72,14 +80,14 @@ def test_mode_off_matches_the_models_own_logits(capsys, model_dir, image_dir):
                            ",".join(LABELS), "--model", model_dir, "--mode", "off", "--top-k", "3", "--json")
     payload = json.loads(out)
     assert code == 1 and len(payload["skipped"]) == 1
-    paths = [r["image"] for r in payload["results"]]
+    paths = [r["query"] for r in payload["results"]]
     assert paths == sorted(paths) and len(paths) == 2  # a.png, b.jpg (the glob is not recursive)
     q_final = torch.softmax(own_logits(model_dir, paths, LABELS), dim=-1)  # the bias cancels in the softmax
     for result, expected in zip(payload["results"], q_final):
-        got = {p["label"]: p["baseline_score"] for p in result["predictions"]}
+        got = {p["item"]: p["baseline_score"] for p in result["hits"]}
         assert [got[label] for label in LABELS] == pytest.approx(expected.tolist(), abs=1e-5)
-        assert result["predictions"][0]["label"] == LABELS[int(expected.argmax())]
-        assert all(p["score"] == p["baseline_score"] for p in result["predictions"])
+        assert result["hits"][0]["item"] == LABELS[int(expected.argmax())]
+        assert all(p["score"] == p["baseline_score"] for p in result["hits"])
         assert result["premature_layer"] is None and result["jsd"] == {}
 
 
@@ -105,14 +113,16 @@ def test_rerank_both_directions(capsys, model_dir, image_dir):
                            ",".join(LABELS), "--model", model_dir, "--json")
     payload = json.loads(out)
     assert code == 0 and payload["skipped"] == []
-    assert [sorted(p["text"] for p in r["predictions"]) for r in payload["results"]] == [sorted(LABELS)] * 2
+    assert [sorted(p["item"] for p in r["hits"]) for r in payload["results"]] == [sorted(LABELS)] * 2
+    assert {(r["query_type"], r["item_type"]) for r in payload["results"]} == {("image", "text")}
     code, out, _ = run_cli(capsys, "rerank", image_dir, "--query", "red circle", "--query", "blue square",
                            "--model", model_dir, "--layers", "2,6", "--json")
     payload = json.loads(out)
     assert code == 1 and len(payload["skipped"]) == 1
-    assert [r["text"] for r in payload["results"]] == ["red circle", "blue square"]
+    assert [r["query"] for r in payload["results"]] == ["red circle", "blue square"]
     for result in payload["results"]:
-        assert sorted(r["image"] for r in result["ranking"]) == sorted(
+        assert (result["query_type"], result["item_type"]) == ("text", "path")
+        assert sorted(r["item"] for r in result["hits"]) == sorted(
             str(image_dir / n) for n in ["a.png", "b.jpg", "sub/c.png"])
         assert set(result["jsd"]) == {"2", "6"} and result["premature_layer"] in (2, 6)
 
@@ -123,7 +133,7 @@ def test_rerank_both_directions(capsys, model_dir, image_dir):
     (["--labels", " , "], "empty"),
     ([], "--labels"),
     (["--labels", "cat", "--model", "no-such-model-name"], "unknown model"),
-    (["--labels", "cat", "--cuda-graphs", "--device", "cpu"], "cuda_graphs=True needs the model on a CUDA device"),
+    (["--labels", "cat", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs the model on a CUDA device"),
 ])
 def test_bad_arguments_exit_2(capsys, model_dir, image_dir, extra, match):
     argv = ["classify", image_dir / "a.png", *extra]

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,7 +79,7 @@ WORKER = textwrap.dedent('''
         assert world == 2
         assert cli.main(["calibrate", *common, "--split", "val", "--out", f"{out_dir}/calib.json"]) == 0
         assert cli.main(["eval", *common, "--split", "test", "--calibration", f"{out_dir}/calib.json",
-                         "--out", f"{out_dir}/result.json"]) == 0
+                         "--out", f"{out_dir}/result.json", "--predictions", f"{out_dir}/predictions.jsonl"]) == 0
         items = [(s.name, s.image) for s in shapes.make_split("test", n=int(n))]
         items[5] = ("broken", None)
         result = embed_images(load(model_dir, device="cpu"), items, [2, 7], batch_size=4, progress=False,
@@ -92,13 +93,74 @@ WORKER = textwrap.dedent('''
 
 
 
+def run_in_own_group(command, env, timeout):
+    """Run `command` in a new session; on timeout kill its whole process group (torchrun AND its workers:
+    killing torchrun alone leaves the workers orphaned), then fail."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s; killed process group {proc.pid}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_exit_barrier_runs_in_a_group_made_by_someone_else(monkeypatch, tmp_path):
+    """The race of issue 16: rank 1 read calib.json before rank 0 wrote it, because distributed_session
+    only synchronised ranks when it had created the process group itself."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real_barrier = dist.barrier
+        monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k)))
+        with distributed.distributed_session() as (rank, world):
+            assert (rank, world) == (0, 1) and calls == []
+        assert calls == ["barrier"] and dist.is_initialized()  # synchronised, and the caller's group kept
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collective_timeout_is_short_and_configurable(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout().total_seconds() == distributed.DEFAULT_TIMEOUT_S <= 120
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    assert distributed.collective_timeout().total_seconds() == 7.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
+            distributed.collective_timeout()
+
+
+HANG = textwrap.dedent('''
+    import os, time
+    from siglip_dola import distributed
+    with distributed.distributed_session() as (rank, world):
+        if rank == 1:
+            time.sleep(60)  # rank 0 waits for it in the exit barrier
+''')
+
+
+def test_a_hung_rank_fails_in_seconds(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "3"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={distributed.free_port()}", str(script)]
+    proc = run_in_own_group(command, env, timeout=45)
+    assert proc.returncode != 0 and "Timed out waiting 3000ms" in proc.stderr  # not after rank 1's 60 s
+
+
 def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={distributed.free_port()}",
                str(script), str(model_dir), str(tmp_path), str(N_IMAGES)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_in_own_group(command, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     model = load(str(model_dir), device="cpu")
@@ -115,7 +177,14 @@ def test_torchrun_two_processes_match_one_process(model_dir, tmp_path):
     multi = json.loads((tmp_path / "result.json").read_text())
     assert multi["n_images"] == single["n_images"] == N_IMAGES
     for mode in ("off", "static", "dynamic"):
-        assert multi["metrics"][mode] == pytest.approx(single["metrics"][mode], abs=1e-6)
+        assert multi["modes"][mode]["metrics"] == pytest.approx(single["modes"][mode]["metrics"], abs=1e-6)
+    assert multi["paired"] == single["paired"]  # same outcomes, same seed: same interval
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert multi["predictions"] == str(tmp_path / "predictions.jsonl")
+    assert [r["index"] for r in rows] == list(range(N_IMAGES))  # rank 0 wrote every image, in input order
+    assert [r["id"] for r in rows] == [s.name for s in shapes.make_split("test", n=N_IMAGES)]
+    static_right = [r["modes"]["static"]["top5"][0]["index"] == r["label_index"] for r in rows]
+    assert np.mean(static_right) == pytest.approx(single["modes"]["static"]["metrics"]["acc1"])
     assert multi["layer_lens"]["dynamic_layer_counts"] == single["layer_lens"]["dynamic_layer_counts"]
     assert multi["layer_lens"]["top1"] == pytest.approx(single["layer_lens"]["top1"], abs=1e-6)
     assert multi["layer_lens"]["mean_jsd"] == pytest.approx(single["layer_lens"]["mean_jsd"], rel=1e-4, abs=1e-7)

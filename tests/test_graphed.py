@@ -65,15 +65,31 @@ def test_replay_refuses_another_autocast_state():
     assert graph.replays == 0
 
 
+class _FakeReadout:
+    """Stands in for a Readout: records calls, validates like one (the cache validates before its lookup)."""
+
+    def check_layers(self, layers):
+        return list(layers)
+
+    def check_images(self, images):
+        assert images.ndim == 4
+
+    def derived_key(self):
+        return ()
+
+    def __call__(self, images, layers):
+        return ("replayed", tuple(images.shape), tuple(layers))
+
+
 def test_graph_cache_captures_once_per_key_and_keeps_the_most_recent(monkeypatch):
     captured = []
 
-    def fake_capture(readout, images, layers):
-        captured.append((tuple(images.shape), tuple(layers)))
-        return lambda x: ("replayed", tuple(x.shape), tuple(layers))
+    def fake_capture_call(fn, images):
+        captured.append(fn(images)[1:])
+        return fn
 
-    monkeypatch.setattr(graphed, "capture", fake_capture)
-    cache = graphed.GraphCache(readout=object(), size=2)
+    monkeypatch.setattr(graphed, "capture_call", fake_capture_call)
+    cache = graphed.GraphCache(readout=_FakeReadout(), size=2)
     a, b, c = torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)
     assert cache(a, [2]) == ("replayed", (1, 3, 4, 4), (2,))
     cache(a, [2]), cache(b, [2]), cache(a, [2])          # hits: a, a; new: b

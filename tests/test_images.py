@@ -84,3 +84,74 @@ def test_batch_of_only_bad_files_has_no_pixels(tmp_path):
     assert batch.pixels is None and batch.paths == [] and batch.skipped[0][0] == bad
     with pytest.raises(ValueError, match="batch_size"):
         next(iter_image_batches([bad], to_tensor, batch_size=0))
+
+
+# ---------------------------------------------------------------- unusual images (issue 16)
+from PIL import ImageOps  # noqa: E402
+
+from siglip_dola.data.images import ImageReadError, decode_image, to_rgb  # noqa: E402
+
+
+def _rgb(image):
+    return np.asarray(to_rgb(image), dtype=np.int64)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as image:
+        got = _rgb(image)
+    expected = np.round(ramp.astype(np.float64) / 65535 * 255)
+    assert np.abs(got[..., 0] - expected).max() <= 1 and (got[..., 0] == got[..., 2]).all()
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)  # palette index 0 (black) transparent
+    with Image.open(tmp_path / "p.png") as image:
+        got = _rgb(image)
+    assert got[0, 0].tolist() == [255, 0, 0] and got[1, 1].tolist() == [255, 255, 255]
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 255, 0))
+    rgba.putpixel((1, 0), (0, 0, 255, 128))
+    assert _rgb(rgba)[0].tolist() == [[255, 255, 255], [127, 127, 255]]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (6, 2), (0, 0, 0))
+    image.putpixel((0, 0), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "rot.jpg") as reopened:
+        expected = np.asarray(ImageOps.exif_transpose(reopened))
+        assert to_rgb(reopened).size == (2, 6)
+    with Image.open(tmp_path / "rot.jpg") as reopened:
+        np.testing.assert_array_equal(np.asarray(to_rgb(reopened)), expected)
+
+
+def test_cmyk_and_one_pixel_decode(tmp_path):
+    Image.new("CMYK", (5, 5), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tmp_path / "one.png")
+    red = decode_image(tmp_path / "c.jpg", to_tensor)
+    assert red.shape == (3, 8, 8) and red[0].mean() > 0.9 and red[1:].mean() < 0.1
+    assert torch.allclose(decode_image(tmp_path / "one.png", to_tensor)[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
+
+
+def test_unreadable_inputs_name_the_file(tmp_path, monkeypatch):
+    with pytest.raises(ImageReadError, match="folder"):
+        decode_image(tmp_path, to_tensor)
+    Image.new("L", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: PIL refuses it as a bomb
+    with pytest.raises(ImageReadError, match=r"bomb.png.*DecompressionBombError"):
+        decode_image(tmp_path / "bomb.png", to_tensor)
+    (batch,) = iter_image_batches([tmp_path / "bomb.png"], to_tensor)
+    assert batch.pixels is None and "DecompressionBombError" in batch.skipped[0][1]
+
+
+def test_symlink_loops_do_not_hang_the_folder_walk(tmp_path):
+    save_image(tmp_path / "d" / "a.png", 10)
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    (tmp_path / "d" / "self.png").symlink_to(tmp_path / "d" / "self.png")  # a link to itself
+    assert expand_image_paths([tmp_path / "d"]) == [tmp_path / "d" / "a.png"]

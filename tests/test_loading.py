@@ -80,10 +80,15 @@ def _image(seed=0):
     return Image.fromarray(pixels)
 
 
+def _embedding(output):
+    """transformers 4.x returns the embedding tensor, 5.x an output object holding it as pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def _hf_text(model, tokenizer, texts):
     ids = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        return model.get_text_features(input_ids=ids).pooler_output
+        return _embedding(model.get_text_features(input_ids=ids))
 
 
 def test_load_hf_folder(hf_dir):
@@ -105,7 +110,7 @@ def test_load_hf_folder(hf_dir):
     torch.testing.assert_close(loaded.encode_text(texts), _hf_text(model, tokenizer, texts))
     z_final, _ = loaded.readout(pixels[None], [2])
     with torch.no_grad():
-        torch.testing.assert_close(z_final, model.get_image_features(pixel_values=pixels[None]).pooler_output)
+        torch.testing.assert_close(z_final, _embedding(model.get_image_features(pixel_values=pixels[None])))
 
 
 def test_default_loads_embedded_folder(hf_dir, monkeypatch):

@@ -9,8 +9,10 @@ from siglip_dola.evaluation import plots
 def _report(counts, mean_jsd_scale=0.05):
     layers = list(range(1, 25))
     return {"dataset": "shapes", "model": "tiny", "split": "test", "n_images": 40, "task": "zeroshot_classification",
-            "modes": {"dynamic": {"layers": [18, 20, 22]}},
-            "metrics": {"off": {"acc1": 0.7}, "static": {"acc1": 0.72}, "dynamic": {"acc1": 0.74}},
+            "modes": {"off": {"settings": {"layers": []}, "metrics": {"acc1": 0.7}},
+                      "static": {"settings": {"layers": [2]}, "metrics": {"acc1": 0.72}},
+                      "dynamic": {"settings": {"layers": [18, 20, 22]}, "metrics": {"acc1": 0.74}}},
+            "metrics": {"acc1": 0.7},
             "layer_lens": {"metric": "acc1", "layers": layers, "top1": [j / 30 for j in layers], "baseline_top1": 0.7,
                            "dynamic_layer_counts": counts, "jsd_layers": layers[:-1],
                            "mean_jsd": [mean_jsd_scale * (24 - j) / 24 for j in layers[:-1]]}}

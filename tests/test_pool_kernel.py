@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from interpreter import run_interpreted
-from siglip_dola.readout import kernel as pool_kernel
+from siglip_dola.readout import kernel as pool_kernel, map_head
 
 CHECK = textwrap.dedent("""
     import json, os
     assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
     import torch, torch.nn.functional as F
-    from siglip_dola.readout import kernel as pk
+    from siglip_dola.readout import kernel as pk, map_head
     torch.manual_seed(5)
     errors = {}
     # (B, T, D, H, layout): T % 16 != 0, D not a power of two, 12 heads (ViT-B) and 2 heads padded to 16
@@ -28,7 +28,7 @@ CHECK = textwrap.dedent("""
         beta = torch.randn(D) * 2
         n = F.layer_norm(x, (D,), gamma, beta, 1e-6)        # what the next block's first norm returns
         probe = torch.randn(H, D) * 0.3
-        ref = pk.pool_reference(x.double(), probe.double(), 1e-6)                # float64, from the raw tokens
+        ref = map_head.pool_tokens(x.double(), probe.double(), 1e-6)                # float64, from the raw tokens
         for slots in (1, 4, 64):
             per_split, splits = pk.split_plan(B, T, slots)
             for mode in ("shifted", "stats"):
@@ -45,7 +45,7 @@ CHECK = textwrap.dedent("""
         out, lse = torch.randn(rows, heads, splits, dim), torch.randn(rows, heads, splits) * 3   # merge + W_v
         weight, bias = torch.randn(heads, head_dim, dim) * 0.1, torch.randn(heads, head_dim)
         values = pk.merge_values_triton(out, lse, weight, bias).double()
-        ref = pk.values_from_pooled(pk.combine_partials(out.double(), lse.double()), weight.double(), bias.double())
+        ref = map_head.head_values(pk.combine_partials(out.double(), lse.double()), weight.double(), bias.double())
         errors[f"merge/{rows}x{heads}/s{splits}/d{dim}/e{head_dim}"] = float((values - ref).norm() / ref.norm())
     print(json.dumps(errors))
 """)
@@ -71,14 +71,14 @@ def test_shift_identity_the_kernel_relies_on():
     torch.testing.assert_close((n - beta) @ (probe / gamma).T, x_hat @ probe.T)
     weights = torch.softmax(x_hat @ probe.T, dim=1)                                  # (B, T, H)
     pooled_n = torch.einsum("bth,btd->bhd", weights, n - beta) / gamma
-    torch.testing.assert_close(pooled_n, pool_kernel.pool_reference(x, probe, 1e-6))
+    torch.testing.assert_close(pooled_n, map_head.pool_tokens(x, probe, 1e-6))
 
 
 @pytest.mark.parametrize("batch,num_tokens,slots,block_t,splits", [
     (64, 576, 132, 16, 2),    # ViT-L/16-384 at batch 64 on an H100: one wave of 128 programs
     (256, 576, 132, 16, 1),   # more images than SMs: no split
-    (1, 576, 132, 16, 36),    # batch 1: every token block its own program
-    (8, 576, 132, 32, 9),
+    (1, 576, 132, 16, 8),     # batch 1: MAX_SPLITS splits of 5 token blocks (the merge walks splits in sequence)
+    (8, 576, 132, 32, 6),     # 18 blocks: 6 splits of 3 (8 would leave the same 3 blocks per split)
 ])
 def test_split_plan_fills_whole_waves(batch, num_tokens, slots, block_t, splits):
     per_split, got = pool_kernel.split_plan(batch, num_tokens, slots, block_t)

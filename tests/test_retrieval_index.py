@@ -157,12 +157,13 @@ def test_interrupted_build_keeps_previous_index_and_resumes(model, images, tmp_p
     calls = []
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
     with pytest.raises(Crash):
-        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False, overwrite=True)
     assert _snapshot(tmp_path / "idx") == before  # the previous index is untouched
     assert sorted(open_index(tmp_path / "idx").paths) == [str(p.resolve()) for p in paths[:2]]
     calls.clear()
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
-    manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False)
+    manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False,
+                           overwrite=True)
     assert calls == [2, 1]  # chunk 1 = the old index's segment, chunk 2 staged before the crash
     assert manifest.count == len(paths) and not (tmp_path / "idx" / storage.STAGING).exists()
     fresh = build_index(paths, tmp_path / "fresh", model, layers=LAYERS, chunk_size=2, progress=False)
@@ -191,7 +192,9 @@ def test_crash_before_the_manifest_commit_keeps_previous_index(model, images, tm
 
 def test_other_model_or_layers_are_refused(model, images, tmp_path):
     build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
-    other = dataclasses.replace(model, model_id="some/other-model")
+    renamed = dataclasses.replace(model, model_id="some/other-name")  # the same weights under another name
+    assert len(open_index(tmp_path / "idx", renamed)) == 1
+    other = load(save_tiny_siglip(tmp_path / "other", seed=1), device="cpu")  # other weights
     with pytest.raises(ValueError, match="built with model"):
         open_index(tmp_path / "idx", other)
     with pytest.raises(ValueError, match="built with model"):
@@ -214,3 +217,26 @@ def test_bad_arguments_and_corruption(model, images, tmp_path):
     vectors.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt"):
         open_index(tmp_path / "idx", verify=True)
+
+
+def test_build_stores_its_settings_and_the_layers_they_need(model, images, tmp_path):
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"model": model.model_id, "task": "zeroshot_retrieval",
+                                 "choice": {"mode": "static", "static_layer": 2, "alpha": 0.2, "contrast_weight": 0.5}}))
+    manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, calibration=calib, progress=False)
+    assert manifest.layers == [2]  # only what the calibration reads
+    assert manifest.settings == {"mode": "static", "layers": [2], "static_layer": 2, "alpha": 0.2,
+                                 "contrast_weight": 0.5, "bucket": None, "n_buckets": None, "calibration": str(calib),
+                                 "sources": dict.fromkeys(("mode", "alpha", "contrast_weight", "layers"), "calibration")}
+    assert storage.read_manifest(tmp_path / "idx").settings == manifest.settings
+    flagged = build_index([images / "img_00.png"], tmp_path / "idx2", model, calibration=calib, layers=[2, 4],
+                          mode="dynamic", progress=False)
+    assert flagged.layers == [2, 4] and flagged.settings["sources"]["layers"] == "flag"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": model.model_id, "choice": {"mode": "static", "static_layer": 4}}))
+    with pytest.raises(ValueError, match=r"stores layers \[2\], but the settings need layers \[4\]"):
+        add_to_index(tmp_path / "idx", [images], model, calibration=other, progress=False)
+    from siglip_dola.retrieval.index import index_settings
+    searched = index_settings(storage.read_manifest(tmp_path / "idx"))
+    assert (searched.mode, searched.layers, searched.alpha, searched.sources) == \
+        ("static", [2], 0.2, manifest.settings["sources"])  # a search without flags uses the stored settings

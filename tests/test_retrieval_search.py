@@ -126,9 +126,9 @@ def test_layer_subset_and_small_gallery_limits(index, gallery):
     (RerankConfig(top_k=10, rerank_k=5), "rerank_k"),
     (RerankConfig(top_k=0), "top_k"),
     (RerankConfig(mode="greedy"), "mode must be one of"),
-    (RerankConfig(mode="static", static_layer=3), "static_layer must be one of"),
+    (RerankConfig(mode="static", static_layer=3), r"stores layers \[2, 4, 6\], but the settings need layers \[3\]"),
     (RerankConfig(mode="dynamic", static_layer=2), "only used with mode='static'"),
-    (RerankConfig(layers=[3]), "valid layers"),
+    (RerankConfig(layers=[3]), r"stores layers \[2, 4, 6\], but the settings need layers \[3\]"),
 ])
 def test_bad_configs_name_the_argument(index, config, message):
     with pytest.raises(ValueError, match=message):
@@ -157,5 +157,6 @@ def test_image_to_captions_matches_naive(model, images):  # noqa: F811
     order = sorted(range(8), key=lambda i: (-p_hat[i], -q_final[i], i))[:5]
     assert [h.item for h in result.results] == [captions[candidates[i]] for i in order]
     np.testing.assert_allclose([h.score for h in result.results], [p_hat[i] for i in order], rtol=1e-3, atol=1e-6)
-    assert result.premature_layer == 4 and result.to_json()["results"][0].keys() == {
-        "caption", "score", "baseline_score", "rank_baseline"}
+    assert result.premature_layer == 4 and result.to_json()["hits"][0].keys() == {
+        "rank", "item", "score", "baseline_score", "rank_baseline"}
+    assert result.to_json()["item_type"] == "caption"

@@ -536,3 +536,24 @@ def test_nan_is_still_reported_by_name_after_the_single_read(bad):
     assert counter.reads == ["aten._local_scalar_dense"]
     with pytest.raises(ValueError, match="scores_layers"):
         rt.dola(z_final @ bank.T, (tensors["z_layers"] @ bank.T) if bad == "z_layers" else torch.full((3, 4, 10), -math.inf), layers)
+
+
+def test_score_without_validation_marks_nonfinite_rows_and_defers_the_error():
+    """validate=False (the CUDA-graph path) reads nothing on the host: NaN/inf rows are flagged, not raised."""
+    generator = torch.Generator().manual_seed(3)
+    z_final, bank = torch.randn(4, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    z_layers = torch.randn(2, 4, 8, generator=generator)
+    clean = rt.score(z_final, z_layers, bank, 0.1, [2, 4])
+    deferred = rt.score(z_final, z_layers, bank, 0.1, [2, 4], validate=False)
+    assert clean.nonfinite is None and not deferred.nonfinite.any()
+    torch.testing.assert_close(deferred.probs, clean.probs)
+    rt.check_finite(deferred)                                         # nothing to raise
+    z_layers[1, 2, 0] = float("nan")                                  # row 2 of layer 4
+    with pytest.raises(ValueError, match="z_layers must be finite"):
+        rt.score(z_final, z_layers, bank, 0.1, [2, 4])
+    flagged = rt.score(z_final, z_layers, bank, 0.1, [2, 4], validate=False)
+    assert flagged.nonfinite.tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="1 row"):
+        rt.check_finite(flagged)
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        rt.score(z_final, z_layers, bank, 0.1, [2, 4], validate=1)

@@ -11,7 +11,8 @@ from scipy.spatial.distance import jensenshannon
 from timm.models.vision_transformer import VisionTransformer
 
 from siglip_dola.loading import from_model
-from siglip_dola.scorer import DoLaSigLIP, choose_layers, rerank_with_dola_siglip
+from siglip_dola.layers import default_layers as choose_layers
+from siglip_dola.scorer import DoLaSigLIP, rerank_with_dola_siglip
 
 DEPTH, WIDTH, IMAGE = 24, 16, 16
 LOGIT_SCALE = math.log(30.0)
@@ -270,7 +271,7 @@ def test_bad_configuration(loaded, kwargs, match):
         DoLaSigLIP(loaded, **kwargs)
 
 
-@pytest.mark.parametrize("flag", ["fused_scoring", "cuda_graphs"])
+@pytest.mark.parametrize("flag", ["cuda_graphs"])
 def test_switches_must_be_bools(loaded, flag):
     with pytest.raises(TypeError, match=f"{flag} must be True or False"):
         DoLaSigLIP(loaded, **{flag: 1})

@@ -80,7 +80,7 @@ INTERPRETER_RUN = textwrap.dedent("""
     import numpy as np, torch
     sys.path.insert(0, sys.argv[1])
     from test_scoring_kernel import make_cases, runtime_cases
-    from siglip_dola import scoring as rt
+    from siglip_dola import config, scoring as rt
     from siglip_dola.scoring import kernel as scoring_kernel
     assert scoring_kernel.triton is not None
     kernel = {}
@@ -99,11 +99,12 @@ INTERPRETER_RUN = textwrap.dedent("""
     for name, (args, kwargs) in runtime_cases().items():
         results = {}
         for switch in (True, False):
-            rt.TRITON_SCORING, before = switch, len(calls)
+            before = len(calls)
             try:
-                result = rt.score(*args, **kwargs)
+                with config.override(triton_scoring=switch):
+                    result = rt.score(*args, **kwargs)
                 results[switch] = {f: (type(v).__name__, str(v.dtype), list(v.shape), np.asarray(v).tolist())
-                                   for f, v in vars(result).items()}
+                                   for f, v in vars(result).items() if v is not None}
             except ValueError as error:
                 results[switch] = {"error": str(error)}
             results[switch]["kernel_calls"] = len(calls) - before
@@ -210,9 +211,10 @@ def test_non_finite_z_or_bank_always_gives_non_finite_logits(bad):
 
 
 def test_usable_only_for_float_contiguous_rows_within_the_class_limit(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from siglip_dola import config   # TRITON_INTERPRET is read once, at its import: stand in for either value
+    monkeypatch.setattr(config, "triton_interpreted", lambda: False)
     assert not scoring_kernel.usable(torch.zeros(2, 3, 10))                  # CPU, no interpreter requested
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(config, "triton_interpreted", lambda: True)
     has_triton = scoring_kernel.triton is not None
     assert scoring_kernel.usable(torch.zeros(2, 3, 10)) == has_triton
     assert scoring_kernel.usable(torch.zeros(2, 3, scoring_kernel.MAX_CLASSES)) == has_triton

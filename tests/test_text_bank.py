@@ -85,15 +85,16 @@ def test_cache_hit_and_invalidation(tiny_clip, tmp_path):
     loaded = _loaded(model, tokenizer)
     counter = CountingEncoder(loaded.encode_text)
     loaded.encode_text = counter
+    # 2 classes x 2 templates, + the 2 templates around the nonsense probe word (unread classes warn)
     first = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
-    assert counter.texts == 4 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert counter.texts == 4 + 2 and len(list(tmp_path.glob("*.safetensors"))) == 1
     again = tb.build_text_bank(loaded, ["cat", "dog"], ["a {}.", "the {}"], cache_dir=tmp_path)
-    assert counter.texts == 4  # served from disk
+    assert counter.texts == 6  # served from disk
     torch.testing.assert_close(again.embeds, first.embeds)
     assert again.labels == first.labels and again.model_id == "tiny"
     tb.build_text_bank(loaded, ["cat", "dog"], ["a {}."], cache_dir=tmp_path)  # templates changed
     tb.build_text_bank(loaded, ["cat", "cow"], ["a {}.", "the {}"], cache_dir=tmp_path)  # texts changed
-    assert counter.texts == 4 + 2 + 4
+    assert counter.texts == 6 + (2 + 1) + (4 + 2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -109,7 +110,7 @@ def test_cache_invalidated_when_weights_change(tiny_clip, tmp_path):
     counter = CountingEncoder(loaded.encode_text)
     loaded.encode_text = counter
     updated = tb.build_text_bank(loaded, ["cat", "dog"], cache_dir=tmp_path)
-    assert counter.texts == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert counter.texts == 2 + 1 and len(list(tmp_path.glob("*.safetensors"))) == 2  # + the probe
     assert not torch.allclose(updated.embeds, original.embeds)
 
 
@@ -193,3 +194,53 @@ def test_check_bank_dimension_against_the_readout():
     with_text_tower = dataclasses.replace(loaded, encode_text=lambda texts: torch.ones(len(texts), 32))
     with pytest.raises(ValueError, match="encoded by model 'other'"):
         tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
+
+
+# ---------------------------------------------------------------- silent wrong answers made loud (issue 16)
+def test_embedded_model_warns_for_words_it_cannot_read():
+    """The embedded tokenizer knows only the shapes vocabulary: "cat" and "dog" encode to the same unknown tokens."""
+    from siglip_dola.loading import load
+
+    model = load()
+    with pytest.warns(UserWarning, match=r"2 of 3 classes are not read by the tokenizer.*'cat', 'dog'"):
+        bank = tb.build_text_bank(model, ["cat", "dog", "red circle"])
+    assert torch.allclose(bank.embeds[0], bank.embeds[1])  # the warning tells the truth
+    with pytest.warns(UserWarning, match=r"1 of 2 classes are not read.*'cat'"):
+        tb.build_text_bank(model, ["cat", "red circle"], templates=["a photo of a {}."])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the README's labels are read: no warning
+        tb.build_text_bank(model, ["red circle", "blue square"], templates=["a photo of a {}."])
+
+
+def test_single_label_warns(tiny_clip):
+    with pytest.warns(UserWarning, match="at least 2 candidates"):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat"])
+
+
+@pytest.mark.parametrize("template,match", [("a photo", "does not use the class name"),
+                                            ("a {} {}", "exactly one"), ("a {0} and {0}", "exactly one"),
+                                            ("a {name}", "exactly one"), ("a {", "exactly one")])
+def test_broken_templates_are_refused(tiny_clip, template, match):
+    with pytest.raises(ValueError, match=match):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat", "dog"], templates=[template])
+    with pytest.raises(ValueError, match=match):
+        tb.build_text_bank(_loaded(*tiny_clip), ["cat", "dog"], templates=["a photo of a {}.", template])
+
+
+def test_bank_files_hostile_contents(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([[1.0, 2.0], None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy cannot be read"):
+        tb.load_text_bank(tmp_path / "objects.npy", labels=["a", "b"])
+    np.save(tmp_path / "nan.npy", np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0]], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] are NaN, infinite or all zero"):
+        tb.load_text_bank(tmp_path / "nan.npy", labels=["a", "b", "c"])
+    np.save(tmp_path / "vector.npy", np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"expected \[C, D\]"):
+        tb.load_text_bank(tmp_path / "vector.npy", labels=["a"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match="junk.safetensors cannot be read"):
+        tb.load_text_bank(tmp_path / "junk.safetensors")
+    np.save(tmp_path / "same.npy", np.array([[1.0, 0.0], [2.0, 0.0]], dtype=np.float32))
+    with pytest.warns(UserWarning, match="identical text embeddings"):
+        tb.load_text_bank(tmp_path / "same.npy", labels=["a", "b"])

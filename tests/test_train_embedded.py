@@ -18,6 +18,11 @@ TINY = dict(vision_layers=4, text_layers=1, hidden_size=32, batch_size=32, warmu
             logit_bias_init=-4.0)
 
 
+def _embedding(output):
+    """transformers 4.x returns the embedding tensor, 5.x an output object holding it as pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -132,8 +137,8 @@ def test_saved_model_loads_offline_as_fp32(tmp_path, offline):
     assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "SiglipImageProcessor"
     pixels = te.pixels_from_images([s.image for s in shapes.make_split("val", n=2)])
     with torch.no_grad():
-        torch.testing.assert_close(loaded.get_image_features(pixel_values=pixels).pooler_output,
-                                   model.get_image_features(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(_embedding(loaded.get_image_features(pixel_values=pixels)),
+                                   _embedding(model.get_image_features(pixel_values=pixels)))
     ids = AutoTokenizer.from_pretrained(tmp_path)(["a red star."], padding="max_length")["input_ids"]
     assert ids == tokenizer(["a red star."], padding="max_length")["input_ids"]
 
@@ -149,8 +154,8 @@ def test_shipped_checkpoint_loads_offline_with_hf_classes(offline):
     pixels = processor(images=[s.image for s in shapes.make_split("test", n=2)], return_tensors="pt")["pixel_values"]
     ids = tokenizer(["a red star.", "a blue cross."], padding="max_length", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert model.get_image_features(pixel_values=pixels).pooler_output.shape == (2, vision.hidden_size)
-        assert model.get_text_features(input_ids=ids).pooler_output.shape == (2, vision.hidden_size)
+        assert _embedding(model.get_image_features(pixel_values=pixels)).shape == (2, vision.hidden_size)
+        assert _embedding(model.get_text_features(input_ids=ids)).shape == (2, vision.hidden_size)
 
 
 def test_shipped_metrics_match_an_independent_final_layer_evaluation(offline):
@@ -173,10 +178,10 @@ def test_shipped_checkpoint_through_siglip_dola_load(offline):
     images = [s.image for s in shapes.make_split("test", n=3)]
     pixels = torch.stack([loaded.preprocess(im) for im in images])
     with torch.no_grad():
-        expected = model.get_image_features(pixel_values=te.pixels_from_images(images)).pooler_output
+        expected = _embedding(model.get_image_features(pixel_values=te.pixels_from_images(images)))
         z_final, z_layers = loaded.readout(pixels, layers=[4, 12])
         torch.testing.assert_close(z_final, expected, atol=1e-4, rtol=1e-4)
         assert z_layers.shape == (2, 3, expected.shape[1])
         text = loaded.encode_text(["a red star."])
         ids = AutoTokenizer.from_pretrained(EMBEDDED)(["a red star."], padding="max_length", return_tensors="pt")
-        torch.testing.assert_close(text, model.get_text_features(input_ids=ids["input_ids"]).pooler_output)
+        torch.testing.assert_close(text, _embedding(model.get_text_features(input_ids=ids["input_ids"])))

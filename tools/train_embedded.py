@@ -50,6 +50,11 @@ class TrainConfig:
     shape_text_prob: float = 0.0        # share of train texts that name only the shape ("a photo of a star.")
 
 
+def _embedding(output):
+    """transformers 4.x returns the embedding tensor, 5.x an output object holding it as pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def build_tokenizer():
     """A word-level tokenizer over the dataset's words, padding to ``MAX_TEXT_LEN`` (SigLIP pools the last token)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -176,8 +181,8 @@ def train(cfg: TrainConfig, log_every: int = 50):
         pixels, input_ids, positives = make_batch(step, cfg, tokenizer)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
-        text_embeds = model.get_text_features(input_ids=input_ids).pooler_output
+        image_embeds = _embedding(model.get_image_features(pixel_values=pixels))
+        text_embeds = _embedding(model.get_text_features(input_ids=input_ids))
         loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,8 +199,8 @@ def zero_shot_accuracy(model, tokenizer, split: str = "val", n: int = 360, seed:
     """Final-layer zero-shot top-1 on ``split`` (classnames x TEMPLATES, averaged text embeddings)."""
     samples = shapes.make_split(split, n=n, seed=seed)
     class_embeds = class_text_embeds(model, tokenizer)                                  # (C, D)
-    image_embeds = F.normalize(model.get_image_features(
-        pixel_values=pixels_from_images([s.image for s in samples])).pooler_output, dim=-1)   # (n, D)
+    image_embeds = F.normalize(_embedding(model.get_image_features(
+        pixel_values=pixels_from_images([s.image for s in samples]))), dim=-1)   # (n, D)
     predictions = (image_embeds @ class_embeds.T).argmax(dim=-1)
     labels = torch.tensor([s.label for s in samples])
     return (predictions == labels).float().mean().item()
@@ -206,7 +211,7 @@ def class_text_embeds(model, tokenizer) -> torch.Tensor:
     """[C, D] L2-normalised class embeddings: mean over TEMPLATES of normalised text embeddings."""
     texts = [t.format(c) for c in shapes.CLASSNAMES for t in shapes.TEMPLATES]
     ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
-    embeds = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    embeds = F.normalize(_embedding(model.get_text_features(input_ids=ids)), dim=-1)
     embeds = embeds.view(len(shapes.CLASSNAMES), len(shapes.TEMPLATES), -1).mean(dim=1)   # (C, D)
     return F.normalize(embeds, dim=-1)
 
@@ -259,8 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-layers", type=int, default=TrainConfig.vision_layers)
     parser.add_argument("--note", default="", help="free text for training.json and the model card (e.g. the load)")
     parser.add_argument("--diagnosis", default="", help="free text: what was tried on val before this recipe")
-    parser.add_argument("--no-report", action="store_true", help="skip MODEL_CARD.md / metrics.json")
-    parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out")
+    parser.add_argument("--no-report", action="store_true", help="skip the report (calibrate on val, eval on test: MODEL_CARD.md, metrics.json, results_test.json)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write the report for the checkpoint in --out, with its calibration.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.report_only:
@@ -271,10 +276,10 @@ def main(argv=None) -> int:
         notes = {k: v for k, v in (("note", args.note), ("diagnosis", args.diagnosis)) if v}
         write_training_record(args.out, cfg, seconds, machine_description(), **notes)
     if not args.no_report:
-        from tools.embedded_report import write_report
+        from tools.embedded_report import write_report  # one direction: the report never imports training code
 
-        metrics = write_report(args.out)["zero_shot"]
-        print(json.dumps({k: metrics[k] for k in ("final_layer", "dola_dynamic", "dola_static")}, indent=1))
+        _, table = write_report(args.out, calibrate_first=not args.report_only)
+        print(table)
     return 0
 
 

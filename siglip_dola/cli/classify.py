@@ -7,7 +7,7 @@ import sys
 from siglip_dola.cli import subcommand
 from siglip_dola.layers import MODES
 
-SKIPPED_EXIT_CODE = 1  # some files could not be read; 2 stays "bad arguments"
+from siglip_dola.cli import SKIPPED_EXIT_CODE  # noqa: F401  (kept importable; the rule lives in cli/__init__)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -30,18 +30,43 @@ def read_label_list(labels: str | None, labels_file: str | None, option: str = "
     return validate_labels(items, source=option)
 
 
+CALIBRATION_HELP = ("calibration: a JSON from `siglip-dola calibrate`, 'embedded' (the embedded model's shipped one) "
+                    "or 'none'; default: the model's own (the shipped one for the embedded model), else the design "
+                    "note's defaults. Explicit flags win over it")
+
+
+def add_settings_arguments(parser, bucket: bool = True) -> None:
+    """--calibration, --mode, --alpha, --contrast-weight, --layers / --bucket, --n-buckets, --static-layer.
+
+    Their defaults are None ("not given"): siglip_dola.settings fills them from the calibration or the defaults."""
+    parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none", help=CALIBRATION_HELP)
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="DoLa mode (default: the calibration's, else dynamic)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="head constraint: keep q_N >= alpha * max q_N (default: the calibration's, else 0.1)")
+    parser.add_argument("--contrast-weight", type=float, default=None, metavar="LAMBDA",
+                        help="lambda of log q_N - lambda * log q_M (default: the calibration's, else 1; 0 = q_N on "
+                             "the head set)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
+    if bucket:
+        group.add_argument("--bucket", type=int, default=None, help="1-based bucket (default: the last)")
+        parser.add_argument("--n-buckets", type=int, default=None, help="number of layer buckets (default 3)")
+    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+
+
+def settings_flags(args) -> dict:
+    """The DoLa settings flags of parsed `args` (None = not given), as resolve_settings keywords."""
+    return {"mode": args.mode, "alpha": args.alpha, "contrast_weight": args.contrast_weight, "layers": args.layers,
+            "bucket": getattr(args, "bucket", None), "n_buckets": getattr(args, "n_buckets", None),
+            "static_layer": args.static_layer}
+
+
 def _add_scorer_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
     parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--mode", choices=MODES, default="dynamic")
-    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (default: the last)")
-    parser.add_argument("--n-buckets", type=int, default=3, help="number of layer buckets (default 3)")
-    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
-    parser.add_argument("--calibration", default=None, help="calibration JSON choosing mode/layers/alpha (overrides those options)")
+    add_settings_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the forward from CUDA graphs, one per batch shape (CUDA only; faster at small batches)")
@@ -78,13 +103,8 @@ def _build_scorer(args):
         model = load(args.model, device=args.device)
     except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
         raise ValueError(str(err)) from None
-    options = dict(mode=args.mode, alpha=args.alpha, layers=args.layers, bucket=args.bucket,
-                   n_buckets=args.n_buckets, static_layer=args.static_layer, batch_size=args.batch_size,
-                   cuda_graphs=args.cuda_graphs)
-    if args.calibration:
-        return model, DoLaSigLIP.from_calibration(args.calibration, model, batch_size=args.batch_size,
-                                                  cuda_graphs=args.cuda_graphs)
-    return model, DoLaSigLIP(model, **options)
+    return model, DoLaSigLIP(model, calibration=args.calibration, batch_size=args.batch_size,
+                             cuda_graphs=args.cuda_graphs, **settings_flags(args))
 
 
 def _run_batches(scorer, paths, bank, top_k, key) -> tuple[list, list]:
@@ -127,26 +147,31 @@ def _embed_all(scorer, paths) -> tuple[list, object, object, list]:
     return ids, torch.cat(finals), z_layers, skipped
 
 
-def _jsonable(result: dict) -> dict:
-    return {**result, "jsd": {str(layer): value for layer, value in result["jsd"].items()}}
+def _print_table(rows: list[dict]) -> None:
+    """Rows of the output vocabulary as text; the item column is as wide as its longest entry."""
+    from siglip_dola.cli import safe_text
+
+    for row in rows:
+        layer = row["premature_layer"]
+        print(f"{safe_text(row['query'])}  (premature layer: {'-' if layer is None else layer})")
+        width = max((len(safe_text(hit["item"])) for hit in row["hits"]), default=0)
+        for hit in row["hits"]:
+            print(f"  {hit['rank']:>3}. {safe_text(hit['item']):<{width}}  dola={hit['score']:.4f}  "
+                  f"baseline={hit['baseline_score']:.4f}")
 
 
-def _print_table(results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> None:
-    for result in results:
-        layer = result["premature_layer"]
-        print(f"{result[head]}  (premature layer: {'-' if layer is None else layer})")
-        for rank, row in enumerate(result[items], 1):
-            print(f"  {rank:>3}. {row[key]:<40} dola={row['score']:.4f}  baseline={row['baseline_score']:.4f}")
-    for item in skipped:
-        print(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
+def _emit(args, scorer, results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> int:
+    """Print `results` (library rows) in the shared vocabulary (siglip_dola/output.py); skipped -> stderr."""
+    from siglip_dola.cli import report_skipped
+    from siglip_dola.output import results_json, scorer_row
 
-
-def _emit(args, results: list[dict], skipped: list[dict], items: str, key: str, head: str) -> int:
+    item_type = "path" if key == "image" else key
+    rows = [scorer_row(r, head, items, key, item_type) for r in results]
     if args.json:
-        print(json.dumps({"results": [_jsonable(r) for r in results], "skipped": skipped}, indent=2))
+        print(json.dumps({"settings": scorer.settings.to_json(), **results_json(rows, skipped)}, indent=2))
     else:
-        _print_table(results, skipped, items, key, head)
-    return SKIPPED_EXIT_CODE if skipped else 0
+        _print_table(rows)
+    return report_skipped(skipped, getattr(args, "_prog", "siglip-dola"))
 
 
 def _classify_labels(args) -> list[str] | None:
@@ -177,7 +202,7 @@ def classify_command(args) -> int:
     model, scorer = _build_scorer(args)
     bank = _classify_bank(args, model, labels)
     results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="label")
-    return _emit(args, results, skipped, "predictions", "label", "image")
+    return _emit(args, scorer, results, skipped, "predictions", "label", "image")
 
 
 @subcommand("rerank", help="Rerank texts for each image (--texts) or images for a text (--query) with DoLa.")
@@ -191,13 +216,16 @@ def rerank_command(args) -> int:
         queries = _check_queries(args.query)
         model, scorer = _build_scorer(args)
         ids, z_final, z_layers, skipped = _embed_all(scorer, paths)
+        if len(ids) == 1:
+            import warnings
+            warnings.warn("only one image to rank: it always scores 1.0; ranking needs at least 2 candidates")
         results = scorer.rerank_images(queries, image_embeds=(z_final, z_layers), ids=ids, top_k=args.top_k)
-        return _emit(args, results, skipped, "ranking", "image", "text")
+        return _emit(args, scorer, results, skipped, "ranking", "image", "text")
     texts = read_label_list(args.texts, args.texts_file, option="--texts")
     model, scorer = _build_scorer(args)
     bank = build_text_bank(model, texts)
     results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="text")
-    return _emit(args, results, skipped, "predictions", "text", "image")
+    return _emit(args, scorer, results, skipped, "predictions", "text", "image")
 
 
 classify_command.add_arguments = _classify_arguments

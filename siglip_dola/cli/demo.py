@@ -10,6 +10,8 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
     parser.add_argument("--mode", choices=("dynamic", "static"), default=None,
                         help="default: the embedded model's shipped calibration (chosen on the val split)")
+    parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
+                        help="calibration to apply (default: the model's own, the shipped one for the embedded model)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -18,9 +20,11 @@ def demo_command(args) -> int:
     """Run the demo, print its table and how to switch to real SigLIP weights."""
     from siglip_dola.evaluation.demo import REAL_MODEL_HINT, format_table, run_demo
 
-    rows, config = run_demo(args.out, n=args.n, model_name=args.model, mode=args.mode, seed=args.seed)
+    rows, config, effect = run_demo(args.out, n=args.n, model_name=args.model, mode=args.mode, seed=args.seed,
+                                    calibration=args.calibration)
     print(f"Generated {len(rows)} test-split images of the 'shapes' dataset in {args.out}/ ({config})")
     print(format_table(rows))
+    print(effect)
     print()
     print(REAL_MODEL_HINT)
     return 0

@@ -5,7 +5,7 @@ shard, rank 0 scores, prints and writes.
 """
 from __future__ import annotations
 
-from siglip_dola.cli import subcommand
+from siglip_dola.cli import int_at_least, subcommand
 
 TASK_NAMES = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 
@@ -57,25 +57,36 @@ def _calibrate_arguments(parser) -> None:
     _common_arguments(parser, "val")
     parser.add_argument("--alphas", type=_float_list, default=(0.05, 0.1, 0.2), help="alpha grid (default 0.05,0.1,0.2)")
     parser.add_argument("--n-buckets", type=_int_list, default=(2, 3, 4), help="bucket splits tried (default 2,3,4)")
+    parser.add_argument("--contrast-weights", type=_float_list, default=(1.0, 0.5, 0.25),
+                        help="contrast weight (lambda) grid; the first wins ties (default 1,0.5,0.25)")
     parser.add_argument("--static-layers", choices=("even", "all"), default="even",
                         help="layers tried for static mode (default: even)")
+    parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
+                        help="classification: pick by acc1; retrieval: pick text -> image rerank settings by --metric")
+    parser.add_argument("--metric", default="image_retrieval_recall@10",
+                        help="retrieval only: image_retrieval_recall@K to pick by (default: @10, search's top-k)")
 
 
-@subcommand("calibrate", help="Choose DoLa mode, bucket / static layer and alpha by top-1 on a validation split.")
+@subcommand("calibrate", help="Choose DoLa mode, bucket / static layer, alpha and contrast weight on a validation "
+                              "split (top-1, or text -> image recall with --task retrieval).")
 def calibrate_command(args) -> int:
     from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
     from siglip_dola.text_bank import load_text_bank
     from siglip_dola.distributed import distributed_session
 
-    grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas)
+    grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,
+                           contrast_weights=args.contrast_weights)
     with distributed_session():
         bank = None if args.bank is None else load_text_bank(args.bank)
         report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
-                           n=args.limit, batch_size=args.batch_size, progress=args.progress, bank=bank)
+                           n=args.limit, batch_size=args.batch_size, progress=args.progress,
+                           task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
     if report is not None:
-        metrics = report["choice_metrics"]
+        key, single = report["metric"], report["best_single_layer"]
+        off = report["scores"][0][key]
         print(f"{report['dataset']} [{report['split']}, n={report['n_images']}] chose {report['choice']} "
-              f"acc1={metrics['acc1']:.4f} ({len(report['scores'])} grid points) -> {args.out}")
+              f"{key}={report['choice_metrics'][key]:.4f} (off {off:.4f}; best single layer {single['layer']} "
+              f"alone {single[key]:.4f}, not DoLa) ({len(report['scores'])} grid points) -> {args.out}")
     return 0
 
 
@@ -84,7 +95,15 @@ calibrate_command.add_arguments = _calibrate_arguments
 
 def _eval_arguments(parser) -> None:
     _common_arguments(parser, "test")
-    parser.add_argument("--calibration", default=None, help="calibration JSON from `siglip-dola calibrate`")
+    parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
+                        help="calibration JSON from `siglip-dola calibrate`, 'embedded' or 'none' (default: the "
+                             "model's own: the shipped one for the embedded model)")
+    parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                        help="also write one JSON line per image (per caption for retrieval): top-k of every mode, "
+                             "premature layer, JSD per candidate layer, head-set size")
+    parser.add_argument("--n-resamples", type=int_at_least(1), default=10_000,
+                        help="paired bootstrap resamples for the intervals (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--plots", default=None, help="folder for the layer-lens PNGs")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
                         help="classification (acc1/acc5/mean per-class recall) or retrieval (recall@1/5/10)")
@@ -92,7 +111,8 @@ def _eval_arguments(parser) -> None:
                         help="image decode processes (default: the spare CPU cores; 0: decode in the main process)")
 
 
-@subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw.")
+@subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw, with paired "
+                          "statistics against off.")
 def eval_command(args) -> int:
     from siglip_dola.distributed import distributed_session
     from siglip_dola.evaluation.evaluate import evaluate, summary_line
@@ -100,8 +120,8 @@ def eval_command(args) -> int:
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
-                          batch_size=args.batch_size, progress=args.progress, workers=args.workers,
-                          bank=args.bank)
+                          batch_size=args.batch_size, progress=args.progress, predictions=args.predictions,
+                          n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 
 from siglip_dola.cli import subcommand
-from siglip_dola.cli.classify import parse_layers
-from siglip_dola.layers import MODES
+from siglip_dola.cli.classify import add_settings_arguments, settings_flags
 
 
 def _model_arguments(parser, default_help: str) -> None:
@@ -17,18 +16,27 @@ def _model_arguments(parser, default_help: str) -> None:
 
 
 def _index_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="index_command", metavar="{build,add}", required=True)
-    build = sub.add_parser("build", help="embed images once and write a new index")
+    from siglip_dola.cli import EXIT_STATUS_HELP
+
+    sub = parser.add_subparsers(dest="index_command", metavar="{build,add,verify}", required=True)
+    build = sub.add_parser("build", help="embed images once and write a new index", epilog=EXIT_STATUS_HELP)
     build.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
-    build.add_argument("--out", required=True, help="index folder to create (replaced only when the build completes)")
+    build.add_argument("--out", required=True, help="index folder to create (an existing index needs --overwrite)")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an existing index at --out (to extend one, use `index add`)")
     _model_arguments(build, "default: the embedded model")
-    group = build.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="layers to store, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket of 3 whose even layers to store (default 3)")
-    add = sub.add_parser("add", help="add images not indexed yet to an existing index")
+    add_settings_arguments(build)  # the settings are stored in the manifest, with the layers they read
+    add = sub.add_parser("add", help="add images not indexed yet to an existing index", epilog=EXIT_STATUS_HELP)
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
+    add.add_argument("--image-root", default=None,
+                     help="where the indexed images are now, if their folder moved (default: the recorded root)")
     _model_arguments(add, "default: the index's model")
+    verify = sub.add_parser("verify", help="full integrity check: re-hash every file of an index",
+                            epilog="exit status: 0 intact; 2 a file is missing or corrupt (named on stderr)")
+    verify.add_argument("index", help="index folder")
+    add.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
+                     help="check that the index stores the layers this calibration needs")
 
 
 def _load_model(name, device):
@@ -38,32 +46,55 @@ def _load_model(name, device):
     return load(name, device=device or local_device())
 
 
-def _print_manifest(manifest) -> None:
+def _print_manifest(manifest, skipped: list, prog: str) -> int:
+    """Summary on stdout, this run's skipped files on stderr (rank 0 only); the exit code says if any."""
+    from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, report_skipped, safe_text
     from siglip_dola.distributed import is_main_process
 
-    if is_main_process():
-        print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
-              f"{len(manifest.skipped)} skipped, checksum {manifest.checksum[:16]}")
-        for path, error in manifest.skipped:
-            print(f"skipped: {path}: {error}")
+    if not is_main_process():
+        return EXIT_SKIPPED if skipped else EXIT_OK
+    print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
+          f"{len(skipped)} skipped, checksum {manifest.checksum[:16]}, image root {safe_text(manifest.image_root)}")
+    if manifest.settings:
+        from siglip_dola.settings import DoLaSettings
+        print(f"settings: {DoLaSettings.from_json(manifest.settings).describe()}")
+    return report_skipped(skipped, prog)
 
 
-@subcommand("index", help="Build or extend a persisted image index (run under torchrun to shard the embedding).")
+def _run_index(args):
+    """(manifest, [(path, error)] skipped among this run's inputs)."""
+    from siglip_dola.retrieval import add_to_index, build_index, storage, verify_index
+
+    if args.index_command == "verify":
+        return verify_index(args.index), []
+    if args.index_command == "build":
+        model = _load_model(args.model, args.device)
+        flags = settings_flags(args)
+        manifest = build_index(args.images, args.out, model, layers=flags.pop("layers"), bucket=flags.pop("bucket"),
+                               batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet,
+                               overwrite=args.overwrite, calibration=args.calibration, **flags)
+        return manifest, manifest.skipped
+    from siglip_dola.data.images import expand_image_paths
+
+    inputs = {str(p.resolve()) for p in expand_image_paths(args.images)}
+    model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
+    manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
+                            chunk_size=args.chunk_size, progress=not args.quiet, image_root=args.image_root,
+                            calibration=args.calibration)
+    return manifest, [s for s in manifest.skipped if s[0] in inputs]
+
+
+@subcommand("index", help="Build, extend or verify a persisted image index (run under torchrun to shard the embedding).")
 def index_command(args) -> int:
     from siglip_dola.distributed import distributed_session
-    from siglip_dola.retrieval import add_to_index, build_index, storage
 
     with distributed_session():
-        if args.index_command == "build":
-            model = _load_model(args.model, args.device)
-            manifest = build_index(args.images, args.out, model, layers=args.layers, bucket=args.bucket,
-                                   batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet)
-        else:
-            model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
-            manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
-                                    chunk_size=args.chunk_size, progress=not args.quiet)
-        _print_manifest(manifest)  # inside the session: only rank 0 prints
-    return 0
+        manifest, skipped = _run_index(args)
+        if args.index_command == "verify":
+            print(f"index {args.index}: intact ({manifest.count} images, {len(manifest.segments)} segments, "
+                  f"FAISS file {manifest.faiss_file})")
+            return 0
+        return _print_manifest(manifest, skipped, getattr(args, "_prog", "siglip-dola index"))
 
 
 index_command.add_arguments = _index_arguments
@@ -78,12 +109,11 @@ def _search_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rerank-k", type=int, default=100, help="first-stage candidates DoLa reranks")
-    parser.add_argument("--mode", choices=MODES, default="dynamic")
-    parser.add_argument("--alpha", type=float, default=0.1, help="head constraint: keep q_N >= alpha * max q_N")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=parse_layers, default=None, help="candidate layers, e.g. 18,20,22")
-    group.add_argument("--bucket", type=int, default=None, help="1-based bucket (--captions only; default 3)")
-    parser.add_argument("--static-layer", type=int, default=None, help="premature layer for --mode static")
+    add_settings_arguments(parser)  # default: the index's stored settings; --bucket / --n-buckets: --captions only
+    parser.add_argument("--image-root", default=None,
+                        help="where the index's images are now, if their folder moved (default: the recorded root)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every file of the index before searching (a full integrity check)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -93,37 +123,52 @@ def _run_search(args):
     from siglip_dola.retrieval.storage import read_manifest
 
     config = RerankConfig(top_k=args.top_k, rerank_k=args.rerank_k, mode=args.mode, alpha=args.alpha,
-                          static_layer=args.static_layer, layers=args.layers)
+                          static_layer=args.static_layer, layers=args.layers, contrast_weight=args.contrast_weight,
+                          calibration=args.calibration)
     if args.captions is not None:
         if args.image is None or args.index is not None:
             raise ValueError("--captions needs --image IMAGE and no INDEX/QUERY: "
                              "siglip-dola search --captions captions.txt --image img.png")
+        for flag in ("image_root", "verify"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} applies to an index search, not --captions")
+        if args.n_buckets is not None and args.bucket is None:
+            raise ValueError("--n-buckets needs --bucket")
         return search_captions(load(args.model, device=args.device), args.image, args.captions, config,
-                               bucket=args.bucket)
+                               bucket=args.bucket, n_buckets=args.n_buckets)
     if args.index is None or args.query is None or args.image is not None:
         raise ValueError('give INDEX and QUERY (siglip-dola search INDEX "a red car"), '
                          "or --captions FILE --image IMAGE")
-    if args.bucket is not None:
-        raise ValueError("--bucket applies to --captions only; an index search uses its stored layers (--layers subset)")
+    if args.bucket is not None or args.n_buckets is not None:
+        raise ValueError("--bucket / --n-buckets apply to --captions only; an index search uses its stored layers "
+                         "(--layers subset)")
     model = load(args.model or read_manifest(args.index).model_id, device=args.device)
-    index = open_index(args.index, model=model, layers=args.layers)
+    index = open_index(args.index, model=model, verify=args.verify, image_root=args.image_root)
     return search(index, args.query, model, config)
 
 
 def _print_table(result) -> None:
+    from siglip_dola.cli import safe_text
+
     key = result.item_key
     layer = "off" if result.premature_layer is None else result.premature_layer
-    print(f"query: {result.query}    premature layer: {layer}")
+    print(f"query: {safe_text(result.query)}    premature layer: {layer}")
+    if not result.results:
+        print("(no results)")
+        return
     print(f"{'rank':>4}  {'score':>9}  {'baseline':>9}  {'1st':>5}  {key}")
     for rank, hit in enumerate(result.results, start=1):
-        print(f"{rank:>4}  {hit.score:9.4f}  {hit.baseline_score:9.4f}  {hit.rank_baseline:>5}  {hit.item}")
+        print(f"{rank:>4}  {hit.score:9.4f}  {hit.baseline_score:9.4f}  {hit.rank_baseline:>5}  {safe_text(hit.item)}")
 
 
 @subcommand("search", help="Search an index with a text query (or captions with an image), DoLa-reranked.")
 def search_command(args) -> int:
+    from siglip_dola.output import results_json
+
     result = _run_search(args)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+        settings = None if result.settings is None else result.settings.to_json()
+        print(json.dumps({"settings": settings, **results_json([result.to_json()], [])}, indent=2))
     else:
         _print_table(result)
     return 0

@@ -165,11 +165,22 @@ def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLi
                            language: str = "en") -> EvalDataset:
     """A clip_benchmark classification dataset by name (downloads into `root` on first use)."""
     _clip_benchmark_module()
-    from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
+    try:  # the builder imports dependencies clip_benchmark does not declare (requests)
+        from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
+    except ImportError as err:
+        raise MissingDependencyError(f"clip_benchmark dataset {name!r} needs the {err.name or err} package: "
+                                     f"{CLIP_BENCHMARK_HINT}") from err
     if get_dataset_default_task(name) != "zeroshot_classification":
         raise ValueError(f"clip_benchmark dataset {name!r} is not a zero-shot classification set; "
                          "only classification sets are supported from clip_benchmark")
-    dataset = build_dataset(name, root=str(root), transform=None, split=split, download=True, language=language)
+    try:
+        dataset = build_dataset(name, root=str(root), transform=None, split=split, download=True, language=language)
+    except ImportError as err:  # clip_benchmark imports some dependencies (requests, ...) only here
+        raise MissingDependencyError(f"clip_benchmark dataset {name!r} needs the {err.name or err} package: "
+                                     f"{CLIP_BENCHMARK_HINT}") from err
+    except OSError as err:  # offline: the first use downloads into root
+        raise FileNotFoundError(f"clip_benchmark dataset {name!r} is not in {str(root)!r} and could not be "
+                                f"downloaded ({type(err).__name__}: {err}); it needs the internet once") from err
     labels = [int(dataset[i][1]) for i in range(len(dataset))] if not hasattr(dataset, "targets") \
         else [int(t) for t in dataset.targets]
     templates = [t.replace("{c}", "{}") for t in dataset.templates] if isinstance(dataset.templates, list) else \

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Folders are searched for these extensions only (so a README or a .DS_Store next to the images is not
 # reported as a broken image); files named explicitly or matched by a glob are always tried.
@@ -67,17 +68,58 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted(unique.values(), key=str)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB view of any PIL image, as a viewer would show it.
+
+    EXIF orientation applied (phone photos are stored sideways); 16/32-bit and float greys scaled to
+    8 bits (PIL's convert clips them: a 16-bit scan turns white); transparency composited on white, as
+    transformers' `convert_to_rgb` does (dropping alpha exposes whatever colour transparent pixels hold).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64)  # (H, W)
+        finite = array[np.isfinite(array)]
+        top = finite.max() if finite.size else 1.0
+        scale = 65535.0 if image.mode.startswith("I;16") or (image.mode == "I" and 255 < top <= 65535) else \
+            (1.0 if image.mode == "F" and top <= 1.0 else max(top, 1.0))
+        array = np.nan_to_num(array / scale, nan=0.0, posinf=1.0, neginf=0.0)
+        image = Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(path: str | os.PathLike, preprocess: Callable) -> torch.Tensor:
-    """Open one file with PIL, convert to RGB and apply `preprocess` -> [3, H, W]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")  # forces a full decode: truncated files fail here, not later
+    """Open one file with PIL, convert to RGB (see `to_rgb`) and apply `preprocess` -> [3, H, W].
+
+    ValueError naming the file when it is not a readable image (a folder, not an image, truncated,
+    a decompression bomb past PIL's pixel limit).
+    """
+    if Path(path).is_dir():
+        raise ImageReadError(path, "IsADirectoryError: a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(image)  # forces a full decode: truncated files fail here, not later
+    except (OSError, SyntaxError, Image.DecompressionBombError, ValueError) as err:
+        raise ImageReadError(path, f"{type(err).__name__}: {err}") from None
     return preprocess(image)
+
+
+class ImageReadError(ValueError):
+    """A file that is not a readable image; `reason` is the cause ("UnidentifiedImageError: ...")."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"image {str(path)!r} cannot be read ({reason})")
 
 
 def _try_decode(path: Path, preprocess: Callable) -> torch.Tensor | str:
     """The decoded tensor, or the error as text (anything PIL or the transform raises)."""
     try:
         return decode_image(path, preprocess)
+    except ImageReadError as err:
+        return err.reason
     except Exception as err:  # noqa: BLE001 - a bad file must never end the batch
         return f"{type(err).__name__}: {err}"
 

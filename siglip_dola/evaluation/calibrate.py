@@ -1,8 +1,18 @@
-"""Calibration: choose mode, bucket / static layer and alpha by top-1 accuracy on a validation split.
+"""Calibration: choose mode, bucket / static layer, alpha and contrast weight on a validation split.
 
-Images go through the model once (all layers 1..N-1 in one readout call per batch); every grid point
-is then scored from the cached per-layer logits with `runtime.dola`, never by running the model again.
-Ties go to the baseline (`off`), then to fewer layers, then to the earlier grid point.
+Classification picks by top-1 accuracy; retrieval (``task="zeroshot_retrieval"``) picks the text -> image
+rerank settings by ``image_retrieval_recall@k`` (``RETRIEVAL_METRIC``), the direction `search` serves.
+Images go through the model once (all layers 1..N-1 in one readout call per batch); every grid point is
+then scored from the stored embeddings with `runtime.dola`, never by running the model again, chunk by
+chunk (evaluation/layer_logits.py: O(n*C) memory per point). Ties go to the baseline (`off`), then to
+fewer layers, then to the earlier grid point (lambda = 1, the design note's formula, comes first). The
+baseline is a grid point, so the chosen settings never score below `off` on the calibration split.
+The best single layer read out alone (not DoLa) is reported as ``best_single_layer``.
+
+Calibration JSON: {"model", "dataset", "split", "task", "n_images", "num_layers", "tau", "grid",
+"scores": [grid point + metrics], "best": {mode: choice}, "choice": {"mode", "bucket", "n_buckets",
+"static_layer", "alpha", "contrast_weight"}, "choice_metrics", "metric",
+"best_single_layer": {"layer", <metric>: value}}; read by siglip_dola.settings.
 """
 from __future__ import annotations
 
@@ -13,13 +23,18 @@ from pathlib import Path
 
 import torch
 
+from siglip_dola import distributed
 from siglip_dola import scoring as runtime
 from siglip_dola.data.datasets import EvalDataset, load_dataset
-from siglip_dola.evaluation.embed import Embeddings, embed_images
+from siglip_dola.evaluation.embed import Embeddings, embed_images, embed_texts
+from siglip_dola.evaluation.layer_logits import LayerLogits, score_point  # noqa: F401  (re-exported)
+from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
-from siglip_dola.evaluation.metrics import classification_metrics, rank_scores
 from siglip_dola.text_bank import TextBank, bank_for_classes, build_text_bank
+
+CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
+RETRIEVAL_METRIC = "image_retrieval_recall@10"  # text -> image, at search's default top_k
 
 
 @dataclass
@@ -30,15 +45,7 @@ class CalibrationGrid:
     parity: str = "even"
     static_parity: str = "even"
     alphas: tuple[float, ...] = (0.05, 0.1, 0.2)
-
-
-@dataclass
-class LayerLogits:
-    """Cached scores: final [n, C] and layers [N-1, n, C] (row j-1 is layer j) as log-probs, labels [n]."""
-    final: torch.Tensor
-    layers: torch.Tensor
-    labels: torch.Tensor
-    embeddings: Embeddings
+    contrast_weights: tuple[float, ...] = (1.0, 0.5, 0.25)  # lambda; grid order breaks ties: 1 first
 
 
 def all_layers(model) -> list[int]:
@@ -63,23 +70,44 @@ def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: b
 
 
 def class_logits(model, dataset: EvalDataset, embeddings: Embeddings, bank: TextBank | None = None) -> LayerLogits:
-    """Per-layer class log-probs from embeddings against the dataset's class prompts (or a precomputed `bank`)."""
+    """Class log-probs of the images (final [n, C] kept, layers per chunk) against the dataset's class prompts
+    (or a precomputed `bank`, its rows matched to the class names)."""
     if not dataset.classnames:
         raise ValueError(f"dataset {dataset.name!r} has no class labels (classification needs path,label data)")
     bank = build_text_bank(model, dataset.classnames, dataset.templates) if bank is None else \
         bank_for_classes(bank, dataset.classnames, model)
     bank = bank.embeds.float().cpu()  # (C, D)
     final = runtime.build_log_probs_from_rep(embeddings.z_final, bank, model.tau)  # (n, C)
-    layers = runtime.build_log_probs_from_rep(embeddings.z_layers, bank, model.tau)  # (N-1, n, C)
     labels = torch.tensor([dataset.labels[i] for i in embeddings.indices], dtype=torch.int64)
     if bool((labels < 0).any()):
         raise ValueError(f"dataset {dataset.name!r}: some images have no class label")
-    return LayerLogits(final, layers, labels, embeddings)
+    return LayerLogits(final, labels, embeddings, model.tau, row_layers=embeddings.z_layers, columns=bank)
+
+
+def text_embeds(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Raw text embeddings [T, D] fp32 cpu (evaluation.embed's one text loop)."""
+    return embed_texts(model, texts, batch_size, needed_for="retrieval")
+
+
+def caption_pairs(dataset: EvalDataset, embeddings: Embeddings) -> tuple[list[str], torch.Tensor]:
+    """(every caption of the embedded images, text_image [T]: the position of each caption's image)."""
+    captions = [dataset.captions[i] for i in embeddings.indices]
+    texts = [c for caps in captions for c in caps]
+    if not texts:
+        raise ValueError(f"dataset {dataset.name!r} has no captions: retrieval needs image-caption pairs")
+    return texts, torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.int64)
+
+
+def text_to_image_logits(model, text: torch.Tensor, text_image: torch.Tensor, embeddings: Embeddings) -> LayerLogits:
+    """Text -> image log-probs over the images (final [T, I] kept; layer j: the images' layer-j embeddings)."""
+    final = runtime.build_log_probs_from_rep(text, embeddings.z_final, model.tau)  # (T, I)
+    return LayerLogits(final, text_image, embeddings, model.tau, rows=text, column_layers=embeddings.z_layers)
 
 
 def grid_points(grid: CalibrationGrid, num_layers: int) -> list[dict]:
     """Every configuration of the grid, baseline first: dicts with mode, bucket, n_buckets, layers, static_layer, alpha."""
-    points = [{"mode": "off", "bucket": None, "n_buckets": None, "layers": [], "static_layer": None, "alpha": None}]
+    points = [{"mode": "off", "bucket": None, "n_buckets": None, "layers": [], "static_layer": None, "alpha": None,
+               "contrast_weight": None}]
     for n_buckets in grid.n_buckets:
         for bucket in range(1, n_buckets + 1):
             try:
@@ -87,26 +115,20 @@ def grid_points(grid: CalibrationGrid, num_layers: int) -> list[dict]:
             except ValueError:  # a bucket with no candidate layer of this parity
                 continue
             points += [{"mode": "dynamic", "bucket": bucket, "n_buckets": n_buckets, "layers": layers,
-                        "static_layer": None, "alpha": alpha} for alpha in grid.alphas]
+                        "static_layer": None, "alpha": alpha, "contrast_weight": weight}
+                       for weight in grid.contrast_weights for alpha in grid.alphas]
     static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=grid.static_parity)
     points += [{"mode": "static", "bucket": None, "n_buckets": None, "layers": [layer], "static_layer": layer,
-                "alpha": alpha} for layer in static_layers for alpha in grid.alphas]
+                "alpha": alpha, "contrast_weight": weight}
+               for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
     return points
 
 
-def score_point(final: torch.Tensor, layers: torch.Tensor, point: dict) -> runtime.DoLaResult:
-    """DoLa for one configuration from cached log-probs final [..., C], layers [N-1, ..., C] (row j-1 = layer j)."""
-    if point["mode"] == "off":
-        return runtime.dola(final, None, None, mode="off")
-    stacked = layers[[j - 1 for j in point["layers"]]]  # (J, ..., C)
-    return runtime.dola(final, stacked, point["layers"], mode=point["mode"], alpha=point["alpha"],
-                        static_layer=point["static_layer"])
-
-
 def _preference(indexed_score: tuple[int, dict]) -> tuple:
-    """Sort key: more correct top-1 first; then the baseline; then fewer layers; then grid order."""
+    """Sort key: more correct (top-1, or retrieval hits at the metric's k) first; then the baseline; then
+    fewer layers; then grid order."""
     index, scored = indexed_score
-    return (-scored["correct1"], scored["mode"] != "off", len(scored["layers"]), index)
+    return (-scored["correct"], scored["mode"] != "off", len(scored["layers"]), index)
 
 
 def choose(scores: list[dict]) -> dict:
@@ -128,44 +150,129 @@ def choice_of(point: dict) -> dict:
         choice["static_layer"] = point["static_layer"]
     if point["mode"] != "off":
         choice["alpha"] = point["alpha"]
+        choice["contrast_weight"] = point.get("contrast_weight", 1.0)
     return choice
 
 
-def score_grid(cache: LayerLogits, points: list[dict]) -> list[dict]:
-    """Each grid point with its metrics (acc1, acc5, mean_per_class_recall) and correct1 count."""
-    scores = []
-    for point in points:
-        result = score_point(cache.final, cache.layers, point)
-        ranking = rank_scores(result)
-        correct1 = int((ranking.argmax(dim=-1) == cache.labels).sum())
-        scores.append({**point, **classification_metrics(ranking, cache.labels), "correct1": correct1})
-    return scores
+class _Hits:
+    """Per-row hits of one ranking at each k, filled chunk by chunk (O(n) per point). The buffers are
+    allocated once: small long-lived tensors made between the chunks' large temporaries fragment the heap
+    (measured: 9 GB instead of 0.8 GB peak RSS at 50k x 1000 x 23, benchmarks/calibration_memory.py)."""
+
+    def __init__(self, ks: tuple[int, ...], n: int):
+        self.ks = ks
+        self.hits = {k: torch.zeros(n, dtype=torch.bool) for k in ks}
+        self.top1 = torch.zeros(n, dtype=torch.int64)
+
+    def add(self, scores: torch.Tensor, labels: torch.Tensor, rows: slice) -> None:
+        """scores [r, C] ranking scores of `rows`, labels [r] the target column per row; one stable sort for
+        every k (the order metrics.hits_at_k uses: ties go to the lower index)."""
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :max(self.ks)]  # (r, k)
+        correct = order == labels[:, None]  # (r, k)
+        for k in self.ks:
+            self.hits[k][rows] = correct[:, :k].any(dim=-1)
+        self.top1[rows] = order[:, 0]
+
+    def classification(self, labels: torch.Tensor) -> dict:
+        """{acc1, acc5, mean_per_class_recall, correct1, correct} as metrics.classification_metrics computes them."""
+        hit1, hit5 = self.hits[1], self.hits[5]
+        correct = int(hit1.sum())
+        return {"acc1": float(hit1.float().mean()), "acc5": float(hit5.float().mean()),
+                "mean_per_class_recall": mean_per_class_recall(self.top1, labels),
+                "correct1": correct, "correct": correct}
+
+    def retrieval(self, metric: str) -> dict:
+        """{image_retrieval_recall@k for each k, correct: hits at the metric's k}."""
+        hits = self.hits
+        metrics = {f"image_retrieval_recall@{k}": float(h.float().mean()) for k, h in hits.items()}
+        return {**metrics, "correct": int(hits[int(metric.rsplit("@", 1)[1])].sum())}
+
+
+def _ks(task: str, metric: str) -> tuple[int, ...]:
+    return (1, 5) if task == CLASSIFICATION else tuple(sorted({1, 5, 10, int(metric.rsplit("@", 1)[1])}))
+
+
+def score_grid(cache: LayerLogits, points: list[dict], task: str = CLASSIFICATION,
+               metric: str = RETRIEVAL_METRIC) -> tuple[list[dict], list[dict]]:
+    """(each grid point with its metrics and `correct` count, each layer 1..N-1 read out alone likewise).
+
+    One pass over the row chunks: every point and every single layer is scored on each chunk."""
+    n = cache.final.shape[0]
+    hits = [_Hits(_ks(task, metric), n) for _ in points]
+    singles = [_Hits(_ks(task, metric), n) for _ in range(cache.num_layers - 1)]
+    for rows, final, stack in cache.iter_chunks():
+        labels = cache.labels[rows]
+        for point, collected in zip(points, hits):
+            collected.add(rank_scores(score_point(final, stack, point)), labels, rows)
+        for j, collected in enumerate(singles):
+            collected.add(stack[j], labels, rows)  # log q_j: layer j+1 alone
+    done = (lambda h: h.classification(cache.labels)) if task == CLASSIFICATION else (lambda h: h.retrieval(metric))
+    layers = [{"layer": j, **done(h)} for j, h in enumerate(singles, start=1)]
+    return [{**point, **done(h)} for point, h in zip(points, hits)], layers
+
+
+def best_single_layer(layers: list[dict], key: str) -> dict:
+    """{"layer": j, key: value} of the best layer alone (ties: the deeper layer, nearer the model's own)."""
+    best = max(layers, key=lambda scored: (scored["correct"], scored["layer"]))
+    return {"layer": best["layer"], key: best[key]}
+
+
+def _task_cache(model, dataset: EvalDataset, embeddings: Embeddings, task: str, bank=None) -> LayerLogits:
+    if task == CLASSIFICATION:
+        return class_logits(model, dataset, embeddings, bank)
+    if bank is not None:
+        raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
+    texts, text_image = caption_pairs(dataset, embeddings)
+    return text_to_image_logits(model, text_embeds(model, texts), text_image, embeddings)
 
 
 def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None = None,
               out: str | os.PathLike | None = None, n: int | None = None, batch_size: int = 32,
-              progress: bool = True, bank: TextBank | None = None) -> dict | None:
+              progress: bool = True, task: str = CLASSIFICATION, metric: str = RETRIEVAL_METRIC,
+              bank: TextBank | None = None) -> dict | None:
     """Search the grid on `split` of `dataset`; write the calibration JSON to `out` (atomically) and return it.
 
+    task "zeroshot_retrieval" picks by `metric` (image_retrieval_recall@k, text -> image) over the captions.
     `bank`: a precomputed TextBank for the class names (see evaluate); default: built with the model's text tower.
-
     Under torchrun, every rank embeds its shard; rank 0 scores, writes and returns, the others return None.
     """
+    if task not in (CLASSIFICATION, RETRIEVAL):
+        raise ValueError(f"task must be one of {(CLASSIFICATION, RETRIEVAL)}, got {task!r}")
+    if not (isinstance(metric, str) and metric.startswith("image_retrieval_recall@")
+            and metric.rsplit("@", 1)[1].isdigit() and int(metric.rsplit("@", 1)[1]) >= 1):
+        raise ValueError(f"metric must be image_retrieval_recall@K with K >= 1, got {metric!r}")
     grid = grid or CalibrationGrid()
     dataset = as_dataset(dataset, split, n)
     embeddings = embed_dataset(model, dataset, batch_size, progress)
-    if embeddings is None:
+    if embeddings is None:  # other ranks wait until rank 0 has written `out`: a next command may read it
+        error = distributed.broadcast_from_rank0(None)
+        if error:
+            raise ValueError(error)
         return None
-    cache = class_logits(model, dataset, embeddings, bank)
-    scores = score_grid(cache, grid_points(grid, model.readout.num_layers))
+    try:
+        report = _score_and_write(model, dataset, embeddings, grid, out, task, metric, bank)
+    except Exception as err:
+        distributed.broadcast_from_rank0(f"calibration failed on rank 0: {err}")
+        raise
+    distributed.broadcast_from_rank0(None)
+    return report
+
+
+def _score_and_write(model, dataset, embeddings, grid, out, task, metric, bank=None) -> dict:
+    cache = _task_cache(model, dataset, embeddings, task, bank)
+    scores, layers = score_grid(cache, grid_points(grid, model.readout.num_layers), task, metric)
     chosen = choose(scores)
+    key = "acc1" if task == CLASSIFICATION else metric
+    metric_keys = ("acc1", "acc5", "mean_per_class_recall") if task == CLASSIFICATION else \
+        tuple(k for k in chosen if k.startswith("image_retrieval_recall@"))
     report = {"model": model.model_id, "dataset": dataset.name, "split": dataset.split,
-              "task": "zeroshot_classification", "n_images": len(embeddings.ids),
+              "task": task, "metric": key, "n_images": len(embeddings.ids),
               "skipped": [list(s) for s in embeddings.skipped], "num_layers": model.readout.num_layers,
               "tau": model.tau, "grid": asdict(grid), "scores": scores,
               "best": {mode: choice_of(point) for mode, point in best_per_mode(scores).items()},
-              "choice": choice_of(chosen), "choice_metrics": {k: chosen[k] for k in
-                                                              ("acc1", "acc5", "mean_per_class_recall")}}
+              "choice": choice_of(chosen), "choice_metrics": {k: chosen[k] for k in metric_keys},
+              "best_single_layer": best_single_layer(layers, key),
+              "single_layers": [{k: v for k, v in scored.items() if k != "correct"} for scored in layers]}
     if out is not None:
         write_json_atomic(out, report)
     return report

@@ -9,6 +9,7 @@ Under torchrun each rank embeds a contiguous shard and rank 0 gathers the shards
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -261,12 +262,15 @@ def _embedded(batch: PixelBatch, host, done, copy: bool) -> EmbeddedBatch:
     return EmbeddedBatch(batch.indices, batch.ids, z_final, z_layers, batch.skipped, batch.size)
 
 
-def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_size: int, progress: bool,
+def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_size: int, progress,
                  workers: int | None, readout) -> Embeddings:
     """Embeddings of one contiguous shard (input positions offset..offset+len-1), written in place."""
     dim, result, count = model.readout.embed_dim, Embeddings(None, None, list(layers), []), 0
     z_final, z_layers = torch.empty(len(items), dim), torch.empty(len(layers), len(items), dim)  # (n, D), (J, n, D)
-    with tqdm(total=len(items), disable=not progress, desc="embedding", unit="img") as bar:
+    # a caller's bar (an index build's one bar over all chunks) is updated, not closed
+    given = hasattr(progress, "update")
+    with (contextlib.nullcontext(progress) if given else
+          tqdm(total=len(items), disable=not progress, desc="embedding", unit="img")) as bar:
         for batch in iter_embedded(model, items, layers, batch_size, workers, readout, copy=False):
             result.skipped.extend(batch.skipped)
             if batch.z_final is not None:
@@ -295,7 +299,7 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
     )
 
 
-def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32, progress: bool = True,
+def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32, progress=True,
                  workers: int | None = None, readout=None) -> Embeddings | None:
     """Embed image paths or (id, PIL image) pairs: z_final [n, D], z_layers [J, n, D] (fp32, cpu).
 
@@ -309,7 +313,7 @@ def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int 
     layers = [int(j) for j in layers]
     rank, world = distributed.rank_and_world()
     start, stop = distributed.shard_bounds(len(items), rank, world)
-    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress and rank == 0,
+    local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress if rank == 0 else False,
                          workers, readout)
     parts = distributed.gather_to_rank0(local)
     return None if parts is None else concat_embeddings(parts)

@@ -1,27 +1,31 @@
-"""Evaluation on a split the calibration never saw: off / static / dynamic metrics and the layer lens.
+"""Evaluation on a split the calibration never saw: off / static / dynamic, paired statistics, the layer lens.
 
-The JSON follows clip_benchmark's layout (`dataset`, `model`, `task`, `metrics`) with metrics per mode
-(`metrics.off`, `metrics.static`, `metrics.dynamic`), plus `layer_lens`: top-1 of every layer read out
-alone, how often dynamic mode chose each layer, and the mean JSD(q_N || q_j) per layer.
+Every mode is scored on the same items; `results.py` assembles the result JSON (clip_benchmark's top-level
+keys with the calibration's CHOSEN mode under `metrics`; every mode, the paired statistics against `off`,
+the best single layer as a reference and the layer lens beside them), `predictions.py` the per-item rows.
 """
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, class_logits, embed_dataset, read_calibration,
-                                   score_point)
+from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, caption_pairs, class_logits, embed_dataset,
+                                              read_calibration, text_embeds, text_to_image_logits)
+from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
 from siglip_dola.data.datasets import TASKS, EvalDataset
-from siglip_dola.evaluation.embed import embed_texts
 from siglip_dola.io import write_json_atomic
-from siglip_dola.layers import MODES
+from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
-                                 retrieval_metrics)
-from siglip_dola.scorer import choose_layers
+                                            retrieval_hits, retrieval_metrics)
+from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report, summary_line  # noqa: F401
+from siglip_dola.layers import MODES
+from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
 from siglip_dola.text_bank import load_text_bank
 
 
@@ -31,90 +35,147 @@ def _same_dataset(a: str, b: str) -> bool:
     return a == b
 
 
-def check_calibration(calibration: dict, model, dataset: EvalDataset) -> None:
+def check_calibration(calibration: dict, model, dataset: EvalDataset, task: str = "zeroshot_classification") -> None:
     """Refuse a calibration made for another model, or on the very split being evaluated."""
+    if calibration.get("task", task) != task:
+        raise ValueError(f"calibration was made for task {calibration['task']!r}, not {task!r}: run "
+                         f"`siglip-dola calibrate --task ...` for this task, or pass --calibration none")
     if calibration["model"] != model.model_id:
         raise ValueError(f"calibration was made for model {calibration['model']!r}, not {model.model_id!r}")
     if _same_dataset(calibration["dataset"], dataset.name) and calibration["split"] == dataset.split:
         raise ValueError(f"calibration used split {calibration['split']!r} of dataset {calibration['dataset']!r}, "
                          "the split being evaluated: evaluate on a split the calibration never saw (e.g. calibrate on val, "
-                         "evaluate on test)")
+                         "evaluate on test), or pass --calibration none")
+
+
+def _calibration_for(model, dataset: EvalDataset, calibration, task: str) -> tuple[str | None, dict | None]:
+    """(name, report) of the calibration to use: `calibration` (path, "embedded", dict, "none"), or None for
+    the model's default (the embedded model's shipped one). An explicit one made on this split is refused;
+    the default one is then left out, with one line on stderr."""
+    implicit = calibration is None
+    calibration = getattr(model, "calibration", None) if implicit else calibration
+    if calibration is None or str(calibration) == NO_CALIBRATION:
+        return None, None
+    name, report = read_calibration_file(calibration, task)
+    report = read_calibration(report)
+    try:
+        check_calibration(report, model, dataset, task)
+    except ValueError as err:
+        if not implicit:
+            raise
+        print(f"siglip-dola eval: not using the default calibration {name!r}: {err}", file=sys.stderr)
+        return None, None
+    return name, report
 
 
 def mode_points(num_layers: int, calibration: dict | None) -> dict:
-    """{mode: grid point} for off, static, dynamic: the calibration's best of each mode, else the defaults."""
-    best = (calibration or {}).get("best", {})
+    """{mode: grid point} for off, static, dynamic: the calibration's best of each mode, else the defaults
+    (both through siglip_dola.settings, the one policy)."""
     points = {}
     for mode in MODES:
-        choice = best.get(mode, {"mode": mode})
-        explicit = [choice["static_layer"]] if choice.get("static_layer") is not None else choice.get("layers")
-        layers, static_layer = choose_layers(num_layers, mode, explicit, choice.get("bucket"),
-                                             choice.get("n_buckets") or 3, choice.get("static_layer"))
-        points[mode] = {"mode": mode, "layers": layers if mode != "off" else [], "static_layer": static_layer,
-                        "alpha": None if mode == "off" else float(choice.get("alpha", 0.1)),
-                        "bucket": choice.get("bucket"), "n_buckets": choice.get("n_buckets")}
+        settings = resolve_settings(num_layers, mode=mode, calibration=calibration, warn=False)
+        off = mode == "off"
+        points[mode] = {"mode": mode, "layers": [] if off else settings.layers, "static_layer": settings.static_layer,
+                        "alpha": None if off else settings.alpha,
+                        "contrast_weight": None if off else settings.contrast_weight,
+                        "bucket": None if off else settings.bucket, "n_buckets": None if off else settings.n_buckets}
     return points
 
 
-def layer_lens(final: torch.Tensor, layers: torch.Tensor, targets: torch.Tensor,
-               dynamic: runtime.DoLaResult, metric: str) -> dict:
-    """Top-1 of each layer alone (layers [N-1, n, C], final [n, C] log-probs; targets [n, C] bool), dynamic
-    mode's chosen-layer counts and mean JSD(q_N || q_j) per layer j."""
-    num_layers = layers.shape[0] + 1
-    top1 = [float(hits_at_k(layers[j], targets, 1).float().mean()) for j in range(num_layers - 1)]
+def layer_lens(cache: LayerLogits, targets: torch.Tensor, dynamic: runtime.DoLaResult, metric: str) -> dict:
+    """Top-1 of each layer alone (targets [n, C] bool), dynamic mode's chosen-layer counts and mean
+    JSD(q_N || q_j) per layer j; the layers' log-probs are computed chunk by chunk (layer_logits.py)."""
+    num_layers, final = cache.num_layers, cache.final
+    hits, jsd = [], []
+    for rows, chunk_final, stack in cache.iter_chunks():
+        hits.append(torch.stack([hits_at_k(stack[j], targets[rows], 1) for j in range(num_layers - 1)]))  # (N-1, r)
+        jsd.append(runtime.dola(chunk_final, stack, list(range(1, num_layers)), mode="off").jsd)  # (N-1, r)
+    top1 = [float(row.float().mean()) for row in torch.cat(hits, dim=1)]
     baseline = float(hits_at_k(final, targets, 1).float().mean())
-    jsd_table = runtime.dola(final, layers, list(range(1, num_layers)), mode="off").jsd  # (N-1, n)
+    jsd_table = torch.cat(jsd, dim=1)  # (N-1, n)
     counts = Counter(int(j) for j in dynamic.premature_layer.flatten().tolist())
     return {"metric": metric, "layers": list(range(1, num_layers + 1)), "top1": top1 + [baseline],
             "baseline_top1": baseline, "dynamic_layer_counts": {str(j): counts[j] for j in sorted(counts)},
             "jsd_layers": list(range(1, num_layers)), "mean_jsd": jsd_table.mean(dim=-1).tolist()}
 
 
-def _classification(model, dataset, embeddings, points, bank=None) -> tuple[dict, dict]:
+@dataclass
+class TaskScores:
+    """Everything scored on one split: {mode: metrics}, {mode: per-item 0/1 outcome of `metric`} (paired
+    statistics), the best single layer's metrics and outcome (None without one), the layer lens, the rows."""
+    metric: str
+    metrics: dict
+    outcomes: dict
+    reference: dict | None
+    lens: dict
+    rows: list[dict] | None
+
+
+def _single_layer(calibration: dict | None, num_layers: int) -> int | None:
+    """The calibration's best single layer (a candidate 1..N-1), or None when it records none."""
+    layer = ((calibration or {}).get("best_single_layer") or {}).get("layer")
+    if layer is None:
+        return None
+    if not 1 <= int(layer) < num_layers:
+        raise ValueError(f"calibration's best_single_layer {layer} is not a layer 1..{num_layers - 1} of this model")
+    return int(layer)
+
+
+def _classification(model, dataset, embeddings, points, single_layer, want_rows, bank=None) -> TaskScores:
     cache = class_logits(model, dataset, embeddings, bank)
-    results = {mode: score_point(cache.final, cache.layers, point) for mode, point in points.items()}
-    metrics = {mode: classification_metrics(rank_scores(r), cache.labels) for mode, r in results.items()}
-    targets = one_hot_targets(cache.labels, cache.final.shape[-1])
-    return metrics, layer_lens(cache.final, cache.layers, targets, results["dynamic"], "acc1")
+    results = score_modes(cache, points)
+    targets = one_hot_targets(cache.labels, cache.final.shape[-1])  # (n, C)
+    rankings = {mode: rank_scores(r) for mode, r in results.items()}
+    reference = None
+    if single_layer is not None:
+        alone = _layer_alone(cache, single_layer)  # (n, C) log q_j: layer j read out alone
+        reference = {"layer": single_layer, "metrics": classification_metrics(alone, cache.labels),
+                     "outcome": hits_at_k(alone, targets, 1)}
+    rows = None if not want_rows else rows_of.classification_rows(
+        embeddings.ids, embeddings.indices, cache.labels, dataset.classnames, results, points)
+    return TaskScores("acc1", {mode: classification_metrics(r, cache.labels) for mode, r in rankings.items()},
+                      {mode: hits_at_k(r, targets, 1) for mode, r in rankings.items()}, reference,
+                      layer_lens(cache, targets, results["dynamic"], "acc1"), rows)
 
 
-def _retrieval(model, dataset, embeddings, points, bank=None) -> tuple[dict, dict]:
-    captions = [dataset.captions[i] for i in embeddings.indices]
-    texts = [c for caps in captions for c in caps]
-    text_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.int64)  # (T,)
-    if not texts:
-        raise ValueError(f"dataset {dataset.name!r} has no captions: retrieval needs image-caption pairs")
-    text = embed_texts(model, texts, needed_for="retrieval")  # (T, D)
+def _layer_alone(cache: LayerLogits, layer: int) -> torch.Tensor:
+    """[n, C] log-probs of one layer read out alone (the same computation as the cache's chunks)."""
+    if cache.column_layers is None:
+        return runtime.build_log_probs_from_rep(cache.row_layers[layer - 1], cache.columns, cache.tau)
+    return runtime.build_log_probs_from_rep(cache.rows, cache.column_layers[layer - 1], cache.tau)
+
+
+def _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric) -> TaskScores:
+    texts, text_image = caption_pairs(dataset, embeddings)  # (T,) image of each caption
+    text = text_embeds(model, texts)
     i2t_final = runtime.build_log_probs_from_rep(embeddings.z_final, text, model.tau)  # (I, T)
-    i2t_layers = runtime.build_log_probs_from_rep(embeddings.z_layers, text, model.tau)  # (N-1, I, T)
-    t2i_final = runtime.build_log_probs_from_rep(text, embeddings.z_final, model.tau)  # (T, I)
-    t2i_layers = torch.stack([runtime.build_log_probs_from_rep(text, z_j, model.tau)
-                              for z_j in embeddings.z_layers])  # (N-1, T, I)
-    metrics, dynamic = {}, None
-    for mode, point in points.items():
-        i2t = score_point(i2t_final, i2t_layers, point)
-        t2i = score_point(t2i_final, t2i_layers, point)
-        metrics[mode] = retrieval_metrics(rank_scores(i2t), rank_scores(t2i), text_image)
-        dynamic = i2t if mode == "dynamic" else dynamic
-    targets = one_hot_targets(text_image, len(captions)).T  # (I, T)
-    return metrics, layer_lens(i2t_final, i2t_layers, targets, dynamic, "text_retrieval_recall@1")
-
-
-def summary_line(report: dict) -> str:
-    """One line for the terminal: the headline metric per mode."""
-    key = "acc1" if report["task"] == "zeroshot_classification" else "text_retrieval_recall@1"
-    parts = " ".join(f"{mode}={report['metrics'][mode][key]:.4f}" for mode in MODES)
-    return f"{report['dataset']} [{report['split']}, n={report['n_images']}] {report['task']} {key}: {parts}"
+    i2t = LayerLogits(i2t_final, None, embeddings, model.tau, row_layers=embeddings.z_layers, columns=text)
+    t2i = text_to_image_logits(model, text, text_image, embeddings)
+    i2t_results, t2i_results = score_modes(i2t, points), score_modes(t2i, points)
+    hits = {mode: retrieval_hits(rank_scores(i2t_results[mode]), rank_scores(t2i_results[mode]), text_image)
+            for mode in points}
+    reference = None
+    if single_layer is not None:
+        alone = retrieval_hits(_layer_alone(i2t, single_layer), _layer_alone(t2i, single_layer), text_image)
+        reference = {"layer": single_layer, "metrics": retrieval_metrics(alone), "outcome": alone[metric]}
+    rows = None if not want_rows else rows_of.retrieval_rows(texts, text_image, embeddings.ids, t2i_results, points)
+    targets = one_hot_targets(text_image, len(embeddings.ids)).T  # (I, T)
+    return TaskScores(metric, {mode: retrieval_metrics(h) for mode, h in hits.items()},
+                      {mode: h[metric] for mode, h in hits.items()}, reference,
+                      layer_lens(i2t, targets, i2t_results["dynamic"], "text_retrieval_recall@1"), rows)
 
 
 def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
-             plots_dir: str | os.PathLike | None = None, task: str = "zeroshot_classification",
+             plots_dir: str | os.PathLike | None = None, task: str = CLASSIFICATION,
              n: int | None = None, batch_size: int = 32, progress: bool = True,
+             predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0,
              workers: int | None = None, bank=None) -> dict | None:
-    """Metrics for off / static / dynamic on `split`, written to `out` (atomic JSON) and PNGs in `plots_dir`.
+    """Result JSON (results.assemble_report) for off / static / dynamic on `split`, written to `out` (atomic),
+    per-item rows to `predictions` (atomic JSONL), layer-lens PNGs to `plots_dir`.
 
-    `calibration`: a calibration JSON path or dict (refused if made for another model or on this split);
-    without it the defaults (last of 3 buckets, static layer its middle candidate, alpha 0.1).
+    `calibration`: path, dict, "embedded" or "none"; None: the model's default (the embedded model's shipped
+    one; left out, with a line on stderr, when made on this split). An explicit one made for another model or
+    on this split is refused. The calibration's choice is the chosen mode (`off` without a calibration).
     `workers`: image decode processes (None: the spare cores; 0: decode in this process).
     `bank`: a precomputed TextBank (or its .safetensors / .npy path) for classification, e.g. for a
     model whose text tower is not available offline; rows are matched to the class names.
@@ -125,25 +186,32 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     dataset = as_dataset(dataset, split, n)
     if task not in dataset.tasks:
         raise ValueError(f"dataset {dataset.name!r} supports tasks {list(dataset.tasks)}, not {task!r}")
-    calibration_report = None if calibration is None else read_calibration(calibration)
-    if calibration_report is not None:
-        check_calibration(calibration_report, model, dataset)
-    if bank is not None and task != "zeroshot_classification":
+    name, calibration_report = _calibration_for(model, dataset, calibration, task)
+    # the design note's defaults apply to the DoLa modes without a calibration: say so once, on stderr
+    resolve_settings(model.readout.num_layers, calibration=calibration_report, model_id=model.model_id, task=task)
+    if bank is not None and task != CLASSIFICATION:
         raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
     bank_source = bank if isinstance(bank, (str, os.PathLike)) or bank is None else "TextBank"
     if isinstance(bank, (str, os.PathLike)):
         bank = load_text_bank(bank)
     points = mode_points(model.readout.num_layers, calibration_report)
+    single_layer = _single_layer(calibration_report, model.readout.num_layers)
     embeddings = embed_dataset(model, dataset, batch_size, progress, workers)
     if embeddings is None:
         return None
-    run = _classification if task == "zeroshot_classification" else _retrieval
-    metrics, lens = run(model, dataset, embeddings, points, bank)
-    report = {"dataset": dataset.name, "model": model.model_id, "task": task, "split": dataset.split,
-              "n_images": len(embeddings.ids), "skipped": [list(s) for s in embeddings.skipped],
-              "calibration": None if calibration is None or isinstance(calibration, dict) else str(calibration),
-              "bank": str(bank_source) if bank_source is not None else None,
-              "modes": points, "metrics": metrics, "layer_lens": lens}
+    want_rows = predictions is not None
+    if task == CLASSIFICATION:
+        scored = _classification(model, dataset, embeddings, points, single_layer, want_rows, bank)
+    else:
+        metric = (calibration_report or {}).get("metric") or RETRIEVAL_METRIC
+        scored = _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric)
+    report = assemble_report(model.model_id, dataset, task, embeddings, points, scored, calibration_report, name,
+                             predictions=None if predictions is None else str(predictions),
+                             n_resamples=n_resamples, seed=seed)
+    if bank_source is not None:
+        report["bank"] = str(bank_source)
+    if predictions is not None:
+        rows_of.write_predictions(predictions, scored.rows)
     if plots_dir is not None:
         from siglip_dola.evaluation.plots import plot_layer_lens
         report["plots"] = [str(p) for p in plot_layer_lens(report, plots_dir)]

@@ -47,13 +47,19 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict:
             "mean_per_class_recall": mean_per_class_recall(predicted, labels)}
 
 
-def retrieval_metrics(image_to_text: torch.Tensor, text_to_image: torch.Tensor,
-                      text_image: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Recall@k both ways: image_to_text [I, T] and text_to_image [T, I] scores, text_image [T] image of each text."""
+def retrieval_hits(image_to_text: torch.Tensor, text_to_image: torch.Tensor,
+                   text_image: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """{recall key: [queries] bool hit}: image_to_text [I, T] and text_to_image [T, I] scores, text_image [T]
+    the image of each text. `text_retrieval_recall@k` is per image query, `image_retrieval_recall@k` per text."""
     n_images = image_to_text.shape[0]
     t2i_targets = one_hot_targets(text_image, n_images)  # (T, I)
-    metrics = {}
+    hits = {}
     for k in ks:
-        metrics[f"text_retrieval_recall@{k}"] = float(hits_at_k(image_to_text, t2i_targets.T, k).float().mean())
-        metrics[f"image_retrieval_recall@{k}"] = float(hits_at_k(text_to_image, t2i_targets, k).float().mean())
-    return metrics
+        hits[f"text_retrieval_recall@{k}"] = hits_at_k(image_to_text, t2i_targets.T, k)  # (I,)
+        hits[f"image_retrieval_recall@{k}"] = hits_at_k(text_to_image, t2i_targets, k)  # (T,)
+    return hits
+
+
+def retrieval_metrics(hits: dict) -> dict:
+    """Recall@k both ways (clip_benchmark's keys) from retrieval_hits' per-query hits."""
+    return {key: float(hit.float().mean()) for key, hit in hits.items()}

@@ -36,7 +36,7 @@ def plot_layer_accuracy(report: dict, path: Path) -> Path:
     ax.axhline(lens["baseline_top1"], color="gray", linestyle="--", label=f"final layer (off) {lens['baseline_top1']:.3f}")
     key = lens["metric"]
     for mode, colour in (("static", "tab:orange"), ("dynamic", "tab:green")):
-        value = report["metrics"][mode][key]
+        value = report["modes"][mode]["metrics"][key]
         ax.axhline(value, color=colour, linestyle=":", label=f"DoLa {mode} {value:.3f}")
     ax.set(xlabel="layer j (output of block j)", ylabel=key, ylim=(0, 1.02),
            title=_title(report, f"Layer lens: {key} of each layer alone"))

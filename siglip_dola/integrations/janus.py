@@ -39,9 +39,9 @@ def _check_tau(tau) -> float:
 class JanusDoLa:
     """Score Janus images against a precomputed text bank; `use_dola_siglip=False` gives the plain SigLIP baseline."""
 
-    def __init__(self, vlm, bank, *, tau: float, use_dola_siglip: bool = True, mode: str = "dynamic",
-                 alpha: float = 0.1, layers=None, bucket=None, n_buckets: int = 3, static_layer=None,
-                 batch_size: int = 32):
+    def __init__(self, vlm, bank, *, tau: float, use_dola_siglip: bool = True, mode: str | None = None,
+                 alpha: float | None = None, layers=None, bucket=None, n_buckets: int | None = None, static_layer=None,
+                 batch_size: int = 32, contrast_weight: float | None = None, calibration=None):
         if not isinstance(use_dola_siglip, bool):
             raise TypeError(f"use_dola_siglip must be True or False, got {use_dola_siglip!r}")
         self.use_dola_siglip = use_dola_siglip
@@ -49,7 +49,8 @@ class JanusDoLa:
         model = _loaded_model(vlm, _check_tau(tau))
         if use_dola_siglip:
             self.scorer = DoLaSigLIP(model, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
-                                     n_buckets=n_buckets, static_layer=static_layer, batch_size=batch_size)
+                                     n_buckets=n_buckets, static_layer=static_layer, batch_size=batch_size,
+                                     contrast_weight=contrast_weight, calibration=calibration)
         else:  # baseline: no early layer is read at all
             self.scorer = DoLaSigLIP(model, mode="off", alpha=alpha, batch_size=batch_size)
         _, self._embeds = self.scorer._bank(bank)  # validates the bank's dimension against the tower

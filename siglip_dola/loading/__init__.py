@@ -24,7 +24,7 @@ from siglip_dola.loading import hf as hf_adapter
 from siglip_dola.loading import open_clip as open_clip_adapter
 from siglip_dola.loading.hub import HubUnavailableError  # noqa: F401  (re-exported for callers)
 
-from siglip_dola.loading.embedded import EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
+from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACCEPTED_FORMS = (
     "None or 'embedded' (the embedded offline model); "
@@ -50,6 +50,7 @@ class LoadedModel:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the underlying module
     backend: str = ""                  # "open_clip" | "hf" | "timm"
     fingerprint: str | None = field(default=None, repr=False)       # weights identity, see weights_fingerprint
+    calibration: str | None = None     # default DoLa calibration (path, or "embedded": the shipped one); None: uncalibrated
 
     @property
     def tau(self) -> float:
@@ -72,6 +73,8 @@ def load(name_or_path: str | Path | None = None, device=None, precision: str | N
     model = model.eval().requires_grad_(False).to(device)
     loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
     loaded.fingerprint = file_fingerprint(weights)
+    if model_id == "embedded" and EMBEDDED_CALIBRATION.is_file():
+        loaded.calibration = "embedded"  # the shipped calibration (chosen on its val split) is its default
     return loaded
 
 

@@ -116,7 +116,9 @@ class HFImagePreprocess:
         self.processor = processor
 
     def __call__(self, image):
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        # PIL is height x width x channels: say so, or a 1- or 3-pixel-high image is read as channels-first
+        return self.processor(images=image.convert("RGB"), return_tensors="pt",
+                              input_data_format="channels_last")["pixel_values"][0]
 
     def __repr__(self) -> str:
         config = self.processor.to_dict()

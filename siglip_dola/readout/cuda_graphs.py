@@ -10,8 +10,9 @@ whole readout call as a CUDA graph lets later calls replay every kernel without 
 The model is not changed: the capture is one ordinary readout call (its temporary hooks are removed
 in ``finally`` as always) whose kernels the graph records. Limits, as for any CUDA graph, checked on
 every call: a fixed input shape, dtype and device, fixed layers, the autocast state of the capture.
-The graph reads the weights from the memory they had at capture: in-place updates are seen, newly
-assigned tensors are not (capture again after loading other weights). Results are fresh tensors,
+The graph reads the weights from the memory they had at capture, and replays the tensors the readout
+derived from them then (the folded head, the entry norms): after any weight change, capture again.
+:class:`GraphCache` does so by itself: its key holds ``Readout.derived_key()``. Results are fresh tensors,
 copied out of the graph's buffers, so a later replay never overwrites a result you hold.
 """
 from __future__ import annotations
@@ -85,9 +86,31 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
 
 def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
     """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
-    readout._check_images(example_images)
-    layer_list = readout._check_layers(layers)   # validated once, here: the graph fixes them
+    readout.check_images(example_images)
+    layer_list = readout.check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
+
+
+class CallCache:
+    """``cache(fn, images, key)`` = ``fn(images)`` replayed from a graph captured per (key, shape, dtype, device,
+    autocast); ``fn`` is captured on the first call of each key (it must depend on nothing but ``images`` and what
+    ``key`` names); the ``size`` most recently used graphs are kept (each holds its own memory)."""
+
+    def __init__(self, size: int = 4):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        self.size, self._calls = size, OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __call__(self, fn: Callable, images: torch.Tensor, key=()):
+        full_key = (key, tuple(images.shape), images.dtype, images.device, _autocast_state(images.device))
+        call = self._calls.pop(full_key, None) or capture_call(fn, images)
+        self._calls[full_key] = call                              # most recently used last
+        while len(self._calls) > self.size:
+            self._calls.popitem(last=False)
+        return call(images)
 
 
 class GraphCache:
@@ -95,15 +118,14 @@ class GraphCache:
     device, layers, autocast); the ``size`` most recently used graphs are kept (each holds its own memory)."""
 
     def __init__(self, readout, size: int = 4):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"size must be an int >= 1, got {size!r}")
-        self.readout, self.size, self._calls = readout, size, OrderedDict()
+        self.readout, self._cache = readout, CallCache(size)
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def __call__(self, images: torch.Tensor, layers=None):
         """images (B, C, H, W) on CUDA -> (z_final (B, D), z_layers (J, B, D)); captures on a new key."""
-        key = (tuple(images.shape), images.dtype, images.device, tuple(layers or ()), _autocast_state(images.device))
-        call = self._calls.pop(key, None) or capture(self.readout, images, layers)
-        self._calls[key] = call                                   # most recently used last
-        while len(self._calls) > self.size:
-            self._calls.popitem(last=False)
-        return call(images)
+        layer_list = self.readout.check_layers(layers)
+        self.readout.check_images(images)
+        key = (tuple(layer_list), self.readout.derived_key())   # new weights: capture again
+        return self._cache(lambda x: self.readout(x, layer_list), images, key=key)

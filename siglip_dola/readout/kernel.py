@@ -8,18 +8,19 @@ For tokens x (B, T, D) and per-head key probes p (H, D) (:class:`~siglip_dola.re
 :func:`pool_partials` does this in ONE read of the tokens (LayerNorm statistics, (T, D) x (D, H) logits,
 online softmax over tokens, (H, T) x (T, D) weighted sum), per (image, token split); :func:`merge_values`
 merges the splits and applies the head's value weights in one more launch (:func:`combine_partials` and
-:func:`values_from_pooled` are its PyTorch form). Its "shifted" mode reads the output of the next block's own LayerNorm instead,
+``map_head.head_values`` are its PyTorch form). Its "shifted" mode reads the output of the next block's own LayerNorm instead,
 n = gamma * x_hat + beta (the model computes it anyway): then n - beta = gamma * x_hat needs no statistics,
 the probe is p / gamma and the pooled vector is scaled by 1 / gamma at the end (see fused.EntryNorm).
-:func:`pool_reference` is the PyTorch path, fallback and test reference.
+The PyTorch reference (path, fallback and test reference) is ``map_head.pool_tokens``.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-import torch.nn.functional as F
+
+from siglip_dola import config
+from siglip_dola.readout.map_head import head_values
 
 try:  # optional: the PyTorch path below is always available
     import triton
@@ -28,16 +29,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
+MAX_SPLITS = 8  # the merge kernel walks a row's splits in sequence: at batch 1 (36 splits) it cost more than it saved
 
 
-def pool_reference(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None) -> torch.Tensor:
-    """PyTorch path: tokens (B, T, D) raw block output, key_probe (H, D) -> pooled x_hat (B, H, D)."""
-    with torch.autocast(device_type=tokens.device.type, enabled=False):
-        x_hat = tokens.to(key_probe.dtype)
-        if norm_eps is not None:
-            x_hat = F.layer_norm(x_hat, x_hat.shape[-1:], eps=norm_eps)          # (B, T, D) no affine
-        weights = torch.softmax(x_hat @ key_probe.T, dim=1)                      # (B, T, H) over tokens
-        return torch.einsum("bth,btd->bhd", weights, x_hat)
 
 
 if triton is not None:
@@ -147,10 +141,10 @@ if triton is not None:
 def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torch.Tensor,
                         value_bias: torch.Tensor) -> torch.Tensor:
     """Merge the token splits and apply W_v in one Triton launch: out (N, H, S, D), lse (N, H, S), value_weight
-    (H, hd, D), value_bias (H, hd) fp32 -> head values (N, H * hd) fp32, as values_from_pooled(combine_partials()).
+    (H, hd, D), value_bias (H, hd) fp32 -> head values (N, H * hd) fp32, as head_values(combine_partials()).
 
     Products in 3 x TF32 (fp32-level accuracy on tensor cores); the pooled vectors are never written out. torch's
-    batched (1 x S) @ (S x D) merge alone took 0.34 ms for 23 layers at batch 64 on an H100 (run 21d)."""
+    batched (1 x S) @ (S x D) merge alone took 0.34 ms for 23 layers at batch 64 on an H100 (docs/performance-notes.md)."""
     num_rows, heads, num_splits, dim = out.shape
     head_dim = value_weight.shape[1]
     assert out.is_contiguous() and lse.is_contiguous() and value_weight.is_contiguous() and value_bias.is_contiguous()
@@ -164,17 +158,13 @@ def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torc
     return values
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def merge_values(out: torch.Tensor, lse: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor):
     """The fast path's merge + W_v: out (N, H, S, D), lse (N, H, S) -> values (N, H * hd); Triton on CUDA (or in
-    the interpreter), else :func:`combine_partials` then :func:`values_from_pooled`."""
+    the interpreter), else :func:`combine_partials` then ``map_head.head_values``."""
     tensors = (out, lse, value_weight, value_bias)
-    if triton is not None and (out.is_cuda or _interpreted()) and all(t.dtype == torch.float32 for t in tensors):
+    if triton is not None and (out.is_cuda or config.triton_interpreted()) and all(t.dtype == torch.float32 for t in tensors):
         return merge_values_triton(*(t.contiguous() for t in tensors))
-    return values_from_pooled(combine_partials(out, lse), value_weight, value_bias)
+    return head_values(combine_partials(out, lse), value_weight, value_bias)
 
 
 def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
@@ -184,7 +174,7 @@ def triton_usable(tokens: torch.Tensor, key_probe: torch.Tensor) -> bool:
     tokens or fp32 tokens under a half-precision autocast (timm's residual stream stays fp32 there);
     plain fp32 keeps the exact PyTorch path.
     """
-    interpreted = _interpreted()
+    interpreted = config.triton_interpreted()
     half = tokens.dtype in (torch.bfloat16, torch.float16) or (
         tokens.dtype == torch.float32 and torch.is_autocast_enabled(tokens.device.type)
         and torch.get_autocast_dtype(tokens.device.type) in (torch.bfloat16, torch.float16))
@@ -196,11 +186,11 @@ def split_plan(batch: int, num_tokens: int, slots: int, block_t: int = BLOCK_T) 
 
     Picks the split count with the shortest modelled time, waves x (token blocks per split + 1) (the +1: a
     program's fixed cost, the probe load and the partial store), at most ceil(slots / batch) splits, no split
-    empty; ties go to fewer splits. Whole waves matter: at batch 64 x 576 tokens on an H100 (132 SMs, one
+    empty, at most MAX_SPLITS; ties go to fewer splits. Whole waves matter: at batch 64 x 576 tokens on an H100 (132 SMs, one
     program each) 2 splits (128 programs, one wave) beat 5 (320 programs, 2.4 waves) by 15% (benchmarks/README.md).
     """
     num_blocks = math.ceil(num_tokens / block_t)
-    most = min(num_blocks, max(1, math.ceil(slots / max(batch, 1))))
+    most = min(num_blocks, MAX_SPLITS, max(1, math.ceil(slots / max(batch, 1))))
     best = None
     for splits in range(1, most + 1):
         blocks_per_split = math.ceil(num_blocks / splits)
@@ -233,7 +223,7 @@ def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
         num_tokens, dim, *tokens.stride(), tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
         H=heads, BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_T=block_t, BLOCK_D=block_d,
         NORMALIZE=norm_eps is not None, SHIFTED=shifted,
-        K_GROUPS=min(4, max(1, block_d // 16)) if shifted else 1,   # fastest per mode on an H100 (run 21)
+        K_GROUPS=min(4, max(1, block_d // 16)) if shifted else 1,   # fastest per mode on an H100
         EVEN_T=num_tokens % block_t == 0, EVEN_D=dim == block_d, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -246,13 +236,3 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=out.device.type, enabled=False):
         weights = torch.softmax(lse, dim=-1)                                     # (..., H, S)
         return (weights.unsqueeze(-2) @ out).squeeze(-2)                         # (..., H, D)
-
-
-def values_from_pooled(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
-    """pooled (N, H, D), value_weight (H, hd, D), value_bias (H, hd) -> head values (N, H * hd).
-
-    In the folded head's dtype (fp32) with autocast off: bf16 products here were not measurably faster at 23
-    layers, batch 64 on an H100 and made the bf16 premature layer differ from fp32 on 1 of 8 images (run 23)."""
-    with torch.autocast(device_type=pooled.device.type, enabled=False):
-        values = torch.bmm(pooled.transpose(0, 1), value_weight.transpose(1, 2))  # (H, N, hd)
-        return (values.transpose(0, 1) + value_bias).flatten(1)                   # (N, H * hd)

@@ -62,18 +62,33 @@ class FoldedMapHead:
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raw block output (B, T, D) -> concatenated head values (B, D), before the output projection."""
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            x = tokens.to(self.key_probe.dtype)
-            if self.norm_eps is not None:
-                x = F.layer_norm(x, x.shape[-1:], eps=self.norm_eps)        # (B, T, D) affine folded away
-            weights = torch.softmax(x @ self.key_probe.T, dim=1)             # (B, T, H) over tokens
-            pooled = torch.einsum("bth,btd->bhd", weights, x)                # (B, H, D)
-            values = torch.einsum("bhd,hed->bhe", pooled, self.value_weight) + self.value_bias  # (B, H, hd)
-        return values.flatten(1)                                             # (B, D)
+        return head_values(pool_tokens(tokens, self.key_probe, self.norm_eps), self.value_weight, self.value_bias)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raw block output (B, T, D) -> embedding (B, D_out), equal to head(norm(tokens))."""
         return self.tail(self.pool(tokens).to(self.tail_dtype))
+
+
+def pool_tokens(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float | None) -> torch.Tensor:
+    """THE PyTorch reference of the pooling: tokens (B, T, D) raw block output, key_probe (H, D) -> (B, H, D),
+    pooled[b, h] = sum_t softmax_t(x_hat[b, t] . key_probe[h]) x_hat[b, t]; x_hat = LayerNorm(x) without affine
+    (``norm_eps`` None: x itself). In key_probe's dtype with autocast off. The Triton kernel is tested against it."""
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        x_hat = tokens.to(key_probe.dtype)
+        if norm_eps is not None:
+            x_hat = F.layer_norm(x_hat, x_hat.shape[-1:], eps=norm_eps)          # (B, T, D) affine folded away
+        weights = torch.softmax(x_hat @ key_probe.T, dim=1)                      # (B, T, H) over tokens
+        return torch.einsum("bth,btd->bhd", weights, x_hat)                      # (B, H, D)
+
+
+def head_values(pooled: torch.Tensor, value_weight: torch.Tensor, value_bias: torch.Tensor) -> torch.Tensor:
+    """pooled (N, H, D), value_weight (H, hd, D), value_bias (H, hd) -> head values (N, H * hd), autocast off.
+
+    In the folded head's dtype (fp32): bf16 products here were not measurably faster and made the bf16
+    premature layer differ from fp32 on 1 of 8 images (docs/performance-notes.md)."""
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        values = torch.bmm(pooled.transpose(0, 1), value_weight.transpose(1, 2))  # (H, N, hd)
+        return (values.transpose(0, 1) + value_bias).flatten(1)                   # (N, H * hd)
 
 
 def _fold_dtype(tensor: torch.Tensor) -> torch.dtype:

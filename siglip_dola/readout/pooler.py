@@ -1,164 +1,294 @@
-"""Fused readout of captured layers through the folded MAP head: one pass over each captured layer.
+"""Layer pooling behind ONE interface: the readout's core asks a pooler for hooks, runs the forward, takes result().
 
-:class:`siglip_dola.readout.map_head.FoldedMapHead` reduces an intermediate layer's readout to
+:class:`~siglip_dola.readout.map_head.FoldedMapHead` reduces an intermediate layer's readout to
 
     pooled[b, h] = sum_t softmax_t(x_hat[b, t] . key_probe[h]) * x_hat[b, t]        # (B, H, D)
     values[b, h] = value_weight[h] @ pooled[b, h] + value_bias[h]                    # (B, H, hd)
     z[b]         = tail(values[b] flattened)                                          # the model's own modules
 
-where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded). The only
-work over all T tokens is the first line: :mod:`siglip_dola.readout.kernel` does it in one read per
-layer (Triton; PyTorch reference and fallback). :class:`LayerPooler` drives it from the readout's hooks, so
-no layer is stored or concatenated; the per-vector part (the split merge with W_v in one kernel, then the
-model's proj / norm + MLP) runs once for all layers at the end.
+where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded). The first
+line is the only work over all T tokens: ``map_head.pool_tokens`` is its PyTorch reference,
+:mod:`siglip_dola.readout.kernel` its Triton kernel (one read per layer). :class:`LayerPooler` pools each
+layer as the forward produces it, so no (B, T, D) layer is kept; the per-vector part (the split merge with
+W_v in one kernel, then the model's proj / norm + MLP) runs once for all layers at the end.
 
 Where block j+1 starts with its own LayerNorm of block j's output (timm ``norm1``, HF ``layer_norm1``: pre-norm
-ViTs), layer j is pooled from that norm's output instead (:class:`EntryNorm`): the model computes it anyway,
-and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (~25% faster on an H100,
-benchmarks/README.md). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its
-output is fp32 and its input is the very tensor block j returned. A side CUDA stream was measured slower and
-stays available as ``FUSED.side_stream``.
+ViTs), the fused path pools layer j from that norm's output instead (:class:`EntryNorm`): the model computes it
+anyway, and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (~25% faster on an
+H100). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its output is fp32, its
+input is the very tensor block j returned, and gamma passes the precision guards of
+:func:`~siglip_dola.readout.entry_norm.entry_norm`.
+
+Each call records the path each layer took (:data:`PATHS`) and why it is not the fastest; the readout exposes
+them as ``layer_paths`` / ``path_reasons``. A fall-back to PyTorch on CUDA is logged once per reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
 import torch
-import torch.nn as nn
 
-from siglip_dola.readout.kernel import (  # noqa: F401  (re-exported: tests and benchmarks use fused.*)
-    BLOCK_T, combine_partials, merge_values, pool_partials, pool_reference, split_plan, triton, triton_usable,
-    values_from_pooled)
+from siglip_dola import config
+from siglip_dola.readout.entry_norm import (  # noqa: F401  (ENTRY_BLOCK_TYPES: re-exported for tests)
+    ENTRY_BLOCK_TYPES, EntryNorm, entry_norm, first_norm, tensor_version)
+from siglip_dola.readout.kernel import combine_partials, merge_values, pool_partials, split_plan, triton, triton_usable
+from siglip_dola.readout.map_head import head_values, pool_tokens
 
 try:
     from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - depends on the environment
     OutOfResources = RuntimeError  # never raised without triton
 
-
-@dataclass
-class FusedConfig:
-    """Switches for the fast path (the benchmark flips them to measure each step)."""
-
-    enabled: bool = True        # use the Triton kernel when the tokens are on CUDA and triton imports
-    entry_norms: bool = True    # pool from the next block's own LayerNorm output where that is exact
-    side_stream: bool = False   # launch per-layer pooling on a side CUDA stream (measured on H100: slower)
-    target_programs: int = 0    # programs that run at once, for split_plan (0: the number of SMs)
-    num_warps: int = 8          # warps per program (8 was fastest on H100: benchmarks/README.md)
-    block_t: int = BLOCK_T      # tokens per inner step
-    num_stages: int = 3         # software-pipelining depth of the token loads (Triton's default)
-
-
-FUSED = FusedConfig()
-
-ENTRY_NORM_NAMES = ("norm1", "layer_norm1")   # a block's first LayerNorm: timm Block, HF SiglipEncoderLayer
-ENTRY_BLOCK_TYPES = ("Block", "SiglipEncoderLayer")   # pre-norm blocks whose forward starts with norm(input)
-_FP16_SAFE = 3.0e4                            # |gamma * x_hat| <= max|gamma| * sqrt(D) must stay below fp16's max
-
-
-@dataclass(frozen=True)
-class EntryNorm:
-    """Block j+1's first LayerNorm, ready to pool layer j from its output n = gamma * x_hat + beta (derived)."""
-
-    module: nn.Module
-    probe: torch.Tensor   # (H, D) key_probe / gamma: (n - beta) . probe = x_hat . key_probe
-    shift: torch.Tensor   # (D,) beta
-    scale: torch.Tensor   # (D,) 1 / gamma: pooled (n - beta) * scale = pooled x_hat
-
-
-def first_norm(block: nn.Module) -> nn.LayerNorm | None:
-    """The LayerNorm a known pre-norm block applies first to its input (timm Block / HF SiglipEncoderLayer), or None."""
-    if type(block).__name__ not in ENTRY_BLOCK_TYPES:
-        return None
-    return next((getattr(block, name) for name in ENTRY_NORM_NAMES
-                 if isinstance(getattr(block, name, None), nn.LayerNorm)), None)
-
-
-@torch.no_grad()
-def entry_norm(block: nn.Module, folded) -> EntryNorm | None:
-    """The EntryNorm of ``block`` for the folded head, or None where pooling its output would not be exact."""
-    norm = first_norm(block)
-    dim = folded.key_probe.shape[-1]
-    if (norm is None or folded.norm_eps is None or norm.weight is None or float(norm.eps) != folded.norm_eps
-            or tuple(norm.normalized_shape) != (dim,)):
-        return None
-    gamma = norm.weight.detach().to(folded.key_probe)
-    beta = norm.bias.detach().to(gamma) if norm.bias is not None else torch.zeros_like(gamma)
-    magnitude = gamma.abs()
-    if not (torch.isfinite(gamma).all() and torch.isfinite(beta).all() and magnitude.min() > 0):
-        return None
-    # precision guards: n - beta must stay fp16-safe and keep its bits (fp32 rounding of n is ~6e-8 |beta|)
-    if (magnitude.max() * dim ** 0.5 > _FP16_SAFE or (beta.abs() / magnitude).max() > 1e3
-            or magnitude.max() / magnitude.min() > 1e4):
-        return None
-    return EntryNorm(norm, (folded.key_probe / gamma).contiguous(), beta.contiguous(), (1.0 / gamma).contiguous())
-
-
-# ---------------------------------------------------------------- streaming driver for the block loop
-_SIDE_STREAMS: dict = {}
+LOG = logging.getLogger("siglip_dola.readout")
+PATHS = ("fused-entry-norm", "fused-stats", "pytorch", "model-head")
+_LOGGED: set = set()
 _FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
 
 
-def _side_stream(device: torch.device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
+def log_once(reason: str, level: int = logging.WARNING) -> None:
+    """Log ``reason`` the first time it occurs in this process."""
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        LOG.log(level, "siglip_dola readout: %s", reason)
 
 
-def tensor_version(tokens: torch.Tensor) -> int | None:
-    """The in-place version counter; None for inference-mode tensors, which have none (then only
-    ENTRY_BLOCK_TYPES, whose forwards do not write their input, guard the held block output)."""
-    return None if tokens.is_inference() else tokens._version
+def _missing_error(missing: list[int]) -> RuntimeError:
+    return RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
+                        "does not call hooks); pass the eager model")
+
+
+class Pooling:
+    """A readout's pooling state across calls (the EntryNorm cache); :meth:`begin` -> the pooler of one call."""
+
+    def __init__(self, blocks, own_embedding):
+        self._blocks, self._own_embedding = blocks, own_embedding
+        self._entries: dict = {}   # layer -> (head, norm weights key, EntryNorm | None, reason)
+
+    def begin(self, head, layers: list[int], device: torch.device):
+        """The pooler for one call: hooks(layer) -> [(module, forward hook)], then result() -> (J, B, D_out)."""
+        if head is None:
+            return OwnHeadPooler(self._own_embedding, layers)
+        fused, reason = _fused_possible(head, torch.device(device))
+        if not fused:
+            entries = {}
+        elif config.use_entry_norms():
+            entries = {layer: self.entry(layer, head) for layer in layers}
+        else:
+            entries = {layer: (None, "entry norms are off (siglip_dola.config entry_norms=False)") for layer in layers}
+        return LayerPooler(head, layers, entries, fused, reason)
+
+    def entry(self, layer: int, head) -> tuple[EntryNorm | None, str | None]:
+        """Block layer+1's first LayerNorm prepared for the fused path (cached per head and weights), and why not."""
+        if layer >= len(self._blocks):
+            return None, "no block follows it"
+        block = self._blocks[layer]                                          # block j+1 (0-based index j)
+        norm = first_norm(block)
+        # a cheap key (this runs per layer per call, before the first kernel): the weights' storage and version
+        key = None if norm is None else tuple((p.data_ptr(), tensor_version(p), p.dtype) for p in norm.parameters())
+        cached = self._entries.get(layer)
+        if cached is None or cached[0] is not head or cached[1] != key:
+            cached = (head, key, *entry_norm(block, head))
+            self._entries[layer] = cached
+        return cached[2], cached[3]
+
+
+def _fused_possible(head, device: torch.device) -> tuple[bool, str | None]:
+    """(whether the Triton kernel may pool this call, the reason it may not)."""
+    if not config.use_fused_pooling():
+        return False, "fused pooling is off (siglip_dola.config fused_pooling=False)"
+    if device.type != "cuda" and not config.triton_interpreted():
+        return False, f"tokens on {device.type}: the Triton kernel runs on CUDA only"
+    if triton is None:
+        return False, "triton is not installed (pip install triton)"
+    if head.key_probe.dtype != torch.float32:
+        return False, f"the folded head is {head.key_probe.dtype} (the kernel serves float32 heads)"
+    return True, None
+
+
+class OwnHeadPooler:
+    """Every layer through the model's own final norm + head, right in its block's hook (no folded head)."""
+
+    def __init__(self, own_embedding, layers: list[int]):
+        self._own_embedding, self.layers = own_embedding, layers
+        self._z: dict[int, torch.Tensor] = {}
+        self.paths = {layer: "model-head" for layer in layers}
+        self.reasons = {layer: "the head is not folded (see Readout.fallback_reason)" for layer in layers}
+
+    def hooks(self, layer: int, blocks) -> list:
+        def hook(module, args, output):
+            if layer in self._z:
+                raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
+            self._z[layer] = self._own_embedding(_block_tokens(output))   # (B, D_out)
+        return [(blocks[layer - 1], hook)]
+
+    def result(self) -> torch.Tensor:
+        missing = [layer for layer in self.layers if layer not in self._z]
+        if missing:
+            raise _missing_error(missing)
+        return torch.stack([self._z[layer] for layer in self.layers])    # (J, B, D_out)
+
+
+def _block_tokens(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output   # HF 4.x layers return a tuple
 
 
 class LayerPooler:
-    """Reads out each captured layer as the forward produces it; :meth:`result` -> z_layers (J, B, D_out).
+    """Pools each requested layer through the folded head as the forward produces it (Triton or PyTorch).
 
-    ``folded`` is a :class:`~siglip_dola.readout.map_head.FoldedMapHead`. In a block loop or hook call
-    ``pooler.add(slot, tokens)`` right after block j (slot = position of j in the requested layers), or
-    ``pooler.hold(slot, tokens)`` there and ``pooler.add_entry(slot, entry, norm_input, normed)`` from block
-    j+1's first LayerNorm; then ``pooler.result()`` once. The first pooled layer decides the path for all.
+    Per layer j a hook on block j, and where ``entries`` holds an EntryNorm, one on block j+1's first norm
+    (then block j's output is held, by reference, until that norm ran). The first pooled layer decides
+    between the Triton kernel and PyTorch for the whole call. After :meth:`result`, ``paths`` maps each
+    layer to one of :data:`PATHS` and ``reasons`` each layer to why it did not take the fastest, or None.
     """
 
-    def __init__(self, folded, num_slots: int, config: FusedConfig = FUSED):
-        self.folded, self.num_slots, self.config = folded, num_slots, config
-        self._pooled: list = [None] * num_slots   # PyTorch path: (B, H, D) per slot
-        self._fast = None                          # decided on the first pooled layer
-        self._out = self._lse = self._stream = self._tokens_per_split = None
-        self._launched = False                     # a fast launch succeeded in this call
-        self._held: dict = {}                      # slot -> (block output, its _version) awaiting add_entry
-        self.entry_slots = 0                       # slots pooled from an EntryNorm's output
+    def __init__(self, folded, layers: list[int], entries: dict | None = None, fused: bool = True,
+                 reason: str | None = None):
+        self.folded, self.layers = folded, list(layers)
+        self._slot = {layer: slot for slot, layer in enumerate(self.layers)}
+        self._entries, self._reason = entries or {}, None if fused else (reason or "fused pooling not possible")
+        self.launch = config.pooling_launch()
+        self._pooled: dict[int, torch.Tensor] = {}  # PyTorch path: slot -> (B, H, D)
+        self._fast = None                           # decided on the first pooled layer
+        self._out = self._lse = self._tokens_per_split = None
+        self._launched = False                      # a fast launch succeeded in this call
+        self._held: dict = {}                       # slot -> (block output, its _version) awaiting its norm
+        self._done: set = set()
+        self.paths: dict[int, str] = {}
+        self.reasons: dict[int, str | None] = {}
+
+    # ------------------------------------------------------------ the interface the readout drives
+    def hooks(self, layer: int, blocks) -> list:
+        """[(module, forward hook)] for ``layer``: its block, and block j+1's first norm on the entry path."""
+        slot = self._slot[layer]
+        entry, _ = self._entries.get(layer, (None, None))
+
+        def block_hook(module, args, output):
+            if slot in self._done or slot in self._held:
+                raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
+            tokens = _block_tokens(output)                                   # (B, T, D)
+            self.hold(slot, tokens) if entry is not None else self.add(slot, tokens)
+
+        def norm_hook(module, args, output):
+            self.add_entry(slot, entry, args[0] if args else None, output)
+
+        return [(blocks[layer - 1], block_hook)] + ([(entry.module, norm_hook)] if entry is not None else [])
+
+    def hold(self, slot: int, tokens: torch.Tensor) -> None:
+        """Keep block j's output (a reference, no copy) until :meth:`add_entry` or :meth:`result` pools it."""
+        self._held[slot] = (tokens, tensor_version(tokens))
+
+    def result(self) -> torch.Tensor:
+        """z_layers (J, B, D_out), in the order of ``layers``."""
+        for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
+            self.add(slot, self._take(slot), why_stats="its next norm never ran")
+        missing = [layer for layer in self.layers if self._slot[layer] not in self._done]
+        if missing:
+            raise _missing_error(missing)
+        folded = self.folded
+        if self._fast:
+            num_slots, batch = self._out.shape[:2]
+            values = merge_values(self._out.flatten(0, 1), self._lse.flatten(0, 1), folded.value_weight,
+                                  folded.value_bias)                                 # (J * B, H * hd)
+        else:
+            pooled = torch.stack([self._pooled[slot] for slot in range(len(self.layers))])   # (J, B, H, D), small
+            num_slots, batch = pooled.shape[:2]
+            values = head_values(pooled.flatten(0, 1), folded.value_weight, folded.value_bias)
+        z_layers = folded.tail(values.to(folded.tail_dtype))                     # (J * B, D_out)
+        return z_layers.reshape(num_slots, batch, -1)
+
+    # ------------------------------------------------------------ internals
+    def _decide(self, tokens: torch.Tensor, shifted: bool) -> None:
+        reason = self._reason
+        if reason is None and not triton_usable(tokens, self.folded.key_probe):
+            reason = (f"{tokens.dtype} tokens without a half-precision autocast: the exact PyTorch path "
+                      "(the kernel's products are fp16)")
+            log_once(reason, logging.INFO)
+        elif reason is None and _FITTING_STAGES.get(self._stage_key(tokens, shifted)) == 0:
+            reason = "the pooling kernel does not fit this GPU's shared memory at any pipelining depth"
+        elif reason is not None and tokens.is_cuda and "config" not in reason:
+            log_once(f"PyTorch pooling on CUDA: {reason}")
+        self._fast, self._reason = reason is None, reason
+        if self._fast:
+            self._start_fast(tokens)
 
     def _start_fast(self, tokens: torch.Tensor) -> None:
         batch, num_tokens, dim = tokens.shape
         heads = self.folded.key_probe.shape[0]
-        make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)
-        target = self.config.target_programs or (   # one 8-warp program fills an SM (192 KiB of shared memory)
+        make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)  # noqa: E731
+        target = self.launch["target_programs"] or (   # one 8-warp program fills an SM (192 KiB of shared memory)
             torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
-        self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.config.block_t)
-        self._out, self._lse = make(self.num_slots, batch, heads, splits, dim), make(self.num_slots, batch, heads, splits)
-        if tokens.is_cuda and self.config.side_stream:
-            self._stream = _side_stream(tokens.device)
+        self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.launch["block_t"])
+        num_slots = len(self.layers)
+        self._out, self._lse = make(num_slots, batch, heads, splits, dim), make(num_slots, batch, heads, splits)
 
     def _stage_key(self, tokens: torch.Tensor, shifted: bool) -> tuple:
-        cfg = self.config
-        return tokens.device, tokens.dtype, tokens.shape[-1], cfg.block_t, cfg.num_warps, cfg.num_stages, shifted
+        launch = self.launch
+        return (tokens.device, tokens.dtype, tokens.shape[-1], launch["block_t"], launch["num_warps"],
+                launch["num_stages"], shifted)
 
-    def _decide(self, tokens: torch.Tensor, shifted: bool) -> None:
-        self._fast = (self.config.enabled and triton_usable(tokens, self.folded.key_probe)
-                      and _FITTING_STAGES.get(self._stage_key(tokens, shifted)) != 0)
-        if self._fast:
-            self._start_fast(tokens)
+    def add(self, slot: int, tokens: torch.Tensor, why_stats: str | None = None) -> None:
+        """Pool one layer (slot = position in ``layers``) from its raw block output tokens (B, T, D)."""
+        layer = self.layers[slot]
+        if self._fast is None:
+            self._decide(tokens, shifted=False)
+        if self._fast and self._launch_fast(slot, tokens, None):
+            entry_reason = why_stats or self._entries.get(layer, (None, "no entry norm was prepared for it"))[1]
+            self._record(slot, "fused-stats", entry_reason or "its next block's norm was not usable")
+            return
+        self._pooled[slot] = pool_tokens(tokens, self.folded.key_probe, self.folded.norm_eps)   # (B, H, D)
+        self._record(slot, "pytorch", self._reason)
 
-    def _launch(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None = None) -> None:
+    def add_entry(self, slot: int, entry: EntryNorm, norm_input, normed: torch.Tensor) -> None:
+        """Pool a held slot from block j+1's first LayerNorm, called with its input and output (B, T, D)."""
+        if slot not in self._held:
+            return                                 # this norm ran again in the same forward: the slot is done
+        tokens = self._take(slot)
+        exact = norm_input is tokens and normed.dtype == torch.float32 and normed.shape == tokens.shape
+        if exact and self._fast is None:
+            self._decide(normed, shifted=True)
+        if not exact:
+            self.add(slot, tokens, why_stats="its next norm did not read the block output as it was, in fp32")
+        elif not self._fast or not self._launch_fast(slot, normed, entry):
+            self.add(slot, tokens)
+        else:
+            self._record(slot, "fused-entry-norm", None)
+
+    def _take(self, slot: int) -> torch.Tensor:
+        tokens, version = self._held.pop(slot)
+        if tensor_version(tokens) != version:
+            raise RuntimeError(f"the block after layer {self.layers[slot]} modified that layer's output in place "
+                               "before its first norm; the fused readout cannot read it "
+                               "(use siglip_dola.config.override(entry_norms=False))")
+        return tokens
+
+    def _record(self, slot: int, path: str, reason: str | None) -> None:
+        self._done.add(slot)
+        self.paths[self.layers[slot]], self.reasons[self.layers[slot]] = path, reason
+
+    def _launch_fast(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None) -> bool:
+        """Launch the kernel for one slot; False when it fits nowhere and this call falls back to PyTorch."""
+        try:
+            self._launch(slot, tokens, entry)
+        except OutOfResources:
+            if self._launched:
+                raise            # a later launch cannot fall back: earlier slots are in the fast buffers
+            self._fast, self._reason = False, "the pooling kernel does not fit this GPU's shared memory"
+            log_once(f"PyTorch pooling on CUDA: {self._reason}")
+            return False
+        self._launched = True
+        return True
+
+    def _launch(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None) -> None:
         key = self._stage_key(tokens, entry is not None)
-        stages = _FITTING_STAGES.get(key, self.config.num_stages)
+        launch = self.launch
+        stages = _FITTING_STAGES.get(key, launch["num_stages"])
         probe, eps = (self.folded.key_probe, self.folded.norm_eps) if entry is None else (entry.probe, None)
         shifted = {} if entry is None else dict(shift=entry.shift, scale=entry.scale)
         while True:   # fewer load stages where shared memory is short (an A100 allows 163 KiB per program)
             try:
+                # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
                 pool_partials(tokens, probe, eps, self._out[slot], self._lse[slot], self._tokens_per_split,
-                              self.config.num_warps, self.config.block_t, stages, **shifted)
+                              launch["num_warps"], launch["block_t"], stages, **shifted)
                 _FITTING_STAGES[key] = stages
                 return
             except OutOfResources:
@@ -167,81 +297,6 @@ class LayerPooler:
                     raise
                 stages -= 1
 
-    def add(self, slot: int, tokens: torch.Tensor) -> None:
-        """Pool one captured layer: tokens (B, T, D), the raw block output."""
-        if self._fast is None:
-            self._decide(tokens, shifted=False)
-        if not self._fast:
-            self._pooled[slot] = pool_reference(tokens, self.folded.key_probe, self.folded.norm_eps)
-            return
-        # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
-        self._launch_fast(slot, tokens, None, tokens)
 
-    def hold(self, slot: int, tokens: torch.Tensor) -> None:
-        """Keep block j's output (a reference, no copy) until :meth:`add_entry` or :meth:`result` pools it."""
-        self._held[slot] = (tokens, tensor_version(tokens))
-
-    def add_entry(self, slot: int, entry: EntryNorm, norm_input: torch.Tensor, normed: torch.Tensor) -> None:
-        """Pool a held slot from block j+1's first LayerNorm, called with its input and output (B, T, D)."""
-        if slot not in self._held:
-            return                                 # this norm ran again in the same forward: the slot is done
-        tokens = self._take(slot)
-        exact = (self.config.entry_norms and norm_input is tokens and normed.dtype == torch.float32
-                 and normed.shape == tokens.shape)
-        if exact and self._fast is None:
-            self._decide(normed, shifted=True)
-        if not (exact and self._fast):
-            self.add(slot, tokens)
-            return
-        self.entry_slots += 1
-        self._launch_fast(slot, normed, entry, tokens)
-
-    def _take(self, slot: int) -> torch.Tensor:
-        tokens, version = self._held.pop(slot)
-        if tensor_version(tokens) != version:
-            raise RuntimeError(f"the block after layer slot {slot} modified that layer's output in place before "
-                               "its first norm; the fused readout cannot read it (pass FusedConfig(entry_norms=False))")
-        return tokens
-
-    def _launch_fast(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None, raw: torch.Tensor) -> None:
-        if self._stream is None:
-            try:
-                self._launch(slot, tokens, entry)
-            except OutOfResources:   # fits nowhere here: the first launch sends the whole call to PyTorch
-                if self._launched:
-                    raise            # (a later one cannot: earlier slots are in the fast buffers)
-                self._fast = False
-                self.add(slot, raw)
-                return
-            self._launched = True
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(tokens.device))   # the tokens are written
-        with torch.cuda.stream(self._stream):
-            self._launch(slot, tokens, entry)
-        tokens.record_stream(self._stream)  # the allocator keeps the tokens until the side stream is done
-
-    def result(self) -> torch.Tensor:
-        """z_layers (J, B, D_out) for all slots (every slot must have been added or held)."""
-        for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
-            self.add(slot, self._take(slot))
-        folded = self.folded
-        if self._fast:
-            if self._stream is not None:
-                torch.cuda.current_stream(self._out.device).wait_stream(self._stream)
-            num_slots, batch = self._out.shape[:2]
-            values = merge_values(self._out.flatten(0, 1), self._lse.flatten(0, 1), folded.value_weight,
-                                  folded.value_bias)                                 # (J * B, H * hd)
-        else:
-            assert all(p is not None for p in self._pooled), "every slot must be added before result()"
-            pooled = torch.stack(self._pooled)                                   # (J, B, H, D), small
-            num_slots, batch = pooled.shape[:2]
-            values = values_from_pooled(pooled.flatten(0, 1), folded.value_weight, folded.value_bias)
-        z_layers = folded.tail(values.to(folded.tail_dtype))                     # (J * B, D_out)
-        return z_layers.reshape(num_slots, batch, -1)
-
-
-def pooler_for(folded, device: torch.device, num_slots: int, config: FusedConfig = FUSED) -> LayerPooler | None:
-    """A LayerPooler when the fast path may apply (folded head, CUDA, Triton, enabled), else None."""
-    usable = (folded is not None and num_slots > 0 and config.enabled and triton is not None
-              and torch.device(device).type == "cuda" and folded.key_probe.dtype == torch.float32)
-    return LayerPooler(folded, num_slots, config) if usable else None
+__all__ = ["PATHS", "EntryNorm", "LayerPooler", "OwnHeadPooler", "Pooling", "combine_partials", "entry_norm",
+           "first_norm", "log_once", "tensor_version"]

@@ -1,11 +1,10 @@
 """The Readout: z_final and z_j = head(norm(h_j)) for requested layers j, from ONE backbone forward.
 
-How: forward hooks on the requested blocks, registered for the duration of one call of the model's
-own embedding function and removed in ``finally``. Each hook turns block j's output into z_j right
-away (folded MAP head, or the model's own norm + head), so only (B, D) vectors are kept, never the
-(B, T, D) token tensors. On the fused CUDA path a second hook on block j+1's first LayerNorm pools
-layer j from that norm's output instead (``fused.EntryNorm``: no statistics to compute). z_final is
-what the model's own forward returns. The model is never written: no weights, flags or lasting hooks;
+How: per call, a pooler (``pooler.Pooling.begin``: the folded head in Triton or PyTorch, or the model's own
+head) names the forward hooks it needs; the core registers them for the duration of one call of the
+model's own embedding function and removes them in ``finally``, then takes ``pooler.result()``. Each layer
+is pooled as the forward produces it, so only (B, D)-sized results are kept, never the (B, T, D) token
+tensors. z_final is what the model's own forward returns. The model is never written: no weights, flags or lasting hooks;
 the folded head (and each EntryNorm) is a cache derived from the weights and rebuilt when their
 storage, version, dtype, device or the head's train/eval flags change.
 """
@@ -15,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from siglip_dola.layers import resolve_layers
-from siglip_dola.readout import pooler as fused
+from siglip_dola.readout.entry_norm import first_norm
+from siglip_dola.readout.pooler import Pooling, log_once
 from siglip_dola.readout.map_head import FoldedMapHead, fold
-from siglip_dola.readout.towers import Tower, block_tokens
+from siglip_dola.readout.towers import Tower
 
 _PROBE_SHAPE = (2, 7)          # (B, T) of the random tokens that check the folded head against the model's
 _CHECK_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -30,10 +30,9 @@ def _fingerprint(modules: tuple[nn.Module, ...]) -> tuple:
     return weights + tuple(m.training for module in modules for m in module.modules())
 
 
-def _entry_hook(pooler, slot: int, entry):
-    def hook(module, args, output):
-        pooler.add_entry(slot, entry, args[0] if args else None, output)
-    return hook
+def _first_norm_params(block: nn.Module) -> tuple:
+    norm = first_norm(block)
+    return () if norm is None else tuple(norm.parameters())
 
 
 def _head_param(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
@@ -45,7 +44,9 @@ class Readout:
 
     Attributes: ``num_layers`` (N), ``embed_dim`` (D), ``image_size`` (H, W), ``backend`` ("timm" | "hf"),
     ``head_path`` ("folded": exact folded MAP head for layers 1..N-1 | "model": the model's own head),
-    ``fallback_reason`` (why the folded head is not used, else None).
+    ``fallback_reason`` (why the folded head is not used, else None), and from the last call ``layer_paths``
+    ({layer: "fused-entry-norm" | "fused-stats" | "pytorch" | "model-head"}) and ``path_reasons`` ({layer: why
+    not the fastest path, or None}).
     """
 
     def __init__(self, tower: Tower, folded_head: bool = True):
@@ -58,8 +59,12 @@ class Readout:
         self.image_size = tuple(tower.image_size)
         self._fingerprint = None
         self._folded: FoldedMapHead | None = None
-        self._entry_cache: dict = {}   # layer -> (head, norm fingerprint, EntryNorm | None)
+        self._pooling = Pooling(tower.blocks, self._own_layer_embedding)
+        self._derived_params = tuple(p for module in (*tower.head_modules, *tower.blocks) for p in (
+            module.parameters() if module in tower.head_modules else _first_norm_params(module)))
         self.fallback_reason: str | None = None
+        self.layer_paths: dict[int, str] = {}          # the last call's path per layer (pooler.PATHS)
+        self.path_reasons: dict[int, str | None] = {}  # why a layer did not take the fastest path, else None
         with torch.no_grad():
             self.embed_dim = int(self._own_layer_embedding(self._probe_tokens()).shape[-1])
             self._current_head()
@@ -68,6 +73,12 @@ class Readout:
         return (f"Readout(backend={self.backend!r}, num_layers={self.num_layers}, embed_dim={self.embed_dim}, "
                 f"image_size={self.image_size}, head_path={self.head_path!r})")
 
+    def derived_key(self) -> tuple:
+        """A cheap key of the weights the readout derives tensors from (head, final norm, each block's first
+        norm): storage and in-place version. A CUDA graph replays the derived tensors of its capture, so a
+        graph cache keys on this and captures again after weights change, in place or not."""
+        return tuple((p.data_ptr(), p._version) for p in self._derived_params)
+
     @property
     def head_path(self) -> str:
         """"folded" when intermediate layers go through the folded MAP head, else "model"."""
@@ -75,73 +86,35 @@ class Readout:
 
     def __call__(self, images: torch.Tensor, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W), layers 1..N-1 -> z_final (B, D), z_layers (J, B, D) in the order of ``layers``."""
-        layer_list = self._check_layers(layers)
-        self._check_images(images)
+        layer_list = self.check_layers(layers)
+        self.check_images(images)
         with torch.no_grad():
-            head = self._current_head()
-            pooler = fused.pooler_for(head, images.device, len(layer_list))  # CUDA + Triton fast path, else None
-            captured: dict[int, torch.Tensor] = {}
-            handles = []
+            pooler = self._pooling.begin(self._current_head(), layer_list, images.device)
+            blocks, handles = self._tower.blocks, []
 
-            def register(layers, then=None):
-                self._register(layers, layer_list, head, captured, pooler, handles, then)
+            def attach(layers) -> None:
+                for layer in layers:
+                    handles.extend(module.register_forward_hook(hook) for module, hook in pooler.hooks(layer, blocks))
             try:
                 if layer_list:   # the earliest block's hooks now, the rest from its hook: that CPU work then
-                    first = min(layer_list)   # overlaps the forward (eager set-up, 23 layers: 0.8 ms; run 27)
-                    register([first], then=lambda: register([layer for layer in layer_list if layer != first]))
+                    first = min(layer_list)   # overlaps the forward (eager set-up, 23 layers: ~0.8 ms on an H100)
+                    rest = [layer for layer in layer_list if layer != first]
+                    attached = []
+                    def attach_rest(module, args, output):   # noqa: E306
+                        if not attached:
+                            attached.append(True)
+                            attach(rest)
+                    handles.append(blocks[first - 1].register_forward_hook(attach_rest))
+                    attach([first])
                 z_final = self._tower.embed(images)
             finally:
                 for handle in handles:
                     handle.remove()
-            if pooler is not None and all(layer in captured for layer in layer_list):
-                captured.update(zip(layer_list, pooler.result()))
-        return z_final, self._stack(z_final, layer_list, captured)
-
-    def _register(self, layers, layer_list, head, captured: dict, pooler, handles: list, then=None) -> None:
-        """Forward hooks for ``layers`` (slot = position in layer_list) into ``handles``; ``then`` runs in their first call."""
-        for layer in layers:
-            slot = layer_list.index(layer)
-            entry = self._entry_norm(layer, head) if pooler is not None and pooler.config.entry_norms else None
-            hook = self._capture_hook(layer, head, captured, pooler, slot, hold=entry is not None, then=then)
-            handles.append(self._tower.blocks[layer - 1].register_forward_hook(hook))
-            if entry is not None:   # layer j pooled from block j+1's own first norm (fused.EntryNorm)
-                handles.append(entry.module.register_forward_hook(_entry_hook(pooler, slot, entry)))
-
-    def _capture_hook(self, layer: int, head: FoldedMapHead | None, captured: dict, pooler=None, slot: int = 0,
-                      hold: bool = False, then=None):
-        def hook(module, args, output):
-            if layer in captured:
-                raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
-            if then is not None:
-                then()                                                       # the later layers' hooks
-            tokens = block_tokens(output)                                    # (B, T, D)
-            if pooler is not None:   # fused path: pooled now (or at the next norm) by the Triton kernel
-                pooler.hold(slot, tokens) if hold else pooler.add(slot, tokens)
-                captured[layer] = None
-                return
-            captured[layer] = head(tokens) if head is not None else self._own_layer_embedding(tokens)
-        return hook
-
-    def _entry_norm(self, layer: int, head: FoldedMapHead) -> fused.EntryNorm | None:
-        """Block layer+1's first LayerNorm, prepared for the fused path (cached per head and weights), or None."""
-        block = self._tower.blocks[layer]                                    # block j+1 (0-based index j)
-        norm = fused.first_norm(block)
-        # a cheap key (this runs per layer per call, before the first kernel): the weights' storage and version
-        key = None if norm is None else tuple((p.data_ptr(), fused.tensor_version(p), p.dtype) for p in norm.parameters())
-        cached = self._entry_cache.get(layer)
-        if cached is None or cached[0] is not head or cached[1] != key:
-            cached = (head, key, fused.entry_norm(block, head) if norm is not None else None)
-            self._entry_cache[layer] = cached
-        return cached[2]
-
-    def _stack(self, z_final: torch.Tensor, layers: list[int], captured: dict) -> torch.Tensor:
-        missing = [layer for layer in layers if layer not in captured]
-        if missing:
-            raise RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
-                               "does not call hooks); pass the eager model")
-        if not layers:
-            return z_final.new_empty((0, *z_final.shape))
-        return torch.stack([captured[layer].to(z_final.dtype) for layer in layers])   # (J, B, D)
+            if not layer_list:
+                return z_final, z_final.new_empty((0, *z_final.shape))
+            z_layers = pooler.result().to(z_final.dtype)                     # (J, B, D)
+        self.layer_paths, self.path_reasons = dict(pooler.paths), dict(pooler.reasons)
+        return z_final, z_layers
 
     def _own_layer_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Block output (B, T, D) -> (B, D) through the model's own final norm and head."""
@@ -157,8 +130,16 @@ class Readout:
         """The folded head for the model's current weights (rebuilt when they changed), or None."""
         fingerprint = _fingerprint(self._tower.head_modules)
         if fingerprint != self._fingerprint:
-            self._folded, self.fallback_reason = self._build_folded()
+            param = _head_param(self._tower.head_modules)
+            device_type = "cpu" if param is None else param.device.type
+            # autocast off: a rebuild can happen inside the caller's bf16 autocast (weights changed in place
+            # after the first call); folded there, the probes came out bf16-rounded, the exactness check
+            # rejected them and every layer silently went through the model's own head (~1.2x at 23 layers)
+            with torch.autocast(device_type=device_type, enabled=False):
+                self._folded, self.fallback_reason = self._build_folded()
             self._fingerprint = fingerprint
+            if self.fallback_reason is not None and device_type == "cuda":
+                log_once(f"the model's own head for every layer: {self.fallback_reason}")
         return self._folded
 
     def _build_folded(self) -> tuple[FoldedMapHead | None, str | None]:
@@ -171,14 +152,14 @@ class Readout:
         if folded is None:
             return None, f"final norm {type(self._tower.final_norm).__name__} is not LayerNorm/Identity"
         probe = self._probe_tokens()
-        with torch.autocast(device_type=probe.device.type, enabled=False):
-            expected, got = self._own_layer_embedding(probe).float(), folded(probe).float()
+        expected, got = self._own_layer_embedding(probe).float(), folded(probe).float()
         error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
         if not error <= _CHECK_TOL.get(probe.dtype, _HALF_TOL):
             return None, f"folded head differs from the model's own head (relative error {error:.2e})"
         return folded, None
 
-    def _check_layers(self, layers) -> list[int]:
+    def check_layers(self, layers) -> list[int]:
+        """``layers`` (None, [] or layer numbers 1..N-1) -> a list of ints; TypeError/ValueError naming the valid ones."""
         if layers is None or (hasattr(layers, "__len__") and not isinstance(layers, (str, bytes)) and len(layers) == 0):
             return []   # just the final embedding (the baseline)
         try:
@@ -186,7 +167,8 @@ class Readout:
         except TypeError as error:
             raise TypeError(f"{error}; valid layers are ints in 1..{self.num_layers - 1}") from None
 
-    def _check_images(self, images) -> None:
+    def check_images(self, images) -> None:
+        """Raise TypeError/ValueError unless images is a floating-point (B, C, H, W) tensor this model accepts."""
         channels, (height, width) = self._tower.in_chans, self.image_size
         expected = f"[B, {channels}, H, W]" if self._tower.dynamic_size else f"[B, {channels}, {height}, {width}]"
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():

@@ -15,8 +15,9 @@ import torch
 
 from siglip_dola.evaluation.embed import embed_images, embed_texts
 from siglip_dola.retrieval import faiss_store
-from siglip_dola.retrieval.index import _default_layers
-from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank, rerank_layers
+from siglip_dola.retrieval.index import RETRIEVAL
+from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank
+from siglip_dola.settings import settings_for_model
 
 CAPTION_COLUMNS = ("caption", "text")
 
@@ -58,19 +59,21 @@ def _image_embeds(model, image, layers: list[int]) -> np.ndarray:
 
 
 def search_captions(model, image, captions, config: RerankConfig | None = None, bucket=None,
-                    caption_embeds: np.ndarray | None = None, **options) -> SearchResult:
+                    caption_embeds: np.ndarray | None = None, n_buckets=None, **options) -> SearchResult:
     """Image (path or PIL) -> ranked captions (list[str] or a caption file path).
 
-    Candidate layers: config.layers, else `bucket`, else the last of 3 buckets. caption_embeds [C, D]
-    may be passed to skip encoding. options: RerankConfig fields.
+    Settings (siglip_dola.settings): config's flags and `bucket` > config.calibration > the model's own
+    (the embedded model's shipped retrieval calibration) > defaults. caption_embeds [C, D] may be passed to
+    skip encoding. options: RerankConfig fields.
     """
     config = config or RerankConfig(**options)
     check_config(config)
     captions = read_captions(captions) if isinstance(captions, (str, Path)) else list(captions)
     if not captions or not all(isinstance(c, str) for c in captions):
         raise TypeError("captions must be a caption file path or a non-empty list of str")
-    available = _default_layers(model.readout.num_layers, config.layers, bucket)
-    layers, static = rerank_layers(config, available)
+    settings = settings_for_model(model, config.calibration, task=RETRIEVAL, bucket=bucket, n_buckets=n_buckets,
+                                  **config.flags())
+    layers = settings.layers
     embeds = encode_captions(model, captions) if caption_embeds is None else np.asarray(caption_embeds, np.float32)
     image_embeds = _image_embeds(model, image, layers)  # (1+J', D)
     gallery = faiss.IndexFlatIP(embeds.shape[1])
@@ -79,6 +82,7 @@ def search_captions(model, image, captions, config: RerankConfig | None = None, 
     cosines, ids = faiss_store.search(gallery, image_embeds[0], k)  # (K,), (K,)
     layer_logits = embeds[ids] @ image_embeds[1:].T / model.tau if layers else None  # (K, J)
     order, probs, baseline, premature = rerank(cosines / model.tau, None if layer_logits is None else
-                                               np.ascontiguousarray(layer_logits.T), layers, config, static)
+                                               np.ascontiguousarray(layer_logits.T), settings, config.top_k)
     query = str(image) if isinstance(image, (str, Path)) else "<image>"
-    return SearchResult(query, _hits(captions, ids, order, probs, baseline), premature, item_key="caption")
+    return SearchResult(query, _hits(captions, ids, order, probs, baseline), premature, item_key="caption",
+                        settings=settings)

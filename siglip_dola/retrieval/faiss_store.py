@@ -36,18 +36,28 @@ def write(root: Path, manifest, base, new_segments: list[Path]) -> str:
     name = f"final-{manifest.checksum[:16]}.faiss"
     with atomic_path(root / name) as tmp:
         faiss.write_index(index, str(tmp))
-    return name
+        sha256 = storage.file_sha256(tmp)
+    return name, sha256
 
 
 def read(root: Path, manifest, use_gpu: bool | None = None):
-    """The index named by `manifest` (on the GPUs when GPU FAISS is installed and use_gpu is not False)."""
+    """The index named by `manifest` (on the GPUs when GPU FAISS is installed and use_gpu is not False).
+
+    The file's sha256 is checked against the manifest first (format 2): FAISS itself reads flipped
+    bytes without complaint and answers wrongly.
+    """
     path = Path(root) / manifest.faiss_file
     if not manifest.faiss_file or not path.is_file():
-        raise FileNotFoundError(f"index: FAISS file {manifest.faiss_file!r} missing in {str(root)!r}; rebuild the index")
-    index = faiss.read_index(str(path))
+        raise storage.IndexCorruptError(root, manifest.faiss_file or "final-*.faiss", "FAISS file missing")
+    if manifest.faiss_sha256:
+        storage.verify_file(root, manifest.faiss_file, manifest.faiss_sha256)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:  # truncated: a raw C++ message
+        raise storage.IndexCorruptError(root, manifest.faiss_file, str(err).strip().splitlines()[-1]) from None
     if index.ntotal != manifest.count or index.d != manifest.embed_dim:
-        raise ValueError(f"index: {path.name} holds {index.ntotal} x {index.d} vectors but the manifest says "
-                         f"{manifest.count} x {manifest.embed_dim}; rebuild the index")
+        raise storage.IndexCorruptError(root, manifest.faiss_file, f"holds {index.ntotal} x {index.d} vectors, "
+                                        f"the manifest says {manifest.count} x {manifest.embed_dim}")
     if use_gpu is False or faiss.get_num_gpus() == 0:
         return index
     return _to_gpu(index)

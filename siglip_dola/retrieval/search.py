@@ -8,6 +8,7 @@ first-stage order after the kept ones).
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from siglip_dola import scoring as runtime
 from siglip_dola.evaluation.embed import embed_texts
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
-from siglip_dola.retrieval.index import RetrievalIndex, open_index
+from siglip_dola.retrieval.index import index_settings
+from siglip_dola.retrieval.opened import RetrievalIndex, check_compatible, open_index
+from siglip_dola.settings import DoLaSettings
 
 
 @contextmanager
@@ -49,23 +52,35 @@ class SearchResult:
     results: list[SearchHit]
     premature_layer: int | None
     item_key: str = "path"
+    settings: DoLaSettings | None = None
 
     def to_json(self) -> dict:
-        """{"query", "results": [{<item_key>, "score", "baseline_score", "rank_baseline"}], "premature_layer"}."""
-        hits = [{self.item_key: h.item, "score": h.score, "baseline_score": h.baseline_score,
+        """One row of the shared output vocabulary (siglip_dola/output.py): query, hits [{rank, item, ...}]."""
+        from siglip_dola.output import result_row
+
+        hits = [{"item": h.item, "score": h.score, "baseline_score": h.baseline_score,
                  "rank_baseline": h.rank_baseline} for h in self.results]
-        return {"query": self.query, "results": hits, "premature_layer": self.premature_layer}
+        query_type = "image" if self.item_key == "caption" else "text"
+        return result_row(self.query, query_type, self.item_key, hits, self.premature_layer)
 
 
 @dataclass
 class RerankConfig:
-    """How to rerank: sizes, DoLa mode, APC alpha, static layer and the candidate layers used."""
+    """How to rerank: sizes, and the DoLa settings flags (None = not given: from `calibration`, else the
+    index's stored settings, else the defaults; see siglip_dola.settings)."""
     top_k: int = 10
     rerank_k: int = 100
-    mode: str = "dynamic"
-    alpha: float = 0.1
+    mode: str | None = None
+    alpha: float | None = None
     static_layer: int | None = None
     layers: list[int] | None = None
+    contrast_weight: float | None = None
+    calibration: str | None = None  # a calibrate JSON, "embedded" or "none"
+
+    def flags(self) -> dict:
+        """The settings flags, as resolve_settings keywords."""
+        return {"mode": self.mode, "alpha": self.alpha, "static_layer": self.static_layer, "layers": self.layers,
+                "contrast_weight": self.contrast_weight}
 
 
 def check_config(config: RerankConfig) -> None:
@@ -76,39 +91,23 @@ def check_config(config: RerankConfig) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if config.rerank_k < config.top_k:
         raise ValueError(f"rerank_k ({config.rerank_k}) must be >= top_k ({config.top_k})")
-    if config.mode not in MODES:
+    if config.mode is not None and config.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
-    if config.static_layer is not None and config.mode != "static":
-        raise ValueError(f"static_layer is only used with mode='static', got mode={config.mode!r}")
 
 
-def rerank_layers(config: RerankConfig, stored: list[int]) -> tuple[list[int], int | None]:
-    """(layers to read, static layer) from the config and the available layers `stored`."""
-    layers = list(stored if config.layers is None else config.layers)
-    missing = [j for j in layers if j not in stored]
-    if missing:
-        raise ValueError(f"layers {missing} are not available; valid layers: {stored}")
-    if config.mode == "off":
-        return [], None
-    if config.mode == "static":
-        static = layers[len(layers) // 2] if config.static_layer is None else int(config.static_layer)
-        if static not in stored:
-            raise ValueError(f"static_layer must be one of the stored layers {stored}, got {static}")
-        return [static], static
-    return layers, None
-
-
-def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, layers: list[int],
-           config: RerankConfig, static_layer: int | None):
-    """DoLa over K candidates: first_logits [K], layer_logits [J, K] -> (order [<=top_k], p_hat [K], q_N [K], M)."""
-    mode = config.mode if layer_logits is not None and len(layers) else "off"
+def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, settings: DoLaSettings, top_k: int):
+    """DoLa over K candidates: first_logits [K], layer_logits [J, K] (J = settings.layers)
+    -> (order [<=top_k], p_hat [K], q_N [K], M)."""
+    layers = settings.layers
+    mode = settings.mode if layer_logits is not None and len(layers) else "off"
     result = runtime.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
-                          alpha=config.alpha, static_layer=static_layer)
+                          alpha=settings.alpha, static_layer=settings.static_layer,
+                          contrast_weight=settings.contrast_weight)
     probs, baseline = np.asarray(result.probs), np.asarray(result.final_probs)
     first_rank = np.arange(len(first_logits))
     order = np.lexsort((first_rank, -baseline, -probs))  # p_hat desc, then q_N desc, then first stage
     premature = None if mode == "off" else int(result.premature_layer)
-    return order[:config.top_k], probs, baseline, premature
+    return order[:top_k], probs, baseline, premature
 
 
 def _hits(items: list[str], candidate_ids, order, probs, baseline) -> list[SearchHit]:
@@ -121,7 +120,8 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     """Search with a text embedding [D] (raw or normalised); tau defaults to the index model's."""
     config = config or RerankConfig()
     check_config(config)
-    layers, static = rerank_layers(config, index.layers)
+    settings = index_settings(index.manifest, config.calibration, root=index.root, **config.flags())
+    layers = settings.layers
     text = np.asarray(text_embed, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(text))
     if not np.isfinite(norm) or norm == 0:
@@ -132,30 +132,34 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     tau = index.tau if tau is None else float(tau)
     k = min(config.rerank_k, len(index))
     if k == 0:
-        return SearchResult(query, [], None)
+        return SearchResult(query, [], None, settings=settings)
+    if k == 1:
+        warnings.warn("only one candidate to rank (rerank_k or the index holds 1): it always scores 1.0; "
+                      "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
     cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
     layer_vectors = index.vectors(ids, [1 + index.layers.index(j) for j in layers]) if layers else None
     with _small_torch_ops():
         layer_logits = None
         if layers:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
             layer_logits = (torch.from_numpy(layer_vectors) @ torch.from_numpy(text)).numpy() / tau  # (J, K)
-        order, probs, baseline, premature = rerank(cosines / tau, layer_logits, layers, config, static)
-    return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature)
+        order, probs, baseline, premature = rerank(cosines / tau, layer_logits, settings, config.top_k)
+    return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature, settings=settings)
 
 
 def search(index, query: str, model=None, config: RerankConfig | None = None, **options) -> SearchResult:
     """Text query -> ranked images. `index`: path or RetrievalIndex; `model`: LoadedModel (default: load
-    the index's model id); options: RerankConfig fields (top_k, rerank_k, mode, alpha, static_layer, layers).
+    the index's model id); options: RerankConfig fields (top_k, rerank_k, mode, alpha, static_layer, layers,
+    contrast_weight, calibration). Settings: flags > `calibration` > the index's stored settings > defaults.
     """
     if not isinstance(query, str) or not query:
         raise TypeError(f"query must be a non-empty str, got {query!r}")
     config = config or RerankConfig(**options)
     if not isinstance(index, RetrievalIndex):
-        index = open_index(index, model=model, layers=config.layers)
+        index = open_index(index, model=model)
     if model is None:
         from siglip_dola.loading import load
         model = load(index.manifest.model_id)
-    elif model.model_id != index.manifest.model_id:
-        raise ValueError(f"index was built with model {index.manifest.model_id!r}, not {model.model_id!r}")
+    else:
+        check_compatible(index.manifest, model, root=index.root)  # same weights, however they are named
     text_embed = embed_texts(model, [query], needed_for="text queries")[0]  # (D,)
     return search_embedding(index, text_embed, config, query=query, tau=model.tau)

@@ -7,6 +7,13 @@
           vectors.npy               [n, 1+J, D] float16, L2-normalised; row 0 = final layer, rows 1..J = `layers`
           meta.json                 {"paths": [...], "skipped": [[path, error], ...], "count", "sha256"}
       .staging/seg-<key>/           segments of a build or add that has not been committed yet (resume)
+      .lock                         held (flock) by the one process writing the index
+
+Paths in meta.json are relative to the manifest's `image_root` (format 2), so a moved image folder is
+found again with `open_index(..., image_root=NEW)`; format 1 indexes stored absolute paths.
+
+Integrity: every open checks each segment's file size, npy header (dtype, shape) and path count, and the
+FAISS file's sha256 (small next to the vectors); `verify_index` also re-hashes every vectors file.
 
 A segment directory is complete once its meta.json exists (written last, atomically). Its key hashes
 the model id, the layers and the (path, size, mtime) of the chunk's files, so a rerun after a crash
@@ -15,10 +22,12 @@ allow_pickle=False)`` so a 1M-image gallery needs no RAM for its layer embedding
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +35,9 @@ import numpy as np
 
 from siglip_dola.io import atomic_path, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: absolute paths, no FAISS hash / sizes / weights fingerprint
+LOCK = ".lock"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 STAGING = ".staging"
@@ -37,7 +48,7 @@ LAYOUT = "vectors.npy [n, 1+J, D] float16, L2-normalised; row 0 final layer, row
 
 @dataclass
 class Manifest:
-    """What an index holds and how it was made; `segments` [{name, count, sha256}] in id order."""
+    """What an index holds and how it was made; `segments` [{name, count, sha256, bytes}] in id order."""
     model_id: str
     layers: list[int]
     num_layers: int
@@ -47,10 +58,14 @@ class Manifest:
     count: int = 0
     checksum: str = ""
     faiss_file: str = ""
+    faiss_sha256: str = ""
+    image_root: str = ""           # folder the segments' paths are relative to ("" in format 1: absolute)
+    weights_fingerprint: str = ""  # content hash of the weights (see index.weights_fingerprint)
     segments: list[dict] = field(default_factory=list)
     skipped: list[list[str]] = field(default_factory=list)
     layout: str = LAYOUT
     format_version: int = FORMAT_VERSION
+    settings: dict | None = None  # DoLaSettings.to_json() the index was built with (None: built before settings)
 
     def to_json(self) -> dict:
         """The manifest as a JSON-ready dict."""
@@ -62,11 +77,27 @@ def read_manifest(root: Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"index: {str(root)!r} holds no index (no {MANIFEST}); build one with `siglip-dola index build`")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"index: {str(root)!r} has format_version {data.get('format_version')!r}; "
-                         f"this siglip-dola reads format_version {FORMAT_VERSION} only (rebuild the index)")
-    return Manifest(**data)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexCorruptError(root, MANIFEST, f"not valid JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format_version") not in READABLE_VERSIONS:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise ValueError(f"index: {str(root)!r} has format_version {version!r}; this siglip-dola reads "
+                         f"format_version {list(READABLE_VERSIONS)} (rebuild the index)")
+    try:
+        return Manifest(**data)
+    except TypeError as err:  # missing or unknown keys
+        raise IndexCorruptError(root, MANIFEST, str(err)) from None
+
+
+class IndexCorruptError(ValueError):
+    """A file of an index is missing, truncated or does not match what the manifest recorded."""
+
+    def __init__(self, root, name: str, reason: str):
+        self.root, self.file = Path(root), Path(root) / name
+        super().__init__(f"index {str(root)!r}: {self.file} is corrupt or incomplete ({reason}); rebuild the "
+                         f"index: siglip-dola index build IMAGES --out {root} --overwrite")
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
@@ -109,31 +140,80 @@ def write_segment(folder: Path, vectors: np.ndarray, paths: list[str], skipped: 
     with atomic_path(folder / VECTORS) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, np.ascontiguousarray(vectors, dtype=np.float16), allow_pickle=False)
-    meta = {"count": len(paths), "sha256": _file_sha256(folder / VECTORS),
+    meta = {"count": len(paths), "sha256": _file_sha256(folder / VECTORS), "bytes": (folder / VECTORS).stat().st_size,
             "paths": list(paths), "skipped": [list(s) for s in skipped]}
     write_json_atomic(folder / META, meta)
     return meta
 
 
 def read_segment_meta(folder: Path) -> dict | None:
-    """The segment's meta.json, or None when the segment is missing or incomplete."""
+    """The segment's meta.json, or None when the segment is missing or incomplete (unreadable counts too)."""
     path = folder / META
     if not path.is_file() or not (folder / VECTORS).is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("paths"), list) else None
 
 
 def open_vectors(folder: Path) -> np.ndarray:
-    """Memory-mapped [n, 1+J, D] float16 vectors of a segment (no pickle)."""
-    return np.load(folder / VECTORS, mmap_mode="r", allow_pickle=False)
+    """Memory-mapped [n, 1+J, D] float16 vectors of a segment (no pickle); IndexCorruptError if unreadable."""
+    try:
+        return np.load(folder / VECTORS, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
+        raise IndexCorruptError(folder.parent.parent, f"{folder.parent.name}/{folder.name}/{VECTORS}",
+                                str(err)) from None
+
+
+def _relative(root: Path, folder: Path, name: str) -> str:
+    return f"{folder.relative_to(root)}/{name}" if folder.is_relative_to(root) else str(folder / name)
+
+
+def check_segment(root: Path, folder: Path, entry: dict, shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
+    """The cheap check of every open: (memory-mapped vectors, meta) or IndexCorruptError naming the file.
+
+    Checks that both files exist and parse, the vectors file's size (format 2), dtype float16 and shape
+    [count, 1+J, D] (`shape` = (1+J, D)), and that meta.json lists `count` paths.
+    """
+    vectors_name, meta_name = _relative(root, folder, VECTORS), _relative(root, folder, META)
+    if not (folder / VECTORS).is_file():
+        raise IndexCorruptError(root, vectors_name, "missing")
+    meta = read_segment_meta(folder)
+    if meta is None:
+        raise IndexCorruptError(root, meta_name, "missing or unreadable")
+    size = (folder / VECTORS).stat().st_size
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        raise IndexCorruptError(root, vectors_name, f"{size} bytes, the manifest recorded {entry['bytes']}")
+    vectors = open_vectors(folder)
+    expected = (entry["count"], *shape)
+    if vectors.dtype != np.float16 or vectors.shape != expected:
+        raise IndexCorruptError(root, vectors_name, f"holds {vectors.dtype} {vectors.shape}, expected float16 {expected}")
+    if len(meta["paths"]) != entry["count"]:
+        raise IndexCorruptError(root, meta_name, f"lists {len(meta['paths'])} paths, expected {entry['count']}")
+    return vectors, meta
+
+
+def verify_file(root: Path, name: str, expected_sha256: str) -> None:
+    """IndexCorruptError unless the file `root/name` exists and has the recorded sha256."""
+    path = Path(root) / name
+    if not path.is_file():
+        raise IndexCorruptError(root, name, "missing")
+    actual = _file_sha256(path)
+    if actual != expected_sha256:
+        raise IndexCorruptError(root, name, f"sha256 {actual[:12]}..., the manifest recorded {expected_sha256[:12]}...")
 
 
 def verify_segment(folder: Path, expected_sha256: str) -> None:
-    """Raise ValueError when the segment's vectors file does not match its recorded checksum."""
-    actual = _file_sha256(folder / VECTORS)
-    if actual != expected_sha256:
-        raise ValueError(f"index: segment {folder.name} is corrupt (sha256 {actual[:12]}..., manifest says "
-                         f"{expected_sha256[:12]}...); rebuild the index")
+    """IndexCorruptError when the segment's vectors file does not match its recorded checksum."""
+    root = folder.parent.parent
+    verify_file(root, _relative(root, folder, VECTORS), expected_sha256)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 4 MiB blocks."""
+    return _file_sha256(Path(path))
 
 
 def promote_segment(root: Path, name: str) -> None:
@@ -157,3 +237,23 @@ def remove_unreferenced(root: Path, manifest: Manifest) -> None:
         if faiss_file.name != manifest.faiss_file:
             faiss_file.unlink(missing_ok=True)
     shutil.rmtree(root / STAGING, ignore_errors=True)
+
+
+@contextmanager
+def writer_lock(root: Path):
+    """Hold an exclusive lock on INDEX/.lock while building or adding: a second writer fails at once.
+
+    flock locks die with their process, so a crashed build never leaves a stale lock behind.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"index {str(root)!r} is being written by another siglip-dola process "
+                               f"(it holds {root / LOCK}); wait for it to finish, then rerun") from None
+        yield
+    finally:
+        handle.close()  # releases the lock

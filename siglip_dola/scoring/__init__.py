@@ -2,7 +2,8 @@
 
 The candidate classes/texts play the role of the vocabulary: q_j = softmax(cos(z_j, t_c) / tau).
 Dynamic DoLa picks per example M = argmax_j JSD(q_N || q_j) over the candidate layers, keeps
-V_head = {c : q_N(c) >= alpha * max q_N} and returns p_hat = softmax_{V_head}(log q_N - log q_M).
+V_head = {c : q_N(c) >= alpha * max q_N} and returns p_hat = softmax_{V_head}(log q_N - lambda * log q_M),
+lambda = ``contrast_weight`` (1: the design note's formula, the default; 0: q_N renormalised on V_head).
 
 Conventions
 - torch tensors (any device; fp16/bf16/fp32 computed in float32, float64 kept) and numpy arrays are
@@ -34,14 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siglip_dola import config
 from siglip_dola.scoring import kernel as scoring_kernel
 from siglip_dola.scoring.checks import (  # noqa: F401  (MODES, COMPAT_MODES are part of runtime's API)
-    COMPAT_MODES, MODES, as_tensor, check_alpha, check_bank, check_classes, check_layers, check_mode, check_stacked,
+    COMPAT_MODES, MODES, as_tensor, check_alpha, check_bank, check_classes, check_contrast_weight, check_layers, check_mode,
+    check_stacked,
     check_tau, pair, promote, resolve_stacked_layers, to_output,
 )
 
 LN2 = math.log(2.0)
-TRITON_SCORING = True  # score() runs its post-matmul math as one Triton kernel where usable (the benchmark flips it)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DoLaResult:
     final_probs: object      # [..., C] q_N, the model's own distribution
     premature_layer: object  # [...] int64 layer number M per example (-1 for mode "off")
     jsd: object              # [J, ...] JSD(q_N, q_j) per candidate layer (compat: the official value)
+    nonfinite: object = None  # [...] bool rows whose inputs held a NaN/inf; only from score(validate=False)
 
 
 # ---------------------------------------------------------------- value checks on device, read once
@@ -68,7 +71,8 @@ def _probabilities(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
 
 def _finish(result: DoLaResult, checks, to_numpy: bool) -> DoLaResult:
     _raise_failed(checks)
-    return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
+    return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)
+                        if f.name != "nonfinite"))
 
 
 def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -125,18 +129,21 @@ def _select(log_q_N, log_q_layers, q_N, q_layers, compat) -> tuple[torch.Tensor,
     return table.argmax(dim=0), table
 
 
-def _contrast_log(log_q_N, log_q_M, alpha: float, q_M_may_be_zero: bool = False) -> torch.Tensor:
-    """log p_hat [..., C]: softmax over V_head of log q_N - log q_M, -inf outside V_head."""
+def _contrast_log(log_q_N, log_q_M, alpha: float, q_M_may_be_zero: bool = False,
+                  contrast_weight: float = 1.0) -> torch.Tensor:
+    """log p_hat [..., C]: softmax over V_head of log q_N - lambda * log q_M, -inf outside V_head."""
     threshold = log_q_N.amax(dim=-1, keepdim=True) + math.log(alpha)  # log(alpha * max q_N)
-    contrast = torch.where(log_q_N >= threshold, log_q_N - log_q_M, -math.inf)  # (..., C)
-    if q_M_may_be_zero:  # probabilities given (from logits, log q_M is finite): F = +inf where q_M = 0
+    # lambda = 0 drops q_M entirely (0 * log 0 would be NaN); lambda = 1 keeps the exact design-note expression
+    amateur = 0.0 if contrast_weight == 0 else log_q_M if contrast_weight == 1 else contrast_weight * log_q_M
+    contrast = torch.where(log_q_N >= threshold, log_q_N - amateur, -math.inf)  # (..., C)
+    if q_M_may_be_zero and contrast_weight != 0:  # probabilities given (from logits, log q_M is finite): F = +inf where q_M = 0
         infinite = torch.isposinf(contrast)
         limit = torch.where(infinite, 0.0, -math.inf).to(contrast.dtype)  # uniform over the F = +inf classes
         contrast = torch.where(infinite.any(dim=-1, keepdim=True), limit, contrast)
     return torch.log_softmax(contrast, dim=-1)
 
 
-def _dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat) -> DoLaResult:
+def _dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat, contrast_weight=1.0) -> DoLaResult:
     """DoLa from finite log-probs: log_q_N [..., C], log_q_layers [J, ..., C] or None (then mode 'off')."""
     final_probs = torch.exp(log_q_N)
     if log_q_layers is None:
@@ -149,7 +156,7 @@ def _dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat) 
         position = torch.full_like(position, layers.index(int(static_layer)))
     gather = position[None, ..., None].expand(1, *log_q_N.shape)  # (1, ..., C)
     log_q_M = log_q_layers.gather(0, gather)[0]  # (..., C)
-    log_p_hat = _contrast_log(log_q_N, log_q_M, alpha)
+    log_p_hat = _contrast_log(log_q_N, log_q_M, alpha, contrast_weight=contrast_weight)
     premature = _layer_table(tuple(layers), position.device)[position]  # (...)
     return DoLaResult(torch.exp(log_p_hat), log_p_hat, final_probs, premature, table)
 
@@ -203,26 +210,28 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
     return to_output(premature, to_numpy), to_output(table, to_numpy)
 
 
-def contrast_and_mask(q_N, q_M, alpha: float = 0.1):
-    """(p_hat [..., C], log_p_hat [..., C]) = softmax over V_head of log q_N - log q_M; masked: 0 / -inf."""
-    alpha = check_alpha(alpha)
+def contrast_and_mask(q_N, q_M, alpha: float = 0.1, contrast_weight: float = 1.0):
+    """(p_hat [..., C], log_p_hat [..., C]) = softmax over V_head of log q_N - lambda * log q_M; masked: 0 / -inf."""
+    alpha, contrast_weight = check_alpha(alpha), check_contrast_weight(contrast_weight)
     q_final, q_early, to_numpy = pair(q_N, q_M, "q_N", "q_M")
     if q_final.shape != q_early.shape:
         raise ValueError(f"q_N and q_M must have the same shape, got {list(q_final.shape)} and {list(q_early.shape)}")
-    log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha, q_M_may_be_zero=True)
+    log_p_hat = _contrast_log(torch.log(q_final), torch.log(q_early), alpha, q_M_may_be_zero=True,
+                              contrast_weight=contrast_weight)
     _raise_failed([_probabilities(q_final, "q_N"), _probabilities(q_early, "q_M"),
                    ((q_final.amax(dim=-1) <= 0).sum(), "q_N must have a positive entry in every row (it is a distribution)")])
     return to_output(torch.exp(log_p_hat), to_numpy), to_output(log_p_hat, to_numpy)
 
 
 def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: float = 0.1,
-         static_layer=None, compat=None) -> DoLaResult:
+         static_layer=None, compat=None, contrast_weight: float = 1.0) -> DoLaResult:
     """DoLa from LOGITS: scores_final [..., C], scores_layers [J, ..., C] (layers: J layer numbers).
 
     mode "dynamic": per-example M by max JSD; "static": M = static_layer (``layers`` may be None when
     J = 1); "off": probs = q_N, premature_layer = -1 (jsd still computed when scores_layers is given).
+    contrast_weight: lambda of F = log q_N - lambda * log q_M (default 1).
     """
-    alpha = check_mode(mode, alpha, compat)
+    alpha, contrast_weight = check_mode(mode, alpha, compat), check_contrast_weight(contrast_weight)
     final, to_numpy = as_tensor(scores_final, "scores_final")
     check_classes(final, "scores_final")
     checks = [_finite(final, "scores_final")]
@@ -233,25 +242,26 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
         final, stacked = promote(final, stacked)
     layers, stacked = resolve_stacked_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
     log_q_layers = None if stacked is None else torch.log_softmax(stacked, dim=-1)  # (J, ..., C)
-    result = _dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat)
+    result = _dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat,
+                       contrast_weight)
     return _finish(result, checks, to_numpy)
 
 
 def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
-          static_layer=None, compat=None, fused: bool = False) -> DoLaResult:
+          static_layer=None, compat=None, validate: bool = True, contrast_weight: float = 1.0) -> DoLaResult:
     """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult.
 
-    fused=True (EXPERIMENTAL, opt-in): the same math compiled with torch.compile (siglip_dola.scoring.fused_scoring);
-    equal up to float rounding, compiles once per new shape/dtype/mode. Default False: eager.
     With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= scoring_kernel.MAX_CLASSES,
     everything after the logit matmul is ONE Triton kernel (siglip_dola.scoring.kernel; switch:
-    TRITON_SCORING), computed in fp32 and equal to the eager path up to fp32 rounding.
+    ``siglip_dola.config.set_triton_scoring``), computed in fp32 and equal to the eager path up to fp32 rounding.
+    validate=False skips the call's one host read (for CUDA-graph capture): no NaN/inf ValueError is raised;
+    instead ``result.nonfinite`` [...] bool marks the rows whose inputs held a NaN/inf (check it when you read
+    the results; :func:`check_finite` raises the usual error).
+    contrast_weight: lambda of F = log q_N - lambda * log q_M (default 1), in both paths.
     """
-    if fused is not False and fused is not True:
-        raise TypeError(f"fused must be True or False, got {fused!r}")
-    if fused:
-        from siglip_dola.scoring.fused_scoring import score_fused  # lazy: it imports this module
-        return score_fused(z_final, z_layers, text_bank, tau, layers, mode, alpha, static_layer, compat)
+    if validate is not True and validate is not False:
+        raise TypeError(f"validate must be True or False, got {validate!r}")
+    contrast_weight = check_contrast_weight(contrast_weight)
     alpha = check_mode(mode, alpha, compat)
     tau = check_tau(tau)
     final, to_numpy = as_tensor(z_final, "z_final")
@@ -263,13 +273,25 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     reps, bank = promote(reps, bank)
     logits = _rep_logits(reps, bank, tau)  # (J+1, ..., C): final, then the layers
     checks = lambda: _finite_checks(final, bank, stacked)  # noqa: E731  (built lazily: the Triton path skips them)
-    if TRITON_SCORING and compat is None and logits.is_contiguous():
+    if config.use_triton_scoring() and compat is None and logits.is_contiguous():
         rows = logits.view(logits.shape[0], -1, logits.shape[-1])  # (J+1, R, C)
         if scoring_kernel.usable(rows):
-            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy)
+            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy, validate,
+                               contrast_weight)
     log_q = torch.log_softmax(logits, dim=-1)  # (J+1, ..., C)
-    result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat)
+    result = _dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat,
+                       contrast_weight)
+    if not validate:   # a NaN/inf anywhere in a row's inputs makes its logits non-finite (F.normalize)
+        result.nonfinite = (~torch.isfinite(logits)).any(-1).any(0)  # (...)
+        return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
     return _finish(result, checks(), to_numpy)
+
+
+def check_finite(result: DoLaResult) -> None:
+    """Raise the ValueError of :func:`score` when a ``validate=False`` result has rows with NaN/inf inputs (a host read)."""
+    if result.nonfinite is not None and bool(torch.as_tensor(result.nonfinite).any()):
+        raise ValueError("z_final, z_layers and text_bank must be finite (no NaN or inf): "
+                         f"{int(torch.as_tensor(result.nonfinite).sum())} row(s) held a NaN/inf")
 
 
 def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
@@ -280,7 +302,8 @@ def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
     return checks
 
 
-def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy) -> DoLaResult:
+def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy, validate=True,
+                contrast_weight=1.0) -> DoLaResult:
     """score's Triton path: rows (J+1, R, C) fp32 logits, shape the (..., C) of one layer's logits.
 
     The kernel's per-row NaN/inf flag replaces the per-argument checks (a NaN/inf in z or the bank makes its
@@ -288,11 +311,11 @@ def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy
     """
     table = None if layers is None else _layer_table(tuple(layers), rows.device)
     position = layers.index(int(static_layer)) if mode == "static" else -1
-    *outputs, nonfinite = scoring_kernel.dola_rows(rows, table, alpha, mode, position)
-    if bool(nonfinite.any()):  # the ONE host read of the call
+    *outputs, nonfinite = scoring_kernel.dola_rows(rows, table, alpha, mode, position, contrast_weight)
+    if validate and bool(nonfinite.any()):  # the ONE host read of the call
         _raise_failed(checks())  # slow path, errors only: which argument held the NaN/inf
     probs, log_probs, final_probs, premature, jsd = outputs
     lead = tuple(shape[:-1])
     outputs = (probs.view(shape), log_probs.view(shape), final_probs.view(shape), premature.view(lead),
-               jsd.view(jsd.shape[0], *lead))
-    return DoLaResult(*(to_output(x, to_numpy) for x in outputs))
+               jsd.view(jsd.shape[0], *lead), None if validate else nonfinite.view(lead).bool())
+    return DoLaResult(*(None if x is None else to_output(x, to_numpy) for x in outputs))

@@ -75,6 +75,15 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
+def check_contrast_weight(contrast_weight) -> float:
+    """lambda of F = log q_N - lambda * log q_M: a finite real >= 0 (1 = the design note, 0 = q_N on V_head)."""
+    if isinstance(contrast_weight, bool) or not isinstance(contrast_weight, numbers.Real):
+        raise TypeError(f"contrast_weight must be a finite real number >= 0, got {contrast_weight!r}")
+    if not (math.isfinite(float(contrast_weight)) and float(contrast_weight) >= 0.0):
+        raise ValueError(f"contrast_weight must be a finite real number >= 0, got {contrast_weight!r}")
+    return float(contrast_weight)
+
+
 def check_tau(tau) -> float:
     if isinstance(tau, torch.Tensor) and tau.numel() == 1:
         tau = tau.item()  # a host read: pass tau as a Python float on the hot path

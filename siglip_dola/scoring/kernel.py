@@ -4,7 +4,7 @@ The eager path launches ~40 small kernels per call (log_softmax, the JSD table, 
 mask, contrast, exp, finiteness flags); on CUDA at small batch their launch cost is the whole overhead
 budget. Here ONE program per example row does everything in registers: log_softmax of the final row,
 a loop over the J candidate layers (log_softmax, true JSD, running argmax and the chosen layer's log
-q_M), then the head mask, the contrast and its log_softmax. The math is ``runtime._dola_log`` with
+q_M), then the head mask, the contrast log q_N - lambda * log q_M and its log_softmax. The math is ``runtime._dola_log`` with
 ``compat=None``, in log space (finite for logits up to +-1e4); exact JSD ties go to the earliest layer.
 
 Used only for fp32/bf16/fp16 (computed in fp32), contiguous logits on CUDA (or with TRITON_INTERPRET=1, Triton's CPU interpreter,
@@ -13,9 +13,10 @@ which the tests use) and C <= MAX_CLASSES (one block holds a whole row); everyth
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from siglip_dola import config
 
 try:  # optional: runtime.score's eager path is always available
     import triton
@@ -34,7 +35,7 @@ def usable(logits: torch.Tensor) -> bool:
 
     fp32, or bf16/fp16 (under autocast the cosine matmul returns those; the kernel computes in fp32 like
     the eager path's autocast log_softmax)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = config.triton_interpreted()
     return (triton is not None and logits.dtype in HALF_OR_FLOAT and logits.is_contiguous()
             and (logits.is_cuda or interpreted) and logits.ndim == 3 and logits.shape[1] >= 1
             and 1 <= logits.shape[2] <= MAX_CLASSES)
@@ -62,7 +63,7 @@ if triton is not None:
 
     @triton.jit
     def _dola_row_kernel(logits_ptr, layer_ptr, probs_ptr, log_probs_ptr, final_ptr, premature_ptr, jsd_ptr,
-                         bad_ptr, R, C, layer_stride, J, static_position, log_alpha,
+                         bad_ptr, R, C, layer_stride, J, static_position, log_alpha, contrast_weight,
                          MODE: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_C)
@@ -92,7 +93,7 @@ if triton is not None:
             if MODE == 1:
                 best_j = tl.zeros((), tl.int32) + static_position
             head = mask & (log_q_N >= tl.max(tl.where(mask, log_q_N, -float("inf")), axis=0) + log_alpha)
-            contrast = tl.where(head, log_q_N - log_q_M, -float("inf"))            # V_head only
+            contrast = tl.where(head, log_q_N - contrast_weight * log_q_M, -float("inf"))  # V_head only
             contrast_max = tl.max(contrast, axis=0)                                # finite: argmax q_N is kept
             total = tl.sum(tl.exp(contrast - contrast_max), axis=0)
             log_p_hat = (contrast - contrast_max) - tl.log(total)
@@ -107,12 +108,13 @@ def _num_warps(block_c: int) -> int:
 
 
 def dola_rows(logits: torch.Tensor, layer_numbers: torch.Tensor | None, alpha: float, mode: str,
-              static_position: int = -1):
+              static_position: int = -1, contrast_weight: float = 1.0):
     """DoLa per row from logits (J+1, R, C): index 0 the final layer, then the J candidates.
 
     Returns (probs (R, C), log_probs (R, C), final_probs (R, C), premature (R,) int64 layer numbers,
     jsd (J, R), nonfinite (R,) int32: 1 where the row's logits hold a NaN/inf in any layer).
     layer_numbers (J,) int64 on logits' device (may be None for mode "off"); static_position indexes it.
+    contrast_weight: lambda of the contrast log q_N - lambda * log q_M (log q_M is finite here, so 0 is exact).
     """
     assert usable(logits) and mode in MODE_CODES, (logits.shape, logits.dtype, mode)
     num_layers, rows, classes = logits.shape[0] - 1, logits.shape[1], logits.shape[2]
@@ -128,5 +130,6 @@ def dola_rows(logits: torch.Tensor, layer_numbers: torch.Tensor | None, alpha: f
     block_c = triton.next_power_of_2(classes)
     _dola_row_kernel[(rows,)](logits, layer_numbers, probs, log_probs, final_probs, premature, jsd, nonfinite,
                               rows, classes, rows * classes, num_layers, int(static_position), math.log(alpha),
+                              float(contrast_weight),
                               MODE=MODE_CODES[mode], BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return probs, log_probs, final_probs, premature, jsd, nonfinite

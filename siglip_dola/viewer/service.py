@@ -1,0 +1,253 @@
+"""What the search page serves, without the web framework: bounded queries over one opened index.
+
+The index is opened read-only (memory-mapped vectors, FAISS read into memory) and re-opened when its
+manifest changes on disk (`index add` commits a new one); an index that cannot be (re)opened or read
+answers IndexUnavailable with the reason, never a crash. The model forward and the rerank run under
+one lock: the readout's hooks belong to one call at a time (see the README).
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
+from siglip_dola.retrieval.captions import encode_captions, read_captions
+from siglip_dola.retrieval.search import MODES
+
+THUMB_SIZE = 256
+
+
+class IndexUnavailable(RuntimeError):
+    """The index changed or broke on disk while serving; the message says what and what to do."""
+
+
+@dataclass
+class Limits:
+    """Bounds on request inputs (each violation is a 400 naming the parameter and its range)."""
+    max_k: int = 100
+    max_rerank_k: int = 1000
+    max_query_chars: int = 1000
+    max_upload_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass
+class Query:
+    """One validated request: k results after reranking rerank_k first-stage candidates with `mode`."""
+    k: int
+    rerank_k: int
+    mode: str
+
+
+def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
+    if text is None or text == "":
+        value = default
+    else:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {text!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value}")
+    return value
+
+
+def mode_settings(base: RerankConfig, flags: set[str], calibration: dict | None, num_layers: int) -> dict:
+    """{mode: {"layers", "static_layer", "alpha", "sources"}} for static and dynamic; each value from a
+    command-line flag (named in `flags`), else the calibration's best point of that mode, else the default."""
+    from siglip_dola.layers import resolve_layers
+
+    best = (calibration or {}).get("best", {})
+    settings = {}
+    for mode in ("static", "dynamic"):
+        point = best.get(mode) or {}
+        layers = point.get("layers")
+        if not layers and point.get("bucket") is not None:
+            layers = resolve_layers(num_layers, bucket=point["bucket"], n_buckets=point.get("n_buckets") or 3)
+        calibrated = {"layers": list(layers) if mode == "dynamic" and layers else None,
+                      "static_layer": point.get("static_layer") if mode == "static" else None,
+                      "alpha": point.get("alpha")}
+        entry, sources = {}, {}
+        for name, default in (("layers", None), ("static_layer", None), ("alpha", 0.1)):
+            if name in flags:
+                entry[name], sources[name] = getattr(base, name), "flag"
+            elif calibrated.get(name) is not None:
+                entry[name], sources[name] = calibrated[name], "calibration"
+            else:
+                entry[name], sources[name] = default, "default"
+        if mode == "dynamic":
+            entry["static_layer"], sources["static_layer"] = None, "default"
+        settings[mode] = {**entry, "sources": sources}
+    return settings
+
+
+class SearchService:
+    """Queries over the index at `root` with `model` (LoadedModel); `base` holds the served defaults,
+    `flags` the RerankConfig fields given on the command line, `calibration` a calibration report
+    (its best static / dynamic points fill what no flag set; `calibration_name` is recorded)."""
+
+    def __init__(self, root, model, base: RerankConfig | None = None, captions=None,
+                 image_root=None, limits: Limits | None = None, flags: set[str] | None = None,
+                 calibration: dict | None = None, calibration_name: str | None = None):
+        self.root, self.model = Path(root), model
+        self.base = base or RerankConfig()
+        self.limits = limits or Limits()
+        self.flags = set(flags or ())
+        self.image_root = None if image_root is None else Path(image_root)
+        self.lock = threading.Lock()
+        self._stamp = None
+        self.index = self._open()
+        if calibration is not None and calibration.get("model") != self.index.manifest.model_id:
+            raise ValueError(f"calibration was made for model {calibration.get('model')!r}, the index with "
+                             f"{self.index.manifest.model_id!r}; calibrate that model or rebuild the index")
+        self.calibration_name = calibration_name if calibration is not None else None
+        self.per_mode = mode_settings(self.base, self.flags, calibration, self.index.manifest.num_layers)
+        self._check_layers(self.index.layers)
+        self.captions = None if captions is None else read_captions(captions)
+        self.caption_embeds = None if self.captions is None else encode_captions(model, self.captions)
+
+    def _check_layers(self, stored: list[int]) -> None:
+        for mode, entry in self.per_mode.items():
+            wanted = (entry["layers"] or []) + ([entry["static_layer"]] if entry["static_layer"] is not None else [])
+            missing = [j for j in wanted if j not in stored]
+            if missing:
+                raise ValueError(f"{mode} mode uses layers {wanted} ({entry['sources']}) but the index stores "
+                                 f"{stored}; rebuild it with `siglip-dola index build ... --layers "
+                                 f"{','.join(map(str, sorted(set(stored) | set(wanted))))}` or pass --layers")
+
+    # -- the index on disk ---------------------------------------------------------------------------------
+    def _manifest_stamp(self):
+        stat = os.stat(self.root / "manifest.json")
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _open(self):
+        stamp = self._manifest_stamp()
+        index = open_index(self.root, model=self.model, layers=self.base.layers)
+        self._stamp = stamp
+        self.id_of = {path: i for i, path in enumerate(index.paths)}
+        return index
+
+    def current(self):
+        """The opened index, re-opened first when its manifest changed; IndexUnavailable if that fails."""
+        try:
+            if self._manifest_stamp() != self._stamp:
+                index = self._open()
+                self._check_layers(index.layers)
+                self.index = index
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise IndexUnavailable(f"the index at {str(self.root)!r} changed on disk and cannot be opened: {err}. "
+                                   "Fix or rebuild it (siglip-dola index build), then restart siglip-dola serve") from None
+        return self.index
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def parse(self, k=None, rerank_k=None, mode=None) -> Query:
+        """Validate request parameters against the limits (ValueError names the parameter)."""
+        k = _bounded_int("k", k, 1, self.limits.max_k, min(self.base.top_k, self.limits.max_k))
+        rerank_k = _bounded_int("rerank_k", rerank_k, k, self.limits.max_rerank_k,
+                                min(max(self.base.rerank_k, k), self.limits.max_rerank_k))
+        mode = self.base.mode if mode in (None, "") else mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        return Query(k, rerank_k, mode)
+
+    def _config(self, query: Query) -> RerankConfig:
+        entry = self.per_mode.get(query.mode, self.per_mode["dynamic"])  # off: no layer is read
+        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=entry["alpha"],
+                            static_layer=entry["static_layer"] if query.mode == "static" else None,
+                            layers=entry["layers"])
+
+    def settings(self, query: Query, config: RerankConfig, layers: list[int]) -> dict:
+        """The settings this query ran with and where each came from (flag: command line or request;
+        calibration; default)."""
+        entry = self.per_mode.get(config.mode, {"sources": {}})
+        sources = {"mode": "flag", "top_k": "flag", "rerank_k": "flag",
+                   **{name: entry["sources"].get(name, "default") for name in ("layers", "static_layer", "alpha")}}
+        return {"mode": config.mode, "layers": [] if config.mode == "off" else layers,
+                "static_layer": config.static_layer, "alpha": None if config.mode == "off" else config.alpha,
+                "top_k": config.top_k, "rerank_k": config.rerank_k, "sources": sources,
+                "calibration": self.calibration_name}
+
+    def _answer(self, result, query: Query, config: RerankConfig, stored, started: float, ids) -> dict:
+        answer = result.to_json()
+        answer["ids"] = ids
+        if config.mode == "static":  # the layer actually contrasted (the stored layers' middle by default)
+            config.static_layer, layers = result.premature_layer, [result.premature_layer]
+        else:
+            layers = list(config.layers or stored)
+        answer.setdefault("settings", self.settings(query, config, layers))
+        answer["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
+        return answer
+
+    def search_text(self, text, query: Query) -> dict:
+        """search --json's answer for `text`, plus "ids" (index ids of the results), "settings", "latency_ms"."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("q (the query text) must not be empty")
+        if len(text) > self.limits.max_query_chars:
+            raise ValueError(f"q is {len(text)} characters long; at most {self.limits.max_query_chars} are allowed")
+        config = self._config(query)
+        with self.lock:
+            index = self.current()
+            started = time.perf_counter()
+            try:
+                result = search(index, text, self.model, config)
+            except (OSError, KeyError, IndexError) as err:
+                raise IndexUnavailable(f"reading the index at {str(self.root)!r} failed: {err}; rebuild it and "
+                                       "restart siglip-dola serve") from None
+            ids = [self.id_of.get(hit.item) for hit in result.results]
+            return self._answer(result, query, config, index.layers, started, ids)
+
+    def search_image(self, data: bytes, query: Query) -> dict:
+        """Caption search for an uploaded image (bytes); ValueError when captions are off or it is no image."""
+        if self.captions is None:
+            raise ValueError("this server has no captions: start it with --captions FILE for image queries")
+        if len(data) > self.limits.max_upload_bytes:
+            raise ValueError(f"the upload is {len(data)} bytes; at most {self.limits.max_upload_bytes} are allowed")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                image = image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            raise ValueError("the upload is not an image PIL can decode (PNG, JPEG, WebP, ...)") from None
+        config = self._config(query)
+        with self.lock:
+            config.layers = config.layers or self.current().layers  # the index's candidate layers, both directions
+            if config.static_layer is not None and config.static_layer not in config.layers:
+                config.layers = sorted({*config.layers, config.static_layer})
+            started = time.perf_counter()
+            result = search_captions(self.model, image, self.captions, config, caption_embeds=self.caption_embeds)
+            return self._answer(result, query, config, config.layers, started, None)
+
+    def thumbnail(self, image_id: int) -> bytes | None:
+        """JPEG thumbnail of index image `image_id`, re-encoded (never the raw file); None when unknown."""
+        with self.lock:
+            index = self.current()
+        if not 0 <= image_id < len(index.paths):
+            return None
+        path = Path(index.paths[image_id])
+        if not path.is_file() and self.image_root is not None:
+            path = self.image_root / path.name
+        try:
+            with Image.open(path) as image:
+                image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="JPEG", quality=85)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+        return buffer.getvalue()
+
+    def info(self) -> dict:
+        """What the page needs up front: index size and layers, model, defaults, limits, captions."""
+        with self.lock:
+            index = self.current()
+        return {"index": str(self.root), "count": len(index), "layers": index.layers,
+                "model": index.manifest.model_id, "captions": None if self.captions is None else len(self.captions),
+                "defaults": {"k": self.base.top_k, "rerank_k": self.base.rerank_k, "mode": self.base.mode,
+                             "alpha": self.base.alpha, "static_layer": self.base.static_layer},
+                "limits": {"max_k": self.limits.max_k, "max_rerank_k": self.limits.max_rerank_k,
+                           "max_query_chars": self.limits.max_query_chars,
+                           "max_upload_bytes": self.limits.max_upload_bytes}, "modes": list(MODES)}
