@@ -59,9 +59,9 @@ def _tree_digest(folder):
 def test_api_rows_equal_the_search_api(client, index_dir, model, mode):  # noqa: F811
     answer = client.get("/api/search", params={"q": "a red circle", "k": 4, "rerank_k": 8, "mode": mode}).json()
     expected = search(open_index(index_dir), "a red circle", model, RerankConfig(top_k=4, rerank_k=8, mode=mode))
-    assert {k: answer[k] for k in ("query", "results", "premature_layer")} == json.loads(json.dumps(expected.to_json()))
+    assert {k: answer[k] for k in ("query", "query_type", "item_type", "premature_layer", "jsd", "hits")} == json.loads(json.dumps(expected.to_json()))
     paths = open_index(index_dir).paths
-    assert [paths[i] for i in answer["ids"]] == [hit["path"] for hit in answer["results"]]
+    assert [paths[i] for i in answer["ids"]] == [hit["item"] for hit in answer["hits"]]
     assert answer["settings"]["mode"] == mode and answer["settings"]["top_k"] == 4
     assert answer["settings"]["sources"]["mode"] == "flag" and answer["latency_ms"] >= 0
 
@@ -102,17 +102,17 @@ def test_upload_not_an_image_is_a_400_and_the_server_stays_up(client, gallery, m
     answer = client.post("/api/search-image", params={"k": 3, "rerank_k": 5}, content=data).json()
     expected = search_captions(model, Image.open(io.BytesIO(data)), CAPTIONS,
                                RerankConfig(top_k=3, rerank_k=5, layers=[2, 4]))
-    assert answer["results"] == json.loads(json.dumps(expected.to_json()))["results"]
+    assert answer["hits"] == json.loads(json.dumps(expected.to_json()))["hits"]
     assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
 
 
 def test_concurrent_queries_equal_serial_answers(client):
     queries = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "star")]
-    serial = {q: client.get("/api/search", params={"q": q, "k": 5}).json()["results"] for q in queries}
+    serial = {q: client.get("/api/search", params={"q": q, "k": 5}).json()["hits"] for q in queries}
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda q: (q, client.get("/api/search", params={"q": q, "k": 5})), queries * 3))
     for q, response in answers:
-        assert response.status_code == 200 and response.json()["results"] == serial[q]
+        assert response.status_code == 200 and response.json()["hits"] == serial[q]
 
 
 def test_served_index_is_not_modified(index_dir, gallery, model):  # noqa: F811
@@ -225,7 +225,7 @@ def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, mode
         answer = c.get("/api/search", params={"q": "a blue star", "k": 4, "mode": "static"}).json()
         expected = search(open_index(index_dir), "a blue star", model,
                           RerankConfig(top_k=4, mode="static", static_layer=4, alpha=0.3))
-        assert answer["results"] == json.loads(json.dumps(expected.to_json()))["results"]
+        assert answer["hits"] == json.loads(json.dumps(expected.to_json()))["hits"]
         assert answer["premature_layer"] == 4
         settings = answer["settings"]
         assert (settings["static_layer"], settings["alpha"], settings["layers"]) == (4, 0.3, [4])

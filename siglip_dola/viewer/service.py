@@ -145,12 +145,17 @@ class SearchService:
         return self.index
 
     # -- requests ------------------------------------------------------------------------------------------
+    def default_mode(self) -> str:
+        """The served mode: the --mode flag, else the index's stored settings (siglip_dola.settings), else dynamic."""
+        stored = self.index.manifest.settings or {}
+        return self.base.mode or stored.get("mode") or "dynamic"
+
     def parse(self, k=None, rerank_k=None, mode=None) -> Query:
         """Validate request parameters against the limits (ValueError names the parameter)."""
         k = _bounded_int("k", k, 1, self.limits.max_k, min(self.base.top_k, self.limits.max_k))
         rerank_k = _bounded_int("rerank_k", rerank_k, k, self.limits.max_rerank_k,
                                 min(max(self.base.rerank_k, k), self.limits.max_rerank_k))
-        mode = self.base.mode if mode in (None, "") else mode
+        mode = self.default_mode() if mode in (None, "") else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         return Query(k, rerank_k, mode)
@@ -246,7 +251,7 @@ class SearchService:
             index = self.current()
         return {"index": str(self.root), "count": len(index), "layers": index.layers,
                 "model": index.manifest.model_id, "captions": None if self.captions is None else len(self.captions),
-                "defaults": {"k": self.base.top_k, "rerank_k": self.base.rerank_k, "mode": self.base.mode,
+                "defaults": {"k": self.base.top_k, "rerank_k": self.base.rerank_k, "mode": self.default_mode(),
                              "alpha": self.base.alpha, "static_layer": self.base.static_layer},
                 "limits": {"max_k": self.limits.max_k, "max_rerank_k": self.limits.max_rerank_k,
                            "max_query_chars": self.limits.max_query_chars,
