@@ -20,7 +20,8 @@ from typing import Iterable, Iterator
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.data.images import expand_image_paths, iter_image_batches
+from siglip_dola.data.images import expand_image_paths
+from siglip_dola.evaluation.embed import embed_texts, iter_embedded, iter_pixel_batches
 from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
 from siglip_dola.scoring.checks import check_tau
@@ -76,29 +77,27 @@ class DoLaSigLIP:
         z_layers = z_layers.float() if self.layers else None
         return z_final.float(), z_layers
 
-    def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
-        """(ids, pixels [B, 3, H, W], skipped [(path, error)]) per batch from a tensor, PIL images or paths."""
+    def _items(self, images) -> tuple:
+        """(items for the embedding loop, whether ids are input positions) from a [B, 3, H, W] tensor,
+        PIL images or paths/folders/globs."""
         if isinstance(images, torch.Tensor):
             _check_pixels(images, self._packed())
-            for start in range(0, images.shape[0], self.batch_size):
-                chunk = images[start:start + self.batch_size]
-                yield list(range(start, start + chunk.shape[0])), chunk, []
-            return
+            return images, True
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         images = list(images)
         if images and all(isinstance(i, (str, os.PathLike)) for i in images):
-            for batch in iter_image_batches(expand_image_paths(images), self.model.preprocess, self.batch_size):
-                yield [str(p) for p in batch.paths], batch.pixels, batch.skipped
-            return
+            return [str(p) for p in expand_image_paths(images)], False
         if images and all(hasattr(i, "convert") for i in images):  # PIL images
-            for start in range(0, len(images), self.batch_size):
-                chunk = images[start:start + self.batch_size]
-                pixels = torch.stack([self.model.preprocess(i.convert("RGB")) for i in chunk])  # (B, 3, H, W)
-                yield list(range(start, start + len(chunk))), pixels, []
-            return
+            return [(str(i), image) for i, image in enumerate(images)], True
         raise TypeError("images must be a [B, 3, H, W] tensor, a list of PIL images, or paths/folders/globs; "
                         f"got {type(images).__name__} of {sorted({type(i).__name__ for i in images})}")
+
+    def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
+        """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (evaluation.embed's loop)."""
+        items, positional = self._items(images)
+        for batch in iter_pixel_batches(self.model, items, self.batch_size):
+            yield (batch.indices if positional else batch.ids), batch.pixels, batch.skipped
 
     # ------------------------------------------------------------ image -> texts
     def _bank(self, bank):
@@ -206,12 +205,13 @@ class DoLaSigLIP:
     # ------------------------------------------------------------ text -> images
     def iter_embed(self, images) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor | None, list]]:
         """Per batch: (ids, z_final [B, D], z_layers [J, B, D] or None, skipped) on CPU fp32; z_final None if all bad."""
-        for ids, pixels, skipped in self._batches(images):
-            if pixels is None or not len(ids):
-                yield [], None, None, skipped
+        items, positional = self._items(images)
+        for batch in iter_embedded(self.model, items, self.layers, self.batch_size, readout=self._readout):
+            if batch.z_final is None:
+                yield [], None, None, batch.skipped
                 continue
-            z_final, z_layers = self.embed(pixels)
-            yield ids, z_final.cpu(), (None if z_layers is None else z_layers.cpu()), skipped
+            ids = batch.indices if positional else batch.ids
+            yield ids, batch.z_final, (batch.z_layers if self.layers else None), batch.skipped
 
     def embed_images(self, images) -> tuple[list, torch.Tensor, torch.Tensor | None]:
         """(ids, z_final [n, D], z_layers [J, n, D] or None) on CPU fp32 for all images (bad files skipped, warned)."""
@@ -238,8 +238,7 @@ class DoLaSigLIP:
             raise ValueError("text must be a non-empty string, a list of non-empty strings or an embedding tensor")
         if self.model.encode_text is None:
             raise ValueError(f"model {self.model.model_id!r} has no text tower: pass text as an embedding tensor [Q, D]")
-        with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
-            return texts, self.model.encode_text(texts).float()
+        return texts, embed_texts(self.model, texts)
 
     def rerank_images(self, text, images=None, *, image_embeds=None, embed_layers=None, ids=None,
                       top_k: int | None = None) -> list[dict]:

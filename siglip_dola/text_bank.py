@@ -107,7 +107,7 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
         if cache_path.is_file():
             return load_text_bank(cache_path)
     # one more "class", a nonsense word: a class that encodes exactly like it was not read at all
-    embeds = _encode_ensembled(model.encode_text, [*classnames, UNREADABLE_PROBE], templates, batch_size)
+    embeds = _encode_ensembled(model, [*classnames, UNREADABLE_PROBE], templates, batch_size)
     embeds, probe = embeds[:-1], embeds[-1]
     warn_indistinct(classnames, embeds, f"model {model.model_id!r}", unreadable_probe=probe)
     bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
@@ -116,10 +116,11 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
     return bank
 
 
-def _encode_ensembled(encode_text, classnames, templates, batch_size) -> torch.Tensor:
+def _encode_ensembled(model, classnames, templates, batch_size) -> torch.Tensor:
+    from siglip_dola.evaluation.embed import embed_texts
+
     texts = [_apply(template, name) for name in classnames for template in templates]  # class-major
-    chunks = [encode_text(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
-    text_embeds = F.normalize(torch.cat(chunks), dim=-1)                    # (C * T, D)
+    text_embeds = F.normalize(embed_texts(model, texts, batch_size, "text banks"), dim=-1)  # (C * T, D)
     text_embeds = text_embeds.reshape(len(classnames), len(templates), -1)  # (C, T, D)
     return F.normalize(text_embeds.mean(dim=1), dim=-1)                     # (C, D)
 
@@ -283,6 +284,26 @@ def check_bank(bank, model) -> None:
     if bank_model and model.encode_text is not None and bank_model != model.model_id:
         raise ValueError(f"bank was encoded by model {bank_model!r}, not by {model.model_id!r}; "
                          "rebuild it with build_text_bank(model, ...)")
+
+
+def bank_for_classes(bank: TextBank, classnames: Sequence[str], model, source: str = "bank") -> TextBank:
+    """`bank` with its rows in the order of `classnames`, checked against `model` (check_bank).
+
+    A bank with the same label set is reordered by label; a bank without stored labels ("0", "1", ...,
+    e.g. a .npy) is taken row for row when it has one row per class. Anything else -> ValueError naming `source`.
+    """
+    check_bank(bank, model)
+    classnames = list(classnames)
+    if list(bank.labels) == classnames:
+        return bank
+    if sorted(bank.labels) == sorted(classnames):
+        rows = torch.tensor([bank.labels.index(name) for name in classnames])
+        return TextBank(labels=classnames, embeds=bank.embeds[rows], model_id=bank.model_id)
+    if list(bank.labels) == [str(i) for i in range(len(classnames))]:
+        return TextBank(labels=classnames, embeds=bank.embeds, model_id=bank.model_id)
+    missing = sorted(set(classnames) - set(bank.labels))[:5]
+    raise ValueError(f"{source} has {len(bank.labels)} labels that are not the dataset's {len(classnames)} classes "
+                     f"(missing e.g. {missing}); build it from the dataset's class names")
 
 
 def bank_cache_key(model_id: str, weights_fingerprint: str, classnames: Sequence[str],

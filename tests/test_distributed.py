@@ -82,7 +82,8 @@ WORKER = textwrap.dedent('''
                          "--out", f"{out_dir}/result.json", "--predictions", f"{out_dir}/predictions.jsonl"]) == 0
         items = [(s.name, s.image) for s in shapes.make_split("test", n=int(n))]
         items[5] = ("broken", None)
-        result = embed_images(load(model_dir, device="cpu"), items, [2, 7], batch_size=4, progress=False)
+        result = embed_images(load(model_dir, device="cpu"), items, [2, 7], batch_size=4, progress=False,
+                              workers=1)  # decoding in a DataLoader worker under torchrun
         assert (result is None) == (rank != 0)
         if rank == 0:
             save_file({"z_final": result.z_final, "z_layers": result.z_layers}, f"{out_dir}/embed.safetensors",

@@ -145,6 +145,30 @@ def test_bad_task_rejected(tiny_loaded):
         evaluate(tiny_loaded, "shapes", task="detection", progress=False)
 
 
+def test_vision_only_model_evaluates_with_a_precomputed_bank(tiny_loaded, report, tmp_path):
+    """No text tower (offline tokenizer missing, a timm/Janus tower): a saved bank gives the same metrics, its rows
+    matched to the class names by label whatever their stored order."""
+    import dataclasses
+
+    from siglip_dola.text_bank import TextBank, save_text_bank
+
+    bank = build_text_bank(tiny_loaded, shapes.CLASSNAMES, shapes.TEMPLATES)
+    order = torch.randperm(len(bank.labels), generator=torch.Generator().manual_seed(0))
+    shuffled = TextBank([bank.labels[i] for i in order], bank.embeds[order], bank.model_id)
+    save_text_bank(shuffled, tmp_path / "bank.safetensors")
+    vision_only = dataclasses.replace(tiny_loaded, encode_text=None)
+    with_bank = evaluate(vision_only, "shapes", split="test", n=N_IMAGES, progress=False,
+                         bank=tmp_path / "bank.safetensors")
+    for mode in ("off", "static", "dynamic"):
+        assert with_bank["modes"][mode]["metrics"] == pytest.approx(report["modes"][mode]["metrics"], abs=1e-6)
+    assert with_bank["bank"] == str(tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match="no text encoder"):
+        evaluate(vision_only, "shapes", split="test", n=4, progress=False)
+    wrong = TextBank([f"x{i}" for i in range(len(bank.labels))], bank.embeds, bank.model_id)
+    with pytest.raises(ValueError, match="not the dataset's"):
+        evaluate(tiny_loaded, "shapes", split="test", n=4, progress=False, bank=wrong)
+
+
 def _naive_correct(q, labels, mode, layers, alpha):
     return np.array([naive_ranking(q[i], mode, layers, alpha)[0][0] == labels[i] for i in range(len(labels))])
 

@@ -37,6 +37,9 @@ def _common_arguments(parser, default_split: str) -> None:
                         help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--bank", default=None,
+                        help="precomputed text bank (.safetensors / .npy) for classification, e.g. for a model "
+                             "without its text tower offline; rows matched to the dataset's class names")
 
 
 def _load_model(args):
@@ -68,14 +71,16 @@ def _calibrate_arguments(parser) -> None:
                               "split (top-1, or text -> image recall with --task retrieval).")
 def calibrate_command(args) -> int:
     from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
+    from siglip_dola.text_bank import load_text_bank
     from siglip_dola.distributed import distributed_session
 
     grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,
                            contrast_weights=args.contrast_weights)
     with distributed_session():
+        bank = None if args.bank is None else load_text_bank(args.bank)
         report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
                            n=args.limit, batch_size=args.batch_size, progress=args.progress,
-                           task=TASK_NAMES[args.task], metric=args.metric)
+                           task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
     if report is not None:
         key, single = report["metric"], report["best_single_layer"]
         off = report["scores"][0][key]
@@ -102,6 +107,8 @@ def _eval_arguments(parser) -> None:
     parser.add_argument("--plots", default=None, help="folder for the layer-lens PNGs")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
                         help="classification (acc1/acc5/mean per-class recall) or retrieval (recall@1/5/10)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decode processes (default: the spare CPU cores; 0: decode in the main process)")
 
 
 @subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw, with paired "
@@ -114,7 +121,7 @@ def eval_command(args) -> int:
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
                           batch_size=args.batch_size, progress=args.progress, predictions=args.predictions,
-                          n_resamples=args.n_resamples, seed=args.seed)
+                          n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)
     if report is not None:
         print(f"{summary_line(report)} -> {args.out}")
     return 0

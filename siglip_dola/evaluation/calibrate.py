@@ -26,12 +26,12 @@ import torch
 from siglip_dola import distributed
 from siglip_dola import scoring as runtime
 from siglip_dola.data.datasets import EvalDataset, load_dataset
-from siglip_dola.evaluation.embed import Embeddings, embed_images
+from siglip_dola.evaluation.embed import Embeddings, embed_images, embed_texts
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point  # noqa: F401  (re-exported)
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
-from siglip_dola.text_bank import build_text_bank
+from siglip_dola.text_bank import TextBank, bank_for_classes, build_text_bank
 
 CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 RETRIEVAL_METRIC = "image_retrieval_recall@10"  # text -> image, at search's default top_k
@@ -58,20 +58,25 @@ def as_dataset(dataset, split: str, n: int | None) -> EvalDataset:
     return dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset, split=split, n=n)
 
 
-def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True) -> Embeddings | None:
+def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True,
+                  workers: int | None = None) -> Embeddings | None:
     """Embed every item with all layers 1..N-1 in one pass; None on torchrun ranks other than 0."""
-    embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress)
+    embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress,
+                              workers=workers)
     if embeddings is not None and not embeddings.ids:
         raise ValueError(f"dataset {dataset.name!r} split {dataset.split!r}: no image could be read "
                          f"({len(embeddings.skipped)} skipped)")
     return embeddings
 
 
-def class_logits(model, dataset: EvalDataset, embeddings: Embeddings) -> LayerLogits:
-    """Class log-probs of the images (final [n, C] kept, layers per chunk) against the dataset's class prompts."""
+def class_logits(model, dataset: EvalDataset, embeddings: Embeddings, bank: TextBank | None = None) -> LayerLogits:
+    """Class log-probs of the images (final [n, C] kept, layers per chunk) against the dataset's class prompts
+    (or a precomputed `bank`, its rows matched to the class names)."""
     if not dataset.classnames:
         raise ValueError(f"dataset {dataset.name!r} has no class labels (classification needs path,label data)")
-    bank = build_text_bank(model, dataset.classnames, dataset.templates).embeds.float().cpu()  # (C, D)
+    bank = build_text_bank(model, dataset.classnames, dataset.templates) if bank is None else \
+        bank_for_classes(bank, dataset.classnames, model)
+    bank = bank.embeds.float().cpu()  # (C, D)
     final = runtime.build_log_probs_from_rep(embeddings.z_final, bank, model.tau)  # (n, C)
     labels = torch.tensor([dataset.labels[i] for i in embeddings.indices], dtype=torch.int64)
     if bool((labels < 0).any()):
@@ -80,12 +85,8 @@ def class_logits(model, dataset: EvalDataset, embeddings: Embeddings) -> LayerLo
 
 
 def text_embeds(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Raw text embeddings [T, D] fp32 cpu."""
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower: retrieval needs one")
-    with torch.inference_mode():
-        return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
+    """Raw text embeddings [T, D] fp32 cpu (evaluation.embed's one text loop)."""
+    return embed_texts(model, texts, batch_size, needed_for="retrieval")
 
 
 def caption_pairs(dataset: EvalDataset, embeddings: Embeddings) -> tuple[list[str], torch.Tensor]:
@@ -216,19 +217,23 @@ def best_single_layer(layers: list[dict], key: str) -> dict:
     return {"layer": best["layer"], key: best[key]}
 
 
-def _task_cache(model, dataset: EvalDataset, embeddings: Embeddings, task: str) -> LayerLogits:
+def _task_cache(model, dataset: EvalDataset, embeddings: Embeddings, task: str, bank=None) -> LayerLogits:
     if task == CLASSIFICATION:
-        return class_logits(model, dataset, embeddings)
+        return class_logits(model, dataset, embeddings, bank)
+    if bank is not None:
+        raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
     texts, text_image = caption_pairs(dataset, embeddings)
     return text_to_image_logits(model, text_embeds(model, texts), text_image, embeddings)
 
 
 def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None = None,
               out: str | os.PathLike | None = None, n: int | None = None, batch_size: int = 32,
-              progress: bool = True, task: str = CLASSIFICATION, metric: str = RETRIEVAL_METRIC) -> dict | None:
+              progress: bool = True, task: str = CLASSIFICATION, metric: str = RETRIEVAL_METRIC,
+              bank: TextBank | None = None) -> dict | None:
     """Search the grid on `split` of `dataset`; write the calibration JSON to `out` (atomically) and return it.
 
     task "zeroshot_retrieval" picks by `metric` (image_retrieval_recall@k, text -> image) over the captions.
+    `bank`: a precomputed TextBank for the class names (see evaluate); default: built with the model's text tower.
     Under torchrun, every rank embeds its shard; rank 0 scores, writes and returns, the others return None.
     """
     if task not in (CLASSIFICATION, RETRIEVAL):
@@ -245,7 +250,7 @@ def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None =
             raise ValueError(error)
         return None
     try:
-        report = _score_and_write(model, dataset, embeddings, grid, out, task, metric)
+        report = _score_and_write(model, dataset, embeddings, grid, out, task, metric, bank)
     except Exception as err:
         distributed.broadcast_from_rank0(f"calibration failed on rank 0: {err}")
         raise
@@ -253,8 +258,8 @@ def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None =
     return report
 
 
-def _score_and_write(model, dataset, embeddings, grid, out, task, metric) -> dict:
-    cache = _task_cache(model, dataset, embeddings, task)
+def _score_and_write(model, dataset, embeddings, grid, out, task, metric, bank=None) -> dict:
+    cache = _task_cache(model, dataset, embeddings, task, bank)
     scores, layers = score_grid(cache, grid_points(grid, model.readout.num_layers), task, metric)
     chosen = choose(scores)
     key = "acc1" if task == CLASSIFICATION else metric

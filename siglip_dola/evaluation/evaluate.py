@@ -26,6 +26,7 @@ from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, o
 from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report, summary_line  # noqa: F401
 from siglip_dola.layers import MODES
 from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
+from siglip_dola.text_bank import load_text_bank
 
 
 def _same_dataset(a: str, b: str) -> bool:
@@ -120,8 +121,8 @@ def _single_layer(calibration: dict | None, num_layers: int) -> int | None:
     return int(layer)
 
 
-def _classification(model, dataset, embeddings, points, single_layer, want_rows) -> TaskScores:
-    cache = class_logits(model, dataset, embeddings)
+def _classification(model, dataset, embeddings, points, single_layer, want_rows, bank=None) -> TaskScores:
+    cache = class_logits(model, dataset, embeddings, bank)
     results = score_modes(cache, points)
     targets = one_hot_targets(cache.labels, cache.final.shape[-1])  # (n, C)
     rankings = {mode: rank_scores(r) for mode, r in results.items()}
@@ -167,13 +168,17 @@ def _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metr
 def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
              plots_dir: str | os.PathLike | None = None, task: str = CLASSIFICATION,
              n: int | None = None, batch_size: int = 32, progress: bool = True,
-             predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0) -> dict | None:
+             predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0,
+             workers: int | None = None, bank=None) -> dict | None:
     """Result JSON (results.assemble_report) for off / static / dynamic on `split`, written to `out` (atomic),
     per-item rows to `predictions` (atomic JSONL), layer-lens PNGs to `plots_dir`.
 
     `calibration`: path, dict, "embedded" or "none"; None: the model's default (the embedded model's shipped
     one; left out, with a line on stderr, when made on this split). An explicit one made for another model or
     on this split is refused. The calibration's choice is the chosen mode (`off` without a calibration).
+    `workers`: image decode processes (None: the spare cores; 0: decode in this process).
+    `bank`: a precomputed TextBank (or its .safetensors / .npy path) for classification, e.g. for a
+    model whose text tower is not available offline; rows are matched to the class names.
     Under torchrun rank 0 returns the report, the other ranks None.
     """
     if task not in TASKS:
@@ -184,20 +189,27 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     name, calibration_report = _calibration_for(model, dataset, calibration, task)
     # the design note's defaults apply to the DoLa modes without a calibration: say so once, on stderr
     resolve_settings(model.readout.num_layers, calibration=calibration_report, model_id=model.model_id, task=task)
+    if bank is not None and task != CLASSIFICATION:
+        raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
+    bank_source = bank if isinstance(bank, (str, os.PathLike)) or bank is None else "TextBank"
+    if isinstance(bank, (str, os.PathLike)):
+        bank = load_text_bank(bank)
     points = mode_points(model.readout.num_layers, calibration_report)
     single_layer = _single_layer(calibration_report, model.readout.num_layers)
-    embeddings = embed_dataset(model, dataset, batch_size, progress)
+    embeddings = embed_dataset(model, dataset, batch_size, progress, workers)
     if embeddings is None:
         return None
     want_rows = predictions is not None
     if task == CLASSIFICATION:
-        scored = _classification(model, dataset, embeddings, points, single_layer, want_rows)
+        scored = _classification(model, dataset, embeddings, points, single_layer, want_rows, bank)
     else:
         metric = (calibration_report or {}).get("metric") or RETRIEVAL_METRIC
         scored = _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric)
     report = assemble_report(model.model_id, dataset, task, embeddings, points, scored, calibration_report, name,
                              predictions=None if predictions is None else str(predictions),
                              n_resamples=n_resamples, seed=seed)
+    if bank_source is not None:
+        report["bank"] = str(bank_source)
     if predictions is not None:
         rows_of.write_predictions(predictions, scored.rows)
     if plots_dir is not None:

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 
-from siglip_dola.data.images import decode_image
+from siglip_dola.evaluation.embed import embed_images, embed_texts
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RETRIEVAL
 from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank
@@ -44,23 +44,18 @@ def read_captions(path) -> list[str]:
 
 def encode_captions(model, captions: list[str], batch_size: int = 256) -> np.ndarray:
     """L2-normalised caption embeddings [C, D] float32."""
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower; caption search needs one")
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(captions), batch_size):
-            parts.append(model.encode_text(captions[start:start + batch_size]).float().cpu())
-    return torch.nn.functional.normalize(torch.cat(parts), dim=-1).numpy()  # (C, D)
+    embeds = embed_texts(model, captions, batch_size, needed_for="caption search")  # (C, D)
+    return torch.nn.functional.normalize(embeds, dim=-1).numpy()
 
 
 def _image_embeds(model, image, layers: list[int]) -> np.ndarray:
     """Normalised [1+J, D]: row 0 the final embedding, then `layers`, for an image path or PIL image."""
-    pixels = decode_image(image, model.preprocess) if isinstance(image, (str, Path)) else \
-        model.preprocess(image.convert("RGB"))
-    with torch.inference_mode():
-        z_final, z_layers = model.readout(pixels.unsqueeze(0).to(model.device), layers=layers)
-    stacked = torch.cat([z_final.float().cpu(), z_layers.float().cpu()[:, 0]]) if layers else z_final.float().cpu()
-    return torch.nn.functional.normalize(stacked, dim=-1).numpy()  # (1+J, D)
+    item = str(image) if isinstance(image, (str, Path)) else ("<image>", image)
+    embeddings = embed_images(model, [item], layers, batch_size=1, progress=False, workers=0)
+    if embeddings.skipped:
+        raise ValueError(f"image {embeddings.skipped[0][0]!r} could not be read: {embeddings.skipped[0][1]}")
+    stacked = torch.cat([embeddings.z_final, embeddings.z_layers[:, 0]])  # (1+J, D)
+    return torch.nn.functional.normalize(stacked, dim=-1).numpy()
 
 
 def search_captions(model, image, captions, config: RerankConfig | None = None, bucket=None,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from siglip_dola import scoring as runtime
+from siglip_dola.evaluation.embed import embed_texts
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import index_settings
@@ -160,8 +161,5 @@ def search(index, query: str, model=None, config: RerankConfig | None = None, **
         model = load(index.manifest.model_id)
     else:
         check_compatible(index.manifest, model, root=index.root)  # same weights, however they are named
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower; text queries need one")
-    with torch.inference_mode():
-        text_embed = model.encode_text([query])[0].float().cpu()  # (D,)
+    text_embed = embed_texts(model, [query], needed_for="text queries")[0]  # (D,)
     return search_embedding(index, text_embed, config, query=query, tau=model.tau)
