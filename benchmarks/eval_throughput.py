@@ -38,6 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from norms import randomize_norms  # noqa: E402  benchmarks/norms.py: trained-like LayerNorm affines
+
 IMAGE_SIZE = (500, 375)  # (W, H), ImageNet's typical size
 TEMPLATE = "a photo of a {}."
 
@@ -69,17 +71,6 @@ def write_image_folder(root: Path, n: int, classes: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- model
-def randomize_norms(model) -> None:
-    """Trained-like LayerNorm affines (random init leaves gamma = 1, beta = 0); as gpu_check.py does."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                sign = torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
-                module.weight.copy_((torch.rand(module.weight.shape, generator=generator) * 1.2 + 0.3) * sign)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.5)
-
-
 def _tokenizer(words: list[str], max_length: int):
     """A word-level HF tokenizer over `words` (ids far below the text tower's vocabulary size)."""
     from tokenizers import Tokenizer, pre_tokenizers, processors

@@ -25,6 +25,8 @@ import json
 
 import torch
 
+from norms import randomize_norms   # benchmarks/norms.py: trained-like LayerNorm affines
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
@@ -48,18 +50,6 @@ def _counting_entry_slots(readout, images, layers):
     """readout(images, layers) plus how many layers it read from the next block's first norm (its path record)."""
     z_final, z_layers = readout(images, layers)
     return z_final, z_layers, sum(path == "fused-entry-norm" for path in readout.layer_paths.values())
-
-
-def randomize_norms(model) -> None:
-    """Give every LayerNorm a non-trivial affine (random init leaves gamma = 1, beta = 0, which hides shift bugs)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                sign = torch.where(torch.rand(module.weight.shape, generator=generator) < 0.2, -1.0, 1.0)
-                gamma = (torch.rand(module.weight.shape, generator=generator) * 1.2 + 0.3) * sign
-                module.weight.copy_(gamma)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.5)
 
 
 def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):

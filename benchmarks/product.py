@@ -34,6 +34,7 @@ from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import cuda_graphs
 
 from benchenv import environment   # benchmarks/benchenv.py: commit, versions, GPU, command
+from norms import randomize_norms   # benchmarks/norms.py: trained-like LayerNorm affines
 
 TARGETS = {  # issue #17: (point, batch) -> the most its ratio may be
     ("dynamic3-graph", 1): 1.02, ("dynamic23-graph", 1): 1.05, ("dynamic3", 1): 1.10,
@@ -56,24 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.runs < 1 or args.warmup < 1 or min(args.batches) < 1:
         parser.error("--runs, --warmup and --batches must be >= 1")
     return args
-
-
-def randomize_norms(model, trained_like: bool = False, seed: int = 1) -> None:
-    """Every LayerNorm a random affine in place: gpu_check's (|gamma| in [0.3, 1.5], 20% negative, beta ~ N(0,
-    0.5)), or trained-like (gamma ~ N(0.8, 0.7), beta ~ N(0, 0.2))."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                shape = module.weight.shape
-                if trained_like:
-                    gamma, beta = torch.randn(shape, generator=generator) * 0.7 + 0.8, torch.randn(shape, generator=generator) * 0.2
-                else:
-                    sign = torch.where(torch.rand(shape, generator=generator) < 0.2, -1.0, 1.0)
-                    gamma = (torch.rand(shape, generator=generator) * 1.2 + 0.3) * sign
-                    beta = torch.randn(shape, generator=generator) * 0.5
-                module.weight.copy_(gamma)
-                module.bias.copy_(beta)
 
 
 def build(args, device):
