@@ -23,6 +23,16 @@ def tiny_hf_siglip():
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip_folder(tiny_hf_siglip, tmp_path_factory):
+    """The tiny model saved as a local HF folder that `load()` reads: safetensors weights, tokenizer, processor."""
+    folder = tmp_path_factory.mktemp("tiny_siglip")
+    tiny_hf_siglip.save_pretrained(folder, safe_serialization=True)
+    te.build_tokenizer().save_pretrained(folder)
+    te.build_image_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_hf_siglip):
     """The tiny model as a LoadedModel (id "tiny"), with the embedded model's tokenizer and preprocessing."""
     return from_model(tiny_hf_siglip, preprocess=te.build_image_processor(), tokenizer=te.build_tokenizer(),

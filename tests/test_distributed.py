@@ -1,6 +1,5 @@
 """Sharding helpers, and calibrate / eval / embedding under torchrun (2 CPU processes, gloo) == one process."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -11,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import SiglipModel
 
 from siglip_dola import distributed
 from siglip_dola.data import shapes
-from tools import train_embedded as te
 from siglip_dola.evaluation.calibrate import calibrate
 from siglip_dola.evaluation.embed import embed_images
 from siglip_dola.evaluation.evaluate import evaluate
@@ -47,19 +44,9 @@ def test_without_torchrun_is_one_process():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random HF SiglipModel saved as a local folder that `load()` reads."""
-    folder = tmp_path_factory.mktemp("tiny_siglip")
-    torch.manual_seed(0)
-    cfg = te.TrainConfig(vision_layers=12, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
-    tokenizer = te.build_tokenizer()
-    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(tokenizer))).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    te.build_image_processor().save_pretrained(folder)
-    return folder
+def model_dir(tiny_siglip_folder):
+    """A tiny random HF SiglipModel saved as a local folder that `load()` reads (conftest)."""
+    return tiny_siglip_folder
 
 
 WORKER = textwrap.dedent('''

@@ -1,12 +1,10 @@
 """tools/embedded_report.py: the report is calibrate + eval (same numbers as the result JSON), tables and README markers."""
 import ast
 import json
-import math
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import SiglipModel
 
 from siglip_dola.data import shapes
 from siglip_dola.evaluation.evaluate import evaluate
@@ -18,19 +16,12 @@ N_VAL, N_TEST = 36, 72
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random HF SiglipModel folder with a training record, as tools/train_embedded.py leaves it."""
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
-    torch.manual_seed(0)
-    cfg = te.TrainConfig(vision_layers=12, text_layers=1, hidden_size=16, num_heads=2, patch_size=16)
-    tokenizer = te.build_tokenizer()
-    model = SiglipModel(te.build_model_config(cfg, vocab_size=len(tokenizer))).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    te.build_image_processor().save_pretrained(folder)
-    te.write_training_record(folder, cfg, 1.0, "test machine")
+def checkpoint(tiny_siglip_folder, tmp_path_factory):
+    """The tiny model folder (conftest) with a training record, as tools/train_embedded.py leaves it."""
+    folder = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
+    shutil.copytree(tiny_siglip_folder, folder)
+    te.write_training_record(folder, te.TrainConfig(vision_layers=12, text_layers=1, hidden_size=16, num_heads=2,
+                                                    patch_size=16), 1.0, "test machine")
     return folder
 
 

@@ -11,7 +11,6 @@ from scipy.spatial.distance import jensenshannon
 from timm.models.vision_transformer import VisionTransformer
 
 from siglip_dola.loading import from_model
-from siglip_dola.layers import default_layers as choose_layers
 from siglip_dola.scorer import DoLaSigLIP, rerank_with_dola_siglip
 
 DEPTH, WIDTH, IMAGE = 24, 16, 16
@@ -107,15 +106,6 @@ def check_against_naive(results, vit, pixels, bank, tau, layers, mode, alpha=0.1
 
 
 # ---------------------------------------------------------------- tests
-def test_default_layers_per_mode_and_bucket():
-    assert choose_layers(24, "dynamic") == ([18, 20, 22], None)
-    assert choose_layers(24, "static") == ([20], 20)
-    assert choose_layers(24, "off") == ([], None)
-    assert choose_layers(24, "off", bucket=1) == ([2, 4, 6, 8], None)
-    assert choose_layers(24, "dynamic", bucket=4, n_buckets=4) == ([20, 22], None)
-    assert choose_layers(24, "static", layers=[4, 10], static_layer=6) == ([6], 6)
-
-
 @pytest.mark.parametrize("mode,static_layer", [("dynamic", None), ("static", 20), ("static", 7), ("off", None)])
 def test_classify_matches_naive_reference(vit, loaded, pixels, bank, mode, static_layer):
     scorer = DoLaSigLIP(loaded, mode=mode, static_layer=static_layer, batch_size=2)

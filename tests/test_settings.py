@@ -102,7 +102,9 @@ def test_inherited_settings_keep_their_sources_and_candidates():
 
 @pytest.mark.parametrize("flags, match", [
     ({"alpha": 0.0}, "alpha"), ({"contrast_weight": -1.0}, "contrast_weight"), ({"mode": "greedy"}, "mode"),
-    ({"layers": [24]}, "out of range"), ({"mode": "dynamic", "static_layer": 4}, "only used with mode='static'"),
+    ({"layers": [24]}, "out of range"),
+    ({"mode": "static", "static_layer": 99}, r"static_layer \(--static-layer\) 99 out of range"),
+    ({"mode": "dynamic", "static_layer": 4}, "only used with mode='static'"),
 ])
 def test_bad_flags_name_the_argument(flags, match):
     with pytest.raises(ValueError, match=match):
@@ -116,6 +118,7 @@ def test_default_layers_policy():
     assert default_layers(24, "off", bucket=1) == ([2, 4, 6, 8], None)
     assert default_layers(24, "dynamic", bucket=4, n_buckets=4) == ([20, 22], None)
     assert default_layers(24, "static", static_layer=7) == ([7], 7)
+    assert default_layers(24, "static", layers=[4, 10], static_layer=6) == ([6], 6)  # static_layer wins over layers
     assert default_layers(8, "static", static_layer=3) == ([3], 3)  # needs no bucket of its own
 
 
