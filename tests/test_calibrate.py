@@ -140,3 +140,15 @@ def test_interrupted_calibration_leaves_no_file(tiny_loaded, tmp_path):
         calibrate(interrupted, "shapes", split="val", n=24, batch_size=8, out=out, progress=False)
     assert out.read_text() == "previous complete file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json"]
+
+
+@pytest.mark.parametrize("text,match", [("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object"),
+                                        ('{"model": "m"}', "lacks keys")])
+def test_read_calibration_names_the_bad_file(tmp_path, text, match):
+    from siglip_dola.evaluation.calibrate import read_calibration
+
+    path = tmp_path / "cal.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        read_calibration(path)
+    assert str(path)[:150] in str(err.value)

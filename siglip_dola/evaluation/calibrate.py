@@ -283,7 +283,14 @@ def read_calibration(path_or_report) -> dict:
     if isinstance(path_or_report, dict):
         report = path_or_report
     else:
-        report = json.loads(Path(path_or_report).read_text(encoding="utf-8"))
+        try:
+            report = json.loads(Path(path_or_report).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"calibration {str(path_or_report)!r} is not valid JSON ({err}); "
+                             "write it with `siglip-dola calibrate`") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"calibration {str(path_or_report)[:200]!r} is not a JSON object; "
+                         "write it with `siglip-dola calibrate`")
     missing = [k for k in ("model", "dataset", "split", "choice") if k not in report]
     if missing:
         raise ValueError(f"calibration {str(path_or_report)[:200]!r} lacks keys {missing}; "
