@@ -48,11 +48,11 @@ def softmax(values):
 
 
 def naive_search(gallery, text, top_k, rerank_k, mode="dynamic", alpha=0.1, static_layer=None, layers=LAYERS):
-    """[(id, p_hat, q_N, first-stage rank)], premature layer; one candidate at a time with plain loops."""
+    """[(id, p_hat, q_N, first-stage rank)], premature layer, {j: JSD}; one candidate at a time, plain loops."""
     cosine = [float(np.dot(gallery[i, 0], text)) for i in range(len(gallery))]
     candidates = sorted(range(len(gallery)), key=lambda i: -cosine[i])[:rerank_k]
     q_final = softmax([cosine[i] / TAU for i in candidates])
-    premature, p_hat = None, q_final
+    premature, p_hat, divergence = None, q_final, None
     if mode != "off":
         q = {j: softmax([float(np.dot(gallery[i, 1 + LAYERS.index(j)], text)) / TAU for i in candidates])
              for j in layers}
@@ -63,17 +63,24 @@ def naive_search(gallery, text, top_k, rerank_k, mode="dynamic", alpha=0.1, stat
         kept_probs = iter(softmax(contrast))
         p_hat = [next(kept_probs) if keep[c] else 0.0 for c in range(len(candidates))]
     order = sorted(range(len(candidates)), key=lambda c: (-p_hat[c], -q_final[c], c))[:top_k]
-    return [(candidates[c], p_hat[c], q_final[c], c + 1) for c in order], premature
+    return [(candidates[c], p_hat[c], q_final[c], c + 1) for c in order], premature, divergence
 
 
 def assert_same(result, expected, premature):
-    hits, _ = expected
+    hits, _, divergence = expected
     assert [h.item for h in result.results] == [f"img_{i:03d}.png" for i, *_ in hits]
     assert [h.rank_baseline for h in result.results] == [rank for *_, rank in hits]
     np.testing.assert_allclose([h.score for h in result.results], [p for _, p, _, _ in hits], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose([h.baseline_score for h in result.results], [q for _, _, q, _ in hits],
                                rtol=1e-4, atol=1e-7)
     assert result.premature_layer == premature
+    if divergence is None:  # mode off
+        assert result.jsd is None and result.to_json()["jsd"] == {}
+    else:  # the layers read: the candidates (dynamic) or the static one
+        read = list(result.settings.layers)
+        assert sorted(result.jsd) == sorted(read)
+        np.testing.assert_allclose([result.jsd[j] for j in read], [divergence[j] for j in read], rtol=1e-4, atol=1e-8)
+        assert result.to_json()["jsd"] == {str(j): result.jsd[j] for j in result.jsd}
 
 
 # ---------------------------------------------------------------- tests

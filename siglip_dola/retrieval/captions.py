@@ -81,8 +81,8 @@ def search_captions(model, image, captions, config: RerankConfig | None = None, 
     k = min(config.rerank_k, len(captions))
     cosines, ids = faiss_store.search(gallery, image_embeds[0], k)  # (K,), (K,)
     layer_logits = embeds[ids] @ image_embeds[1:].T / model.tau if layers else None  # (K, J)
-    order, probs, baseline, premature = rerank(cosines / model.tau, None if layer_logits is None else
-                                               np.ascontiguousarray(layer_logits.T), settings, config.top_k)
+    order, probs, baseline, premature, jsd = rerank(cosines / model.tau, None if layer_logits is None else
+                                                    np.ascontiguousarray(layer_logits.T), settings, config.top_k)
     query = str(image) if isinstance(image, (str, Path)) else "<image>"
     return SearchResult(query, _hits(captions, ids, order, probs, baseline), premature, item_key="caption",
-                        settings=settings)
+                        settings=settings, jsd=jsd)

@@ -53,6 +53,7 @@ class SearchResult:
     premature_layer: int | None
     item_key: str = "path"
     settings: DoLaSettings | None = None
+    jsd: dict[int, float] | None = None  # JSD(q_N || q_j) per candidate layer j over the K candidates
 
     def to_json(self) -> dict:
         """One row of the shared output vocabulary (siglip_dola/output.py): query, hits [{rank, item, ...}]."""
@@ -61,7 +62,7 @@ class SearchResult:
         hits = [{"item": h.item, "score": h.score, "baseline_score": h.baseline_score,
                  "rank_baseline": h.rank_baseline} for h in self.results]
         query_type = "image" if self.item_key == "caption" else "text"
-        return result_row(self.query, query_type, self.item_key, hits, self.premature_layer)
+        return result_row(self.query, query_type, self.item_key, hits, self.premature_layer, self.jsd)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def check_config(config: RerankConfig) -> None:
 
 def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, settings: DoLaSettings, top_k: int):
     """DoLa over K candidates: first_logits [K], layer_logits [J, K] (J = settings.layers)
-    -> (order [<=top_k], p_hat [K], q_N [K], M)."""
+    -> (order [<=top_k], p_hat [K], q_N [K], M, {j: JSD(q_N || q_j)} or None for "off")."""
     layers = settings.layers
     mode = settings.mode if layer_logits is not None and len(layers) else "off"
     result = runtime.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
@@ -107,7 +108,8 @@ def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, settings: 
     first_rank = np.arange(len(first_logits))
     order = np.lexsort((first_rank, -baseline, -probs))  # p_hat desc, then q_N desc, then first stage
     premature = None if mode == "off" else int(result.premature_layer)
-    return order[:top_k], probs, baseline, premature
+    jsd = None if mode == "off" else {int(j): float(v) for j, v in zip(layers, np.asarray(result.jsd).reshape(-1))}
+    return order[:top_k], probs, baseline, premature, jsd
 
 
 def _hits(items: list[str], candidate_ids, order, probs, baseline) -> list[SearchHit]:
@@ -142,8 +144,9 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
         layer_logits = None
         if layers:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
             layer_logits = (torch.from_numpy(layer_vectors) @ torch.from_numpy(text)).numpy() / tau  # (J, K)
-        order, probs, baseline, premature = rerank(cosines / tau, layer_logits, settings, config.top_k)
-    return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature, settings=settings)
+        order, probs, baseline, premature, jsd = rerank(cosines / tau, layer_logits, settings, config.top_k)
+    return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature, settings=settings,
+                        jsd=jsd)
 
 
 def search(index, query: str, model=None, config: RerankConfig | None = None, **options) -> SearchResult:
