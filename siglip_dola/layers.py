@@ -116,7 +116,7 @@ def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_bucke
     if mode == "static" and static_layer is not None:
         num_layers, static_layer = _check_num_layers(num_layers), _as_int(static_layer, "static_layer")
         if not 1 <= static_layer <= num_layers - 1:  # named here: resolve_layers would call it "layers"
-            raise ValueError(f"static_layer (--static-layer) {static_layer} out of range: valid layers are "
+            raise ValueError(f"static_layer {static_layer} out of range: valid layers are "
                              f"1..{num_layers - 1} (num_layers={num_layers}; the final layer is never a candidate)")
         return [static_layer], static_layer
     if mode == "off" and not explicit:

@@ -59,6 +59,7 @@ def test_type_errors_keep_their_message_in_one_line(capsys, shapes_dir):
     (["--alpha", "3"], "--alpha must be in (0, 1], got 3.0"),
     (["--top-k", "0"], "--top-k must be a positive int, got 0"),
     (["--static-layer", "20"], "--static-layer is only used with --mode static"),
+    (["--mode", "static", "--static-layer", "99"], "--static-layer 99 out of range: valid layers are 1..23"),
     (["--batch-size", "0"], "--batch-size"),
 ])
 def test_library_messages_name_the_flags(capsys, shapes_dir, extra, expected):
