@@ -21,11 +21,20 @@ def old_point(final, layers, point):
                    alpha=point["alpha"], static_layer=point["static_layer"], contrast_weight=point["contrast_weight"])
 
 
+def sparse_signs(*shape, generator, nonzero=4):
+    """Vectors [..., D] with `nonzero` entries of +-1 and zeros elsewhere: their norm is exactly 2, so every
+    cosine is a multiple of 1/4 and comes out bit-identical whatever rows a BLAS kernel groups (a chunk of 3 rows
+    and the full matrix take different kernels, whose float sums of random data differ in the last bit)."""
+    order = torch.rand(*shape, D, generator=generator).argsort(dim=-1)
+    signs = torch.where(torch.rand(*shape, D, generator=generator) < 0.5, -1.0, 1.0)
+    return torch.where(order < nonzero, signs, torch.zeros(()))
+
+
 @pytest.fixture(scope="module")
 def data():
     gen = torch.Generator().manual_seed(0)
-    z_final, z_layers = torch.randn(n, D, generator=gen), torch.randn(N - 1, n, D, generator=gen)
-    bank = torch.randn(C, D, generator=gen)
+    z_final, z_layers = sparse_signs(n, generator=gen), sparse_signs(N - 1, n, generator=gen)
+    bank = sparse_signs(C, generator=gen)
     labels = torch.randint(0, C, (n,), generator=gen)
     final = rt.build_log_probs_from_rep(z_final, bank, TAU)
     old_layers = rt.build_log_probs_from_rep(z_layers, bank, TAU)  # (N-1, n, C): the old cache
