@@ -1,4 +1,4 @@
-"""readout/pooler.py: the PyTorch path against the model's own norm + MAP head, the split/merge math
+"""readout/pooler.py and layer_pooler.py: the PyTorch path against the model's own norm + MAP head, the split/merge math
 against a naive loop, and the Triton kernels (CPU interpreter, in a subprocess) against float64."""
 import textwrap
 
@@ -8,7 +8,7 @@ import torch
 
 from interpreter import run_interpreted
 from siglip_dola import config
-from siglip_dola.readout import kernel as pool_kernel, map_head, pooler as fused
+from siglip_dola.readout import kernel as pool_kernel, layer_pooler, map_head, pooler as fused
 
 DIM, HEADS = 48, 4
 
@@ -71,7 +71,7 @@ def fake_kernel(fits: int, calls: list):
         assert not shifted   # these tests add raw block outputs
         calls.append(num_stages)
         if num_stages > fits:
-            raise fused.OutOfResources(200_000, 166_912, "shared memory")
+            raise layer_pooler.OutOfResources(200_000, 166_912, "shared memory")
         for split in range(out.shape[2]):
             part = tokens[:, split * per_split:(split + 1) * per_split]
             x_hat = torch.nn.functional.layer_norm(part, part.shape[-1:], eps=eps)
@@ -87,9 +87,9 @@ def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeyp
     folded = folded_head(tower)
     layers = [tokens_like_a_block(seed=s) for s in (4, 5)]
     calls = []
-    monkeypatch.setattr(fused, "pool_partials", fake_kernel(fits, calls))
-    monkeypatch.setattr(fused, "triton_usable", lambda tokens, probe: True)
-    monkeypatch.setattr(fused, "_FITTING_STAGES", {})
+    monkeypatch.setattr(layer_pooler, "pool_partials", fake_kernel(fits, calls))
+    monkeypatch.setattr(layer_pooler, "triton_usable", lambda tokens, probe: True)
+    monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
     caplog.set_level("INFO", logger="siglip_dola.readout")
     with torch.no_grad():
         expected = torch.stack([own_head(tower, tokens) for tokens in layers])
@@ -140,7 +140,7 @@ def test_split_plan_covers_tokens_with_no_empty_split(batch, num_tokens, target,
 def test_plain_fp32_keeps_the_exact_pytorch_path():
     tokens = tokens_like_a_block()
     probe = torch.randn(HEADS, DIM)
-    assert not fused.triton_usable(tokens, probe)                       # CPU, no interpreter requested
+    assert not layer_pooler.triton_usable(tokens, probe)                       # CPU, no interpreter requested
     from siglip_dola.readout import from_model
     readout = from_model(deep_tower(seed=1))
     with torch.no_grad():
@@ -156,8 +156,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_pooler import tiny_tower, folded_head, own_head, tokens_like_a_block, HEADS, DIM
     from siglip_dola import config
-    from siglip_dola.readout import kernel as pool_kernel, map_head, pooler as fused
-    assert fused.triton is not None
+    from siglip_dola.readout import kernel as pool_kernel, layer_pooler, map_head, pooler as fused
+    assert layer_pooler.triton is not None
     SPLITS = [(1, 16), (8, 16), (64, 16), (8, 32)]   # (target programs, block_t)
     torch.manual_seed(11)
     tower = tiny_tower(seed=9)

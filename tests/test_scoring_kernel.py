@@ -12,6 +12,7 @@ from scipy.special import log_softmax, softmax
 from interpreter import run_interpreted
 from siglip_dola import scoring as rt
 from siglip_dola.scoring import kernel as scoring_kernel
+from siglip_dola.scoring.logspace import rep_logits
 
 LN2 = math.log(2.0)
 LAYERS = [2, 4, 6]
@@ -202,12 +203,12 @@ def test_non_finite_z_or_bank_always_gives_non_finite_logits(bad):
     for index in range(z.numel()):
         poisoned = z.clone()
         poisoned.view(-1)[index] = bad
-        logits = rt._rep_logits(poisoned, bank, 1e-3)  # (3, 5)
+        logits = rep_logits(poisoned, bank, 1e-3)  # (3, 5)
         assert not torch.isfinite(logits[index // 4]).any() and torch.isfinite(logits[np.arange(3) != index // 4]).all()
     for index in range(bank.numel()):
         poisoned = bank.clone()
         poisoned.view(-1)[index] = bad
-        assert not torch.isfinite(rt._rep_logits(z, poisoned, 1e-3)[:, index // 4]).any()
+        assert not torch.isfinite(rep_logits(z, poisoned, 1e-3)[:, index // 4]).any()
 
 
 def test_usable_only_for_float_contiguous_rows_within_the_class_limit(monkeypatch):

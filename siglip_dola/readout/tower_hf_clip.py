@@ -11,56 +11,35 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from siglip_dola.readout import token_head
-from siglip_dola.readout.tower_hf import _as_embedding
+from siglip_dola.readout import hf_parts, token_head
 from siglip_dola.readout.towers import Tower, two_tuple
 
 
-def _is_clip_vision(module) -> bool:
-    encoder = getattr(module, "encoder", None)
-    return (isinstance(module, nn.Module) and hasattr(module, "embeddings")
-            and isinstance(getattr(module, "pre_layrnorm", None), nn.Module)
-            and isinstance(getattr(encoder, "layers", None), nn.ModuleList)
-            and isinstance(getattr(module, "post_layernorm", None), nn.Module)
-            and getattr(module, "head", None) is None)
-
-
-def _find_vision(model):
-    candidate = model
-    for _ in range(3):
-        if _is_clip_vision(candidate):
-            return candidate
-        candidate = getattr(candidate, "vision_model", None)
-        if candidate is None:
-            return None
-    return None
+def _is_clip_vision(vision) -> bool:
+    """CLIP's layout: a pre_layrnorm before the encoder and no pooling head."""
+    return isinstance(getattr(vision, "pre_layrnorm", None), nn.Module) and getattr(vision, "head", None) is None
 
 
 def _embed_fn(model):
-    if hasattr(model, "get_image_features"):                 # CLIPModel
-        return lambda images: _as_embedding(model.get_image_features(pixel_values=images))
-    if isinstance(getattr(model, "visual_projection", None), nn.Module):   # CLIPVisionModelWithProjection
-        return lambda images: model(pixel_values=images).image_embeds
-    return lambda images: _as_embedding(model(pixel_values=images))       # CLIPVisionModel: pooler_output
+    if not hasattr(model, "get_image_features") and isinstance(getattr(model, "visual_projection", None), nn.Module):
+        return lambda images: model(pixel_values=images).image_embeds    # CLIPVisionModelWithProjection
+    return hf_parts.embed_fn(model)        # CLIPModel: get_image_features; CLIPVisionModel: pooler_output
 
 
 def build(model) -> Tower | None:
     """A Tower for a HF CLIP vision model (class-token head), or None when ``model`` is not one."""
-    if not hasattr(model, "config"):
-        return None
-    vision = _find_vision(model)
-    if vision is None or len(vision.encoder.layers) < 2:
+    vision = hf_parts.find_vision(model, _is_clip_vision)
+    if vision is None:
         return None
     projection = getattr(model, "visual_projection", None)
     project = projection if isinstance(projection, nn.Module) else nn.Identity()
-    config = getattr(vision, "config", None) or getattr(model.config, "vision_config", model.config)
+    config = hf_parts.vision_config(model, vision)
     norm = vision.post_layernorm
     own = lambda tokens: project(norm(tokens[:, 0]))  # noqa: E731  the model's own: pooled = h[:, 0], then norm
 
     def layer_head(folded: bool) -> token_head.LayerHead:
         return token_head.class_token_head(norm, project) if folded else token_head.own_head(own)
 
-    patch_conv = getattr(vision.embeddings, "patch_embedding", None)
     return Tower(
         backend="hf",
         blocks=tuple(vision.encoder.layers),
@@ -71,7 +50,7 @@ def build(model) -> Tower | None:
         head_modules=tuple(m for m in (norm, projection) if isinstance(m, nn.Module)),
         token_dim=int(config.hidden_size),
         image_size=two_tuple(config.image_size),
-        in_chans=int(getattr(patch_conv, "in_channels", getattr(config, "num_channels", 3))),
+        in_chans=hf_parts.in_channels(vision, config),
         layer_head=layer_head,
     )
 

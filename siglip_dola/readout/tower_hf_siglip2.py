@@ -16,31 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from siglip_dola.readout import token_head
+from siglip_dola.readout import hf_parts, token_head
 from siglip_dola.readout.map_head import fold, hf_map_parts
-from siglip_dola.readout.tower_hf import _as_embedding
 from siglip_dola.readout.towers import Tower
 
 MASK, SHAPES = "pixel_attention_mask", "spatial_shapes"
 
 
-def _is_naflex(module) -> bool:
-    encoder = getattr(module, "encoder", None)
-    embeddings = getattr(module, "embeddings", None)
-    return (isinstance(module, nn.Module) and type(embeddings).__name__ == "Siglip2VisionEmbeddings"
-            and isinstance(getattr(encoder, "layers", None), nn.ModuleList)
-            and isinstance(getattr(module, "post_layernorm", None), nn.Module))
-
-
-def _find_vision(model):
-    candidate = model
-    for _ in range(3):
-        if _is_naflex(candidate):
-            return candidate
-        candidate = getattr(candidate, "vision_model", None)
-        if candidate is None:
-            return None
-    return None
+def _is_naflex(vision) -> bool:
+    return type(vision.embeddings).__name__ == "Siglip2VisionEmbeddings"
 
 
 def pack(pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
@@ -63,8 +47,8 @@ def _embed_fn(model):
     method = model.get_image_features if hasattr(model, "get_image_features") else model
 
     def embed(pixel_values, pixel_attention_mask=None, spatial_shapes=None) -> torch.Tensor:
-        return _as_embedding(method(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-                                    spatial_shapes=spatial_shapes))
+        return hf_parts.as_embedding(method(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                            spatial_shapes=spatial_shapes))
     return embed
 
 
@@ -119,16 +103,14 @@ def _layer_head_fn(vision):
 
 def build(model) -> Tower | None:
     """A Tower for a HF SigLIP2 NaFlex model, or None when ``model`` is not one."""
-    if not hasattr(model, "config"):
-        return None
-    vision = _find_vision(model)
-    if vision is None or len(vision.encoder.layers) < 2:
+    vision = hf_parts.find_vision(model, _is_naflex)
+    if vision is None:
         return None
     if not isinstance(getattr(vision, "head", None), nn.Module):
         raise ValueError("Siglip2 vision model without a pooling head (vision_use_head=False) has no image "
                          "embedding to read layers into; supported: Siglip2Model / Siglip2VisionModel with the head")
     patch = vision.embeddings.patch_embedding                                 # nn.Linear(C*p*p, D)
-    config = getattr(vision, "config", None) or getattr(model.config, "vision_config", model.config)
+    config = hf_parts.vision_config(model, vision)
     return Tower(
         backend="hf",
         blocks=tuple(vision.encoder.layers),

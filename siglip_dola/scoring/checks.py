@@ -1,7 +1,8 @@
-"""Input plumbing and eager checks of the DoLa runtime: array kinds, dtypes, shapes, alpha, tau, modes, layers.
+"""Input plumbing and checks of the DoLa scoring: array kinds, dtypes, shapes, alpha, tau, modes, layers, values.
 
-Everything here reads metadata only (shapes, dtypes, Python scalars), never tensor values, so it adds no
-host<->device sync. Value checks (NaN/inf) live in runtime.py and are read once per call, at its end.
+The eager checks read metadata only (shapes, dtypes, Python scalars), never tensor values, so they add no
+host<->device sync. The value checks (NaN/inf, probabilities) are 0-d tensors on the input's device, queued
+with the math and read ONCE per call, at its end, by :func:`raise_failed`.
 """
 from __future__ import annotations
 
@@ -146,3 +147,21 @@ def resolve_stacked_layers(layers, stacked, final, names: tuple[str, str], mode:
     return layers, stacked
 
 
+# ---------------------------------------------------------------- value checks on device, read once
+def finite_check(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
+    """(0-d tensor on x's device, 0 iff x has no NaN/inf: x - x is NaN there; the error); no host read."""
+    return (x - x).sum(), f"{name} must be finite (no NaN or inf)"
+
+
+def probability_check(x: torch.Tensor, name: str) -> tuple[torch.Tensor, str]:
+    """0 iff x is finite and >= 0: |x| - x is > 0 for negatives, NaN for NaN/+inf, inf for -inf."""
+    return (x.abs() - x).sum(), f"{name} must hold probabilities: finite, >= 0, no NaN"
+
+
+def raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """The ONE host read of a call: raise the ValueError of the first failed device-side check."""
+    passed = torch.stack([value for value, _ in checks]) == 0  # (K,) bool, on device
+    index = torch.arange(len(checks), device=passed.device)
+    first_failed = int(torch.where(passed, len(checks), index).min())  # the host sync
+    if first_failed < len(checks):
+        raise ValueError(checks[first_failed][1])

@@ -1,11 +1,12 @@
-"""One Triton kernel for all of DoLa's scoring after the cosine-logit matmul (runtime.score's fast path).
+"""One Triton kernel for all of DoLa's scoring after the cosine-logit matmul (scoring.score's fast path).
 
 The eager path launches ~40 small kernels per call (log_softmax, the JSD table, argmax, gather, head
 mask, contrast, exp, finiteness flags); on CUDA at small batch their launch cost is the whole overhead
 budget. Here ONE program per example row does everything in registers: log_softmax of the final row,
 a loop over the J candidate layers (log_softmax, true JSD, running argmax and the chosen layer's log
-q_M), then the head mask, the contrast log q_N - lambda * log q_M and its log_softmax. The math is ``runtime._dola_log`` with
-``compat=None``, in log space (finite for logits up to +-1e4); exact JSD ties go to the earliest layer.
+q_M), then the head mask, the contrast log q_N - lambda * log q_M and its log_softmax. The math is the eager
+reference ``scoring.logspace.dola_log`` with ``compat=None``, in log space (finite for logits up to +-1e4);
+exact JSD ties go to the earliest layer.
 
 Used only for fp32/bf16/fp16 (computed in fp32), contiguous logits on CUDA (or with TRITON_INTERPRET=1, Triton's CPU interpreter,
 which the tests use) and C <= MAX_CLASSES (one block holds a whole row); everything else stays eager.
@@ -18,7 +19,7 @@ import torch
 
 from siglip_dola import config
 
-try:  # optional: runtime.score's eager path is always available
+try:  # optional: scoring.score's eager path is always available
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the environment

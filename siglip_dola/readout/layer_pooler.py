@@ -1,0 +1,240 @@
+"""The folded-head layer pooler: each layer pooled by the Triton kernel as the forward produces it, PyTorch otherwise.
+
+:class:`~siglip_dola.readout.map_head.FoldedMapHead` reduces an intermediate layer's readout to
+
+    pooled[b, h] = sum_t softmax_t(x_hat[b, t] . key_probe[h]) * x_hat[b, t]        # (B, H, D)
+    values[b, h] = value_weight[h] @ pooled[b, h] + value_bias[h]                    # (B, H, hd)
+    z[b]         = tail(values[b] flattened)                                          # the model's own modules
+
+where x_hat is the LayerNorm of the raw block output without its affine (gamma/beta are folded). The first
+line is the only work over all T tokens: ``map_head.pool_tokens`` is its PyTorch reference,
+:mod:`siglip_dola.readout.kernel` its Triton kernel (one read per layer). :class:`LayerPooler` pools each
+layer as the forward produces it, so no (B, T, D) layer is kept; the per-vector part (the split merge with
+W_v in one kernel, then the model's proj / norm + MLP) runs once for all layers at the end.
+
+Where block j+1 starts with its own LayerNorm of block j's output (timm ``norm1``, HF ``layer_norm1``: pre-norm
+ViTs), the fused path pools layer j from that norm's output instead (:class:`EntryNorm`): the model computes it
+anyway, and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (~25% faster on an
+H100). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its output is fp32, its
+input is the very tensor block j returned, and gamma passes the precision guards of
+:func:`~siglip_dola.readout.entry_norm.entry_norm`.
+
+Here too: the path names (:data:`PATHS`), the log-once fall-back messages and :func:`fused_possible`, the
+per-call capability check; the pooler interface that picks a pooler per call is :mod:`siglip_dola.readout.pooler`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from siglip_dola import config
+from siglip_dola.readout.entry_norm import EntryNorm, tensor_version
+from siglip_dola.readout.kernel import merge_values, pool_partials, split_plan, triton, triton_usable
+from siglip_dola.readout.map_head import head_values, pool_tokens
+
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - depends on the environment
+    OutOfResources = RuntimeError  # never raised without triton
+
+LOG = logging.getLogger("siglip_dola.readout")
+PATHS = ("fused-entry-norm", "fused-stats", "pytorch", "model-head")
+_LOGGED: set = set()
+_FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
+
+
+def log_once(reason: str, level: int = logging.WARNING) -> None:
+    """Log ``reason`` the first time it occurs in this process."""
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        LOG.log(level, "siglip_dola readout: %s", reason)
+
+
+def missing_error(missing: list[int]) -> RuntimeError:
+    return RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
+                        "does not call hooks); pass the eager model")
+
+
+def block_tokens(output) -> torch.Tensor:
+    """A block hook's output -> its tokens (B, T, D)."""
+    return output[0] if isinstance(output, (tuple, list)) else output   # HF 4.x layers return a tuple
+
+
+def fused_possible(head, device: torch.device) -> tuple[bool, str | None]:
+    """(whether the Triton kernel may pool this call, the reason it may not)."""
+    if not config.use_fused_pooling():
+        return False, "fused pooling is off (siglip_dola.config fused_pooling=False)"
+    if device.type != "cuda" and not config.triton_interpreted():
+        return False, f"tokens on {device.type}: the Triton kernel runs on CUDA only"
+    if triton is None:
+        return False, "triton is not installed (pip install triton)"
+    if head.key_probe.dtype != torch.float32:
+        return False, f"the folded head is {head.key_probe.dtype} (the kernel serves float32 heads)"
+    return True, None
+
+
+class LayerPooler:
+    """Pools each requested layer through the folded head as the forward produces it (Triton or PyTorch).
+
+    Per layer j a hook on block j, and where ``entries`` holds an EntryNorm, one on block j+1's first norm
+    (then block j's output is held, by reference, until that norm ran). The first pooled layer decides
+    between the Triton kernel and PyTorch for the whole call. After :meth:`result`, ``paths`` maps each
+    layer to one of :data:`PATHS` and ``reasons`` each layer to why it did not take the fastest, or None.
+    """
+
+    def __init__(self, folded, layers: list[int], entries: dict | None = None, fused: bool = True,
+                 reason: str | None = None):
+        self.folded, self.layers = folded, list(layers)
+        self._slot = {layer: slot for slot, layer in enumerate(self.layers)}
+        self._entries, self._reason = entries or {}, None if fused else (reason or "fused pooling not possible")
+        self.launch = config.pooling_launch()
+        self._pooled: dict[int, torch.Tensor] = {}  # PyTorch path: slot -> (B, H, D)
+        self._fast = None                           # decided on the first pooled layer
+        self._out = self._lse = self._tokens_per_split = None
+        self._launched = False                      # a fast launch succeeded in this call
+        self._held: dict = {}                       # slot -> (block output, its _version) awaiting its norm
+        self._done: set = set()
+        self.paths: dict[int, str] = {}
+        self.reasons: dict[int, str | None] = {}
+
+    # ------------------------------------------------------------ the interface the readout drives
+    def hooks(self, layer: int, blocks) -> list:
+        """[(module, forward hook)] for ``layer``: its block, and block j+1's first norm on the entry path."""
+        slot = self._slot[layer]
+        entry, _ = self._entries.get(layer, (None, None))
+
+        def block_hook(module, args, output):
+            if slot in self._done or slot in self._held:
+                raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
+            tokens = block_tokens(output)                                   # (B, T, D)
+            self.hold(slot, tokens) if entry is not None else self.add(slot, tokens)
+
+        def norm_hook(module, args, output):
+            self.add_entry(slot, entry, args[0] if args else None, output)
+
+        return [(blocks[layer - 1], block_hook)] + ([(entry.module, norm_hook)] if entry is not None else [])
+
+    def hold(self, slot: int, tokens: torch.Tensor) -> None:
+        """Keep block j's output (a reference, no copy) until :meth:`add_entry` or :meth:`result` pools it."""
+        self._held[slot] = (tokens, tensor_version(tokens))
+
+    def result(self) -> torch.Tensor:
+        """z_layers (J, B, D_out), in the order of ``layers``."""
+        for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
+            self.add(slot, self._take(slot), why_stats="its next norm never ran")
+        missing = [layer for layer in self.layers if self._slot[layer] not in self._done]
+        if missing:
+            raise missing_error(missing)
+        folded = self.folded
+        if self._fast:
+            num_slots, batch = self._out.shape[:2]
+            values = merge_values(self._out.flatten(0, 1), self._lse.flatten(0, 1), folded.value_weight,
+                                  folded.value_bias)                                 # (J * B, H * hd)
+        else:
+            pooled = torch.stack([self._pooled[slot] for slot in range(len(self.layers))])   # (J, B, H, D), small
+            num_slots, batch = pooled.shape[:2]
+            values = head_values(pooled.flatten(0, 1), folded.value_weight, folded.value_bias)
+        z_layers = folded.tail(values.to(folded.tail_dtype))                     # (J * B, D_out)
+        return z_layers.reshape(num_slots, batch, -1)
+
+    # ------------------------------------------------------------ internals
+    def _decide(self, tokens: torch.Tensor, shifted: bool) -> None:
+        reason = self._reason
+        if reason is None and not triton_usable(tokens, self.folded.key_probe):
+            reason = (f"{tokens.dtype} tokens without a half-precision autocast: the exact PyTorch path "
+                      "(the kernel's products are fp16)")
+            log_once(reason, logging.INFO)
+        elif reason is None and _FITTING_STAGES.get(self._stage_key(tokens, shifted)) == 0:
+            reason = "the pooling kernel does not fit this GPU's shared memory at any pipelining depth"
+        elif reason is not None and tokens.is_cuda and "config" not in reason:
+            log_once(f"PyTorch pooling on CUDA: {reason}")
+        self._fast, self._reason = reason is None, reason
+        if self._fast:
+            self._start_fast(tokens)
+
+    def _start_fast(self, tokens: torch.Tensor) -> None:
+        batch, num_tokens, dim = tokens.shape
+        heads = self.folded.key_probe.shape[0]
+        make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)  # noqa: E731
+        target = self.launch["target_programs"] or (   # one 8-warp program fills an SM (192 KiB of shared memory)
+            torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
+        self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.launch["block_t"])
+        num_slots = len(self.layers)
+        self._out, self._lse = make(num_slots, batch, heads, splits, dim), make(num_slots, batch, heads, splits)
+
+    def _stage_key(self, tokens: torch.Tensor, shifted: bool) -> tuple:
+        launch = self.launch
+        return (tokens.device, tokens.dtype, tokens.shape[-1], launch["block_t"], launch["num_warps"],
+                launch["num_stages"], shifted)
+
+    def add(self, slot: int, tokens: torch.Tensor, why_stats: str | None = None) -> None:
+        """Pool one layer (slot = position in ``layers``) from its raw block output tokens (B, T, D)."""
+        layer = self.layers[slot]
+        if self._fast is None:
+            self._decide(tokens, shifted=False)
+        if self._fast and self._launch_fast(slot, tokens, None):
+            entry_reason = why_stats or self._entries.get(layer, (None, "no entry norm was prepared for it"))[1]
+            self._record(slot, "fused-stats", entry_reason or "its next block's norm was not usable")
+            return
+        self._pooled[slot] = pool_tokens(tokens, self.folded.key_probe, self.folded.norm_eps)   # (B, H, D)
+        self._record(slot, "pytorch", self._reason)
+
+    def add_entry(self, slot: int, entry: EntryNorm, norm_input, normed: torch.Tensor) -> None:
+        """Pool a held slot from block j+1's first LayerNorm, called with its input and output (B, T, D)."""
+        if slot not in self._held:
+            return                                 # this norm ran again in the same forward: the slot is done
+        tokens = self._take(slot)
+        exact = norm_input is tokens and normed.dtype == torch.float32 and normed.shape == tokens.shape
+        if exact and self._fast is None:
+            self._decide(normed, shifted=True)
+        if not exact:
+            self.add(slot, tokens, why_stats="its next norm did not read the block output as it was, in fp32")
+        elif not self._fast or not self._launch_fast(slot, normed, entry):
+            self.add(slot, tokens)
+        else:
+            self._record(slot, "fused-entry-norm", None)
+
+    def _take(self, slot: int) -> torch.Tensor:
+        tokens, version = self._held.pop(slot)
+        if tensor_version(tokens) != version:
+            raise RuntimeError(f"the block after layer {self.layers[slot]} modified that layer's output in place "
+                               "before its first norm; the fused readout cannot read it "
+                               "(use siglip_dola.config.override(entry_norms=False))")
+        return tokens
+
+    def _record(self, slot: int, path: str, reason: str | None) -> None:
+        self._done.add(slot)
+        self.paths[self.layers[slot]], self.reasons[self.layers[slot]] = path, reason
+
+    def _launch_fast(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None) -> bool:
+        """Launch the kernel for one slot; False when it fits nowhere and this call falls back to PyTorch."""
+        try:
+            self._launch(slot, tokens, entry)
+        except OutOfResources:
+            if self._launched:
+                raise            # a later launch cannot fall back: earlier slots are in the fast buffers
+            self._fast, self._reason = False, "the pooling kernel does not fit this GPU's shared memory"
+            log_once(f"PyTorch pooling on CUDA: {self._reason}")
+            return False
+        self._launched = True
+        return True
+
+    def _launch(self, slot: int, tokens: torch.Tensor, entry: EntryNorm | None) -> None:
+        key = self._stage_key(tokens, entry is not None)
+        launch = self.launch
+        stages = _FITTING_STAGES.get(key, launch["num_stages"])
+        probe, eps = (self.folded.key_probe, self.folded.norm_eps) if entry is None else (entry.probe, None)
+        shifted = {} if entry is None else dict(shift=entry.shift, scale=entry.scale)
+        while True:   # fewer load stages where shared memory is short (an A100 allows 163 KiB per program)
+            try:
+                # any strides: timm's residual stream is stored (B, D, T) (strides (T*D, 1, T)); a copy would cost more
+                pool_partials(tokens, probe, eps, self._out[slot], self._lse[slot], self._tokens_per_split,
+                              launch["num_warps"], launch["block_t"], stages, **shifted)
+                _FITTING_STAGES[key] = stages
+                return
+            except OutOfResources:
+                if stages <= 1:
+                    _FITTING_STAGES[key] = 0   # fits nowhere here: later calls go straight to PyTorch
+                    raise
+                stages -= 1
