@@ -21,7 +21,8 @@ import torch
 
 from siglip_dola import scoring as runtime
 from siglip_dola.data.images import expand_image_paths
-from siglip_dola.evaluation.embed import embed_texts, iter_embedded, iter_pixel_batches
+from siglip_dola.evaluation.embed import embed_texts, iter_embedded
+from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
 from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
 from siglip_dola.scoring.checks import check_tau
