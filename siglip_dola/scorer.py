@@ -104,7 +104,7 @@ class DoLaSigLIP:
     def _bank(self, bank):
         """(labels, embeds [C, D]) from a TextBank, a list of label strings, or an [C, D] tensor."""
         if isinstance(bank, (list, tuple)) and all(isinstance(b, str) for b in bank):
-            from siglip_dola.text_bank import build_text_bank
+            from siglip_dola.text_bank.build import build_text_bank
             bank = build_text_bank(self.model, list(bank))
         if isinstance(bank, torch.Tensor):
             labels, embeds = [str(i) for i in range(bank.shape[0])], bank
@@ -114,7 +114,7 @@ class DoLaSigLIP:
             raise TypeError(f"bank must be a TextBank, a list of label strings or a [C, D] tensor, got {type(bank).__name__}")
         check_bank_dim(embeds, self.model.readout.embed_dim)
         if not isinstance(bank, torch.Tensor):
-            from siglip_dola.text_bank import check_bank
+            from siglip_dola.text_bank.bank import check_bank
             check_bank(bank, self.model)  # the bank/model policy lives with the banks
         if len(labels) != embeds.shape[0]:
             raise ValueError(f"bank has {len(labels)} labels but {embeds.shape[0]} embedding rows")
