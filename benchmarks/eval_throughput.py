@@ -260,9 +260,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Every phase of the module docstring; a dict of rates, ratios, checks and errors."""
-    from siglip_dola.evaluation.embed import default_workers
+    from siglip_dola.evaluation.pixel_batches import default_workers
     from siglip_dola.loading import load
-    from siglip_dola.text_bank import build_text_bank
+    from siglip_dola.text_bank.build import build_text_bank
 
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "siglip_dola.loading",
     "from_model": "siglip_dola.loading",
-    "build_text_bank": "siglip_dola.text_bank",
-    "load_text_bank": "siglip_dola.text_bank",
+    "build_text_bank": "siglip_dola.text_bank.build",
+    "load_text_bank": "siglip_dola.text_bank.files",
     "DoLaSigLIP": "siglip_dola.scorer",
     "rerank_with_dola_siglip": "siglip_dola.scorer",
     "dola": "siglip_dola.scoring",

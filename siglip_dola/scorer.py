@@ -8,11 +8,11 @@ Settings (mode, layers, alpha, contrast weight) come from ``siglip_dola.settings
 explicit arguments > a calibration (a ``siglip-dola calibrate`` JSON, or "embedded"; default: the
 LoadedModel's own, the shipped one for the embedded model) > the design note's defaults (dynamic, the
 last of 3 buckets' even layers, alpha 0.1, lambda 1). ``scorer.settings`` records each value's source.
+What the methods accept (images, banks, texts, precomputed embeddings) is checked and converted in scorer_inputs.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from typing import Iterable, Iterator
@@ -20,10 +20,12 @@ from typing import Iterable, Iterator
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.data.images import expand_image_paths
-from siglip_dola.evaluation.embed import embed_texts, iter_embedded, iter_pixel_batches
+from siglip_dola.evaluation.embed import iter_embedded
+from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
 from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
+from siglip_dola.scorer_inputs import (bank_rows, check_bank_dim, check_pixels, check_top_k, image_items,
+                                      select_layers, text_queries)
 from siglip_dola.scoring.checks import check_tau
 from siglip_dola.settings import DoLaSettings, settings_for_model
 
@@ -71,54 +73,19 @@ class DoLaSigLIP:
 
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
-        _check_pixels(pixels, self._packed())
+        check_pixels(pixels, self._packed())
         with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
             z_final, z_layers = self._readout(pixels.to(self.model.device), self.layers)
         z_layers = z_layers.float() if self.layers else None
         return z_final.float(), z_layers
 
-    def _items(self, images) -> tuple:
-        """(items for the embedding loop, whether ids are input positions) from a [B, 3, H, W] tensor,
-        PIL images or paths/folders/globs."""
-        if isinstance(images, torch.Tensor):
-            _check_pixels(images, self._packed())
-            return images, True
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        images = list(images)
-        if images and all(isinstance(i, (str, os.PathLike)) for i in images):
-            return [str(p) for p in expand_image_paths(images)], False
-        if images and all(hasattr(i, "convert") for i in images):  # PIL images
-            return [(str(i), image) for i, image in enumerate(images)], True
-        raise TypeError("images must be a [B, 3, H, W] tensor, a list of PIL images, or paths/folders/globs; "
-                        f"got {type(images).__name__} of {sorted({type(i).__name__ for i in images})}")
-
     def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
-        """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (evaluation.embed's loop)."""
-        items, positional = self._items(images)
+        """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (evaluation.pixel_batches)."""
+        items, positional = image_items(images, self._packed())
         for batch in iter_pixel_batches(self.model, items, self.batch_size):
             yield (batch.indices if positional else batch.ids), batch.pixels, batch.skipped
 
     # ------------------------------------------------------------ image -> texts
-    def _bank(self, bank):
-        """(labels, embeds [C, D]) from a TextBank, a list of label strings, or an [C, D] tensor."""
-        if isinstance(bank, (list, tuple)) and all(isinstance(b, str) for b in bank):
-            from siglip_dola.text_bank import build_text_bank
-            bank = build_text_bank(self.model, list(bank))
-        if isinstance(bank, torch.Tensor):
-            labels, embeds = [str(i) for i in range(bank.shape[0])], bank
-        elif hasattr(bank, "embeds") and hasattr(bank, "labels"):
-            labels, embeds = list(bank.labels), bank.embeds
-        else:
-            raise TypeError(f"bank must be a TextBank, a list of label strings or a [C, D] tensor, got {type(bank).__name__}")
-        check_bank_dim(embeds, self.model.readout.embed_dim)
-        if not isinstance(bank, torch.Tensor):
-            from siglip_dola.text_bank import check_bank
-            check_bank(bank, self.model)  # the bank/model policy lives with the banks
-        if len(labels) != embeds.shape[0]:
-            raise ValueError(f"bank has {len(labels)} labels but {embeds.shape[0]} embedding rows")
-        return labels, embeds
-
     def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
         """DoLaResult for pixels [B, 3, H, W] against bank_embeds [C, D] (one backbone forward)."""
         if self._graphed_scores is not None:
@@ -131,7 +98,7 @@ class DoLaSigLIP:
     def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
         """score_pixels as ONE replayed CUDA graph (readout + scoring; captured per shape and bank), no host sync:
         the NaN/inf check is deferred to ``result.nonfinite`` (checked where rows are read, in :meth:`_rows`)."""
-        _check_pixels(pixels)
+        check_pixels(pixels)
         pixels = pixels.to(self.model.device)
         bank_key = (bank_embeds.data_ptr(), bank_embeds._version, tuple(bank_embeds.shape), bank_embeds.dtype,
                     bank_embeds.device)
@@ -154,8 +121,8 @@ class DoLaSigLIP:
 
     def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
         """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""
-        labels, embeds = self._bank(bank)
-        top_k = len(labels) if top_k is None else _check_top_k(top_k)
+        labels, embeds = bank_rows(bank, self.model)
+        top_k = len(labels) if top_k is None else check_top_k(top_k)
         for ids, pixels, skipped in self._batches(images):
             results = []
             if pixels is not None and len(ids):
@@ -205,7 +172,7 @@ class DoLaSigLIP:
     # ------------------------------------------------------------ text -> images
     def iter_embed(self, images) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor | None, list]]:
         """Per batch: (ids, z_final [B, D], z_layers [J, B, D] or None, skipped) on CPU fp32; z_final None if all bad."""
-        items, positional = self._items(images)
+        items, positional = image_items(images, self._packed())
         for batch in iter_embedded(self.model, items, self.layers, self.batch_size, readout=self._readout):
             if batch.z_final is None:
                 yield [], None, None, batch.skipped
@@ -228,18 +195,6 @@ class DoLaSigLIP:
             raise ValueError("images: no image could be decoded")
         return ids, torch.cat(finals), (torch.cat(stacks, dim=1) if self.layers else None)  # (J, n, D)
 
-    def _text_embeds(self, text) -> tuple[list[str], torch.Tensor]:
-        """(query names, raw text embeddings [Q, D]) from a string, list of strings or [D] / [Q, D] tensor."""
-        if isinstance(text, torch.Tensor):
-            embeds = text.reshape(1, -1) if text.ndim == 1 else text
-            return [str(i) for i in range(embeds.shape[0])], embeds.float()
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise ValueError("text must be a non-empty string, a list of non-empty strings or an embedding tensor")
-        if self.model.encode_text is None:
-            raise ValueError(f"model {self.model.model_id!r} has no text tower: pass text as an embedding tensor [Q, D]")
-        return texts, embed_texts(self.model, texts)
-
     def rerank_images(self, text, images=None, *, image_embeds=None, embed_layers=None, ids=None,
                       top_k: int | None = None) -> list[dict]:
         """Text -> images: per query {text, ranking [{image, score, baseline_score}] best first, premature_layer, jsd}.
@@ -254,9 +209,9 @@ class DoLaSigLIP:
         if images is not None:
             ids, z_final, z_layers = self.embed_images(images)
         else:
-            z_final, z_layers = self._select_layers(image_embeds, embed_layers)
+            z_final, z_layers = select_layers(image_embeds, embed_layers, self.layers)
             ids = list(range(z_final.shape[0])) if ids is None else list(ids)
-        queries, text_embeds = self._text_embeds(text)
+        queries, text_embeds = text_queries(text, self.model)
         check_bank_dim(z_final, text_embeds.shape[-1], what="image embeddings")
         # log q over the images are valid logits for dola(): softmax is shift-invariant
         scores_final = runtime.build_log_probs_from_rep(text_embeds, z_final.float(), self.tau)  # (Q, n)
@@ -264,48 +219,9 @@ class DoLaSigLIP:
             [runtime.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
         result = runtime.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
                               alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
-        top_k = len(ids) if top_k is None else _check_top_k(top_k)
+        top_k = len(ids) if top_k is None else check_top_k(top_k)
         rows = self._rows(result, ids, top_k, key="image")
         return [{"text": q, "ranking": row.pop("predictions"), **row} for q, row in zip(queries, rows)]
-
-    def _select_layers(self, image_embeds, embed_layers) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pick this scorer's layers out of precomputed (z_final [n, D], z_layers [L, n, D])."""
-        z_final, z_layers = image_embeds
-        z_final = torch.as_tensor(z_final).float()
-        if not self.layers:
-            return z_final, None
-        z_layers = torch.as_tensor(z_layers).float()
-        stored = list(self.layers if embed_layers is None else embed_layers)
-        if z_layers.ndim != 3 or z_layers.shape[0] != len(stored) or z_layers.shape[1:] != z_final.shape:
-            raise ValueError(f"image_embeds z_layers must be [L={len(stored)}, n, D] matching z_final "
-                             f"{list(z_final.shape)}, got {list(z_layers.shape)}")
-        missing = [j for j in self.layers if j not in stored]
-        if missing:
-            raise ValueError(f"image_embeds lack layers {missing} (stored: {stored}); the scorer needs {self.layers}")
-        return z_final, z_layers[[stored.index(j) for j in self.layers]]
-
-
-def _check_pixels(pixels, packed: bool = False) -> None:
-    """packed: the model takes packed NaFlex patches [B, 1+P, C*p*p] (readout.tower_hf_siglip2.pack), not images."""
-    ok = isinstance(pixels, torch.Tensor) and (pixels.ndim == 3 if packed else pixels.ndim == 4 and pixels.shape[1] == 3)
-    if not ok:
-        shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        expected = "packed NaFlex patches [B, 1+P, C*p*p]" if packed else "[B, 3, H, W]"
-        raise ValueError(f"images must be a {expected} tensor, got {shape}")
-
-
-def _check_top_k(top_k) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    return top_k
-
-
-def check_bank_dim(embeds, embed_dim: int, what: str = "bank") -> None:
-    """Raise a clear ValueError unless embeds is [C, D] with D == embed_dim."""
-    if embeds.ndim != 2 or embeds.shape[0] < 1 or embeds.shape[1] != embed_dim:
-        raise ValueError(f"{what} must be [C, D] with D={embed_dim} (the model's embedding dimension), "
-                         f"got shape {list(embeds.shape)}")
-
 
 def rerank_with_dola_siglip(image_tensor, text_bank, alpha: float = 0.1, candidate_layers=(18, 20, 22),
                             tau=None, model=None) -> runtime.DoLaResult:
@@ -318,5 +234,5 @@ def rerank_with_dola_siglip(image_tensor, text_bank, alpha: float = 0.1, candida
         from siglip_dola.loading import load
         model = load()
     scorer = DoLaSigLIP(model, mode="dynamic", alpha=alpha, layers=list(candidate_layers), tau=tau)
-    _, embeds = scorer._bank(text_bank)
+    _, embeds = bank_rows(text_bank, model)
     return scorer.score_pixels(image_tensor, embeds)

@@ -14,7 +14,7 @@ from conftest import CountingReadout
 from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate, choose, grid_points
 from siglip_dola.data.datasets import shapes_dataset
 from siglip_dola.scorer import DoLaSigLIP
-from siglip_dola.text_bank import build_text_bank
+from siglip_dola.text_bank.build import build_text_bank
 
 NUM_LAYERS, N_IMAGES, BATCH = 12, 36, 16
 

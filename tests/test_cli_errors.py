@@ -134,7 +134,7 @@ def test_rerank_table_aligns_long_items(capsys, shapes_dir):
 
 def test_bank_without_labels_warns(capsys, shapes_dir, tmp_path):
     from siglip_dola.loading import load
-    from siglip_dola.text_bank import build_text_bank
+    from siglip_dola.text_bank.build import build_text_bank
     bank = build_text_bank(load(), ["red circle", "blue square"])
     np.save(tmp_path / "bank.npy", bank.embeds.numpy())
     code, out, err = run(capsys, "classify", shapes_dir, "--bank", tmp_path / "bank.npy")

@@ -13,7 +13,7 @@ from siglip_dola.data import shapes
 from tools import train_embedded as te
 from siglip_dola.evaluation.calibrate import calibrate
 from siglip_dola.evaluation.evaluate import evaluate, summary_line
-from siglip_dola.text_bank import build_text_bank
+from siglip_dola.text_bank.build import build_text_bank
 
 NUM_LAYERS, N_IMAGES = 12, 40
 
@@ -150,7 +150,8 @@ def test_vision_only_model_evaluates_with_a_precomputed_bank(tiny_loaded, report
     matched to the class names by label whatever their stored order."""
     import dataclasses
 
-    from siglip_dola.text_bank import TextBank, save_text_bank
+    from siglip_dola.text_bank.bank import TextBank
+    from siglip_dola.text_bank.files import save_text_bank
 
     bank = build_text_bank(tiny_loaded, shapes.CLASSNAMES, shapes.TEMPLATES)
     order = torch.randperm(len(bank.labels), generator=torch.Generator().manual_seed(0))

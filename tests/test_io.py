@@ -57,7 +57,8 @@ def test_every_cli_writer_gives_plain_open_modes(tmp_path, capsys):
         assert main(["shapes", "export", str(tmp_path / "out" / "imgs"), "--n", "3"]) == 0
         assert main(["index", "build", str(tmp_path / "out" / "imgs"), "--out", str(tmp_path / "out" / "idx"),
                      "--quiet", "--device", "cpu"]) == 0
-        from siglip_dola.text_bank import TextBank, save_text_bank
+        from siglip_dola.text_bank.bank import TextBank
+        from siglip_dola.text_bank.files import save_text_bank
         bank = TextBank(["a", "b"], torch.eye(2, 4), "m")
         save_text_bank(bank, tmp_path / "out" / "bank.safetensors")
         save_text_bank(bank, tmp_path / "out" / "bank.npy")

@@ -117,7 +117,7 @@ def test_bad_janus_inputs(vlm, pixels, bank):
 
 def test_bank_encoded_by_the_siglip_text_tower_is_accepted(vlm, pixels, bank):
     """Janus has no text tower: its bank always comes from another model (the SigLIP checkpoint's text tower)."""
-    from siglip_dola.text_bank import TextBank
+    from siglip_dola.text_bank.bank import TextBank
 
     foreign = TextBank(labels=list(bank.labels), embeds=bank.embeds, model_id="google/siglip-large-patch16-384")
     got = JanusDoLa(vlm, foreign, tau=TAU).classify(pixels, top_k=1)

@@ -17,7 +17,7 @@ from PIL import Image
 from siglip_dola import loading
 from siglip_dola.loading import hub
 from siglip_dola.scorer import DoLaSigLIP
-from siglip_dola.text_bank import build_text_bank
+from siglip_dola.text_bank.build import build_text_bank
 from test_readout_clip import fill_random_
 
 VOCAB = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "car", "circle", "square"]

@@ -286,7 +286,7 @@ def test_bad_inputs(loaded, pixels, bank):
 def test_bank_of_another_model_is_refused(loaded, pixels, bank):
     import dataclasses
 
-    from siglip_dola.text_bank import TextBank
+    from siglip_dola.text_bank.bank import TextBank
 
     with_text_tower = dataclasses.replace(loaded, encode_text=lambda texts: torch.ones(len(texts), WIDTH))
     other = TextBank(labels=list(bank.labels), embeds=bank.embeds, model_id="some-other-model")

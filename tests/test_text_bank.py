@@ -12,6 +12,7 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from siglip_dola import text_bank as tb
+from siglip_dola.text_bank.bank import check_bank
 from siglip_dola.loading import open_clip as open_clip_adapter
 from siglip_dola.loading import LoadedModel, _wrap_text_encoder
 
@@ -187,13 +188,13 @@ def test_check_bank_dimension_against_the_readout():
     tower = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False,
                               global_pool="map", num_classes=0).eval()
     loaded = from_model(tower, model_id="tower", logit_scale=math.log(100.0))
-    tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "tower"), loaded)
+    check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "tower"), loaded)
     with pytest.raises(ValueError, match="dimension 16 does not match .* 32"):
-        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 16), "tower"), loaded)
-    tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), loaded)  # no text tower: any bank's origin
+        check_bank(tb.TextBank(["a", "b"], torch.eye(2, 16), "tower"), loaded)
+    check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), loaded)  # no text tower: any bank's origin
     with_text_tower = dataclasses.replace(loaded, encode_text=lambda texts: torch.ones(len(texts), 32))
     with pytest.raises(ValueError, match="encoded by model 'other'"):
-        tb.check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
+        check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
 
 
 # ---------------------------------------------------------------- silent wrong answers made loud (issue 16)

@@ -20,7 +20,8 @@ def parse_layers(text: str) -> list[int]:
 
 def read_label_list(labels: str | None, labels_file: str | None, option: str = "--labels") -> list[str]:
     """Labels from 'cat,dog' or a UTF-8 file (one per line); empty, blank or duplicate entries -> ValueError."""
-    from siglip_dola.text_bank import read_labels_file, validate_labels
+    from siglip_dola.text_bank.bank import validate_labels
+    from siglip_dola.text_bank.files import read_labels_file
 
     if labels_file is not None:
         return read_labels_file(labels_file)
@@ -185,7 +186,8 @@ def _classify_labels(args) -> list[str] | None:
 
 def _classify_bank(args, model, labels):
     """TextBank from --bank (labels from the file or `labels`) or from labels x --templates."""
-    from siglip_dola.text_bank import build_text_bank, load_text_bank
+    from siglip_dola.text_bank.build import build_text_bank
+    from siglip_dola.text_bank.files import load_text_bank
 
     if args.bank is not None:
         return load_text_bank(args.bank, labels=labels)
@@ -209,7 +211,7 @@ def classify_command(args) -> int:
 def rerank_command(args) -> int:
     """Image -> texts (--texts/--texts-file) or text -> images (--query); exit 1 when some files were skipped."""
     from siglip_dola.data.images import expand_image_paths
-    from siglip_dola.text_bank import build_text_bank
+    from siglip_dola.text_bank.build import build_text_bank
 
     paths = expand_image_paths(args.images)
     if args.query:

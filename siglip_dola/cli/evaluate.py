@@ -71,7 +71,7 @@ def _calibrate_arguments(parser) -> None:
                               "split (top-1, or text -> image recall with --task retrieval).")
 def calibrate_command(args) -> int:
     from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
-    from siglip_dola.text_bank import load_text_bank
+    from siglip_dola.text_bank.files import load_text_bank
     from siglip_dola.distributed import distributed_session
 
     grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,

@@ -49,7 +49,7 @@ def run_demo(out_dir: str | Path, n: int = 8, model_name: str | None = None, mod
     the whole test split's measured effect of these settings, with its interval)."""
     from siglip_dola.data import shapes
     from siglip_dola.loading import load
-    from siglip_dola.text_bank import build_text_bank
+    from siglip_dola.text_bank.build import build_text_bank
 
     image_dir = shapes.export(out_dir, split="test", n=n, seed=seed)
     true_labels = _read_labels(image_dir / "labels.csv")

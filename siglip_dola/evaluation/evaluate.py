@@ -26,7 +26,7 @@ from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, o
 from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report, summary_line  # noqa: F401
 from siglip_dola.layers import MODES
 from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
-from siglip_dola.text_bank import load_text_bank
+from siglip_dola.text_bank.files import load_text_bank
 
 
 def _same_dataset(a: str, b: str) -> bool:

@@ -19,6 +19,7 @@ import torch
 from siglip_dola.scoring import DoLaResult
 from siglip_dola.scoring.checks import check_tau
 from siglip_dola.scorer import DoLaSigLIP
+from siglip_dola.scorer_inputs import bank_rows
 
 
 def _loaded_model(vlm, tau: float):
@@ -53,7 +54,7 @@ class JanusDoLa:
                                      contrast_weight=contrast_weight, calibration=calibration)
         else:  # baseline: no early layer is read at all
             self.scorer = DoLaSigLIP(model, mode="off", alpha=alpha, batch_size=batch_size)
-        _, self._embeds = self.scorer._bank(bank)  # validates the bank's dimension against the tower
+        _, self._embeds = bank_rows(bank, model)  # validates the bank's dimension against the tower
 
     def scores(self, pixel_values: torch.Tensor) -> DoLaResult:
         """DoLaResult for pixel_values [B, 3, H, W]: probs [B, C] (q_N when the switch is off), premature_layer [B]."""
