@@ -11,7 +11,6 @@ from conftest import CountingReadout
 from siglip_dola.evaluation.embed import embed_images, embed_texts
 from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
 
-from conftest import TINY_NUM_LAYERS as NUM_LAYERS
 
 
 def naive_embeddings(tiny_hf_siglip, images, layers):

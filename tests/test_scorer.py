@@ -1,7 +1,6 @@
 """DoLaSigLIP vs a naive reference built from the timm ViT's own modules, scipy's JSD and plain loops."""
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.evaluation.calibrate import (all_layers, as_dataset, caption_pairs, class_logits, embed_dataset,
+from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_logits, embed_dataset,
                                               read_calibration, text_embeds, text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
 from siglip_dola.data.datasets import TASKS, EvalDataset
