@@ -90,6 +90,8 @@ def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> 
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row, other = {}, torch.randn_like(images)
+    if readout.packed_inputs:   # NaFlex: new patches, the same grids in row 0 (random ones are no grid at all)
+        other[:, 0] = images[:, 0]
     for tag, autocast, plain in (("fp32", False, fp32_outputs), ("bf16", True, bf16_outputs)):
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             call = graphed.capture(readout, other, layers)     # captured on other images
