@@ -109,3 +109,18 @@ def test_bad_naflex_inputs_are_refused_by_name(model, kwargs, error, match):
 def test_images_instead_of_patches_are_refused(model):
     with pytest.raises(ValueError, match="pixel_values must have shape \\[B, P, 768\\]"):
         from_model(model)(torch.randn(1, 3, 224, 224), [2])
+
+
+def test_cuda_graphs_are_refused_up_front(model):
+    """NaFlex syncs on the host inside its forward: capture() and DoLaSigLIP(cuda_graphs=True) say so before any
+    capture starts (a capture that breaks midway invalidates the CUDA stream)."""
+    from siglip_dola import DoLaSigLIP
+    from siglip_dola.loading import from_model as load_from_model
+    from siglip_dola.readout import cuda_graphs
+
+    readout = from_model(model)
+    with pytest.raises(ValueError, match="not available for SigLIP2 NaFlex"):
+        cuda_graphs.capture(readout, torch.zeros(2, 17, 3 * 16 * 16), [2])
+    loaded = load_from_model(model, logit_scale=2.0)
+    with pytest.raises(ValueError, match="cuda_graphs=False"):
+        DoLaSigLIP(loaded, cuda_graphs=True)

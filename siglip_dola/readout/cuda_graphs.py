@@ -84,9 +84,17 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
     return GraphedCall(graph, static_images, outputs, state)
 
 
+# SigLIP2 NaFlex reads each image's patch grid on the host (the model resizes its position embeddings per grid),
+# so its forward syncs and a capture would fail midway (cudaErrorStreamCaptureInvalidated, seen on an H200)
+NAFLEX_NOT_CAPTURABLE = ("CUDA graphs are not available for SigLIP2 NaFlex towers: the model reads each image's "
+                         "patch grid on the host; use cuda_graphs=False (the plain readout)")
+
+
 def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
     """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
-    readout.prepare_inputs(example_images, {})   # checks the images (NaFlex: packed patches)
+    if getattr(readout, "packed_inputs", False):
+        raise ValueError(NAFLEX_NOT_CAPTURABLE)
+    readout.prepare_inputs(example_images, {})   # checks the images
     layer_list = readout.check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
 
