@@ -183,8 +183,8 @@ def clip_family_rows(device, batch: int) -> list[dict]:
     randomize_norms(hf)
     vm = hf.vision_model
     rows.append(check("HF CLIPVisionModelWithProjection ViT-L/14-336", hf, vm.encoder.layers,
-                      lambda h: hf.visual_projection(vm.post_layernorm(h[:, 0])),
-                      lambda x: hf(pixel_values=x).image_embeds, torch.randn(batch, 3, 336, 336, device=device),
+                      lambda h, m=hf: m.visual_projection(vm.post_layernorm(h[:, 0])),
+                      lambda x, m=hf: m(pixel_values=x).image_embeds, torch.randn(batch, 3, 336, 336, device=device),
                       list(range(1, 24)), torch.randn(1000, 768, device=device), 0.01))
     del hf
     torch.manual_seed(0)
