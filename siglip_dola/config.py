@@ -11,6 +11,8 @@ Options (environment override: ``SIGLIP_DOLA_<NAME>``, e.g. ``SIGLIP_DOLA_FUSED_
 - ``fused_pooling``: the readout pools captured layers with the Triton kernel (CUDA, half precision).
 - ``entry_norms``: the fused readout pools layer j from block j+1's own first LayerNorm where exact.
 - ``target_programs``, ``num_warps``, ``block_t``, ``num_stages``: the pooling kernel's launch (0 programs: one per SM).
+- ``stacked_max_batch``, ``stacked_on_cpu``: at batch <= stacked_max_batch (0: never) the fused readout pools all
+  layers in ONE launch after the forward ("fused-stacked"), on CUDA only unless stacked_on_cpu (the interpreter tests).
 
 ``triton_interpreted()`` is ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which the tests use), read here once.
 Unknown option names, and values of the wrong type, raise ValueError.
@@ -29,7 +31,12 @@ _DEFAULTS: dict[str, bool | int] = {
     "num_warps": 8,         # fastest of 4/8/16 on an H100 (benchmarks/README.md)
     "block_t": 16,          # tokens per inner step: the smallest tl.dot tile
     "num_stages": 3,        # software-pipelining depth of the token loads (Triton's default)
+    # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle (~22 us a layer at batch 1 on an
+    # H200) and costs Python per layer in eager; one stacked launch of (J * B, S) programs after the forward does not
+    "stacked_max_batch": 8,
+    "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths
 }
+_MINIMUM = {"target_programs": 0, "stacked_max_batch": 0}   # the other int knobs are >= 1
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -48,9 +55,9 @@ def _parse(name: str, value) -> bool | int:
         if not isinstance(value, bool):
             raise ValueError(f"config option {name!r} must be True or False, got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "target_programs" else 1):
-        raise ValueError(f"config option {name!r} must be an int >= {0 if name == 'target_programs' else 1}, "
-                         f"got {value!r}")
+    minimum = _MINIMUM.get(name, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config option {name!r} must be an int >= {minimum}, got {value!r}")
     if name in ("block_t", "num_warps") and value & (value - 1):   # tl.arange / warps: powers of two
         raise ValueError(f"config option {name!r} must be a power of two{' >= 16' if name == 'block_t' else ''}, "
                          f"got {value!r}")
@@ -124,6 +131,8 @@ def set_entry_norms(enable: bool = True) -> None:
     set(entry_norms=enable)
 
 
-def pooling_launch() -> dict[str, int]:
-    """The pooling kernel's launch knobs: {target_programs, num_warps, block_t, num_stages}."""
-    return {name: int(_VALUES[name]) for name in ("target_programs", "num_warps", "block_t", "num_stages")}
+def pooling_launch() -> dict[str, int | bool]:
+    """The pooling kernel's launch knobs: {target_programs, num_warps, block_t, num_stages, stacked_max_batch}
+    (ints) and stacked_on_cpu (bool)."""
+    names = ("target_programs", "num_warps", "block_t", "num_stages", "stacked_max_batch", "stacked_on_cpu")
+    return {name: _VALUES[name] if name == "stacked_on_cpu" else int(_VALUES[name]) for name in names}

@@ -62,3 +62,16 @@ def test_environment_is_read_once_at_import():
     assert proc.stdout.split() == ["False", "True", "True"], proc.stderr
     bad = _in_subprocess({"SIGLIP_DOLA_FUSED_POOLING": "maybe"})
     assert bad.returncode != 0 and "SIGLIP_DOLA_FUSED_POOLING must be one of" in bad.stderr
+
+
+def test_stacking_knobs_from_the_environment():
+    code = "from siglip_dola import config; print(config.pooling_launch())"
+
+    def run(env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                              check=False)
+    proc = run({"SIGLIP_DOLA_STACKED_MAX_BATCH": "0", "SIGLIP_DOLA_STACKED_ON_CPU": "yes"})
+    assert "'stacked_max_batch': 0, 'stacked_on_cpu': True" in proc.stdout, proc.stderr
+    for name, value in (("STACKED_MAX_BATCH", "-1"), ("STACKED_MAX_BATCH", "eight"), ("STACKED_ON_CPU", "2")):
+        bad = run({f"SIGLIP_DOLA_{name}": value})
+        assert bad.returncode != 0 and "ValueError" in bad.stderr and name.lower() in bad.stderr.lower()

@@ -19,6 +19,11 @@ H100). Exact up to fp32 rounding; used only when the norm's eps equals the final
 input is the very tensor block j returned, and gamma passes the precision guards of
 :func:`~siglip_dola.readout.entry_norm.entry_norm`.
 
+At small batches (B <= config ``stacked_max_batch``, CUDA) per-layer launches are latency-bound: (B, <=8) programs
+leave most SMs idle (~22 us a layer at batch 1 on an H200), and in eager each costs Python. There the block hooks
+only hold the outputs (by reference) and :meth:`LayerPooler.result` pools all J layers in ONE stats-mode launch
+over the stacked (J * B, T, D) tokens ("fused-stacked"); no entry-norm hooks run.
+
 Here too: the path names (:data:`PATHS`), the log-once fall-back messages and :func:`fused_possible`, the
 per-call capability check; the pooler interface that picks a pooler per call is :mod:`siglip_dola.readout.pooler`.
 """
@@ -29,7 +34,7 @@ import logging
 import torch
 
 from siglip_dola import config
-from siglip_dola.readout.entry_norm import EntryNorm, tensor_version
+from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, EntryNorm, tensor_version
 from siglip_dola.readout.kernel import merge_values, pool_partials, split_plan, triton, triton_usable
 from siglip_dola.readout.map_head import head_values, pool_tokens
 
@@ -39,7 +44,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     OutOfResources = RuntimeError  # never raised without triton
 
 LOG = logging.getLogger("siglip_dola.readout")
-PATHS = ("fused-entry-norm", "fused-stats", "pytorch", "model-head")
+PATHS = ("fused-entry-norm", "fused-stats", "fused-stacked", "pytorch", "model-head")
 _LOGGED: set = set()
 _FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
 
@@ -79,8 +84,10 @@ class LayerPooler:
 
     Per layer j a hook on block j, and where ``entries`` holds an EntryNorm, one on block j+1's first norm
     (then block j's output is held, by reference, until that norm ran). The first pooled layer decides
-    between the Triton kernel and PyTorch for the whole call. After :meth:`result`, ``paths`` maps each
-    layer to one of :data:`PATHS` and ``reasons`` each layer to why it did not take the fastest, or None.
+    between the Triton kernel and PyTorch for the whole call; the first block output whether every layer is
+    held and pooled in one stacked launch at :meth:`result` (small batches, see the module docstring). After
+    :meth:`result`, ``paths`` maps each layer to one of :data:`PATHS` and ``reasons`` each layer to why it did
+    not take the fastest, or None.
     """
 
     def __init__(self, folded, layers: list[int], entries: dict | None = None, fused: bool = True,
@@ -91,6 +98,7 @@ class LayerPooler:
         self.launch = config.pooling_launch()
         self._pooled: dict[int, torch.Tensor] = {}  # PyTorch path: slot -> (B, H, D)
         self._fast = None                           # decided on the first pooled layer
+        self._stacked = None                        # decided on the first block output: one launch in result()
         self._out = self._lse = self._tokens_per_split = None
         self._launched = False                      # a fast launch succeeded in this call
         self._held: dict = {}                       # slot -> (block output, its _version) awaiting its norm
@@ -108,12 +116,16 @@ class LayerPooler:
             if slot in self._done or slot in self._held:
                 raise RuntimeError(f"block {layer} ran twice in one forward; the readout needs a single pass")
             tokens = block_tokens(output)                                   # (B, T, D)
-            self.hold(slot, tokens) if entry is not None else self.add(slot, tokens)
+            if self._stacked is None:
+                self._stacked = self._stacks(tokens, module)
+            self.hold(slot, tokens) if entry is not None or self._stacked else self.add(slot, tokens)
 
         def norm_hook(module, args, output):
             self.add_entry(slot, entry, args[0] if args else None, output)
 
-        return [(blocks[layer - 1], block_hook)] + ([(entry.module, norm_hook)] if entry is not None else [])
+        # the readout asks for later layers' hooks after the first block's hook ran: stacked, they need no norm hook
+        norm = entry is not None and not self._stacked
+        return [(blocks[layer - 1], block_hook)] + ([(entry.module, norm_hook)] if norm else [])
 
     def hold(self, slot: int, tokens: torch.Tensor) -> None:
         """Keep block j's output (a reference, no copy) until :meth:`add_entry` or :meth:`result` pools it."""
@@ -121,22 +133,37 @@ class LayerPooler:
 
     def result(self) -> torch.Tensor:
         """z_layers (J, B, D_out), in the order of ``layers``."""
-        for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
-            self.add(slot, self._take(slot), why_stats="its next norm never ran")
-        missing = [layer for layer in self.layers if self._slot[layer] not in self._done]
+        missing = [layer for layer in self.layers if self._slot[layer] not in self._done | self._held.keys()]
         if missing:
             raise missing_error(missing)
+        if self._stacked:
+            self._pool_stacked()
+        for slot in sorted(self._held):            # held layers whose next norm never ran: pool the block output
+            self.add(slot, self._take(slot), why_stats="its next norm never ran")
         folded = self.folded
-        if self._fast:
-            num_slots, batch = self._out.shape[:2]
+        if self._fast:   # per layer: (J, B, H, S, D); stacked: (1, J * B, H, S, D)
             values = merge_values(self._out.flatten(0, 1), self._lse.flatten(0, 1), folded.value_weight,
                                   folded.value_bias)                                 # (J * B, H * hd)
         else:
             pooled = torch.stack([self._pooled[slot] for slot in range(len(self.layers))])   # (J, B, H, D), small
-            num_slots, batch = pooled.shape[:2]
             values = head_values(pooled.flatten(0, 1), folded.value_weight, folded.value_bias)
         z_layers = folded.tail(values.to(folded.tail_dtype))                     # (J * B, D_out)
-        return z_layers.reshape(num_slots, batch, -1)
+        num_slots = len(self.layers)
+        return z_layers.reshape(num_slots, values.shape[0] // num_slots, z_layers.shape[-1])
+
+    def _pool_stacked(self) -> None:
+        """Every layer in ONE stats-mode launch over the held outputs stacked to (J * B, T, D); PyTorch per layer
+        where the kernel fits nowhere. Shapes only, no host read: this runs inside a CUDA graph capture too."""
+        held = [self._take(slot) for slot in range(len(self.layers))]    # raises for an output changed in place
+        tokens = torch.stack(held).flatten(0, 1)                          # (J * B, T, D): one copy, for one launch
+        self._start_fast(tokens, num_slots=1)
+        if self._launch_fast(0, tokens, None):
+            for slot in range(len(self.layers)):
+                self._record(slot, "fused-stacked", None)
+            return
+        for slot, layer_tokens in enumerate(held):
+            self._pooled[slot] = pool_tokens(layer_tokens, self.folded.key_probe, self.folded.norm_eps)  # (B, H, D)
+            self._record(slot, "pytorch", self._reason)
 
     # ------------------------------------------------------------ internals
     def _decide(self, tokens: torch.Tensor, shifted: bool) -> None:
@@ -151,16 +178,31 @@ class LayerPooler:
             log_once(f"PyTorch pooling on CUDA: {reason}")
         self._fast, self._reason = reason is None, reason
         if self._fast:
-            self._start_fast(tokens)
+            self._start_fast(tokens, len(self.layers))
 
-    def _start_fast(self, tokens: torch.Tensor) -> None:
+    def _stacks(self, tokens: torch.Tensor, block) -> bool:
+        """Whether this call holds every layer and pools them in one launch at result() (decided once per call).
+
+        Only where the per-layer kernel would run: fused possible, the Triton precision rule, a fitting launch.
+        Without version counters (inference mode) only blocks known not to write their input (ENTRY_BLOCK_TYPES)
+        may be held that long: the held output must still be what block j returned after the whole forward."""
+        launch = self.launch
+        stacks = (self._reason is None and 0 < tokens.shape[0] <= launch["stacked_max_batch"]
+                  and (tokens.is_cuda or launch["stacked_on_cpu"]) and triton_usable(tokens, self.folded.key_probe)
+                  and (tensor_version(tokens) is not None or type(block).__name__ in ENTRY_BLOCK_TYPES)
+                  and _FITTING_STAGES.get(self._stage_key(tokens, False)) != 0)
+        if stacks:
+            self._fast = True   # its buffers are made in _pool_stacked, for the stacked batch
+        return stacks
+
+    def _start_fast(self, tokens: torch.Tensor, num_slots: int) -> None:
+        """The partial buffers (num_slots, B, H, S, D) and (num_slots, B, H, S) for tokens (B, T, D)."""
         batch, num_tokens, dim = tokens.shape
         heads = self.folded.key_probe.shape[0]
         make = lambda *shape: torch.empty(*shape, device=tokens.device, dtype=torch.float32)  # noqa: E731
         target = self.launch["target_programs"] or (   # one 8-warp program fills an SM (192 KiB of shared memory)
             torch.cuda.get_device_properties(tokens.device).multi_processor_count if tokens.is_cuda else 4)
         self._tokens_per_split, splits = split_plan(batch, num_tokens, target, self.launch["block_t"])
-        num_slots = len(self.layers)
         self._out, self._lse = make(num_slots, batch, heads, splits, dim), make(num_slots, batch, heads, splits)
 
     def _stage_key(self, tokens: torch.Tensor, shifted: bool) -> tuple:
@@ -182,8 +224,8 @@ class LayerPooler:
 
     def add_entry(self, slot: int, entry: EntryNorm, norm_input, normed: torch.Tensor) -> None:
         """Pool a held slot from block j+1's first LayerNorm, called with its input and output (B, T, D)."""
-        if slot not in self._held:
-            return                                 # this norm ran again in the same forward: the slot is done
+        if self._stacked or slot not in self._held:
+            return     # stacked: result() pools it (the first layer's norm hook exists); or this norm ran again
         tokens = self._take(slot)
         exact = norm_input is tokens and normed.dtype == torch.float32 and normed.shape == tokens.shape
         if exact and self._fast is None:
@@ -198,9 +240,10 @@ class LayerPooler:
     def _take(self, slot: int) -> torch.Tensor:
         tokens, version = self._held.pop(slot)
         if tensor_version(tokens) != version:
+            when, switch = ("before the readout pooled it after the forward", "stacked_max_batch=0") if self._stacked \
+                else ("before its first norm", "entry_norms=False")
             raise RuntimeError(f"the block after layer {self.layers[slot]} modified that layer's output in place "
-                               "before its first norm; the fused readout cannot read it "
-                               "(use siglip_dola.config.override(entry_norms=False))")
+                               f"{when}; the fused readout cannot read it (use siglip_dola.config.override({switch}))")
         return tokens
 
     def _record(self, slot: int, path: str, reason: str | None) -> None:

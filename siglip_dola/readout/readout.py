@@ -48,8 +48,8 @@ class Readout:
     then its projection | "masked_map": folded MAP head over a padding mask; token_head.py),
     ``fallback_reason`` (why the folded head is not used, else None), ``packed_inputs`` (True: the model takes
     packed NaFlex patches (B, 1 + P, C*p*p), tower_hf_siglip2.pack, instead of (B, C, H, W) images), and from
-    the last call ``layer_paths`` ({layer: "fused-entry-norm" | "fused-stats" | "pytorch" | "model-head"}) and
-    ``path_reasons`` ({layer: why not the fastest path, or None}).
+    the last call ``layer_paths`` ({layer: "fused-entry-norm" | "fused-stats" | "fused-stacked" | "pytorch" |
+    "model-head"}) and ``path_reasons`` ({layer: why not the fastest path, or None}).
     """
 
     def __init__(self, tower: Tower, folded_head: bool = True):
@@ -112,8 +112,8 @@ class Readout:
                         if not attached:
                             attached.append(True)
                             attach(rest)
+                    attach([first])   # before attach_rest: the pooler sees block `first`'s output (its path) first
                     handles.append(blocks[first - 1].register_forward_hook(attach_rest))
-                    attach([first])
                 z_final = self._tower.embed(images, **inputs) if inputs else self._tower.embed(images)
             finally:
                 for handle in handles:
