@@ -32,8 +32,10 @@ _DEFAULTS: dict[str, bool | int] = {
     "block_t": 16,          # tokens per inner step: the smallest tl.dot tile
     "num_stages": 3,        # software-pipelining depth of the token loads (Triton's default)
     # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle (~22 us a layer at batch 1 on an
-    # H200) and costs Python per layer in eager; one stacked launch of (J * B, S) programs after the forward does not
-    "stacked_max_batch": 8,
+    # H200) and costs Python per layer in eager; one stacked launch of (J * B, S) programs after the forward does
+    # not. Off (0) until timed on a GPU: it is tested on the CPU interpreter only (issue 17), and a default must not
+    # lose to the per-layer path it replaces. To try it: SIGLIP_DOLA_STACKED_MAX_BATCH=8.
+    "stacked_max_batch": 0,
     "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths
 }
 _MINIMUM = {"target_programs": 0, "stacked_max_batch": 0}   # the other int knobs are >= 1

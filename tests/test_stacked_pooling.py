@@ -19,7 +19,7 @@ STACKED_CHECK = textwrap.dedent("""
     from siglip_dola import config
     from siglip_dola.readout import from_model, pooler as fused
     rel = lambda got, ref: float((got.double() - ref).norm() / ref.norm())
-    STACK = {"stacked_on_cpu": True, "target_programs": 4}
+    STACK = {"stacked_max_batch": 8, "stacked_on_cpu": True, "target_programs": 4}
     errors, paths = {}, {}
     tower = deep_tower(seed=8, depth=4)
     trained_like_norms(tower)                       # random affines in every LayerNorm (init leaves 1, 0)
@@ -60,7 +60,7 @@ STACKED_CHECK = textwrap.dedent("""
     images = torch.randn(2, 3, 32, 32)
     stacked, _ = read(images, [1, 2, 3], **STACK)
     for name, options in {"knob_below_batch": {**STACK, "stacked_max_batch": 1}, "knob_off": {
-            **STACK, "stacked_max_batch": 0}, "cuda_only_default": {"target_programs": 4}}.items():
+            **STACK, "stacked_max_batch": 0}, "default_off": {"target_programs": 4}}.items():
         per_layer, expected = read(images, [1, 2, 3], **options)
         paths[name] = readout.layer_paths
         errors[name] = rel(per_layer, expected)
@@ -95,7 +95,7 @@ def test_stacked_pooling_in_interpreter_matches_the_models_own_head():
             assert paths["readout/" + key] == paths["pooler/" + key] == {str(j): "fused-stacked" for j in layers}
             assert errors["pooler/" + key] < 2e-3, (key, errors)    # fp16 products, fp32 accumulation and tail
     entry = {str(j): "fused-entry-norm" for j in (1, 2, 3)}
-    assert paths["knob_below_batch"] == paths["knob_off"] == paths["cuda_only_default"] == entry
+    assert paths["knob_below_batch"] == paths["knob_off"] == paths["default_off"] == entry
     assert paths["inference_mode"] == {str(j): "fused-stacked" for j in (1, 2, 3)}
     for name, error in errors.items():
         assert error == error and error < 2e-2, (name, error)   # NaN fails; the readout's tail runs in bf16 here
@@ -111,7 +111,7 @@ def _stacking_pooler(monkeypatch, fits: int, calls: list, layers=(1, 2)):
     monkeypatch.setattr(layer_pooler, "pool_partials", fake_kernel(fits, calls))
     monkeypatch.setattr(layer_pooler, "triton_usable", lambda tokens, probe: True)
     tower = deep_tower(seed=3)
-    with config.override(num_stages=3, target_programs=4, stacked_on_cpu=True):
+    with config.override(num_stages=3, target_programs=4, stacked_max_batch=8, stacked_on_cpu=True):
         return tower, fused.LayerPooler(folded_head(tower), list(layers))
 
 
@@ -167,12 +167,12 @@ def test_without_version_counters_only_known_blocks_are_held(monkeypatch):
 
 
 def test_the_stacking_knobs_fail_loudly():
-    assert config.pooling_launch()["stacked_max_batch"] == 8 and config.pooling_launch()["stacked_on_cpu"] is False
+    assert config.pooling_launch()["stacked_max_batch"] == 0 and config.pooling_launch()["stacked_on_cpu"] is False
     for options, match in [({"stacked_max_batch": -1}, "must be an int >= 0"),
                            ({"stacked_max_batch": True}, "must be an int"),
                            ({"stacked_on_cpu": 1}, "must be True or False")]:
         with pytest.raises(ValueError, match=match):
             config.set(**options)
-    with config.override(stacked_max_batch=0, stacked_on_cpu=True):
-        assert config.pooling_launch()["stacked_max_batch"] == 0 and config.pooling_launch()["stacked_on_cpu"]
-    assert config.pooling_launch()["stacked_max_batch"] == 8
+    with config.override(stacked_max_batch=8, stacked_on_cpu=True):
+        assert config.pooling_launch()["stacked_max_batch"] == 8 and config.pooling_launch()["stacked_on_cpu"]
+    assert config.pooling_launch()["stacked_max_batch"] == 0
