@@ -336,3 +336,19 @@ def test_large_reports_render_one_page_at_a_time(tmp_path):
         assert browser.evaluate("Array.from(document.querySelectorAll('tr.row')).map(r => +r.dataset.index)") == \
             [i for i in range(120) if plan[i] == "broken"]
         assert browser.errors() == []
+
+
+def test_eval_report_flag_writes_the_page_and_its_rows(tmp_path, capsys):
+    result, page = tmp_path / "result.json", tmp_path / "page.html"
+    assert main(["eval", "--dataset", "shapes", "--limit", "24", "--out", str(result), "--report", str(page),
+                 "--no-progress", "--workers", "0", "--n-resamples", "200"]) == 0
+    assert "report: " in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "page.predictions.jsonl").read_text().splitlines()]
+    written = json.loads(result.read_text())
+    assert len(rows) == written["n_images"] == 24 and written["predictions"].endswith("page.predictions.jsonl")
+    html = page.read_text(encoding="utf-8")
+    assert all(row["id"] in html for row in rows)   # every image of the run is on the page
+    assert main(["eval", "--dataset", "shapes", "--limit", "24", "--out", str(tmp_path / "r2.json"),
+                 "--report", str(tmp_path / "page.txt")]) == 2
+    assert "--report must name an .html file" in capsys.readouterr().err
+    assert not (tmp_path / "r2.json").exists()   # refused before any evaluation ran

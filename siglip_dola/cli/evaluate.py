@@ -109,6 +109,18 @@ def _eval_arguments(parser) -> None:
                         help="classification (acc1/acc5/mean per-class recall) or retrieval (recall@1/5/10)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image decode processes (default: the spare CPU cores; 0: decode in the main process)")
+    parser.add_argument("--report", default=None, metavar="FILE.html",
+                        help="also write the HTML report (as `siglip-dola report`); needs per-image rows, so "
+                             "without --predictions they go to FILE.predictions.jsonl beside it")
+
+
+def _report_predictions(args) -> str | None:
+    """The predictions path eval writes: --predictions, or beside --report when only that is given."""
+    if args.predictions is None and args.report is not None:
+        if not str(args.report).endswith(".html"):
+            raise ValueError(f"--report must name an .html file, got {args.report!r}")
+        return str(args.report)[:-len(".html")] + ".predictions.jsonl"
+    return args.predictions
 
 
 @subcommand("eval", help="Evaluate off / static / dynamic DoLa on a split the calibration never saw, with paired "
@@ -117,13 +129,19 @@ def eval_command(args) -> int:
     from siglip_dola.distributed import distributed_session
     from siglip_dola.evaluation.evaluate import evaluate, summary_line
 
+    predictions = _report_predictions(args)   # checked before the evaluation runs
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
-                          batch_size=args.batch_size, progress=args.progress, predictions=args.predictions,
+                          batch_size=args.batch_size, progress=args.progress, predictions=predictions,
                           n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)
-    if report is not None:
+    if report is not None:   # rank 0 (torchrun): the one that wrote the result
         print(f"{summary_line(report)} -> {args.out}")
+        if args.report is not None:
+            from siglip_dola.viewer.report import write_report
+
+            page = write_report(report, predictions, args.report)
+            print(f"report: {page} ({page.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
