@@ -210,12 +210,12 @@ def test_cli_serve_bad_port_is_a_clear_error(index_dir, tiny_dir, capsys):  # no
 
 
 def _calibration(model_id, static_layer=4, dynamic_layers=(2, 4)):
-    point = {"bucket": None, "n_buckets": None}
-    return {"model": model_id, "dataset": "shapes", "split": "val", "choice": {"mode": "static"},
-            "best": {"static": {"mode": "static", "layers": [static_layer], "static_layer": static_layer, "alpha": 0.2,
-                                **point},
-                     "dynamic": {"mode": "dynamic", "layers": list(dynamic_layers), "static_layer": None,
-                                 "alpha": 0.05, **point}}}
+    """A calibration report as `calibrate` writes it: the choice (static here) and the best point per mode."""
+    point = {"bucket": None, "n_buckets": None, "contrast_weight": 0.5}
+    static = {"mode": "static", "layers": [static_layer], "static_layer": static_layer, "alpha": 0.2, **point}
+    dynamic = {"mode": "dynamic", "layers": list(dynamic_layers), "static_layer": None, "alpha": 0.05, **point}
+    return {"model": model_id, "dataset": "shapes", "split": "val", "choice": static,
+            "best": {"static": static, "dynamic": dynamic}}
 
 
 def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, model):  # noqa: F811
@@ -224,19 +224,55 @@ def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, mode
     with TestClient(create_app(service)) as c:
         answer = c.get("/api/search", params={"q": "a blue star", "k": 4, "mode": "static"}).json()
         expected = search(open_index(index_dir), "a blue star", model,
-                          RerankConfig(top_k=4, mode="static", static_layer=4, alpha=0.3))
+                          RerankConfig(top_k=4, mode="static", static_layer=4, alpha=0.3, contrast_weight=0.5))
         assert answer["hits"] == json.loads(json.dumps(expected.to_json()))["hits"]
         assert answer["premature_layer"] == 4
         settings = answer["settings"]
         assert (settings["static_layer"], settings["alpha"], settings["layers"]) == (4, 0.3, [4])
         assert settings["sources"]["static_layer"] == "calibration" and settings["sources"]["alpha"] == "flag"
+        assert (settings["contrast_weight"], settings["sources"]["contrast_weight"]) == (0.5, "calibration")
         assert settings["calibration"] == "calib.json"
         dynamic = c.get("/api/search", params={"q": "a blue star", "mode": "dynamic"}).json()["settings"]
         assert dynamic["layers"] == [2, 4] and dynamic["sources"]["layers"] == "calibration"
 
 
+def test_without_flags_or_calibration_the_index_settings_serve_and_say_where_they_came_from(tmp_path, model):  # noqa: F811
+    """An index built from a calibration serves its settings, sources included (the page once said 'default')."""
+    for i in range(12):
+        shapes.make_sample("test", i).image.save(tmp_path / f"s_{i:02d}.png")
+    stored = {"mode": "dynamic", "layers": [2, 4], "alpha": 0.2, "contrast_weight": 0.5, "static_layer": None,
+              "bucket": None, "n_buckets": None}
+    calibration = {"model": model.model_id, "dataset": "shapes", "split": "val", "choice": stored,
+                   "best": {"dynamic": stored}}
+    build_index(sorted(tmp_path.glob("*.png")), tmp_path / "idx", model, progress=False, calibration=calibration)
+    with TestClient(create_app(SearchService(tmp_path / "idx", model))) as c:
+        settings = c.get("/api/search", params={"q": "a red circle", "k": 3}).json()["settings"]
+    assert (settings["mode"], settings["layers"], settings["alpha"], settings["contrast_weight"]) == (
+        "dynamic", [2, 4], 0.2, 0.5)
+    assert settings["sources"]["layers"] == settings["sources"]["alpha"] == "calibration"
+
+
 def test_calibration_for_other_layers_or_model_is_refused(index_dir, model):  # noqa: F811
-    with pytest.raises(ValueError, match=r"static mode uses layers \[3\].*stores \[2, 4\]; rebuild"):
+    with pytest.raises(ValueError, match=r"static mode: index .* stores layers \[2, 4\], but the settings need layers \[3\]"):
         SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
-    with pytest.raises(ValueError, match="calibration was made for model 'other'"):
+    with pytest.raises(ValueError, match="calibration .*was made for model 'other'"):
         SearchService(index_dir, model, calibration=_calibration("other"))
+
+
+def test_serve_calibration_embedded_is_the_retrieval_one(tmp_path):
+    """`serve --calibration embedded` means the embedded model's shipped RETRIEVAL calibration (it once read the
+    classification one): its choice, read here from the shipped file, is what a query runs with."""
+    from siglip_dola.layers import resolve_layers
+    from siglip_dola.loading import embedded, load
+
+    for i in range(12):
+        shapes.make_sample("test", i).image.save(tmp_path / f"s_{i:02d}.png")
+    model = load(None)
+    build_index(sorted(tmp_path.glob("*.png")), tmp_path / "idx", model, progress=False, layers=list(range(1, 24)))
+    choice = json.loads(embedded.EMBEDDED_RETRIEVAL_CALIBRATION.read_text())["choice"]
+    service = SearchService(tmp_path / "idx", model, calibration="embedded", calibration_name="embedded")
+    with TestClient(create_app(service)) as c:
+        settings = c.get("/api/search", params={"q": "a red circle", "k": 3, "mode": "dynamic"}).json()["settings"]
+    assert settings["layers"] == resolve_layers(24, bucket=choice["bucket"], n_buckets=choice["n_buckets"])
+    assert (settings["alpha"], settings["contrast_weight"]) == (choice["alpha"], choice["contrast_weight"])
+    assert settings["sources"]["alpha"] == "calibration" and settings["calibration"] == "embedded"

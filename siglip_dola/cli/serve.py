@@ -45,18 +45,10 @@ def serve_command(args) -> int:
     base = RerankConfig(top_k=args.top_k, rerank_k=args.rerank_k, mode=args.mode,
                         alpha=0.1 if args.alpha is None else args.alpha, static_layer=args.static_layer,
                         layers=args.layers)
-    calibration, calibration_name = None, None
-    if args.calibration is not None:
-        from siglip_dola.evaluation.calibrate import read_calibration
-        from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION
-
-        calibration_name = args.calibration
-        path = EMBEDDED_CALIBRATION if args.calibration == "embedded" else args.calibration
-        calibration = read_calibration(str(path))
     model = load(args.model or read_manifest(args.index).model_id, device=args.device)
     service = SearchService(args.index, model, base, captions=args.captions, image_root=args.image_root,
                             limits=Limits(max_k=args.max_k, max_rerank_k=args.max_rerank_k), flags=flags,
-                            calibration=calibration, calibration_name=calibration_name)
+                            calibration=args.calibration, calibration_name=args.calibration)
     app = create_app(service)
     sock = bind(args.host, args.port)
     if args.host not in LOOPBACK:

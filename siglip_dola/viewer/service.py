@@ -18,7 +18,9 @@ from PIL import Image, UnidentifiedImageError
 
 from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
 from siglip_dola.retrieval.captions import encode_captions, read_captions
+from siglip_dola.retrieval.index import index_settings
 from siglip_dola.retrieval.search import MODES
+from siglip_dola.settings import DoLaSettings
 
 THUMB_SIZE = 256
 
@@ -57,39 +59,28 @@ def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
     return value
 
 
-def mode_settings(base: RerankConfig, flags: set[str], calibration: dict | None, num_layers: int) -> dict:
-    """{mode: {"layers", "static_layer", "alpha", "sources"}} for static and dynamic; each value from a
-    command-line flag (named in `flags`), else the calibration's best point of that mode, else the default."""
-    from siglip_dola.layers import resolve_layers
-
-    best = (calibration or {}).get("best", {})
+def mode_settings(index, base: RerankConfig, flags: set[str], calibration=None) -> dict[str, DoLaSettings]:
+    """{"static", "dynamic"} -> DoLaSettings for `index`, by siglip_dola.settings' one policy: the command-line
+    flags named in `flags` > `calibration` (path, "embedded" or report dict) > the index's stored settings >
+    defaults, each value's source recorded; ValueError naming the layers the index lacks."""
+    given = {name: getattr(base, name) for name in ("layers", "static_layer", "alpha", "contrast_weight")
+             if name in flags}
     settings = {}
     for mode in ("static", "dynamic"):
-        point = best.get(mode) or {}
-        layers = point.get("layers")
-        if not layers and point.get("bucket") is not None:
-            layers = resolve_layers(num_layers, bucket=point["bucket"], n_buckets=point.get("n_buckets") or 3)
-        calibrated = {"layers": list(layers) if mode == "dynamic" and layers else None,
-                      "static_layer": point.get("static_layer") if mode == "static" else None,
-                      "alpha": point.get("alpha")}
-        entry, sources = {}, {}
-        for name, default in (("layers", None), ("static_layer", None), ("alpha", 0.1)):
-            if name in flags:
-                entry[name], sources[name] = getattr(base, name), "flag"
-            elif calibrated.get(name) is not None:
-                entry[name], sources[name] = calibrated[name], "calibration"
-            else:
-                entry[name], sources[name] = default, "default"
-        if mode == "dynamic":
-            entry["static_layer"], sources["static_layer"] = None, "default"
-        settings[mode] = {**entry, "sources": sources}
+        mode_flags = {k: v for k, v in given.items() if mode == "static" or k != "static_layer"}
+        try:
+            settings[mode] = index_settings(index.manifest, calibration, root=index.root, warn=False, mode=mode,
+                                            **mode_flags)
+        except ValueError as err:
+            raise ValueError(f"{mode} mode: {err}") from None
     return settings
 
 
 class SearchService:
     """Queries over the index at `root` with `model` (LoadedModel); `base` holds the served defaults,
-    `flags` the RerankConfig fields given on the command line, `calibration` a calibration report
-    (its best static / dynamic points fill what no flag set; `calibration_name` is recorded)."""
+    `flags` the RerankConfig fields given on the command line, `calibration` a calibration (path, "embedded"
+    or report dict: its choice / best point per mode fills what no flag set; `calibration_name` is recorded),
+    else the index's stored settings (see :func:`mode_settings`)."""
 
     def __init__(self, root, model, base: RerankConfig | None = None, captions=None,
                  image_root=None, limits: Limits | None = None, flags: set[str] | None = None,
@@ -101,24 +92,12 @@ class SearchService:
         self.image_root = None if image_root is None else Path(image_root)
         self.lock = threading.Lock()
         self._stamp = None
+        self.calibration = calibration
         self.index = self._open()
-        if calibration is not None and calibration.get("model") != self.index.manifest.model_id:
-            raise ValueError(f"calibration was made for model {calibration.get('model')!r}, the index with "
-                             f"{self.index.manifest.model_id!r}; calibrate that model or rebuild the index")
-        self.calibration_name = calibration_name if calibration is not None else None
-        self.per_mode = mode_settings(self.base, self.flags, calibration, self.index.manifest.num_layers)
-        self._check_layers(self.index.layers)
+        self.per_mode = mode_settings(self.index, self.base, self.flags, calibration)
+        self.calibration_name = calibration_name if calibration is not None else self.per_mode["dynamic"].calibration
         self.captions = None if captions is None else read_captions(captions)
         self.caption_embeds = None if self.captions is None else encode_captions(model, self.captions)
-
-    def _check_layers(self, stored: list[int]) -> None:
-        for mode, entry in self.per_mode.items():
-            wanted = (entry["layers"] or []) + ([entry["static_layer"]] if entry["static_layer"] is not None else [])
-            missing = [j for j in wanted if j not in stored]
-            if missing:
-                raise ValueError(f"{mode} mode uses layers {wanted} ({entry['sources']}) but the index stores "
-                                 f"{stored}; rebuild it with `siglip-dola index build ... --layers "
-                                 f"{','.join(map(str, sorted(set(stored) | set(wanted))))}` or pass --layers")
 
     # -- the index on disk ---------------------------------------------------------------------------------
     def _manifest_stamp(self):
@@ -137,7 +116,7 @@ class SearchService:
         try:
             if self._manifest_stamp() != self._stamp:
                 index = self._open()
-                self._check_layers(index.layers)
+                self.per_mode = mode_settings(index, self.base, self.flags, self.calibration)
                 self.index = index
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise IndexUnavailable(f"the index at {str(self.root)!r} changed on disk and cannot be opened: {err}. "
@@ -161,19 +140,25 @@ class SearchService:
         return Query(k, rerank_k, mode)
 
     def _config(self, query: Query) -> RerankConfig:
-        entry = self.per_mode.get(query.mode, self.per_mode["dynamic"])  # off: no layer is read
-        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=entry["alpha"],
-                            static_layer=entry["static_layer"] if query.mode == "static" else None,
-                            layers=entry["layers"])
+        if query.mode == "off":   # no layer is read
+            return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode="off")
+        settings = self.per_mode[query.mode]
+        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=settings.alpha,
+                            static_layer=settings.static_layer, contrast_weight=settings.contrast_weight,
+                            layers=None if query.mode == "static" else list(settings.layers))
 
     def settings(self, query: Query, config: RerankConfig, layers: list[int]) -> dict:
         """The settings this query ran with and where each came from (flag: command line or request;
         calibration; default)."""
-        entry = self.per_mode.get(config.mode, {"sources": {}})
-        sources = {"mode": "flag", "top_k": "flag", "rerank_k": "flag",
-                   **{name: entry["sources"].get(name, "default") for name in ("layers", "static_layer", "alpha")}}
-        return {"mode": config.mode, "layers": [] if config.mode == "off" else layers,
-                "static_layer": config.static_layer, "alpha": None if config.mode == "off" else config.alpha,
+        resolved = self.per_mode.get(config.mode)          # None for "off"
+        recorded = {} if resolved is None else resolved.sources
+        layer_source = recorded.get("layers", "default")   # static_layer is part of the layer specification
+        sources = {"mode": "flag", "top_k": "flag", "rerank_k": "flag", "layers": layer_source,
+                   "static_layer": layer_source, "alpha": recorded.get("alpha", "default"),
+                   "contrast_weight": recorded.get("contrast_weight", "default")}
+        off = config.mode == "off"
+        return {"mode": config.mode, "layers": [] if off else layers, "static_layer": config.static_layer,
+                "alpha": None if off else config.alpha, "contrast_weight": None if off else config.contrast_weight,
                 "top_k": config.top_k, "rerank_k": config.rerank_k, "sources": sources,
                 "calibration": self.calibration_name}
 
