@@ -43,8 +43,8 @@ class DoLaSigLIP:
         # batch shape (readout/cuda_graphs.py), with no host sync per call
         if cuda_graphs is not True and cuda_graphs is not False:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if cuda_graphs and getattr(model.readout, "packed_inputs", False):
-            raise ValueError(graphed.NAFLEX_NOT_CAPTURABLE)
+        if cuda_graphs:
+            graphed.check_capturable(model.readout)   # at construction, not at the first call
         if cuda_graphs and torch.device(model.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
         self.model, self.cuda_graphs = model, cuda_graphs

@@ -90,10 +90,15 @@ NAFLEX_NOT_CAPTURABLE = ("CUDA graphs are not available for SigLIP2 NaFlex tower
                          "patch grid on the host; use cuda_graphs=False (the plain readout)")
 
 
-def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
-    """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
+def check_capturable(readout) -> None:
+    """ValueError, before any capture starts, for a readout whose forward cannot be captured (NaFlex)."""
     if getattr(readout, "packed_inputs", False):
         raise ValueError(NAFLEX_NOT_CAPTURABLE)
+
+
+def capture(readout, example_images: torch.Tensor, layers=None, warmup: int = 2) -> GraphedCall:
+    """A graphed ``readout(images, layers)``: call it -> (z_final (B, D), z_layers (J, B, D)), like the readout."""
+    check_capturable(readout)
     readout.prepare_inputs(example_images, {})   # checks the images
     layer_list = readout.check_layers(layers)   # validated once, here: the graph fixes them
     return capture_call(lambda images: readout(images, layer_list), example_images, warmup)
