@@ -239,6 +239,23 @@ def test_folded_head_follows_weight_dtype_and_in_place_changes():
     assert _rel_err(z_layers[0], expected[1]) <= 1e-10 and _rel_err(z_layers[1], expected[2]) <= 1e-10
 
 
+def test_folded_head_follows_a_replaced_head_submodule_and_parameter():
+    case = _timm_case()
+    readout = from_model(case.model)
+    images = _images()
+    readout(images, layers=[2])                             # the folded head is built and cached
+    torch.manual_seed(3)
+    kv = case.model.attn_pool.kv
+    case.model.attn_pool.kv = nn.Linear(kv.in_features, kv.out_features)   # a new module (folded into the head)
+    expected_final, expected = reference(case, images)
+    z_final, z_layers = readout(images, layers=[1, 2])
+    assert _rel_err(z_final, expected_final) <= 1e-6
+    assert _rel_err(z_layers[0], expected[1]) <= 1e-5 and _rel_err(z_layers[1], expected[2]) <= 1e-5
+    case.model.attn_pool.latent = nn.Parameter(torch.randn_like(case.model.attn_pool.latent))   # a new parameter
+    _, expected = reference(case, images)
+    assert _rel_err(readout(images, layers=[2])[1][0], expected[2]) <= 1e-5
+
+
 def test_bf16_autocast_runs_and_stays_close_to_fp32():
     case = _timm_case()
     readout = from_model(case.model)
