@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import siglip_dola
+from siglip_dola import config
 from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import cuda_graphs
 
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=15, help="timed rounds per batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--stacked-max-batch", type=int, default=8,
+                        help="at batches <= this, also time dynamic3/8/23 with the other stacked-pooling setting "
+                             "than the default (config stacked_max_batch), in the same rounds; 0: not")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -81,6 +85,15 @@ def layer_sets(num_layers: int) -> dict[str, dict]:
             "dynamic3": dict(mode="dynamic", layers=evens[-3:]),
             "dynamic8": dict(mode="dynamic", layers=evens[-8:]),
             "dynamic23": dict(mode="dynamic", layers=list(range(1, num_layers)))}
+
+
+def other_pooling(batch: int, args) -> tuple[str, dict] | None:
+    """(point suffix, config options) of the stacked-pooling setting that is NOT the default at this batch, or None."""
+    if batch > args.stacked_max_batch:
+        return None
+    stacked_by_default = batch <= config.get("stacked_max_batch")
+    return ("-perlayer", dict(stacked_max_batch=0)) if stacked_by_default else (
+        "-stacked", dict(stacked_max_batch=args.stacked_max_batch))
 
 
 def plain_call(encode, bank_n, tau, dtype, device):
@@ -127,17 +140,21 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
     points = {"plain": plain_call(encode, bank_n, loaded.tau, loaded.dtype, device)}
     if graphs:
         points["plain-graph"] = plain_graph(points["plain"], images, loaded.dtype, device)
-    paths = {}
+    paths, options = {}, {}   # options: point -> config options set around each of its calls (not timed)
+    other = other_pooling(batch, args)
+    variants = [("", {})] + ([other] if other else [])
     for name, settings in layer_sets(loaded.readout.num_layers).items():
-        for graph in ([False, True] if graphs else [False]):
-            scorer = siglip_dola.DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=batch, **settings)
-            key = name + ("-graph" if graph else "")
-            points[key] = lambda x, s=scorer: s.score_pixels(x, bank)
-            points[key](images)                                   # first call: compiles, captures
-            paths[key] = path_summary(loaded.readout) if scorer.layers else "-"
-            if not graph and name in ("off", "dynamic3", "dynamic23"):   # the readout alone: the rest is scoring
-                points[name + "-embed"] = lambda x, s=scorer: s.embed(x)
-    times = run_rounds(points, images, args, device)
+        for suffix, opts in variants if name.startswith("dynamic") else variants[:1]:
+            for graph in ([False, True] if graphs else [False]):
+                scorer = siglip_dola.DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=batch, **settings)
+                key = name + suffix + ("-graph" if graph else "")
+                points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts
+                with config.override(**opts):
+                    points[key](images)                           # first call: compiles, captures
+                paths[key] = path_summary(loaded.readout) if scorer.layers else "-"
+                if not graph and not suffix and name in ("off", "dynamic3", "dynamic23"):   # the readout alone
+                    points[name + "-embed"] = lambda x, s=scorer: s.embed(x)
+    times = run_rounds(points, images, args, device, options)
     # a reload: trained-like affines written in place after first use (the graphed scorer captures again)
     randomize_norms(module, trained_like=True, seed=2)
     reload = {"plain": points["plain"], "reload-dynamic23": points["dynamic23"]}
@@ -162,15 +179,18 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
     return rows
 
 
-def run_rounds(points: dict, images, args, device) -> dict[str, list[float]]:
-    for fn in points.values():
-        for _ in range(args.warmup):
-            fn(images)
+def run_rounds(points: dict, images, args, device, options: dict | None = None) -> dict[str, list[float]]:
+    options = options or {}
+    for name, fn in points.items():
+        with config.override(**options.get(name, {})):
+            for _ in range(args.warmup):
+                fn(images)
     times = {name: [] for name in points}
     rounds = args.runs * (4 if images.shape[0] <= 8 else 1)   # CPU-bound small batches are noisier, and cheap
     for _ in range(rounds):         # interleaved: slow drift hits every point alike
         for name, fn in points.items():
-            times[name].append(timed(fn, images, device))
+            with config.override(**options.get(name, {})):   # set before the clock starts
+                times[name].append(timed(fn, images, device))
     return times
 
 
