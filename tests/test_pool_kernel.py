@@ -2,7 +2,7 @@
 head counts that are not a power of two and the Triton merge of token splits with the value product, in
 Triton's CPU interpreter (a subprocess), against float64.
 
-The stats mode, the split plan and the merge are tested in test_fused.py (they predate this module's split).
+The stats mode end to end and the split plan are also tested in test_pooler.py.
 """
 import textwrap
 
@@ -41,7 +41,9 @@ CHECK = textwrap.dedent("""
                     pk.pool_partials(x, probe, 1e-6, out, lse, per_split)
                 pooled = pk.combine_partials(out, lse).double()
                 errors[f"{mode}/{B}x{T}x{D}/h{H}/{layout}/s{splits}"] = float((pooled - ref).norm() / ref.norm())
-    for rows, heads, splits, dim, head_dim in [(70, 4, 2, 48, 12), (5, 16, 36, 128, 64), (130, 2, 1, 64, 16)]:
+    # rows <= 16 (one 16-row block: batch 1) and more; splits 1..36, padded to powers of two
+    for rows, heads, splits, dim, head_dim in [(70, 4, 2, 48, 12), (5, 16, 36, 128, 64), (130, 2, 1, 64, 16),
+                                               (3, 16, 8, 256, 64), (23, 16, 6, 128, 64)]:
         out, lse = torch.randn(rows, heads, splits, dim), torch.randn(rows, heads, splits) * 3   # merge + W_v
         weight, bias = torch.randn(heads, head_dim, dim) * 0.1, torch.randn(heads, head_dim)
         values = pk.merge_values_triton(out, lse, weight, bias).double()

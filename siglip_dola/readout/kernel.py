@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 BLOCK_T = 16  # tokens per inner step (the smallest tl.dot tile)
-MAX_SPLITS = 8  # the merge kernel walks a row's splits in sequence: at batch 1 (36 splits) it cost more than it saved
+MAX_SPLITS = 8  # more splits than this cost the merge more than they saved (batch 1: 36 splits, walked in sequence)
+_MERGE_TILE = 8192  # fp32 elements of the merge's (rows, splits, k) tile: 64 registers a thread at 4 warps
 
 
 
@@ -124,12 +125,12 @@ if triton is not None:
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < D
-            pooled = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for split in range(0, S):
-                weight = tl.sum(tl.where(offs_s[None, :] == split, weights, 0.0), axis=1)   # (BN,)
-                part = tl.load(out_ptr + (rows[:, None] * S + split) * D + offs_k[None, :],
-                               mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                pooled += weight[:, None] * part                                             # (BN, BK)
+            # every split of the block in ONE load: a loop of S dependent loads per k-step made the merge
+            # latency-bound at small N (92 us for 3 rows on an H200, more than the 3 layers' pooling)
+            parts = tl.load(out_ptr + (rows[:, None, None] * S + offs_s[None, :, None]) * D + offs_k[None, None, :],
+                            mask=n_mask[:, None, None] & s_mask[None, :, None] & k_mask[None, None, :],
+                            other=0.0)                                                       # (BN, BS, BK)
+            pooled = tl.sum(weights[:, :, None] * parts, axis=1)                             # (BN, BK)
             value_weight = tl.load(weight_ptr + (h * HD + offs_e[None, :]) * D + offs_k[:, None],
                                    mask=k_mask[:, None] & e_mask[None, :], other=0.0)       # (BK, BHD) = W_v[h]^T
             acc = tl.dot(pooled, value_weight, acc, input_precision=PRECISION)
@@ -150,10 +151,11 @@ def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torc
     assert out.is_contiguous() and lse.is_contiguous() and value_weight.is_contiguous() and value_bias.is_contiguous()
     assert out.dtype == lse.dtype == value_weight.dtype == value_bias.dtype == torch.float32
     values = torch.empty(num_rows, heads * head_dim, device=out.device, dtype=torch.float32)
-    block_n = 64
+    block_n, block_s = (16 if num_rows <= 16 else 64), triton.next_power_of_2(num_splits)   # 16: tl.dot's least M
+    block_k = max(16, min(64, _MERGE_TILE // (block_n * block_s)))   # the (BN, BS, BK) partials tile stays in registers
     _merge_values_kernel[(triton.cdiv(num_rows, block_n), heads)](
         out, lse, value_weight, value_bias, values, num_rows, num_splits, dim, head_dim, H=heads, BLOCK_N=block_n,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_K=64, BLOCK_HD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_HD=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="tf32x3", num_warps=4)
     return values
 
