@@ -6,80 +6,85 @@ autocast). Per point (plain, plain-graph, off, dynamic3/23 eager and graphed, an
 - ``gpu``: kernel ms per call under torch.profiler, by kind: the pooling kernel, its merge, the scoring kernel,
   stacking copies, and the rest (the backbone, the head tail, cosine logits); ``idle`` = wall - gpu, the time
   the GPU waits on the host (eager at small batch: Python and launches);
-- ``host``: per eager call, host ms inside each library stage (``record_function`` ranges around
-  ``DoLaSigLIP.embed``, ``Readout.__call__``, the pooler's hooks, kernel launches and ``result()``, and
-  ``scoring.score``), wrapped for this run only and restored after. Profiler-inflated: read them as shares.
+- ``host``: per eager call, host ms inside each library stage (cProfile cumulative time of ``DoLaSigLIP.embed``,
+  ``Readout.__call__``, the pooler's hooks, kernel launches and ``result()``, ``scoring.score`` and its parts),
+  and in torch's C functions. Profiler-inflated: read them as shares.
 
     python benchmarks/breakdown.py --batch 1 --out benchmarks/results/h200_breakdown_b1.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import cProfile
+import pstats
 import statistics
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 import product   # benchmarks/product.py: model, bank, points
-from siglip_dola import config, scoring
+from siglip_dola import config
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import layer_pooler, readout
 from siglip_dola.scorer import DoLaSigLIP
 
 from benchenv import environment
+from norms import randomize_norms
 
 KINDS = (("pool", "_pool_partial_kernel"), ("merge", "_merge_values_kernel"), ("scoring", "_dola_row_kernel"),
          ("stack", "CatArrayBatchedCopy"))
-STAGES = ((DoLaSigLIP, "embed"), (readout.Readout, "__call__"), (layer_pooler.LayerPooler, "hold"),
-          (layer_pooler.LayerPooler, "add"), (layer_pooler.LayerPooler, "add_entry"),
-          (layer_pooler.LayerPooler, "result"), (layer_pooler, "pool_partials"), (layer_pooler, "merge_values"))
+STAGE_NAMES = ("embed", "__call__", "hold", "add", "add_entry", "result", "_pool_stacked", "pool_partials",
+               "merge_values", "merge_values_triton", "score", "_score_rows", "dola_rows", "rep_logits", "_rows",
+               "_current_head", "begin", "tail", "check_finite")   # library functions whose host time is reported
 
 
-@contextlib.contextmanager
-def stage_ranges():
-    """Wrap each STAGES function (and scoring.score) in a record_function range named after it; restored on exit."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name in STAGES] + [(scoring, "score", scoring.score)]
-
-    def ranged(fn, label):
-        def call(*args, **kwargs):
-            with record_function(label):
-                return fn(*args, **kwargs)
-        return call
-    try:
-        for owner, name, fn in saved:
-            setattr(owner, name, ranged(fn, f"stage:{getattr(owner, '__name__', '')}.{name}"))
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
-def profiled(fn, images, options: dict, calls: int) -> tuple[dict, dict]:
-    """(GPU ms per call by kind, host ms per call by stage) of `calls` calls under torch.profiler."""
+def profiled(fn, images, options: dict, calls: int) -> dict:
+    """GPU ms per call by kernel kind, `calls` calls under torch.profiler."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if images.is_cuda else [])
-    with config.override(**options), stage_ranges(), profile(activities=activities) as prof:
+    with config.override(**options), profile(activities=activities) as prof:
         for _ in range(calls):
             fn(images)
         if images.is_cuda:
             torch.cuda.synchronize()
-    gpu, host = {kind: 0.0 for kind, _ in KINDS + (("rest", ""),)}, {}
+    gpu = {kind: 0.0 for kind, _ in KINDS + (("rest", ""),)}
     for event in prof.key_averages():
         device_us = getattr(event, "self_device_time_total", 0) or 0
-        if device_us and event.key and not event.key.startswith("stage:"):
-            kind = next((k for k, pattern in KINDS if pattern in event.key), "rest")
-            gpu[kind] += device_us / 1e3 / calls
-        if event.key.startswith("stage:"):
-            host[event.key[6:]] = event.cpu_time_total / 1e3 / calls
+        if device_us and event.key:
+            gpu[next((k for k, pattern in KINDS if pattern in event.key), "rest")] += device_us / 1e3 / calls
     gpu["total"] = sum(gpu.values())
-    return gpu, host
+    return gpu
+
+
+def host_stages(fn, images, options: dict, calls: int) -> dict:
+    """Host ms per call inside each siglip_dola function of STAGE_NAMES (cProfile cumulative time; inflated by the
+    profiler: read as shares), plus "torch ops" (time in torch's C functions) and "all" (the whole call)."""
+    profiler = cProfile.Profile()
+    with config.override(**options):
+        profiler.enable()
+        for _ in range(calls):
+            fn(images)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats   # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    host: dict[str, float] = {}
+    for (file, _, name), (_, _, tottime, cumtime, _) in stats.items():
+        if "siglip_dola" in file and name in STAGE_NAMES:
+            label = f"{file.rsplit('siglip_dola/', 1)[-1].removesuffix('.py')}.{name}"
+            host[label] = host.get(label, 0.0) + cumtime * 1e3 / calls
+        elif file == "~" and "torch" in name:
+            host["torch ops"] = host.get("torch ops", 0.0) + tottime * 1e3 / calls
+    host["all"] = sum(v[2] for v in stats.values()) * 1e3 / calls
+    return host
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per point")
+    parser.add_argument("--reload", action="store_true",
+                        help="first call every point, then give every LayerNorm a trained-like affine in place "
+                             "(product.py's reload) and time after it")
     parser.add_argument("--out", default=None)
     known, rest = parser.parse_known_args(argv)
     args = product.parse_args(rest + ["--batches", str(known.batch), "--stacked-max-batch", str(max(known.batch, 8))])
@@ -94,21 +99,29 @@ def main(argv=None) -> int:
     graphs = device.type == "cuda"
     if graphs:
         points["plain-graph"] = product.plain_graph(points["plain"], images, loaded.dtype, device)
-    other = product.other_pooling(known.batch, args)
     sets = product.layer_sets(loaded.readout.num_layers)
     for name in ("off", "dynamic3", "dynamic23"):
-        for suffix, opts in [("", {})] + ([other] if other and name != "off" else []):
-            for graph in ([False, True] if graphs else [False]):
+        for graph in ([False, True] if graphs else [False]):
+            other = product.other_pooling(known.batch, args, graph) if name != "off" else None
+            for suffix, opts in [("", {})] + ([other] if other else []):
                 scorer = DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=known.batch, **sets[name])
                 key = name + suffix + ("-graph" if graph else "")
                 points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts
+    if known.reload:
+        for key, fn in points.items():
+            with config.override(**options.get(key, {})):
+                fn(images)
+        randomize_norms(module, trained_like=True, seed=2)
+        if graphs:   # the plain graph replays its capture: capture it again on the new weights
+            points["plain-graph"] = product.plain_graph(points["plain"], images, loaded.dtype, device)
     walls = product.run_rounds(points, images, args, device, options)
     env = environment(device)
     rows = []
     for key, fn in points.items():
-        gpu, host = profiled(fn, images, options.get(key, {}), known.calls)
+        gpu = profiled(fn, images, options.get(key, {}), known.calls)
+        host = {} if key.endswith("graph") else host_stages(fn, images, options.get(key, {}), known.calls)
         wall = statistics.median(walls[key])
-        rows.append(dict(point=key, batch=known.batch, wall_ms=wall, gpu_ms=gpu, idle_ms=max(wall - gpu["total"], 0.0),
+        rows.append(dict(point=key, batch=known.batch, reload=known.reload, wall_ms=wall, gpu_ms=gpu, idle_ms=max(wall - gpu["total"], 0.0),
                          host_ms=host))
     print(env)
     print(format_rows(rows, env.get("gpu", "cpu")))
@@ -124,10 +137,11 @@ def format_rows(rows: list[dict], device_name: str) -> str:
     for r in rows:
         lines.append(f"{r['point']:24} {r['wall_ms']:8.3f} {r['gpu_ms']['total']:8.3f} {r['idle_ms']:7.3f} "
                      + " ".join(f"{r['gpu_ms'][k]:8.3f}" for k in kinds))
-    lines.append("host ms per eager call inside each stage (nested: embed holds __call__ holds the pooler's):")
+    lines.append("host ms per eager call inside each stage (cProfile, nested: embed holds __call__ holds the pooler's):")
     for r in rows:
-        if r["host_ms"] and not r["point"].endswith("graph"):
-            lines.append(f"  {r['point']:22} " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["host_ms"].items())))
+        if r["host_ms"]:
+            lines.append(f"  {r['point']}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                   sorted(r["host_ms"].items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 

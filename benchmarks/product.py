@@ -87,13 +87,15 @@ def layer_sets(num_layers: int) -> dict[str, dict]:
             "dynamic23": dict(mode="dynamic", layers=list(range(1, num_layers)))}
 
 
-def other_pooling(batch: int, args) -> tuple[str, dict] | None:
-    """(point suffix, config options) of the stacked-pooling setting that is NOT the default at this batch, or None."""
+def other_pooling(batch: int, args, graph: bool) -> tuple[str, dict] | None:
+    """(point suffix, config options) of the stacked-pooling setting that is NOT the default for this batch and kind
+    of call (eager: config stacked_max_batch; graphed: stacked_max_batch_graphed), or None past --stacked-max-batch."""
     if batch > args.stacked_max_batch:
         return None
-    stacked_by_default = batch <= config.get("stacked_max_batch")
-    return ("-perlayer", dict(stacked_max_batch=0)) if stacked_by_default else (
-        "-stacked", dict(stacked_max_batch=args.stacked_max_batch))
+    stacked_by_default = batch <= config.get("stacked_max_batch_graphed" if graph else "stacked_max_batch")
+    limit = 0 if stacked_by_default else args.stacked_max_batch
+    return ("-perlayer" if stacked_by_default else "-stacked"), dict(stacked_max_batch=limit,
+                                                                      stacked_max_batch_graphed=limit)
 
 
 def plain_call(encode, bank_n, tau, dtype, device):
@@ -141,11 +143,10 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
     if graphs:
         points["plain-graph"] = plain_graph(points["plain"], images, loaded.dtype, device)
     paths, options = {}, {}   # options: point -> config options set around each of its calls (not timed)
-    other = other_pooling(batch, args)
-    variants = [("", {})] + ([other] if other else [])
     for name, settings in layer_sets(loaded.readout.num_layers).items():
-        for suffix, opts in variants if name.startswith("dynamic") else variants[:1]:
-            for graph in ([False, True] if graphs else [False]):
+        for graph in ([False, True] if graphs else [False]):
+            other = other_pooling(batch, args, graph) if name.startswith("dynamic") else None
+            for suffix, opts in [("", {})] + ([other] if other else []):
                 scorer = siglip_dola.DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=batch, **settings)
                 key = name + suffix + ("-graph" if graph else "")
                 points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts

@@ -11,8 +11,9 @@ Options (environment override: ``SIGLIP_DOLA_<NAME>``, e.g. ``SIGLIP_DOLA_FUSED_
 - ``fused_pooling``: the readout pools captured layers with the Triton kernel (CUDA, half precision).
 - ``entry_norms``: the fused readout pools layer j from block j+1's own first LayerNorm where exact.
 - ``target_programs``, ``num_warps``, ``block_t``, ``num_stages``: the pooling kernel's launch (0 programs: one per SM).
-- ``stacked_max_batch``, ``stacked_on_cpu``: at batch <= stacked_max_batch (0: never) the fused readout pools all
-  layers in ONE launch after the forward ("fused-stacked"), on CUDA only unless stacked_on_cpu (the interpreter tests).
+- ``stacked_max_batch``, ``stacked_max_batch_graphed``, ``stacked_on_cpu``: at batch <= stacked_max_batch (0: never;
+  while a CUDA graph is captured: stacked_max_batch_graphed) the fused readout pools all layers in ONE launch after
+  the forward ("fused-stacked"), on CUDA only unless stacked_on_cpu (the interpreter tests).
 
 ``triton_interpreted()`` is ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which the tests use), read here once.
 Unknown option names, and values of the wrong type, raise ValueError.
@@ -31,14 +32,16 @@ _DEFAULTS: dict[str, bool | int] = {
     "num_warps": 8,         # fastest of 4/8/16 on an H100 (benchmarks/README.md)
     "block_t": 16,          # tokens per inner step: the smallest tl.dot tile
     "num_stages": 3,        # software-pipelining depth of the token loads (Triton's default)
-    # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle (~22 us a layer at batch 1 on an
-    # H200) and costs Python per layer in eager; one stacked launch of (J * B, S) programs after the forward does
-    # not. Off (0) until timed on a GPU: it is tested on the CPU interpreter only (issue 17), and a default must not
-    # lose to the per-layer path it replaces. To try it: SIGLIP_DOLA_STACKED_MAX_BATCH=8.
-    "stacked_max_batch": 0,
+    # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle (~21 us a layer at batch 1 on an
+    # H200) and costs ~0.17 ms of host time per layer in eager; one stacked launch of (J * B, S) programs after the
+    # forward does not, but copies the J held outputs once. Eager (host-bound up to batch 8 on an H200) it won at
+    # batch 1 and 8 for 3, 8 and 23 layers; replayed from a CUDA graph (no host cost) only at batch 1: at batch 8
+    # the copy cost more than the idle SMs (benchmarks/README.md, product.py)
+    "stacked_max_batch": 8,
+    "stacked_max_batch_graphed": 1,   # the limit while a CUDA graph is being captured
     "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths
 }
-_MINIMUM = {"target_programs": 0, "stacked_max_batch": 0}   # the other int knobs are >= 1
+_MINIMUM = {"target_programs": 0, "stacked_max_batch": 0, "stacked_max_batch_graphed": 0}   # the other int knobs are >= 1
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -134,7 +137,8 @@ def set_entry_norms(enable: bool = True) -> None:
 
 
 def pooling_launch() -> dict[str, int | bool]:
-    """The pooling kernel's launch knobs: {target_programs, num_warps, block_t, num_stages, stacked_max_batch}
-    (ints) and stacked_on_cpu (bool)."""
-    names = ("target_programs", "num_warps", "block_t", "num_stages", "stacked_max_batch", "stacked_on_cpu")
+    """The pooling kernel's launch knobs: {target_programs, num_warps, block_t, num_stages, stacked_max_batch,
+    stacked_max_batch_graphed} (ints) and stacked_on_cpu (bool)."""
+    names = ("target_programs", "num_warps", "block_t", "num_stages", "stacked_max_batch", "stacked_max_batch_graphed",
+             "stacked_on_cpu")
     return {name: _VALUES[name] if name == "stacked_on_cpu" else int(_VALUES[name]) for name in names}

@@ -70,8 +70,10 @@ def test_stacking_knobs_from_the_environment():
     def run(env: dict) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                               check=False)
-    proc = run({"SIGLIP_DOLA_STACKED_MAX_BATCH": "8", "SIGLIP_DOLA_STACKED_ON_CPU": "yes"})
-    assert "'stacked_max_batch': 8, 'stacked_on_cpu': True" in proc.stdout, proc.stderr
-    for name, value in (("STACKED_MAX_BATCH", "-1"), ("STACKED_MAX_BATCH", "eight"), ("STACKED_ON_CPU", "2")):
+    proc = run({"SIGLIP_DOLA_STACKED_MAX_BATCH": "3", "SIGLIP_DOLA_STACKED_MAX_BATCH_GRAPHED": "2",
+                "SIGLIP_DOLA_STACKED_ON_CPU": "yes"})
+    assert "'stacked_max_batch': 3, 'stacked_max_batch_graphed': 2, 'stacked_on_cpu': True" in proc.stdout, proc.stderr
+    for name, value in (("STACKED_MAX_BATCH", "-1"), ("STACKED_MAX_BATCH", "eight"), ("STACKED_ON_CPU", "2"),
+                        ("STACKED_MAX_BATCH_GRAPHED", "one")):
         bad = run({f"SIGLIP_DOLA_{name}": value})
         assert bad.returncode != 0 and "ValueError" in bad.stderr and name.lower() in bad.stderr.lower()

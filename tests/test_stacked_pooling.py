@@ -155,6 +155,20 @@ def test_a_held_output_modified_in_place_before_the_stacked_launch_is_refused(mo
         pooler.result()
 
 
+@pytest.mark.parametrize("batch,graphed_limit,path", [(1, 1, "fused-stacked"), (2, 1, "fused-stats"),
+                                                      (1, 0, "fused-stats")])
+def test_a_cuda_graph_capture_uses_its_own_batch_limit(monkeypatch, batch, graphed_limit, path):
+    monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
+    monkeypatch.setattr(layer_pooler, "capturing", lambda tokens: True)   # as inside torch.cuda.graph(...)
+    tower, pooler = _stacking_pooler(monkeypatch, 3, [])
+    with config.override(target_programs=4, stacked_max_batch=8, stacked_on_cpu=True,
+                         stacked_max_batch_graphed=graphed_limit):
+        pooler = fused.LayerPooler(pooler.folded, pooler.layers)
+    _run_hooks(pooler, tower, [tokens_like_a_block(seed=s)[:batch] for s in (4, 5)])
+    pooler.result()
+    assert pooler.paths == {1: path, 2: path}   # eager, stacked_max_batch=8 would stack every case
+
+
 def test_without_version_counters_only_known_blocks_are_held(monkeypatch):
     monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
     tower, pooler = _stacking_pooler(monkeypatch, 3, [], layers=(1,))
@@ -167,12 +181,14 @@ def test_without_version_counters_only_known_blocks_are_held(monkeypatch):
 
 
 def test_the_stacking_knobs_fail_loudly():
-    assert config.pooling_launch()["stacked_max_batch"] == 0 and config.pooling_launch()["stacked_on_cpu"] is False
+    launch = config.pooling_launch()
+    assert (launch["stacked_max_batch"], launch["stacked_max_batch_graphed"], launch["stacked_on_cpu"]) == (8, 1, False)
     for options, match in [({"stacked_max_batch": -1}, "must be an int >= 0"),
+                           ({"stacked_max_batch_graphed": -1}, "must be an int >= 0"),
                            ({"stacked_max_batch": True}, "must be an int"),
                            ({"stacked_on_cpu": 1}, "must be True or False")]:
         with pytest.raises(ValueError, match=match):
             config.set(**options)
-    with config.override(stacked_max_batch=8, stacked_on_cpu=True):
-        assert config.pooling_launch()["stacked_max_batch"] == 8 and config.pooling_launch()["stacked_on_cpu"]
-    assert config.pooling_launch()["stacked_max_batch"] == 0
+    with config.override(stacked_max_batch=0, stacked_on_cpu=True):
+        assert config.pooling_launch()["stacked_max_batch"] == 0 and config.pooling_launch()["stacked_on_cpu"]
+    assert config.pooling_launch()["stacked_max_batch"] == 8

@@ -19,7 +19,8 @@ H100). Exact up to fp32 rounding; used only when the norm's eps equals the final
 input is the very tensor block j returned, and gamma passes the precision guards of
 :func:`~siglip_dola.readout.entry_norm.entry_norm`.
 
-At small batches (B <= config ``stacked_max_batch``, CUDA) per-layer launches are latency-bound: (B, <=8) programs
+At small batches (B <= config ``stacked_max_batch``, or ``stacked_max_batch_graphed`` in a CUDA graph capture; CUDA)
+per-layer launches are latency-bound: (B, <=8) programs
 leave most SMs idle (~22 us a layer at batch 1 on an H200), and in eager each costs Python. There the block hooks
 only hold the outputs (by reference) and :meth:`LayerPooler.result` pools all J layers in ONE stats-mode launch
 over the stacked (J * B, T, D) tokens ("fused-stacked"); no entry-norm hooks run.
@@ -59,6 +60,11 @@ def log_once(reason: str, level: int = logging.WARNING) -> None:
 def missing_error(missing: list[int]) -> RuntimeError:
     return RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
                         "does not call hooks); pass the eager model")
+
+
+def capturing(tokens: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the tokens' device (stacking has its own batch limit there)."""
+    return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def block_tokens(output) -> torch.Tensor:
@@ -187,7 +193,8 @@ class LayerPooler:
         Without version counters (inference mode) only blocks known not to write their input (ENTRY_BLOCK_TYPES)
         may be held that long: the held output must still be what block j returned after the whole forward."""
         launch = self.launch
-        stacks = (self._reason is None and 0 < tokens.shape[0] <= launch["stacked_max_batch"]
+        limit = launch["stacked_max_batch_graphed" if capturing(tokens) else "stacked_max_batch"]
+        stacks = (self._reason is None and 0 < tokens.shape[0] <= limit
                   and (tokens.is_cuda or launch["stacked_on_cpu"]) and triton_usable(tokens, self.folded.key_probe)
                   and (tensor_version(tokens) is not None or type(block).__name__ in ENTRY_BLOCK_TYPES)
                   and _FITTING_STAGES.get(self._stage_key(tokens, False)) != 0)
