@@ -92,7 +92,8 @@ def other_pooling(batch: int, args, graph: bool) -> tuple[str, dict] | None:
     of call (eager: config stacked_max_batch; graphed: stacked_max_batch_graphed), or None past --stacked-max-batch."""
     if batch > args.stacked_max_batch:
         return None
-    stacked_by_default = batch <= config.get("stacked_max_batch_graphed" if graph else "stacked_max_batch")
+    stacked_by_default = (batch <= config.get("stacked_max_batch_graphed" if graph else "stacked_max_batch")
+                          and (args.device.startswith("cuda") or config.get("stacked_on_cpu")))
     limit = 0 if stacked_by_default else args.stacked_max_batch
     return ("-perlayer" if stacked_by_default else "-stacked"), dict(stacked_max_batch=limit,
                                                                       stacked_max_batch_graphed=limit)
