@@ -169,6 +169,22 @@ def test_a_cuda_graph_capture_uses_its_own_batch_limit(monkeypatch, batch, graph
     assert pooler.paths == {1: path, 2: path}   # eager, stacked_max_batch=8 would stack every case
 
 
+@pytest.mark.parametrize("stacked_max_batch,prepared", [(8, [1]), (0, [1, 2, 3])])
+def test_entry_norms_are_prepared_only_for_layers_pooled_one_by_one(monkeypatch, stacked_max_batch, prepared):
+    monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
+    tower, pooler = _stacking_pooler(monkeypatch, 3, [], layers=(1, 2, 3))
+    calls = []
+
+    def entry(layer):   # what Pooling.entry returns where block j+1's norm is not usable
+        calls.append(layer)
+        return None, "no usable norm here"
+    with config.override(target_programs=4, stacked_max_batch=stacked_max_batch, stacked_on_cpu=True):
+        pooler = fused.LayerPooler(pooler.folded, pooler.layers, entries=entry)
+    _run_hooks(pooler, tower, [tokens_like_a_block(seed=s) for s in (4, 5, 6)])
+    pooler.result()
+    assert calls == prepared   # the first layer's hooks are asked for before stacking is decided
+
+
 def test_without_version_counters_only_known_blocks_are_held(monkeypatch):
     monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
     tower, pooler = _stacking_pooler(monkeypatch, 3, [], layers=(1,))

@@ -151,7 +151,8 @@ def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torc
     assert out.is_contiguous() and lse.is_contiguous() and value_weight.is_contiguous() and value_bias.is_contiguous()
     assert out.dtype == lse.dtype == value_weight.dtype == value_bias.dtype == torch.float32
     values = torch.empty(num_rows, heads * head_dim, device=out.device, dtype=torch.float32)
-    block_n, block_s = (16 if num_rows <= 16 else 64), triton.next_power_of_2(num_splits)   # 16: tl.dot's least M
+    # 16-row blocks (tl.dot's least M) up to batch 8 x 23 layers: more programs, 64-wide k-steps; 64 rows past it
+    block_n, block_s = (16 if num_rows <= 256 else 64), triton.next_power_of_2(num_splits)
     block_k = max(16, min(64, _MERGE_TILE // (block_n * block_s)))   # the (BN, BS, BK) partials tile stays in registers
     _merge_values_kernel[(triton.cdiv(num_rows, block_n), heads)](
         out, lse, value_weight, value_bias, values, num_rows, num_splits, dim, head_dim, H=heads, BLOCK_N=block_n,

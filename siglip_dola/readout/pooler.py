@@ -40,7 +40,7 @@ class Pooling:
         if not fused:
             entries = {}
         elif config.use_entry_norms():
-            entries = {layer: self.entry(layer, head) for layer in layers}
+            entries = lambda layer: self.entry(layer, head)   # noqa: E731  (prepared per layer on first use)
         else:
             entries = {layer: (None, "entry norms are off (siglip_dola.config entry_norms=False)") for layer in layers}
         return LayerPooler(head, layers, entries, fused, reason)
