@@ -214,11 +214,30 @@ def main() -> None:
     rows = siglip_rows(device, args.batch, layers) if args.only in ("all", "siglip") else []
     if args.only in ("all", "clip"):
         rows += clip_family_rows(device, args.batch)
+    rows.append(pixel_split_row(device))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def pixel_split_row(device) -> dict:
+    """data/pixel_split.py on the device: uint8 pixels finished there vs open_clip's whole preprocess on the CPU."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+    from siglip_dola.data.pixel_split import split_preprocess
+
+    preprocess = open_clip.image_transform(384, is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash")
+    split = split_preprocess(preprocess)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(16)]
+    on_device = split.finish(torch.stack([split.on_host(image) for image in images]).to(device)).cpu()
+    expected = torch.stack([preprocess(image) for image in images])
+    return {"model": "pixel split (uint8 to the device, /255 and Normalize there) vs the whole preprocess on CPU",
+            "pixel_split_equal": bool(torch.equal(on_device, expected)),
+            "pixel_split_max_abs_diff": float((on_device - expected).abs().max())}
 
 
 def siglip_rows(device, batch: int, layers: list[int]) -> list[dict]:

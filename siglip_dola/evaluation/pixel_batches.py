@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from siglip_dola import distributed
 from siglip_dola.data.images import decode_image
+from siglip_dola.data.pixel_split import split_preprocess
 
 MAX_WORKERS = 16       # decode processes per rank; past this the host copies, not decoding, limit
-PREFETCH_BATCHES = 2   # batches each worker decodes ahead (each in shared memory: B x 3 x H x W fp32)
+PREFETCH_BATCHES = 2   # batches each worker decodes ahead (each in shared memory: B x 3 x H x W, uint8 or fp32)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _merge(parts: list[PixelBatch]) -> tuple[PixelBatch, list[torch.Tensor]]:
     return batch, [p.pixels for p in parts if p.pixels is not None]
 
 
-def _host_batches(items, preprocess, batch_size: int, workers: int | None,
+def _host_batches(items, host_preprocess, batch_size: int, workers: int | None,
                   pin: bool) -> Iterator[tuple[PixelBatch, list[torch.Tensor]]]:
     """(batch, its pixel pieces [b_i, 3, H, W] on the host) in input order (positions 0..len-1).
 
@@ -127,7 +128,7 @@ def _host_batches(items, preprocess, batch_size: int, workers: int | None,
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
     sub = _sub_batch_size(batch_size, workers)
-    loader = DataLoader(_Decoded(items, preprocess), batch_size=sub, shuffle=False, num_workers=workers,
+    loader = DataLoader(_Decoded(items, host_preprocess), batch_size=sub, shuffle=False, num_workers=workers,
                         collate_fn=_collate, pin_memory=pin,
                         prefetch_factor=PREFETCH_BATCHES * (batch_size // sub) if workers else None)
     parts = []
@@ -145,17 +146,23 @@ def iter_pixel_batches(model, items, batch_size: int = 32, workers: int | None =
 
     items: image paths, (id, PIL image) pairs, or a [n, 3, H, W] tensor. On CUDA the pieces decoded by the
     workers are copied from pinned memory into one device tensor on a side stream, so the upload overlaps
-    the previous batch's forward; the pixels are ready on the current stream when yielded.
+    the previous batch's forward; the pixels are ready on the current stream when yielded. Where the preprocess
+    ends in ToTensor + Normalize (data/pixel_split.py) the workers hand over uint8 pixels and the float
+    conversion runs on the device, with equal results.
     """
     check_batch_size(batch_size)
     device = torch.device(model.device)
     cuda = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if cuda else None
-    for batch, pieces in _host_batches(items, model.preprocess, batch_size, workers, pin=cuda):
+    split = None if isinstance(items, torch.Tensor) else split_preprocess(model.preprocess)
+    host_preprocess = model.preprocess if split is None else split.on_host
+    for batch, pieces in _host_batches(items, host_preprocess, batch_size, workers, pin=cuda):
         if pieces and cuda:
             batch.pixels = _upload(pieces, device, copy_stream)
         elif pieces:
             batch.pixels = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(device)
+        if split is not None and batch.pixels is not None:
+            batch.pixels = split.finish(batch.pixels)                    # uint8 -> the model's fp32 pixels
         yield batch
 
 
