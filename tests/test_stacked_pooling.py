@@ -2,6 +2,7 @@
 launch after the forward. In Triton's CPU interpreter (a subprocess, stacking switched on for CPU) against the model's
 own norm + head in float64; the fall-back, the in-place check and the knob without it (a stand-in kernel)."""
 import textwrap
+import types
 
 import pytest
 import torch
@@ -208,3 +209,22 @@ def test_the_stacking_knobs_fail_loudly():
     with config.override(stacked_max_batch=0, stacked_on_cpu=True):
         assert config.pooling_launch()["stacked_max_batch"] == 0 and config.pooling_launch()["stacked_on_cpu"]
     assert config.pooling_launch()["stacked_max_batch"] == 8
+
+
+def test_graph_mode_marks_cuda_calls_as_captured_until_it_ends():
+    cuda_tokens = types.SimpleNamespace(is_cuda=True)   # capturing() reads only the device flag inside graph_mode
+    with pytest.raises(ZeroDivisionError):
+        with layer_pooler.graph_mode():
+            assert layer_pooler.capturing(cuda_tokens) and not layer_pooler.capturing(torch.zeros(1))
+            1 / 0
+    assert layer_pooler._GRAPHING == []   # left even after an error
+
+
+def test_inside_a_capture_entry_norms_come_only_from_the_cache():
+    tower = deep_tower(seed=3)
+    head = folded_head(tower)
+    pooling = fused.Pooling(tower.blocks, None)
+    entry, reason = pooling.entry(1, head, cached_only=True)   # not prepared: preparing reads the host
+    assert entry is None and "not prepared before this CUDA graph capture" in reason
+    prepared, _ = pooling.entry(1, head)
+    assert prepared is not None and pooling.entry(1, head, cached_only=True)[0] is prepared

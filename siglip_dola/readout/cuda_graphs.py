@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from siglip_dola.readout.layer_pooler import graph_mode
+
 
 def _autocast_state(device: torch.device) -> tuple:
     return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
@@ -70,13 +72,13 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
         static_images = example_images.detach().clone()
     side = torch.cuda.Stream(device)   # warm-up on a side stream, as torch.cuda.graph's documentation asks
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), no_cache(), torch.cuda.stream(side):
+    with torch.no_grad(), no_cache(), torch.cuda.stream(side), graph_mode():   # the capture's paths, prepared
         for _ in range(warmup):
             fn(static_images)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.no_grad(), no_cache(), torch.cuda.graph(graph):
+        with torch.no_grad(), no_cache(), graph_mode(), torch.cuda.graph(graph):
             outputs = fn(static_images)
     except RuntimeError as error:   # e.g. a host sync inside the model's forward
         raise RuntimeError(f"this call cannot be captured as a CUDA graph ({error}); use the plain readout") from error

@@ -30,6 +30,7 @@ per-call capability check; the pooler interface that picks a pooler per call is 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -62,9 +63,24 @@ def missing_error(missing: list[int]) -> RuntimeError:
                         "does not call hooks); pass the eager model")
 
 
+_GRAPHING: list[bool] = []   # non-empty inside graph_mode(): cuda_graphs' warm-up and capture
+
+
+@contextlib.contextmanager
+def graph_mode():
+    """Calls inside are being captured as a CUDA graph, or warm it up: they take the capture's paths, so the
+    warm-up prepares (with its host reads) what the capture then uses."""
+    _GRAPHING.append(True)
+    try:
+        yield
+    finally:
+        _GRAPHING.pop()
+
+
 def capturing(tokens: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the tokens' device (stacking has its own batch limit there)."""
-    return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is captured (or warmed up, graph_mode) on the tokens' device: stacking has its own
+    batch limit there."""
+    return tokens.is_cuda and (bool(_GRAPHING) or torch.cuda.is_current_stream_capturing())
 
 
 def block_tokens(output) -> torch.Tensor:

@@ -40,13 +40,17 @@ class Pooling:
         if not fused:
             entries = {}
         elif config.use_entry_norms():
-            entries = lambda layer: self.entry(layer, head)   # noqa: E731  (prepared per layer on first use)
+            # prepared per layer on first use; inside a CUDA graph capture only from the cache (preparing reads the
+            # host), else a layer without one is pooled from statistics: warm-ups (graph_mode) fill the cache
+            capture = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+            entries = lambda layer: self.entry(layer, head, cached_only=capture)   # noqa: E731
         else:
             entries = {layer: (None, "entry norms are off (siglip_dola.config entry_norms=False)") for layer in layers}
         return LayerPooler(head, layers, entries, fused, reason)
 
-    def entry(self, layer: int, head) -> tuple[EntryNorm | None, str | None]:
-        """Block layer+1's first LayerNorm prepared for the fused path (cached per head and weights), and why not."""
+    def entry(self, layer: int, head, cached_only: bool = False) -> tuple[EntryNorm | None, str | None]:
+        """Block layer+1's first LayerNorm prepared for the fused path (cached per head and weights), and why not;
+        cached_only: (None, why) where it is not cached (preparing it reads values on the host)."""
         if layer >= len(self._blocks):
             return None, "no block follows it"
         block = self._blocks[layer]                                          # block j+1 (0-based index j)
@@ -55,6 +59,8 @@ class Pooling:
         key = None if norm is None else tuple((p.data_ptr(), tensor_version(p), p.dtype) for p in norm.parameters())
         cached = self._entries.get(layer)
         if cached is None or cached[0] is not head or cached[1] != key:
+            if cached_only:
+                return None, "its entry norm was not prepared before this CUDA graph capture (no warm-up call)"
             cached = (head, key, *entry_norm(block, head))
             self._entries[layer] = cached
         return cached[2], cached[3]
