@@ -15,8 +15,6 @@ autocast). Per point (plain, plain-graph, off, dynamic3/23 eager and graphed, an
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import statistics
 import sys
 
@@ -30,6 +28,7 @@ from siglip_dola.scorer import DoLaSigLIP
 
 from benchenv import environment
 from norms import randomize_norms
+from stages import stage_seconds
 
 KINDS = (("pool", "_pool_partial_kernel"), ("merge", "_merge_values_kernel"), ("scoring", "_dola_row_kernel"),
          ("stack", "CatArrayBatchedCopy"))
@@ -56,26 +55,13 @@ def profiled(fn, images, options: dict, calls: int) -> dict:
 
 
 def host_stages(fn, images, options: dict, calls: int) -> dict:
-    """Host ms per call inside each siglip_dola function of STAGE_NAMES (cProfile cumulative time; inflated by the
-    profiler: read as shares), plus "torch ops" (time in torch's C functions) and "all" (the whole call)."""
-    profiler = cProfile.Profile()
-    with config.override(**options):
-        profiler.enable()
-        for _ in range(calls):
-            fn(images)
+    """Host ms per call inside each siglip_dola function of STAGE_NAMES (stages.py: cProfile, read as shares)."""
+    def run():
+        fn(images)
         if images.is_cuda:
             torch.cuda.synchronize()
-        profiler.disable()
-    stats = pstats.Stats(profiler).stats   # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
-    host: dict[str, float] = {}
-    for (file, _, name), (_, _, tottime, cumtime, _) in stats.items():
-        if "siglip_dola" in file and name in STAGE_NAMES:
-            label = f"{file.rsplit('siglip_dola/', 1)[-1].removesuffix('.py')}.{name}"
-            host[label] = host.get(label, 0.0) + cumtime * 1e3 / calls
-        elif file == "~" and "torch" in name:
-            host["torch ops"] = host.get("torch ops", 0.0) + tottime * 1e3 / calls
-    host["all"] = sum(v[2] for v in stats.values()) * 1e3 / calls
-    return host
+    with config.override(**options):
+        return {k: v * 1e3 for k, v in stage_seconds(run, STAGE_NAMES, calls).items()}
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from eval_inputs import IMAGE_SIZE, TEMPLATE, write_image_folder, write_model_folder  # noqa: E402  (the JPEGs, the model)
+from stages import stage_seconds  # noqa: E402
 
 # ---------------------------------------------------------------- timings
 def _sync(device) -> None:
@@ -98,6 +99,18 @@ def eval_library(loaded, root: Path, out: Path, batch_size: int, workers: int | 
     start = time.perf_counter()
     report = evaluate(loaded, str(root), out=out, batch_size=batch_size, progress=False, workers=workers, n=n)
     return report["n_images"] / (time.perf_counter() - start), report
+
+
+EVAL_STAGES = ("embed_dataset", "embed_images", "class_logits", "build_text_bank", "score_modes", "layer_lens",
+               "classification_metrics", "assemble_report", "write_json_atomic", "evaluate")
+
+
+def eval_stages(loaded, root: Path, out: Path, batch_size: int, workers: int | None) -> dict:
+    """Seconds inside each stage of one evaluate() (cProfile, stages.py: shares, the profiler inflates the loop)."""
+    from siglip_dola.evaluation.evaluate import evaluate
+
+    return stage_seconds(lambda: evaluate(loaded, str(root), out=out, batch_size=batch_size, progress=False,
+                                          workers=workers), EVAL_STAGES)
 
 
 def embedding_loop(loaded, root: Path, batch_size: int, workers: int | None) -> float:
@@ -231,6 +244,8 @@ def run(args) -> dict:
             for w in dict.fromkeys((workers, max(1, workers // 2)) if args.loop_workers is None
                                                    else args.loop_workers)}
     print(f"eval's embedding loop alone: {loop}", flush=True)
+    stages = _guarded(errors, "stages", eval_stages, loaded, root, work / "stages.json", args.batch_size, workers)
+    print(f"eval's stages (cProfile): {stages}", flush=True)
     check = None if features is None else _guarded(errors, "check", embedding_check, loaded, root, features,
                                                    min(256, args.n))
     cli = None if args.skip_cli else _guarded(errors, "cli", eval_cli, model_dir, root, work / "cli.json",
@@ -248,6 +263,7 @@ def run(args) -> dict:
                          "b_clip_benchmark_loop": clip_rate, "c_eval": eval_rate},
         "rounds": {"b_clip_benchmark_loop": clip_rates, "c_eval": eval_rates},
         "embedding_loop_alone_images_per_s": loop,
+        "eval_stages_s_cprofile": stages,
         "ratios": {"eval_vs_forward_readout": _ratio(eval_rate, readout_rate),
                    "eval_vs_forward_encode_image": _ratio(eval_rate, encode_rate),
                    "eval_vs_clip_benchmark": _ratio(eval_rate, clip_rate)},
