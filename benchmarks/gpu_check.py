@@ -78,7 +78,7 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
     if images.is_cuda:
         try:
             row.update(graphed_rows(model, readout, images, layers, (z_final, z_layers), (b_final, b_layers)))
-        except RuntimeError as error:   # e.g. NaFlex: the input checks read the packed grid on the host
+        except (RuntimeError, ValueError) as error:   # NaFlex: refused before capture (check_capturable)
             row["graphed"] = f"not capturable: {str(error)[:200]}"
     return row
 
