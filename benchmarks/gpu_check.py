@@ -63,12 +63,18 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
                "fp32_final_rel_err": rel(z_final, own_embed(images)),
                "fp32_layers_rel_err": rel(z_layers, own_layers(own_embed, blocks, norm_head, images, layers))}
         with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            b_final, b_layers, entry_slots = _counting_entry_slots(readout, images, layers)
+            b_final, b_layers = readout(images, layers)                       # the default paths for this batch
             row["bf16_layer_paths"] = sorted(set(readout.layer_paths.values()))
-            with config.override(entry_norms=False):   # the same layers from the raw block outputs (LayerNorm stats)
-                _, stats_layers = readout(images, layers)
+            with config.override(stacked_max_batch=0):   # one by one: from the next block's norm where exact
+                _, entry_layers, entry_slots = _counting_entry_slots(readout, images, layers)
+                with config.override(entry_norms=False):   # the same layers from the raw block outputs (stats)
+                    _, stats_layers = readout(images, layers)
+            with config.override(stacked_max_batch=images.shape[0]):   # every layer in one stacked launch
+                _, stacked_layers = readout(images, layers)
+                row["bf16_stacked_paths"] = sorted(set(readout.layer_paths.values()))
     row["bf16_entry_norm_slots"] = entry_slots
-    row["bf16_entry_vs_stats_layers_rel_err"] = rel(b_layers, stats_layers)
+    row["bf16_entry_vs_stats_layers_rel_err"] = rel(entry_layers, stats_layers)
+    row["bf16_stacked_vs_stats_layers_rel_err"] = rel(stacked_layers, stats_layers)
     row["bf16_vs_fp32_final_rel_err"] = rel(b_final, z_final)
     row["bf16_vs_fp32_layers_rel_err"] = rel(b_layers, z_layers)
     ref = runtime.score(z_final, z_layers, bank, tau, layers)
@@ -77,26 +83,30 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
     row["bf16_premature_layer_agreement"] = float((ref.premature_layer == got.premature_layer).float().mean())
     if images.is_cuda:
         try:
-            row.update(graphed_rows(model, readout, images, layers, (z_final, z_layers), (b_final, b_layers)))
+            row.update(graphed_rows(model, readout, images, layers))
         except (RuntimeError, ValueError) as error:   # NaFlex: refused before capture (check_capturable)
             row["graphed"] = f"not capturable: {str(error)[:200]}"
     return row
 
 
-def graphed_rows(model, readout, images, layers, fp32_outputs, bf16_outputs) -> dict:
+def graphed_rows(model, readout, images, layers) -> dict:
     """readout.graphed: replays equal the plain calls (fp32 and bf16 autocast, new images each replay),
     and the model is left as it was (weights, hooks)."""
+    from siglip_dola import config
     from siglip_dola.readout import cuda_graphs as graphed
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row, other = {}, torch.randn_like(images)
     if readout.packed_inputs:   # NaFlex: new patches, the same grids in row 0 (random ones are no grid at all)
         other[:, 0] = images[:, 0]
-    for tag, autocast, plain in (("fp32", False, fp32_outputs), ("bf16", True, bf16_outputs)):
+    # the plain calls take the pooling a capture takes (stacking has its own batch limit there): they must be equal
+    for tag, autocast in (("fp32", False), ("bf16", True)):
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             call = graphed.capture(readout, other, layers)     # captured on other images
             replayed = call(images)                            # replayed on these
-            plain_other = readout(other, layers)
+            with config.override(stacked_max_batch=config.get("stacked_max_batch_graphed")):
+                plain = readout(images, layers)
+                plain_other = readout(other, layers)
             replayed_other = call(other)
         row[f"graphed_{tag}_max_abs_diff"] = max(float((a.float() - b.float()).abs().max())
                                                  for a, b in zip(replayed + replayed_other, plain + plain_other))
