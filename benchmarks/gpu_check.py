@@ -25,6 +25,7 @@ import json
 
 import torch
 
+from benchenv import environment
 from norms import randomize_norms   # benchmarks/norms.py: trained-like LayerNorm affines
 
 
@@ -225,7 +226,7 @@ def main() -> None:
     if args.only in ("all", "clip"):
         rows += clip_family_rows(device, args.batch)
     rows.append(pixel_split_row(device))
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
+    result = {**environment(device), "rows": rows}   # commit, versions, GPU, command
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
