@@ -9,7 +9,7 @@ import torch
 
 from interpreter import run_interpreted
 from siglip_dola import config
-from siglip_dola.readout import layer_pooler, pooler as fused
+from siglip_dola.readout import call_state, layer_pooler, pooler as fused
 from test_pooler import deep_tower, fake_kernel, folded_head, own_head, tokens_like_a_block
 
 STACKED_CHECK = textwrap.dedent("""
@@ -129,7 +129,7 @@ def _run_hooks(pooler, tower, tokens):
 def test_stacked_launch_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeypatch, caplog, fits,
                                                                                first_calls, second_calls, path):
     monkeypatch.setattr(layer_pooler, "_FITTING_STAGES", {})
-    monkeypatch.setattr(layer_pooler, "_LOGGED", set())   # log-once state of this process: other tests log it too
+    monkeypatch.setattr(call_state, "_LOGGED", set())   # log-once state of this process: other tests log it too
     caplog.set_level("INFO", logger="siglip_dola.readout")
     calls = []
     tokens = [tokens_like_a_block(seed=s) for s in (4, 5)]
@@ -214,10 +214,10 @@ def test_the_stacking_knobs_fail_loudly():
 def test_graph_mode_marks_cuda_calls_as_captured_until_it_ends():
     cuda_tokens = types.SimpleNamespace(is_cuda=True)   # capturing() reads only the device flag inside graph_mode
     with pytest.raises(ZeroDivisionError):
-        with layer_pooler.graph_mode():
-            assert layer_pooler.capturing(cuda_tokens) and not layer_pooler.capturing(torch.zeros(1))
+        with call_state.graph_mode():
+            assert call_state.capturing(cuda_tokens) and not call_state.capturing(torch.zeros(1))
             1 / 0
-    assert layer_pooler._GRAPHING == []   # left even after an error
+    assert call_state._GRAPHING == []   # left even after an error
 
 
 def test_inside_a_capture_entry_norms_come_only_from_the_cache():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from siglip_dola.readout.layer_pooler import graph_mode
+from siglip_dola.readout.call_state import graph_mode
 
 
 def _autocast_state(device: torch.device) -> tuple:

@@ -25,17 +25,19 @@ leave most SMs idle (~22 us a layer at batch 1 on an H200), and in eager each co
 only hold the outputs (by reference) and :meth:`LayerPooler.result` pools all J layers in ONE stats-mode launch
 over the stacked (J * B, T, D) tokens ("fused-stacked"); no entry-norm hooks run.
 
-Here too: the path names (:data:`PATHS`), the log-once fall-back messages and :func:`fused_possible`, the
-per-call capability check; the pooler interface that picks a pooler per call is :mod:`siglip_dola.readout.pooler`.
+The path names, the log-once fall-back messages, the per-call capability check and the CUDA-graph mode are in
+:mod:`siglip_dola.readout.call_state`; the pooler interface that picks a pooler per call is
+:mod:`siglip_dola.readout.pooler`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from siglip_dola import config
+from siglip_dola.readout.call_state import (  # noqa: F401  (PATHS, missing_error: re-exported for pooler.py)
+    PATHS, block_tokens, capturing, fused_possible, graph_mode, log_once, missing_error)
 from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, EntryNorm, tensor_version
 from siglip_dola.readout.kernel import merge_values, pool_partials, split_plan, triton, triton_usable
 from siglip_dola.readout.map_head import head_values, pool_tokens
@@ -45,60 +47,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     OutOfResources = RuntimeError  # never raised without triton
 
-LOG = logging.getLogger("siglip_dola.readout")
-PATHS = ("fused-entry-norm", "fused-stats", "fused-stacked", "pytorch", "model-head")
-_LOGGED: set = set()
 _FITTING_STAGES: dict = {}   # LayerPooler._stage_key(...) (its last field: shifted) -> stages that fit (0: none)
-
-
-def log_once(reason: str, level: int = logging.WARNING) -> None:
-    """Log ``reason`` the first time it occurs in this process."""
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        LOG.log(level, "siglip_dola readout: %s", reason)
-
-
-def missing_error(missing: list[int]) -> RuntimeError:
-    return RuntimeError(f"blocks {missing} never ran during the forward (a compiled or scripted model "
-                        "does not call hooks); pass the eager model")
-
-
-_GRAPHING: list[bool] = []   # non-empty inside graph_mode(): cuda_graphs' warm-up and capture
-
-
-@contextlib.contextmanager
-def graph_mode():
-    """Calls inside are being captured as a CUDA graph, or warm it up: they take the capture's paths, so the
-    warm-up prepares (with its host reads) what the capture then uses."""
-    _GRAPHING.append(True)
-    try:
-        yield
-    finally:
-        _GRAPHING.pop()
-
-
-def capturing(tokens: torch.Tensor) -> bool:
-    """Whether a CUDA graph is captured (or warmed up, graph_mode) on the tokens' device: stacking has its own
-    batch limit there."""
-    return tokens.is_cuda and (bool(_GRAPHING) or torch.cuda.is_current_stream_capturing())
-
-
-def block_tokens(output) -> torch.Tensor:
-    """A block hook's output -> its tokens (B, T, D)."""
-    return output[0] if isinstance(output, (tuple, list)) else output   # HF 4.x layers return a tuple
-
-
-def fused_possible(head, device: torch.device) -> tuple[bool, str | None]:
-    """(whether the Triton kernel may pool this call, the reason it may not)."""
-    if not config.use_fused_pooling():
-        return False, "fused pooling is off (siglip_dola.config fused_pooling=False)"
-    if device.type != "cuda" and not config.triton_interpreted():
-        return False, f"tokens on {device.type}: the Triton kernel runs on CUDA only"
-    if triton is None:
-        return False, "triton is not installed (pip install triton)"
-    if head.key_probe.dtype != torch.float32:
-        return False, f"the folded head is {head.key_probe.dtype} (the kernel serves float32 heads)"
-    return True, None
 
 
 class LayerPooler:
