@@ -11,6 +11,7 @@ import torchvision.transforms as T
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from siglip_dola.data import pixel_split
 from siglip_dola.data.pixel_split import split_preprocess
 from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
 
@@ -42,6 +43,7 @@ def test_the_split_equals_the_whole_preprocess(name):
     assert host.dtype == torch.uint8
     expected = torch.stack([preprocess(image) for image in images])                       # (B, 3, H, W) fp32
     assert torch.equal(split.finish(host), expected)
+    assert torch.equal(split.finish(host), expected)   # again, with the cached device constants
 
 
 @pytest.mark.parametrize("preprocess", [
@@ -54,6 +56,13 @@ def test_the_split_equals_the_whole_preprocess(name):
 ])
 def test_other_preprocesses_are_not_split(preprocess):
     assert split_preprocess(preprocess) is None
+
+
+def test_device_constants_are_made_once_per_device():
+    # a host->device copy per batch would synchronise the stream on CUDA: the constants are cached
+    first = pixel_split.device_constant((0.5, 0.25, 1.0), torch.device("cpu"))
+    assert pixel_split.device_constant((0.5, 0.25, 1.0), torch.device("cpu")) is first
+    assert first.shape == (3, 1, 1) and first.dtype == torch.float32 and not first.is_inference()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -10,6 +10,7 @@ must give equal tensors; anything else keeps the whole preprocess on the host.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,10 +40,16 @@ class PixelSplit:
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> fp32 pixels, on their device: x / 255, then (x - mean) / std (as ToTensor, Normalize)."""
-        def const(values) -> torch.Tensor:   # device tensors: a CPU scalar divisor takes a reciprocal product on CUDA
-            return torch.tensor(values, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-        scaled = pixels.to(torch.float32).div_(const([255.0]))
-        return scaled.sub_(const(self.mean)).div_(const(self.std))
+        scaled = pixels.to(torch.float32).div_(device_constant((255.0,), pixels.device))
+        return scaled.sub_(device_constant(self.mean, pixels.device)).div_(device_constant(self.std, pixels.device))
+
+
+@functools.lru_cache(maxsize=32)
+def device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """fp32 [C, 1, 1] on `device`, made once: a device tensor, because a CPU scalar divisor is a reciprocal product
+    on CUDA (not ToTensor's division), and cached, because a host->device copy per batch would synchronise."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
 def split_preprocess(preprocess) -> PixelSplit | None:
