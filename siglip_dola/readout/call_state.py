@@ -45,10 +45,15 @@ def graph_mode():
         _GRAPHING.pop()
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `device` (never on CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def capturing(tokens: torch.Tensor) -> bool:
     """Whether a CUDA graph is captured (or warmed up, graph_mode) on the tokens' device: stacking has its own
     batch limit there."""
-    return tokens.is_cuda and (bool(_GRAPHING) or torch.cuda.is_current_stream_capturing())
+    return tokens.is_cuda and (bool(_GRAPHING) or stream_capturing(tokens.device))
 
 
 def block_tokens(output) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from siglip_dola import config
 from siglip_dola.readout.entry_norm import (  # noqa: F401  (ENTRY_BLOCK_TYPES: re-exported for tests)
     ENTRY_BLOCK_TYPES, EntryNorm, entry_norm, first_norm, tensor_version)
+from siglip_dola.readout.call_state import stream_capturing
 from siglip_dola.readout.kernel import combine_partials  # noqa: F401  (re-exported)
 from siglip_dola.readout.layer_pooler import PATHS, LayerPooler, block_tokens, fused_possible, log_once, missing_error
 from siglip_dola.readout.token_head import HeadPooler, LayerHead
@@ -42,7 +43,7 @@ class Pooling:
         elif config.use_entry_norms():
             # prepared per layer on first use; inside a CUDA graph capture only from the cache (preparing reads the
             # host), else a layer without one is pooled from statistics: warm-ups (graph_mode) fill the cache
-            capture = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+            capture = stream_capturing(torch.device(device))
             entries = lambda layer: self.entry(layer, head, cached_only=capture)   # noqa: E731
         else:
             entries = {layer: (None, "entry norms are off (siglip_dola.config entry_norms=False)") for layer in layers}
