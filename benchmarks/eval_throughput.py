@@ -116,7 +116,7 @@ def eval_stages(loaded, root: Path, out: Path, batch_size: int, workers: int | N
 def embedding_loop(loaded, root: Path, batch_size: int, workers: int | None) -> float:
     """images/s of eval's embedding pass alone (embed_images, all layers), to split (c) into loop and scoring."""
     from siglip_dola.data.datasets import load_dataset
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
 
     start = time.perf_counter()
     items = load_dataset(str(root)).items
@@ -144,7 +144,7 @@ def embedding_check(loaded, root: Path, features: torch.Tensor, k: int) -> dict:
     import torch.nn.functional as F
     from torchvision.datasets import ImageFolder
 
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
 
     paths = [path for path, _ in ImageFolder(str(root)).samples[:k]]
     ours = F.normalize(embed_images(loaded, paths, [], batch_size=min(k, 64), progress=False).z_final, dim=-1)
@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Every phase of the module docstring; a dict of rates, ratios, checks and errors."""
-    from siglip_dola.evaluation.pixel_batches import default_workers
+    from siglip_dola.embedding.pixel_batches import default_workers
     from siglip_dola.loading import load
     from siglip_dola.text_bank.build import build_text_bank
 

@@ -37,7 +37,7 @@ def _timed_pass(model, items, layers, batch_size) -> float:
     import torch
     import torch.distributed as dist
 
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
 
     def sync():
         if model.device.type == "cuda":

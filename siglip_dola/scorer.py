@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.evaluation.embed import iter_embedded
-from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
+from siglip_dola.embedding.images import iter_embedded
+from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 from siglip_dola.loading import autocast
 from siglip_dola.readout import cuda_graphs as graphed
 from siglip_dola.scorer_inputs import (bank_rows, check_bank_dim, check_pixels, check_top_k, image_items,
@@ -82,7 +82,7 @@ class DoLaSigLIP:
         return z_final.float(), z_layers
 
     def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
-        """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (evaluation.pixel_batches)."""
+        """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (embedding.pixel_batches)."""
         items, positional = image_items(images, self._packed())
         for batch in iter_pixel_batches(self.model, items, self.batch_size):
             yield (batch.indices if positional else batch.ids), batch.pixels, batch.skipped

@@ -10,7 +10,7 @@ import os
 import torch
 
 from siglip_dola.data.images import expand_image_paths
-from siglip_dola.evaluation.embed import embed_texts
+from siglip_dola.embedding.texts import embed_texts
 
 
 def check_pixels(pixels, packed: bool = False) -> None:

@@ -9,7 +9,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 from siglip_dola.data import shapes
 from siglip_dola.cli import main
-from siglip_dola.evaluation.demo import run_demo, split_effect_line
+from siglip_dola.demo import run_demo, split_effect_line
 from siglip_dola.evaluation.evaluate import mode_points
 from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_RESULTS
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from siglip_dola import distributed
 from siglip_dola.data import shapes
 from siglip_dola.evaluation.calibrate import calibrate
-from siglip_dola.evaluation.embed import embed_images
+from siglip_dola.embedding.images import embed_images
 from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.loading import load
 
@@ -55,7 +55,7 @@ WORKER = textwrap.dedent('''
     from safetensors.torch import save_file
     from siglip_dola import cli, distributed
     from siglip_dola.data import shapes
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
     from siglip_dola.loading import load
 
     model_dir, out_dir, n = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -8,8 +8,9 @@ from PIL import Image
 from siglip_dola.data import shapes
 from tools import train_embedded as te
 from conftest import CountingReadout
-from siglip_dola.evaluation.embed import embed_images, embed_texts
-from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
+from siglip_dola.embedding.images import embed_images
+from siglip_dola.embedding.texts import embed_texts
+from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 
 
 

@@ -13,7 +13,7 @@ from timm.data import create_transform, resolve_data_config
 
 from siglip_dola.data import pixel_split
 from siglip_dola.data.pixel_split import split_preprocess
-from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
+from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_dola.evaluation.embed import embed_images
+from siglip_dola.embedding.images import embed_images
 from siglip_dola.loading import load
 from siglip_dola.retrieval import add_to_index, build_index, index as index_module, open_index, storage
 

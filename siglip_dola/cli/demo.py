@@ -18,7 +18,7 @@ def _add_arguments(parser) -> None:
 @subcommand("demo", help="Classify a few generated images with the baseline and with DoLa (offline, embedded model).")
 def demo_command(args) -> int:
     """Run the demo, print its table and how to switch to real SigLIP weights."""
-    from siglip_dola.evaluation.demo import REAL_MODEL_HINT, format_table, run_demo
+    from siglip_dola.demo import REAL_MODEL_HINT, format_table, run_demo
 
     rows, config, effect = run_demo(args.out, n=args.n, model_name=args.model, mode=args.mode, seed=args.seed,
                                     calibration=args.calibration)

@@ -26,7 +26,8 @@ import torch
 from siglip_dola import distributed
 from siglip_dola import scoring as runtime
 from siglip_dola.data.datasets import EvalDataset, load_dataset
-from siglip_dola.evaluation.embed import Embeddings, embed_images, embed_texts
+from siglip_dola.embedding.images import Embeddings, embed_images
+from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point  # noqa: F401  (re-exported)
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
@@ -86,7 +87,7 @@ def class_logits(model, dataset: EvalDataset, embeddings: Embeddings, bank: Text
 
 
 def text_embeds(model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Raw text embeddings [T, D] fp32 cpu (evaluation.embed's one text loop)."""
+    """Raw text embeddings [T, D] fp32 cpu (embedding.texts: the one text loop)."""
     return embed_texts(model, texts, batch_size, needed_for="retrieval")
 
 

@@ -13,7 +13,8 @@ import faiss
 import numpy as np
 import torch
 
-from siglip_dola.evaluation.embed import embed_images, embed_texts
+from siglip_dola.embedding.images import embed_images
+from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import RETRIEVAL
 from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank

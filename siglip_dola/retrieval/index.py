@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from siglip_dola import distributed
-from siglip_dola.evaluation.embed import embed_images
+from siglip_dola.embedding.images import embed_images
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.retrieval import faiss_store, storage
 from siglip_dola.retrieval.opened import (RetrievalIndex, absolute_paths, check_compatible,  # noqa: F401 (re-exported)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from siglip_dola import scoring as runtime
-from siglip_dola.evaluation.embed import embed_texts
+from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.index import index_settings

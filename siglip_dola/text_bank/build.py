@@ -65,7 +65,7 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
 
 
 def _encode_ensembled(model, classnames, templates, batch_size) -> torch.Tensor:
-    from siglip_dola.evaluation.embed import embed_texts
+    from siglip_dola.embedding.texts import embed_texts
 
     texts = [_apply(template, name) for name in classnames for template in templates]  # class-major
     text_embeds = F.normalize(embed_texts(model, texts, batch_size, "text banks"), dim=-1)  # (C * T, D)

@@ -1,7 +1,7 @@
-"""The one image loop and the one text loop: classify, rerank, calibrate, eval, index build/add and caption
-search all embed through here.
+"""The one image loop: classify, rerank, calibrate, eval, index build/add and caption search all embed
+images through here.
 
-Images: evaluation/pixel_batches.py decodes them in DataLoader workers and uploads each batch on a side
+embedding/pixel_batches.py decodes them in DataLoader workers and uploads each batch on a side
 CUDA stream; here each batch's readout is queued and its results are copied back without blocking while
 the next batch computes. So decoding, both copies and the forward overlap, and the GPU waits on the host
 only when decoding is slower than the forward. Under torchrun each rank embeds a contiguous shard and
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from siglip_dola import distributed
-from siglip_dola.evaluation.pixel_batches import PixelBatch, check_batch_size, check_items, iter_pixel_batches
+from siglip_dola.embedding.pixel_batches import PixelBatch, check_batch_size, check_items, iter_pixel_batches
 from siglip_dola.loading import autocast
 
 
@@ -159,18 +159,3 @@ def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int 
     parts = distributed.gather_to_rank0(local)
     return None if parts is None else concat_embeddings(parts)
 
-
-def embed_texts(model, texts: Sequence[str], batch_size: int = 256, needed_for: str = "text embeddings") -> torch.Tensor:
-    """Raw (not normalised) text embeddings [T, D] fp32 cpu, `batch_size` texts per encoder call.
-
-    ValueError naming `needed_for` when the model has no text tower.
-    """
-    if model.encode_text is None:
-        raise ValueError(f"model {model.model_id!r} has no text tower: {needed_for} need one")
-    check_batch_size(batch_size)
-    texts = list(texts)
-    if not texts:
-        return torch.zeros(0, model.readout.embed_dim)
-    with torch.inference_mode():
-        return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(texts), batch_size)])

@@ -1,4 +1,4 @@
-"""Images -> PixelBatches on the device: the input half of the one image loop (evaluation/embed.py).
+"""Images -> PixelBatches on the device: the input half of the one image loop (embedding/images.py).
 
 Files are decoded by `data.images.decode_image` (a bad file is reported, never raised) in DataLoader
 worker processes; batches arrive in pinned memory and are uploaded on a side CUDA stream, so decoding
