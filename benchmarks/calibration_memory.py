@@ -17,7 +17,7 @@ import sys
 
 CHILD = """
 import json, resource, sys, time, torch
-from siglip_dola import scoring as rt
+from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points, score_grid
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
 from siglip_dola.evaluation.metrics import classification_metrics, rank_scores
@@ -35,13 +35,13 @@ points = [p for p in grid_points(grid, layers + 1) if p["mode"] != "static" or p
 
 base = rss_kb()
 start = time.perf_counter()
-final = rt.build_log_probs_from_rep(z_final, bank, 0.05)
+final = scoring.build_log_probs_from_rep(z_final, bank, 0.05)
 if algorithm == "chunked":
     cache = LayerLogits(final, labels, None, 0.05, row_layers=z_layers, columns=bank)
     scores = score_grid(cache, points)[0]
     acc1 = [s["acc1"] for s in scores]
 else:  # the old algorithm: every layer's log-probs cached at once, then each point
-    cached = rt.build_log_probs_from_rep(z_layers, bank, 0.05)  # (N-1, n, C)
+    cached = scoring.build_log_probs_from_rep(z_layers, bank, 0.05)  # (N-1, n, C)
     acc1 = [classification_metrics(rank_scores(score_point(final, cached, p)), labels)["acc1"] for p in points]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"algorithm": algorithm, "n": n, "classes": classes, "layers": layers, "dim": dim,

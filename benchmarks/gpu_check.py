@@ -7,9 +7,9 @@ Random-init open_clip ViT-L-16-SigLIP-384 and HF SiglipVisionModel (ViT-L/16-384
   block outputs of the same forward (collected here by plain hooks), as relative max errors;
 - bf16 autocast on CUDA (fused Triton readout where available): z vs the fp32 reference, and whether the
   DoLa top-1 and premature layer agree with fp32; how many layers were read from the next block's first norm
-  (fused.EntryNorm) and how far they are from the same layers read from the raw block outputs;
+  (entry_norm.EntryNorm) and how far they are from the same layers read from the raw block outputs;
   every LayerNorm gets a random affine first (random init leaves gamma = 1, beta = 0);
-- readout.graphed (CUDA graph replay) against the plain calls, fp32 and bf16, and the model left unchanged;
+- readout.cuda_graphs (CUDA graph replay) against the plain calls, fp32 and bf16, and the model left unchanged;
 - a 12-head tower (ViT-B-16-SigLIP; the kernel pads heads to 16): fused bf16 layers vs the PyTorch path;
 - CLIP-family and NaFlex towers (token_head.py), the same checks: open_clip ViT-L-14-336 and HF
   CLIPVisionModelWithProjection at ViT-L/14-336 (class token, ln_post, proj), open_clip CoCa ViT-B-32
@@ -54,7 +54,7 @@ def _counting_entry_slots(readout, images, layers):
 
 
 def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
-    from siglip_dola import config, scoring as runtime
+    from siglip_dola import config, scoring
     from siglip_dola.readout import from_model
 
     readout = from_model(model)
@@ -78,8 +78,8 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
     row["bf16_stacked_vs_stats_layers_rel_err"] = rel(stacked_layers, stats_layers)
     row["bf16_vs_fp32_final_rel_err"] = rel(b_final, z_final)
     row["bf16_vs_fp32_layers_rel_err"] = rel(b_layers, z_layers)
-    ref = runtime.score(z_final, z_layers, bank, tau, layers)
-    got = runtime.score(b_final.float(), b_layers.float(), bank, tau, layers)
+    ref = scoring.score(z_final, z_layers, bank, tau, layers)
+    got = scoring.score(b_final.float(), b_layers.float(), bank, tau, layers)
     row["bf16_top1_agreement"] = float((ref.probs.argmax(-1) == got.probs.argmax(-1)).float().mean())
     row["bf16_premature_layer_agreement"] = float((ref.premature_layer == got.premature_layer).float().mean())
     if images.is_cuda:
@@ -91,10 +91,10 @@ def check(name, model, blocks, norm_head, own_embed, images, layers, bank, tau):
 
 
 def graphed_rows(model, readout, images, layers) -> dict:
-    """readout.graphed: replays equal the plain calls (fp32 and bf16 autocast, new images each replay),
+    """readout.cuda_graphs: replays equal the plain calls (fp32 and bf16 autocast, new images each replay),
     and the model is left as it was (weights, hooks)."""
     from siglip_dola import config
-    from siglip_dola.readout import cuda_graphs as graphed
+    from siglip_dola.readout import cuda_graphs
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     row, other = {}, torch.randn_like(images)
@@ -103,7 +103,7 @@ def graphed_rows(model, readout, images, layers) -> dict:
     # the plain calls take the pooling a capture takes (stacking has its own batch limit there): they must be equal
     for tag, autocast in (("fp32", False), ("bf16", True)):
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-            call = graphed.capture(readout, other, layers)     # captured on other images
+            call = cuda_graphs.capture(readout, other, layers)     # captured on other images
             replayed = call(images)                            # replayed on these
             with config.override(stacked_max_batch=config.get("stacked_max_batch_graphed")):
                 plain = readout(images, layers)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.io import write_json_atomic
 from siglip_dola.readout import from_model
 
@@ -72,9 +72,9 @@ def main() -> None:
 
     def dola(layers):
         z_final, z_layers = readout(images, layers)
-        return runtime.score(z_final, z_layers, bank, 0.01, layers, mode="dynamic")
+        return scoring.score(z_final, z_layers, bank, 0.01, layers, mode="dynamic")
 
-    calls = {"baseline": lambda: runtime.build_probs_from_rep(model.encode_image(images), bank, 0.01),
+    calls = {"baseline": lambda: scoring.build_probs_from_rep(model.encode_image(images), bank, 0.01),
              "dola3": lambda: dola([18, 20, 22]), "dola23": lambda: dola(list(range(1, 24)))}
     rows = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

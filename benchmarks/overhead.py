@@ -2,7 +2,7 @@
 
 Baseline: the model's own embedding path (open_clip ``encode_image``; a timm tower's forward in
 ``--quick``) plus scoring against an ImageNet-1k-sized text bank [1000, D]. DoLa: ``readout(images,
-layers)`` (same forward, layer readout) plus ``runtime.score`` (dynamic). Variants of the readout:
+layers)`` (same forward, layer readout) plus ``scoring.score`` (dynamic). Variants of the readout:
 ``unfused`` (folded head per layer in PyTorch), ``onepass`` (Triton one-pass pooling, all tails batched;
 the library default on CUDA), ``onepass-stats`` (pooled from raw block outputs). Timings are medians
 of ``--runs`` runs after warm-up, CUDA events on GPU; the variants are interleaved run by run.
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu-slack", type=float, default=0.0, metavar="MS",
                         help="also time each readout followed by MS ms of CPU sleep: shows whether the CPU runs ahead")
     parser.add_argument("--graphs", action="store_true",
-                        help="also time baseline and DoLa with the forward replayed as a CUDA graph (readout.graphed)")
+                        help="also time baseline and DoLa with the forward replayed as a CUDA graph (readout.cuda_graphs)")
     parser.add_argument("--gpu-busy", action="store_true",
                         help="profile one call per point: GPU kernel time, span and kernel count (CUDA)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (CUDA)")

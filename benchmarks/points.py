@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from siglip_dola import config, scoring as runtime
-from siglip_dola.readout import cuda_graphs as graphed
+from siglip_dola import config, scoring
+from siglip_dola.readout import cuda_graphs
 from variants import fused_config
 
 def sleeping(fn, milliseconds: float):
@@ -21,7 +21,7 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
                 cpu_slack_ms=0.0, graphs=False):
     """name -> zero-argument callable doing one full scoring pass (baseline first); '-es': eager scoring."""
     def baseline():
-        return runtime.build_probs_from_rep(embed(images), bank, tau)
+        return scoring.build_probs_from_rep(embed(images), bank, tau)
 
     def dola(layers, variant, score=True, triton_score=True):
         def run():
@@ -30,15 +30,15 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
             if not score:
                 return z_layers
             with config.override(triton_scoring=triton_score):
-                return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
+                return scoring.score(z_final, z_layers, bank, tau, layers, mode="dynamic")
         return run
 
     def graphed_baseline():
         state = {}
         def run():   # captured on the first call, inside the caller's autocast
             if "call" not in state:
-                state["call"] = graphed.capture_call(embed, images)
-            return runtime.build_probs_from_rep(state["call"](images), bank, tau)
+                state["call"] = cuda_graphs.capture_call(embed, images)
+            return scoring.build_probs_from_rep(state["call"](images), bank, tau)
         return run
 
     def graphed_dola(layers, variant, score=True):
@@ -46,9 +46,9 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
         def run():
             if "call" not in state:
                 with fused_config(variant):
-                    state["call"] = graphed.capture(readout, images, layers)
+                    state["call"] = cuda_graphs.capture(readout, images, layers)
             z_final, z_layers = state["call"](images)
-            return runtime.score(z_final, z_layers, bank, tau, layers, mode="dynamic") if score else z_layers
+            return scoring.score(z_final, z_layers, bank, tau, layers, mode="dynamic") if score else z_layers
         return run
 
     points = {"baseline": baseline, "baseline-again": baseline}  # the second one shows the timing noise
@@ -61,9 +61,9 @@ def make_points(embed, readout, images, bank, tau, sets, variants, split=False, 
             points[f"dola{count}-{variant}"] = dola(layers, variant)
             if eager_scoring:
                 points[f"dola{count}-{variant}-es"] = dola(layers, variant, triton_score=False)
-            if split:  # the readout alone (no runtime.score), to split the cost
+            if split:  # the readout alone (no scoring.score), to split the cost
                 points[f"readout{count}-{variant}"] = dola(layers, variant, score=False)
-            if graphs:  # the readout replayed as a CUDA graph (readout.graphed), scoring as usual
+            if graphs:  # the readout replayed as a CUDA graph (readout.cuda_graphs), scoring as usual
                 points[f"dola{count}-{variant}-graph"] = graphed_dola(layers, variant)
             if cpu_slack_ms:  # the readout, then the CPU idles: unchanged time = the GPU was still busy
                 points[f"readout{count}-{variant}+sleep"] = sleeping(dola(layers, variant, score=False), cpu_slack_ms)

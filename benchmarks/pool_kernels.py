@@ -17,13 +17,13 @@ import sys
 import torch
 
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import kernel as pool_kernel, map_head
+from siglip_dola.readout import kernel, map_head
 from variants import VARIANTS
 
-if pool_kernel.triton is not None:
-    tl = pool_kernel.tl
+if kernel.triton is not None:
+    tl = kernel.tl
 
-    @pool_kernel.triton.jit
+    @kernel.triton.jit
     def _flat_read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
         """Sum one contiguous chunk of BLOCK * STEPS elements per program: a plain streaming read (the floor)."""
         start = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
@@ -63,15 +63,15 @@ def candidates(tokens, probe, eps, num_sms: int) -> dict:
     shifted, entry_probe = dict(shift=beta, scale=1.0 / gamma), (probe / gamma).contiguous()
     runs = {}
     for kind, warps, block_t, stages in (("onepass", 8, 16, 3), ("onepass", 8, 32, 2), ("entry-norm", 8, 16, 3)):
-        per, splits = pool_kernel.split_plan(batch, TOKENS, num_sms, block_t)
+        per, splits = kernel.split_plan(batch, TOKENS, num_sms, block_t)
         out = torch.full((batch, HEADS, splits, DIM), float("nan"), device=tokens.device)
         lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
         if kind == "entry-norm":
-            run = lambda o=out, l=lse, p=per: pool_kernel.pool_partials(normed, entry_probe, None, o, l, p, **shifted)
+            run = lambda o=out, l=lse, p=per: kernel.pool_partials(normed, entry_probe, None, o, l, p, **shifted)
         else:
-            run = lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: pool_kernel.pool_partials(
+            run = lambda w=warps, t=block_t, s=stages, o=out, l=lse, p=per: kernel.pool_partials(
                 tokens, probe, eps, o, l, p, w, t, s)
-        runs[f"{kind} w{warps} t{block_t} s{stages}"] = (run, lambda o=out, l=lse: pool_kernel.combine_partials(o, l))
+        runs[f"{kind} w{warps} t{block_t} s{stages}"] = (run, lambda o=out, l=lse: kernel.combine_partials(o, l))
     return runs
 
 
@@ -85,12 +85,12 @@ SWEEP_TARGETS = (1, 2, 4, 8)   # x the number of SMs: grid = (B, token splits)
 def _kernel_runner(tokens, probe, eps, config: dict):
     """(run, read_pooled, splits) for one launch config of the pooling kernel on tokens (B, T, D)."""
     batch, num_tokens, dim = tokens.shape
-    per_split, splits = pool_kernel.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
+    per_split, splits = kernel.split_plan(batch, num_tokens, config["target_programs"], config["block_t"])
     out = torch.full((batch, probe.shape[0], splits, dim), float("nan"), device=tokens.device)   # poisoned
     lse = torch.full(out.shape[:-1], float("nan"), device=tokens.device)
-    run = lambda: pool_kernel.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
+    run = lambda: kernel.pool_partials(tokens, probe, eps, out, lse, per_split, config["num_warps"],
                                       config["block_t"], config["num_stages"])
-    return run, lambda: pool_kernel.combine_partials(out, lse), splits
+    return run, lambda: kernel.combine_partials(out, lse), splits
 
 
 def _sweep_configs(num_sms: int, spec: str | None) -> list[dict]:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                   f"err {row.get('rel_err', float('nan')):.1e}")
     if args.out:
         env = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
-                   triton=getattr(pool_kernel.triton, "__version__", None), command=" ".join(sys.argv))
+                   triton=getattr(kernel.triton, "__version__", None), command=" ".join(sys.argv))
         write_json_atomic(args.out, dict(environment=env, rows=rows))
     return 0
 

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from siglip_dola import config, scoring as runtime
+from siglip_dola import config, scoring
 from siglip_dola.io import write_json_atomic
 
 DIM = 1024
@@ -53,10 +53,10 @@ def points(batch: int, classes: int, count: int, device) -> dict:
     def score(triton_scoring: bool):
         def run():
             with config.override(triton_scoring=triton_scoring):
-                return runtime.score(z_final, z_layers, bank, tau, layers)
+                return scoring.score(z_final, z_layers, bank, tau, layers)
         return run
 
-    return {"baseline: build_probs_from_rep": lambda: runtime.build_probs_from_rep(z_final, bank, tau),
+    return {"baseline: build_probs_from_rep": lambda: scoring.build_probs_from_rep(z_final, bank, tau),
             f"score J={count} eager": score(False), f"score J={count} triton": score(True)}
 
 

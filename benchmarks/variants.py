@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from siglip_dola import config
-from siglip_dola.readout import kernel as pool_kernel
+from siglip_dola.readout import kernel
 
 VARIANTS = {  # name -> siglip_dola.config options for that variant ("onepass-tuned": filled by --kernel-sweep)
     "unfused": dict(fused_pooling=False),                       # folded head per layer in PyTorch
@@ -25,7 +25,7 @@ def fused_config(variant: str):
 
 
 def usable_variants(args, device: torch.device) -> list[str]:
-    fast = device.type == "cuda" and pool_kernel.triton is not None
+    fast = device.type == "cuda" and kernel.triton is not None
     names = args.variants.split(",") if args.variants else (["unfused", "onepass"] if fast else ["unfused"])
     bad = [n for n in names if n not in VARIANTS or (n != "unfused" and not fast)]
     if bad:

@@ -2,7 +2,7 @@
 
 Per batch the core is the two-line composition (ONE backbone forward):
     z_final, z_layers = model.readout(pixels, layers)
-    result = runtime.score(z_final, z_layers, bank.embeds, tau, layers, mode, alpha, static_layer)
+    result = scoring.score(z_final, z_layers, bank.embeds, tau, layers, mode, alpha, static_layer)
 
 Settings (mode, layers, alpha, contrast weight) come from ``siglip_dola.settings.resolve_settings``:
 explicit arguments > a calibration (a ``siglip-dola calibrate`` JSON, or "embedded"; default: the
@@ -19,11 +19,11 @@ from typing import Iterable, Iterator
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.embedding.images import iter_embedded
 from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 from siglip_dola.loading import autocast
-from siglip_dola.readout import cuda_graphs as graphed
+from siglip_dola.readout.cuda_graphs import CallCache, GraphCache, check_capturable
 from siglip_dola.scorer_inputs import (bank_rows, check_bank_dim, check_pixels, check_top_k, image_items,
                                       select_layers, text_queries)
 from siglip_dola.scoring.checks import check_tau
@@ -44,11 +44,11 @@ class DoLaSigLIP:
         if cuda_graphs is not True and cuda_graphs is not False:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if cuda_graphs:
-            graphed.check_capturable(model.readout)   # at construction, not at the first call
+            check_capturable(model.readout)   # at construction, not at the first call
         if cuda_graphs and torch.device(model.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
         self.model, self.cuda_graphs = model, cuda_graphs
-        self._readout = graphed.GraphCache(model.readout) if cuda_graphs else model.readout
+        self._readout = GraphCache(model.readout) if cuda_graphs else model.readout
         if settings is None:
             settings = settings_for_model(model, calibration, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
                                           n_buckets=n_buckets, static_layer=static_layer,
@@ -56,7 +56,7 @@ class DoLaSigLIP:
         self.settings = settings
         self.mode, self.alpha, self.contrast_weight = settings.mode, settings.alpha, settings.contrast_weight
         self.layers, self.static_layer = list(settings.layers), settings.static_layer
-        self._graphed_scores = graphed.CallCache() if cuda_graphs else None
+        self._graphed_scores = CallCache() if cuda_graphs else None
         self._graph_bank = None   # (source bank key, the fp32 bank on the device the graphs read)
         self.tau = check_tau(model.tau if tau is None else tau)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -88,16 +88,16 @@ class DoLaSigLIP:
             yield (batch.indices if positional else batch.ids), batch.pixels, batch.skipped
 
     # ------------------------------------------------------------ image -> texts
-    def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
+    def score_pixels(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> scoring.DoLaResult:
         """DoLaResult for pixels [B, 3, H, W] against bank_embeds [C, D] (one backbone forward)."""
         if self._graphed_scores is not None:
             return self._score_graphed(pixels, bank_embeds)
         z_final, z_layers = self.embed(pixels)
         bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
-        return runtime.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
+        return scoring.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
                              alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
 
-    def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> runtime.DoLaResult:
+    def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> scoring.DoLaResult:
         """score_pixels as ONE replayed CUDA graph (readout + scoring; captured per shape and bank), no host sync:
         the NaN/inf check is deferred to ``result.nonfinite`` (checked where rows are read, in :meth:`_rows`)."""
         check_pixels(pixels)
@@ -105,13 +105,13 @@ class DoLaSigLIP:
         bank_key = (bank_embeds.data_ptr(), bank_embeds._version, tuple(bank_embeds.shape), bank_embeds.dtype,
                     bank_embeds.device)
         if self._graph_bank is None or self._graph_bank[0] != bank_key:   # the graphs read the bank's memory:
-            self._graphed_scores = graphed.CallCache()                      # keep it, capture again for another
+            self._graphed_scores = CallCache()                      # keep it, capture again for another
             self._graph_bank = (bank_key, bank_embeds.to(device=pixels.device, dtype=torch.float32))
         bank_embeds = self._graph_bank[1]
 
         def call(images):
             z_final, z_layers = self.model.readout(images, self.layers)
-            result = runtime.score(z_final.float(), z_layers.float() if self.layers else None, bank_embeds,
+            result = scoring.score(z_final.float(), z_layers.float() if self.layers else None, bank_embeds,
                                    self.tau, self.layers or None, mode=self.mode, alpha=self.alpha,
                                    static_layer=self.static_layer, validate=False,
                                    contrast_weight=self.contrast_weight)
@@ -119,7 +119,7 @@ class DoLaSigLIP:
         key = (tuple(self.layers), self.model.readout.derived_key())   # new weights: capture again
         with autocast(self.model.device, self.model.dtype):
             outputs = self._graphed_scores(call, pixels, key)
-        return runtime.DoLaResult(*outputs)
+        return scoring.DoLaResult(*outputs)
 
     def iter_classify(self, images, bank, top_k: int | None = 5, key: str = "label") -> Iterator[tuple[list, list]]:
         """Per batch: (results, skipped); results as in :meth:`classify`, skipped [(path, error)]."""
@@ -155,9 +155,9 @@ class DoLaSigLIP:
                           "; ".join(f"{p}: {e}" for p, e in skipped), stacklevel=3)
         return results
 
-    def _rows(self, result: runtime.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
+    def _rows(self, result: scoring.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
         """One dict per example (row) of a DoLaResult: top-k ranked by (DoLa prob, then q_N)."""
-        runtime.check_finite(result)   # deferred by the graphed path; a no-op otherwise
+        scoring.check_finite(result)   # deferred by the graphed path; a no-op otherwise
         probs, final = result.probs.float().cpu(), result.final_probs.float().cpu()
         order = torch.sort(final, dim=-1, descending=True, stable=True).indices  # ties among masked: by q_N
         order = order.gather(-1, torch.sort(probs.gather(-1, order), dim=-1, descending=True, stable=True).indices)
@@ -216,17 +216,17 @@ class DoLaSigLIP:
         queries, text_embeds = text_queries(text, self.model)
         check_bank_dim(z_final, text_embeds.shape[-1], what="image embeddings")
         # log q over the images are valid logits for dola(): softmax is shift-invariant
-        scores_final = runtime.build_log_probs_from_rep(text_embeds, z_final.float(), self.tau)  # (Q, n)
+        scores_final = scoring.build_log_probs_from_rep(text_embeds, z_final.float(), self.tau)  # (Q, n)
         scores_layers = None if z_layers is None else torch.stack(
-            [runtime.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
-        result = runtime.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
+            [scoring.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
+        result = scoring.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
                               alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
         top_k = len(ids) if top_k is None else check_top_k(top_k)
         rows = self._rows(result, ids, top_k, key="image")
         return [{"text": q, "ranking": row.pop("predictions"), **row} for q, row in zip(queries, rows)]
 
 def rerank_with_dola_siglip(image_tensor, text_bank, alpha: float = 0.1, candidate_layers=(18, 20, 22),
-                            tau=None, model=None) -> runtime.DoLaResult:
+                            tau=None, model=None) -> scoring.DoLaResult:
     """The design note's entry point: DoLaResult (probs p_hat [B, C], final_probs q_N, premature_layer [B], jsd [J, B]).
 
     image_tensor [B, 3, H, W] (preprocessed); text_bank: TextBank or [C, D] tensor; model: LoadedModel

@@ -9,7 +9,7 @@ import torch
 from scipy.special import log_softmax, softmax
 
 from interpreter import run_interpreted
-from siglip_dola import scoring as rt
+from siglip_dola import scoring
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -49,7 +49,7 @@ def cases():
 def test_eager_dola_matches_float64_loop(name):
     logits, layers, alpha, mode, static_layer, weight = cases()[name]
     expected, premature = naive(logits, layers, alpha, mode, static_layer, weight)
-    result = rt.dola(torch.from_numpy(logits[0]).double(), torch.from_numpy(logits[1:]).double(), layers, mode=mode,
+    result = scoring.dola(torch.from_numpy(logits[0]).double(), torch.from_numpy(logits[1:]).double(), layers, mode=mode,
                      alpha=alpha, static_layer=static_layer, contrast_weight=weight)
     np.testing.assert_allclose(result.probs.numpy(), expected, atol=1e-12)
     assert result.premature_layer.tolist() == premature
@@ -57,7 +57,7 @@ def test_eager_dola_matches_float64_loop(name):
 
 def test_weight_zero_is_q_N_renormalised_on_the_head_set():
     logits, layers, alpha = cases()["dynamic_w0.0"][:3]
-    result = rt.dola(logits[0], logits[1:], layers, alpha=alpha, contrast_weight=0.0)
+    result = scoring.dola(logits[0], logits[1:], layers, alpha=alpha, contrast_weight=0.0)
     q_N = softmax(logits[0].astype(np.float64), axis=-1)
     head = q_N >= alpha * q_N.max(axis=-1, keepdims=True)
     np.testing.assert_allclose(result.probs, np.where(head, q_N, 0) / (q_N * head).sum(-1, keepdims=True), atol=1e-6)
@@ -65,12 +65,12 @@ def test_weight_zero_is_q_N_renormalised_on_the_head_set():
 
 def test_contrast_and_mask_weight_with_zero_q_M():
     q_N, q_M = np.array([0.5, 0.3, 0.2]), np.array([0.0, 0.5, 0.5])
-    p0, _ = rt.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.0)  # q_M = 0 does not matter at lambda 0
+    p0, _ = scoring.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.0)  # q_M = 0 does not matter at lambda 0
     np.testing.assert_allclose(p0, q_N, atol=1e-12)
-    p_half, _ = rt.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.5)  # F = +inf where q_M = 0 (lambda > 0)
+    p_half, _ = scoring.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.5)  # F = +inf where q_M = 0 (lambda > 0)
     np.testing.assert_allclose(p_half, [1.0, 0.0, 0.0])
     q_M = np.array([0.2, 0.5, 0.3])
-    p, _ = rt.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.25)
+    p, _ = scoring.contrast_and_mask(q_N, q_M, alpha=0.1, contrast_weight=0.25)
     np.testing.assert_allclose(p, softmax(np.log(q_N) - 0.25 * np.log(q_M)), atol=1e-12)
 
 
@@ -84,7 +84,7 @@ def test_score_eager_passes_weight():
     from siglip_dola import config
 
     with config.override(triton_scoring=False):
-        result = rt.score(z_final, z_layers, bank, 0.1, [3, 5], alpha=0.2, contrast_weight=0.5)
+        result = scoring.score(z_final, z_layers, bank, 0.1, [3, 5], alpha=0.2, contrast_weight=0.5)
     np.testing.assert_allclose(result.probs.numpy(), expected, atol=1e-5)
     assert result.premature_layer.tolist() == premature
 
@@ -93,7 +93,7 @@ def test_score_eager_passes_weight():
                                         (True, TypeError), ("1", TypeError)])
 def test_bad_weight_names_the_argument(bad, error):
     with pytest.raises(error, match="contrast_weight"):
-        rt.dola(np.zeros((2, 3)), np.zeros((1, 2, 3)), [2], contrast_weight=bad)
+        scoring.dola(np.zeros((2, 3)), np.zeros((1, 2, 3)), [2], contrast_weight=bad)
 
 
 INTERPRETER_RUN = textwrap.dedent("""

@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 from siglip_dola.evaluation import metrics
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.data import shapes
 from tools import train_embedded as te
 from siglip_dola.evaluation.calibrate import calibrate
@@ -134,7 +134,7 @@ def test_retrieval_recall_matches_naive(tiny_hf_siglip, tiny_loaded):
 def test_rank_scores_put_masked_classes_after_the_head_by_q_final():
     final = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     early = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
-    result = runtime.dola(final, early[None], [3], mode="static", alpha=0.5, static_layer=3)
+    result = scoring.dola(final, early[None], [3], mode="static", alpha=0.5, static_layer=3)
     order = torch.argsort(metrics.rank_scores(result), dim=-1, descending=True)[0].tolist()
     # head {0, 1} (q_N >= 0.25): F = log(.5/.7) < log(.3/.1), so 1 before 0; then 2, 3 by q_N
     assert order == [1, 0, 2, 3]

@@ -4,7 +4,7 @@ Metrics, probabilities and chosen layers are exactly equal; the JSD values up to
 import pytest
 import torch
 
-from siglip_dola import scoring as rt
+from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points, score_grid
 from siglip_dola.evaluation.evaluate import layer_lens
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
@@ -16,8 +16,8 @@ N, n, D, C, TAU = 8, 50, 16, 20, 0.07
 def old_point(final, layers, point):
     """The old score_point over the full cache layers [N-1, n, C]."""
     if point["mode"] == "off":
-        return rt.dola(final, None, None, mode="off")
-    return rt.dola(final, layers[[j - 1 for j in point["layers"]]], point["layers"], mode=point["mode"],
+        return scoring.dola(final, None, None, mode="off")
+    return scoring.dola(final, layers[[j - 1 for j in point["layers"]]], point["layers"], mode=point["mode"],
                    alpha=point["alpha"], static_layer=point["static_layer"], contrast_weight=point["contrast_weight"])
 
 
@@ -36,8 +36,8 @@ def data():
     z_final, z_layers = sparse_signs(n, generator=gen), sparse_signs(N - 1, n, generator=gen)
     bank = sparse_signs(C, generator=gen)
     labels = torch.randint(0, C, (n,), generator=gen)
-    final = rt.build_log_probs_from_rep(z_final, bank, TAU)
-    old_layers = rt.build_log_probs_from_rep(z_layers, bank, TAU)  # (N-1, n, C): the old cache
+    final = scoring.build_log_probs_from_rep(z_final, bank, TAU)
+    old_layers = scoring.build_log_probs_from_rep(z_layers, bank, TAU)  # (N-1, n, C): the old cache
     return z_final, z_layers, bank, labels, final, old_layers
 
 
@@ -72,14 +72,14 @@ def test_mode_results_and_layer_lens_equal_the_old_cache(data, chunk_rows):
     targets = one_hot_targets(labels, C)
     lens = layer_lens(cache, targets, results["dynamic"], "acc1")
     assert lens["top1"][:-1] == [float(hits_at_k(old_layers[j], targets, 1).float().mean()) for j in range(N - 1)]
-    old_jsd = rt.dola(final, old_layers, list(range(1, N)), mode="off").jsd.mean(dim=-1).tolist()
+    old_jsd = scoring.dola(final, old_layers, list(range(1, N)), mode="off").jsd.mean(dim=-1).tolist()
     assert lens["mean_jsd"] == pytest.approx(old_jsd, rel=1e-6)
 
 
 def test_text_to_image_layout_equals_per_layer_stack(data):
     z_final, z_layers, bank, labels, final, old_layers = data  # bank rows play the texts, z the gallery
-    t2i_final = rt.build_log_probs_from_rep(bank, z_final, TAU)  # (C texts, n images)
-    old = torch.stack([rt.build_log_probs_from_rep(bank, z_j, TAU) for z_j in z_layers])  # (N-1, C, n)
+    t2i_final = scoring.build_log_probs_from_rep(bank, z_final, TAU)  # (C texts, n images)
+    old = torch.stack([scoring.build_log_probs_from_rep(bank, z_j, TAU) for z_j in z_layers])  # (N-1, C, n)
     cache = LayerLogits(t2i_final, None, None, TAU, rows=bank, column_layers=z_layers, chunk_rows=6)
     chunks = [stack for _, _, stack in cache.iter_chunks()]
     assert torch.equal(torch.cat(chunks, dim=1), old)

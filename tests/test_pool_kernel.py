@@ -1,4 +1,4 @@
-"""readout/pool_kernel.py: the Triton kernel's shifted mode (pooling from the next block's own LayerNorm output),
+"""readout/kernel.py: the Triton kernel's shifted mode (pooling from the next block's own LayerNorm output),
 head counts that are not a power of two and the Triton merge of token splits with the value product, in
 Triton's CPU interpreter (a subprocess), against float64.
 
@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from interpreter import run_interpreted
-from siglip_dola.readout import kernel as pool_kernel, map_head
+from siglip_dola.readout import kernel, map_head
 
 CHECK = textwrap.dedent("""
     import json, os
     assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
     import torch, torch.nn.functional as F
-    from siglip_dola.readout import kernel as pk, map_head
+    from siglip_dola.readout import kernel, map_head
     torch.manual_seed(5)
     errors = {}
     # (B, T, D, H, layout): T % 16 != 0, D not a power of two, 12 heads (ViT-B) and 2 heads padded to 16
@@ -30,24 +30,24 @@ CHECK = textwrap.dedent("""
         probe = torch.randn(H, D) * 0.3
         ref = map_head.pool_tokens(x.double(), probe.double(), 1e-6)                # float64, from the raw tokens
         for slots in (1, 4, 64):
-            per_split, splits = pk.split_plan(B, T, slots)
+            per_split, splits = kernel.split_plan(B, T, slots)
             for mode in ("shifted", "stats"):
                 out = torch.full((B, H, splits, D), float("nan"))   # poisoned: every element must be written
                 lse = torch.full((B, H, splits), float("nan"))
                 if mode == "shifted":
-                    pk.pool_partials(n, (probe / gamma).contiguous(), None, out, lse, per_split,
+                    kernel.pool_partials(n, (probe / gamma).contiguous(), None, out, lse, per_split,
                                      shift=beta, scale=1.0 / gamma)
                 else:
-                    pk.pool_partials(x, probe, 1e-6, out, lse, per_split)
-                pooled = pk.combine_partials(out, lse).double()
+                    kernel.pool_partials(x, probe, 1e-6, out, lse, per_split)
+                pooled = kernel.combine_partials(out, lse).double()
                 errors[f"{mode}/{B}x{T}x{D}/h{H}/{layout}/s{splits}"] = float((pooled - ref).norm() / ref.norm())
     # rows <= 16 (one 16-row block: batch 1) and more; splits 1..36, padded to powers of two
     for rows, heads, splits, dim, head_dim in [(70, 4, 2, 48, 12), (5, 16, 36, 128, 64), (130, 2, 1, 64, 16),
                                                (3, 16, 8, 256, 64), (23, 16, 6, 128, 64)]:
         out, lse = torch.randn(rows, heads, splits, dim), torch.randn(rows, heads, splits) * 3   # merge + W_v
         weight, bias = torch.randn(heads, head_dim, dim) * 0.1, torch.randn(heads, head_dim)
-        values = pk.merge_values_triton(out, lse, weight, bias).double()
-        ref = map_head.head_values(pk.combine_partials(out.double(), lse.double()), weight.double(), bias.double())
+        values = kernel.merge_values_triton(out, lse, weight, bias).double()
+        ref = map_head.head_values(kernel.combine_partials(out.double(), lse.double()), weight.double(), bias.double())
         errors[f"merge/{rows}x{heads}/s{splits}/d{dim}/e{head_dim}"] = float((values - ref).norm() / ref.norm())
     print(json.dumps(errors))
 """)
@@ -83,5 +83,5 @@ def test_shift_identity_the_kernel_relies_on():
     (8, 576, 132, 32, 6),     # 18 blocks: 6 splits of 3 (8 would leave the same 3 blocks per split)
 ])
 def test_split_plan_fills_whole_waves(batch, num_tokens, slots, block_t, splits):
-    per_split, got = pool_kernel.split_plan(batch, num_tokens, slots, block_t)
+    per_split, got = kernel.split_plan(batch, num_tokens, slots, block_t)
     assert got == splits and per_split * splits >= num_tokens > per_split * (splits - 1)

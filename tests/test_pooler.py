@@ -8,7 +8,9 @@ import torch
 
 from interpreter import run_interpreted
 from siglip_dola import config
-from siglip_dola.readout import kernel as pool_kernel, layer_pooler, map_head, pooler as fused
+from siglip_dola.readout import kernel, layer_pooler, map_head
+from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, entry_norm
+from siglip_dola.readout.pooler import Pooling
 
 DIM, HEADS = 48, 4
 
@@ -55,7 +57,7 @@ def test_layer_pooler_on_cpu_reads_every_slot_like_the_model():
     layers = [tokens_like_a_block(seed=s) for s in (4, 5, 6)]
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     with torch.no_grad():
-        pooler = fused.LayerPooler(folded, [1, 2, 3])
+        pooler = layer_pooler.LayerPooler(folded, [1, 2, 3])
         for slot in (2, 0, 1):  # any order: slots are positions in the requested layers
             pooler.add(slot, layers[slot])
         z_layers = pooler.result()                                                        # (J, B, D)
@@ -95,7 +97,7 @@ def test_pooler_uses_fewer_stages_or_pytorch_when_shared_memory_is_short(monkeyp
         expected = torch.stack([own_head(tower, tokens) for tokens in layers])
         for expected_calls in (first_calls, first_calls + second_calls):   # a second call reuses what fitted
             with config.override(num_stages=3, target_programs=4):
-                pooler = fused.LayerPooler(folded, [1, 2])
+                pooler = layer_pooler.LayerPooler(folded, [1, 2])
             pooler.add(0, layers[0])
             pooler.add(1, layers[1])
             torch.testing.assert_close(pooler.result(), expected, rtol=1e-4, atol=1e-5)
@@ -121,9 +123,9 @@ def test_combine_partials_matches_softmax_over_all_tokens():
         for h in range(HEADS):
             weights = torch.exp(logits[b, :, h] - logits[b, :, h].max())
             expected[b, h] = (weights[:, None] * x_hat[b]).sum(0) / weights.sum()
-    torch.testing.assert_close(pool_kernel.combine_partials(out, lse), expected)
+    torch.testing.assert_close(kernel.combine_partials(out, lse), expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the merge stays fp32 under the caller's autocast
-        merged = pool_kernel.combine_partials(out.float(), lse.float())
+        merged = kernel.combine_partials(out.float(), lse.float())
     assert merged.dtype == torch.float32
     torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -131,7 +133,7 @@ def test_combine_partials_matches_softmax_over_all_tokens():
 @pytest.mark.parametrize("batch,num_tokens,target,block_t", [(1, 576, 264, 16), (64, 576, 264, 16),
                                                              (3, 37, 8, 16), (2, 5, 100, 16), (8, 577, 264, 32)])
 def test_split_plan_covers_tokens_with_no_empty_split(batch, num_tokens, target, block_t):
-    per_split, splits = pool_kernel.split_plan(batch, num_tokens, target, block_t)
+    per_split, splits = kernel.split_plan(batch, num_tokens, target, block_t)
     starts = [s * per_split for s in range(splits)]
     assert per_split % block_t == 0 and all(start < num_tokens for start in starts)
     assert starts[-1] + per_split >= num_tokens and splits <= max(1, -(-target // batch))
@@ -156,7 +158,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_pooler import tiny_tower, folded_head, own_head, tokens_like_a_block, HEADS, DIM
     from siglip_dola import config
-    from siglip_dola.readout import kernel as pool_kernel, layer_pooler, map_head, pooler as fused
+    from siglip_dola.readout import kernel, layer_pooler, map_head
     assert layer_pooler.triton is not None
     SPLITS = [(1, 16), (8, 16), (64, 16), (8, 32)]   # (target programs, block_t)
     torch.manual_seed(11)
@@ -178,11 +180,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
         for norm_eps in (eps, None):
             ref = reference if norm_eps is not None else map_head.pool_tokens(tokens.double(), probe.double(), None)
             for target, block_t in SPLITS:   # one split, several, as many as token blocks; uneven last split
-                per_split, splits = pool_kernel.split_plan(batch, num_tokens, target, block_t)
+                per_split, splits = kernel.split_plan(batch, num_tokens, target, block_t)
                 partial = torch.full((batch, HEADS, splits, DIM), float("nan"))   # poisoned: all must be written
                 lse = torch.full((batch, HEADS, splits), float("nan"))
-                pool_kernel.pool_partials(tokens, probe, norm_eps, partial, lse, per_split, block_t=block_t)
-                pooled = pool_kernel.combine_partials(partial, lse)
+                kernel.pool_partials(tokens, probe, norm_eps, partial, lse, per_split, block_t=block_t)
+                pooled = kernel.combine_partials(partial, lse)
                 key = f"one-pass/{name}/{norm_eps is not None}/{target}x{block_t}/{splits}"
                 errors[key] = float((pooled - ref).norm() / ref.norm())
     # EVEN path (T a multiple of BLOCK_T and D a power of two: no masks, vector loads), timm layout too
@@ -192,18 +194,18 @@ INTERPRETER_CHECK = textwrap.dedent("""
         for norm_eps in (1e-6, None):
             ref = map_head.pool_tokens(tokens.double(), even_probe.double(), norm_eps)
             for target, block_t in ((1, 16), (4, 16), (2, 32)):
-                per_split, splits = pool_kernel.split_plan(tokens.shape[0], tokens.shape[1], target, block_t)
+                per_split, splits = kernel.split_plan(tokens.shape[0], tokens.shape[1], target, block_t)
                 partial = torch.full((2, HEADS, splits, 64), float("nan"))
                 lse = torch.full((2, HEADS, splits), float("nan"))
-                pool_kernel.pool_partials(tokens, even_probe, norm_eps, partial, lse, per_split, block_t=block_t)
-                pooled = pool_kernel.combine_partials(partial, lse)
+                kernel.pool_partials(tokens, even_probe, norm_eps, partial, lse, per_split, block_t=block_t)
+                pooled = kernel.combine_partials(partial, lse)
                 errors[f"one-pass/{name}/{norm_eps is not None}/{target}x{block_t}/{splits}"] = float(
                     (pooled - ref).norm() / ref.norm())
     layers = [tokens_like_a_block(2, 21, seed=s) for s in (20, 21)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
         for warps in (4, 8):
             with config.override(num_warps=warps, target_programs=6):
-                pooler = fused.LayerPooler(folded, [1, 2])
+                pooler = layer_pooler.LayerPooler(folded, [1, 2])
             pooler.add(1, layers[1]); pooler.add(0, layers[0])
             z = pooler.result().float()
             assert set(pooler.paths.values()) == {"fused-stats"}, "the interpreter path must be taken"
@@ -242,7 +244,7 @@ def test_entry_norm_folds_gamma_into_the_probe_and_keeps_beta():
     tower = deep_tower()
     folded = folded_head(tower)
     block = tower.blocks[1]
-    entry = fused.entry_norm(block, folded)[0]
+    entry = entry_norm(block, folded)[0]
     gamma, beta = block.norm1.weight.detach(), block.norm1.bias.detach()
     assert entry.module is block.norm1
     torch.testing.assert_close(entry.probe * gamma, folded.key_probe)
@@ -279,13 +281,13 @@ def _break(case: str, tower) -> torch.nn.Module:
                                   "post_norm_block"])
 def test_entry_norm_refuses_what_it_cannot_read_exactly(case):
     tower = deep_tower()
-    assert fused.entry_norm(tower.blocks[1], folded_head(tower))[0] is not None
-    assert fused.entry_norm(_break(case, tower), folded_head(tower))[0] is None
+    assert entry_norm(tower.blocks[1], folded_head(tower))[0] is not None
+    assert entry_norm(_break(case, tower), folded_head(tower))[0] is None
 
 
 def test_an_entry_norm_is_rebuilt_when_its_weights_change_in_place():
     tower = deep_tower(seed=5)
-    pooling = fused.Pooling(tower.blocks, own_embedding=None)
+    pooling = Pooling(tower.blocks, own_embedding=None)
     head = folded_head(tower)
     first = pooling.entry(1, head)[0]
     assert pooling.entry(1, head)[0] is first                                        # cached between calls
@@ -298,7 +300,7 @@ def test_an_entry_norm_is_rebuilt_when_its_weights_change_in_place():
 
 def _entry_pooler(tower):
     folded = folded_head(tower)
-    return fused.LayerPooler(folded, [1]), fused.entry_norm(tower.blocks[1], folded)[0]
+    return layer_pooler.LayerPooler(folded, [1]), entry_norm(tower.blocks[1], folded)[0]
 
 
 def test_a_mismatched_or_missing_entry_norm_pools_the_block_output():
@@ -334,18 +336,19 @@ ENTRY_CHECK = textwrap.dedent("""
     from test_pooler import deep_tower, folded_head, own_head, tokens_like_a_block
     from transformers import SiglipVisionConfig, SiglipVisionModel
     from siglip_dola import config
-    from siglip_dola.readout import from_model, pooler as fused
+    from siglip_dola.readout import from_model, layer_pooler
+    from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, entry_norm
     errors, counts = {}, {}
     tower = deep_tower(seed=4)
     folded = folded_head(tower)
     layers = [tokens_like_a_block(2, 21, seed=s) for s in (30, 31, 32)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # fp32 tokens under autocast: fast path
         with config.override(target_programs=4):
-            pooler = fused.LayerPooler(folded, [1, 2, 3])
+            pooler = layer_pooler.LayerPooler(folded, [1, 2, 3])
         for slot in (0, 1):   # slots 0, 1 from block 2's / 3's first norm, slot 2 from its raw block output
             block = tower.blocks[slot + 1]
             pooler.hold(slot, layers[slot])
-            pooler.add_entry(slot, fused.entry_norm(block, folded)[0], layers[slot], block.norm1(layers[slot]))
+            pooler.add_entry(slot, entry_norm(block, folded)[0], layers[slot], block.norm1(layers[slot]))
         pooler.add(2, layers[2])
         z = pooler.result().float()
         expected = torch.stack([own_head(tower, t) for t in layers]).float()
@@ -372,7 +375,7 @@ ENTRY_CHECK = textwrap.dedent("""
             with torch.inference_mode():                                # no version counters (the scorer's mode)
                 _, z_inference = readout(images, [1, 2])
                 counts[name + "/inference_mode"] = readout.layer_paths
-            last_block = [m for m in model.modules() if type(m).__name__ in fused.ENTRY_BLOCK_TYPES][-1]
+            last_block = [m for m in model.modules() if type(m).__name__ in ENTRY_BLOCK_TYPES][-1]
             boom = last_block.register_forward_hook(lambda *args: 1 / 0)   # a forward that raises mid-way
             try:
                 readout(images, [1, 2])

@@ -1,5 +1,5 @@
-"""scoring_kernel: the one-kernel DoLa scoring (Triton CPU interpreter, in a subprocess) against a naive float64
-numpy/scipy loop, and runtime.score through it against the eager path (values and error messages)."""
+"""scoring/kernel.py: the one-kernel DoLa scoring (Triton CPU interpreter, in a subprocess) against a naive float64
+numpy/scipy loop, and scoring.score through it against the eager path (values and error messages)."""
 import math
 import textwrap
 
@@ -10,8 +10,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, softmax
 
 from interpreter import run_interpreted
-from siglip_dola import scoring as rt
-from siglip_dola.scoring import kernel as scoring_kernel
+from siglip_dola import scoring
+from siglip_dola.scoring import kernel
 from siglip_dola.scoring.logspace import rep_logits
 
 LN2 = math.log(2.0)
@@ -80,42 +80,42 @@ INTERPRETER_RUN = textwrap.dedent("""
     assert os.environ["TRITON_INTERPRET"] == "1"   # set before triton is imported
     import numpy as np, torch
     sys.path.insert(0, sys.argv[1])
-    from test_scoring_kernel import make_cases, runtime_cases
-    from siglip_dola import config, scoring as rt
-    from siglip_dola.scoring import kernel as scoring_kernel
-    assert scoring_kernel.triton is not None
-    kernel = {}
+    from test_scoring_kernel import make_cases, score_cases
+    from siglip_dola import config, scoring
+    from siglip_dola.scoring import kernel
+    assert kernel.triton is not None
+    by_case = {}
     for name, (logits, layers, alpha, mode, position) in make_cases().items():
         logits = torch.from_numpy(logits)
         if name.endswith("_bf16"):
             logits = logits.bfloat16()
-        assert scoring_kernel.usable(logits)
+        assert kernel.usable(logits)
         table = torch.tensor(layers, dtype=torch.int64) if layers else None
-        outputs = scoring_kernel.dola_rows(logits, table, alpha, mode, position)
-        kernel[name] = [(list(x.shape), x.tolist()) for x in outputs]
+        outputs = kernel.dola_rows(logits, table, alpha, mode, position)
+        by_case[name] = [(list(x.shape), x.tolist()) for x in outputs]
     calls = []
-    original = scoring_kernel.dola_rows
-    scoring_kernel.dola_rows = lambda *a: calls.append(1) or original(*a)
-    runtime = {}
-    for name, (args, kwargs) in runtime_cases().items():
+    original = kernel.dola_rows
+    kernel.dola_rows = lambda *a: calls.append(1) or original(*a)
+    score_results = {}
+    for name, (args, kwargs) in score_cases().items():
         results = {}
         for switch in (True, False):
             before = len(calls)
             try:
                 with config.override(triton_scoring=switch):
-                    result = rt.score(*args, **kwargs)
+                    result = scoring.score(*args, **kwargs)
                 results[switch] = {f: (type(v).__name__, str(v.dtype), list(v.shape), np.asarray(v).tolist())
                                    for f, v in vars(result).items() if v is not None}
             except ValueError as error:
                 results[switch] = {"error": str(error)}
             results[switch]["kernel_calls"] = len(calls) - before
-        runtime[name] = results
-    print(json.dumps({"kernel": kernel, "runtime": runtime}))
+        score_results[name] = results
+    print(json.dumps({"kernel": by_case, "score": score_results}))
 """)
 
 
-def runtime_cases() -> dict:
-    """name -> (score args, kwargs) for runtime.score with and without the Triton path."""
+def score_cases() -> dict:
+    """name -> (score args, kwargs) for scoring.score with and without the Triton path."""
     gen = torch.Generator().manual_seed(3)
     z_final, z_layers = torch.randn(4, 16, generator=gen), torch.randn(3, 4, 16, generator=gen)
     bank = torch.randn(30, 16, generator=gen)
@@ -168,21 +168,21 @@ def test_kernel_matches_naive_float64_loop(interpreted, name):
 
 
 def test_kernel_tie_and_extreme_cases_are_exact(interpreted):
-    kernel = {name: [x.tolist() for x in kernel_outputs(interpreted, name)] for name in make_cases()}
-    jsd = np.array(kernel["tie_two_layers"][4])  # layers [9, 4, 16]; 4 and 16 are the same logits
+    by_case = {name: [x.tolist() for x in kernel_outputs(interpreted, name)] for name in make_cases()}
+    jsd = np.array(by_case["tie_two_layers"][4])  # layers [9, 4, 16]; 4 and 16 are the same logits
     assert (jsd[1] == jsd[2]).all()  # bit-equal JSDs: a real tie
-    assert kernel["tie_two_layers"][3] == np.where(jsd[1] >= jsd[0], 4, 9).tolist() and (jsd[1] > jsd[0]).any()
-    assert kernel["tie_all_layers"][3] == [12, 12, 12]
-    assert kernel["opposite_peaks"][0] == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
-    np.testing.assert_allclose(kernel["opposite_peaks"][4][0], [LN2, LN2], atol=1e-6)
-    assert kernel["one_class"][0] == [[1.0]] * 3 and kernel["one_class"][3] == [2, 2, 2]
-    assert kernel["random_off"][3] == [-1] * 5 and kernel["no_layers_off"][4] == []
+    assert by_case["tie_two_layers"][3] == np.where(jsd[1] >= jsd[0], 4, 9).tolist() and (jsd[1] > jsd[0]).any()
+    assert by_case["tie_all_layers"][3] == [12, 12, 12]
+    assert by_case["opposite_peaks"][0] == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+    np.testing.assert_allclose(by_case["opposite_peaks"][4][0], [LN2, LN2], atol=1e-6)
+    assert by_case["one_class"][0] == [[1.0]] * 3 and by_case["one_class"][3] == [2, 2, 2]
+    assert by_case["random_off"][3] == [-1] * 5 and by_case["no_layers_off"][4] == []
 
 
-# ---------------------------------------------------------------- runtime.score through the kernel vs eager
-@pytest.mark.parametrize("name", sorted(runtime_cases()))
-def test_runtime_score_triton_path_equals_eager(interpreted, name):
-    triton_path, eager = interpreted["runtime"][name]["true"], interpreted["runtime"][name]["false"]
+# ---------------------------------------------------------------- scoring.score through the kernel vs eager
+@pytest.mark.parametrize("name", sorted(score_cases()))
+def test_score_triton_path_equals_eager(interpreted, name):
+    triton_path, eager = interpreted["score"][name]["true"], interpreted["score"][name]["false"]
     assert triton_path.pop("kernel_calls") == 1 and eager.pop("kernel_calls") == 0
     if "error" in eager:
         assert triton_path == eager
@@ -214,13 +214,13 @@ def test_non_finite_z_or_bank_always_gives_non_finite_logits(bad):
 def test_usable_only_for_float_contiguous_rows_within_the_class_limit(monkeypatch):
     from siglip_dola import config   # TRITON_INTERPRET is read once, at its import: stand in for either value
     monkeypatch.setattr(config, "triton_interpreted", lambda: False)
-    assert not scoring_kernel.usable(torch.zeros(2, 3, 10))                  # CPU, no interpreter requested
+    assert not kernel.usable(torch.zeros(2, 3, 10))                  # CPU, no interpreter requested
     monkeypatch.setattr(config, "triton_interpreted", lambda: True)
-    has_triton = scoring_kernel.triton is not None
-    assert scoring_kernel.usable(torch.zeros(2, 3, 10)) == has_triton
-    assert scoring_kernel.usable(torch.zeros(2, 3, scoring_kernel.MAX_CLASSES)) == has_triton
-    assert not scoring_kernel.usable(torch.zeros(2, 3, scoring_kernel.MAX_CLASSES + 1))
-    assert not scoring_kernel.usable(torch.zeros(2, 3, 10, dtype=torch.float64))
-    assert scoring_kernel.usable(torch.zeros(2, 3, 10, dtype=torch.bfloat16)) == has_triton   # autocast's logits
-    assert not scoring_kernel.usable(torch.zeros(2, 10, 3).transpose(1, 2))  # not contiguous
-    assert not scoring_kernel.usable(torch.zeros(2, 0, 10))                  # no rows
+    has_triton = kernel.triton is not None
+    assert kernel.usable(torch.zeros(2, 3, 10)) == has_triton
+    assert kernel.usable(torch.zeros(2, 3, kernel.MAX_CLASSES)) == has_triton
+    assert not kernel.usable(torch.zeros(2, 3, kernel.MAX_CLASSES + 1))
+    assert not kernel.usable(torch.zeros(2, 3, 10, dtype=torch.float64))
+    assert kernel.usable(torch.zeros(2, 3, 10, dtype=torch.bfloat16)) == has_triton   # autocast's logits
+    assert not kernel.usable(torch.zeros(2, 10, 3).transpose(1, 2))  # not contiguous
+    assert not kernel.usable(torch.zeros(2, 0, 10))                  # no rows

@@ -9,7 +9,8 @@ import torch
 
 from interpreter import run_interpreted
 from siglip_dola import config
-from siglip_dola.readout import call_state, layer_pooler, pooler as fused
+from siglip_dola.readout import call_state, layer_pooler
+from siglip_dola.readout.pooler import Pooling
 from test_pooler import deep_tower, fake_kernel, folded_head, own_head, tokens_like_a_block
 
 STACKED_CHECK = textwrap.dedent("""
@@ -18,7 +19,7 @@ STACKED_CHECK = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_pooler import DIM, deep_tower, folded_head, own_head, trained_like_norms
     from siglip_dola import config
-    from siglip_dola.readout import from_model, pooler as fused
+    from siglip_dola.readout import from_model, layer_pooler
     rel = lambda got, ref: float((got.double() - ref).norm() / ref.norm())
     STACK = {"stacked_max_batch": 8, "stacked_on_cpu": True, "target_programs": 4}
     errors, paths = {}, {}
@@ -51,7 +52,7 @@ STACKED_CHECK = textwrap.dedent("""
             # the pooler alone, fp16 block outputs, fp32 tail: only the kernel's fp16 products differ
             tokens = [torch.randn(batch, 17, DIM).half() * 2 + 0.5 for _ in layers]
             with torch.no_grad(), config.override(**STACK):
-                pooler = fused.LayerPooler(folded, layers)
+                pooler = layer_pooler.LayerPooler(folded, layers)
                 for layer, layer_tokens in zip(layers, tokens):
                     for module, hook in pooler.hooks(layer, tower.blocks):
                         hook(module, (), layer_tokens)
@@ -113,7 +114,7 @@ def _stacking_pooler(monkeypatch, fits: int, calls: list, layers=(1, 2)):
     monkeypatch.setattr(layer_pooler, "triton_usable", lambda tokens, probe: True)
     tower = deep_tower(seed=3)
     with config.override(num_stages=3, target_programs=4, stacked_max_batch=8, stacked_on_cpu=True):
-        return tower, fused.LayerPooler(folded_head(tower), list(layers))
+        return tower, layer_pooler.LayerPooler(folded_head(tower), list(layers))
 
 
 def _run_hooks(pooler, tower, tokens):
@@ -164,7 +165,7 @@ def test_a_cuda_graph_capture_uses_its_own_batch_limit(monkeypatch, batch, graph
     tower, pooler = _stacking_pooler(monkeypatch, 3, [])
     with config.override(target_programs=4, stacked_max_batch=8, stacked_on_cpu=True,
                          stacked_max_batch_graphed=graphed_limit):
-        pooler = fused.LayerPooler(pooler.folded, pooler.layers)
+        pooler = layer_pooler.LayerPooler(pooler.folded, pooler.layers)
     _run_hooks(pooler, tower, [tokens_like_a_block(seed=s)[:batch] for s in (4, 5)])
     pooler.result()
     assert pooler.paths == {1: path, 2: path}   # eager, stacked_max_batch=8 would stack every case
@@ -180,7 +181,7 @@ def test_entry_norms_are_prepared_only_for_layers_pooled_one_by_one(monkeypatch,
         calls.append(layer)
         return None, "no usable norm here"
     with config.override(target_programs=4, stacked_max_batch=stacked_max_batch, stacked_on_cpu=True):
-        pooler = fused.LayerPooler(pooler.folded, pooler.layers, entries=entry)
+        pooler = layer_pooler.LayerPooler(pooler.folded, pooler.layers, entries=entry)
     _run_hooks(pooler, tower, [tokens_like_a_block(seed=s) for s in (4, 5, 6)])
     pooler.result()
     assert calls == prepared   # the first layer's hooks are asked for before stacking is decided
@@ -223,7 +224,7 @@ def test_graph_mode_marks_cuda_calls_as_captured_until_it_ends():
 def test_inside_a_capture_entry_norms_come_only_from_the_cache():
     tower = deep_tower(seed=3)
     head = folded_head(tower)
-    pooling = fused.Pooling(tower.blocks, None)
+    pooling = Pooling(tower.blocks, None)
     entry, reason = pooling.entry(1, head, cached_only=True)   # not prepared: preparing reads the host
     assert entry is None and "not prepared before this CUDA graph capture" in reason
     prepared, _ = pooling.entry(1, head)

@@ -3,7 +3,7 @@
 Classification picks by top-1 accuracy; retrieval (``task="zeroshot_retrieval"``) picks the text -> image
 rerank settings by ``image_retrieval_recall@k`` (``RETRIEVAL_METRIC``), the direction `search` serves.
 Images go through the model once (all layers 1..N-1 in one readout call per batch); every grid point is
-then scored from the stored embeddings with `runtime.dola`, never by running the model again, chunk by
+then scored from the stored embeddings with `scoring.dola`, never by running the model again, chunk by
 chunk (evaluation/layer_logits.py: O(n*C) memory per point). Ties go to the baseline (`off`), then to
 fewer layers, then to the earlier grid point (lambda = 1, the design note's formula, comes first). The
 baseline is a grid point, so the chosen settings never score below `off` on the calibration split.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from siglip_dola import distributed
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.data.datasets import EvalDataset, load_dataset
 from siglip_dola.embedding.images import Embeddings, embed_images
 from siglip_dola.embedding.texts import embed_texts
@@ -79,7 +79,7 @@ def class_logits(model, dataset: EvalDataset, embeddings: Embeddings, bank: Text
     bank = build_text_bank(model, dataset.classnames, dataset.templates) if bank is None else \
         bank_for_classes(bank, dataset.classnames, model)
     bank = bank.embeds.float().cpu()  # (C, D)
-    final = runtime.build_log_probs_from_rep(embeddings.z_final, bank, model.tau)  # (n, C)
+    final = scoring.build_log_probs_from_rep(embeddings.z_final, bank, model.tau)  # (n, C)
     labels = torch.tensor([dataset.labels[i] for i in embeddings.indices], dtype=torch.int64)
     if bool((labels < 0).any()):
         raise ValueError(f"dataset {dataset.name!r}: some images have no class label")
@@ -102,7 +102,7 @@ def caption_pairs(dataset: EvalDataset, embeddings: Embeddings) -> tuple[list[st
 
 def text_to_image_logits(model, text: torch.Tensor, text_image: torch.Tensor, embeddings: Embeddings) -> LayerLogits:
     """Text -> image log-probs over the images (final [T, I] kept; layer j: the images' layer-j embeddings)."""
-    final = runtime.build_log_probs_from_rep(text, embeddings.z_final, model.tau)  # (T, I)
+    final = scoring.build_log_probs_from_rep(text, embeddings.z_final, model.tau)  # (T, I)
     return LayerLogits(final, text_image, embeddings, model.tau, rows=text, column_layers=embeddings.z_layers)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_logits, embed_dataset,
                                               read_calibration, text_embeds, text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
@@ -82,14 +82,14 @@ def mode_points(num_layers: int, calibration: dict | None) -> dict:
     return points
 
 
-def layer_lens(cache: LayerLogits, targets: torch.Tensor, dynamic: runtime.DoLaResult, metric: str) -> dict:
+def layer_lens(cache: LayerLogits, targets: torch.Tensor, dynamic: scoring.DoLaResult, metric: str) -> dict:
     """Top-1 of each layer alone (targets [n, C] bool), dynamic mode's chosen-layer counts and mean
     JSD(q_N || q_j) per layer j; the layers' log-probs are computed chunk by chunk (layer_logits.py)."""
     num_layers, final = cache.num_layers, cache.final
     hits, jsd = [], []
     for rows, chunk_final, stack in cache.iter_chunks():
         hits.append(torch.stack([hits_at_k(stack[j], targets[rows], 1) for j in range(num_layers - 1)]))  # (N-1, r)
-        jsd.append(runtime.dola(chunk_final, stack, list(range(1, num_layers)), mode="off").jsd)  # (N-1, r)
+        jsd.append(scoring.dola(chunk_final, stack, list(range(1, num_layers)), mode="off").jsd)  # (N-1, r)
     top1 = [float(row.float().mean()) for row in torch.cat(hits, dim=1)]
     baseline = float(hits_at_k(final, targets, 1).float().mean())
     jsd_table = torch.cat(jsd, dim=1)  # (N-1, n)
@@ -141,14 +141,14 @@ def _classification(model, dataset, embeddings, points, single_layer, want_rows,
 def _layer_alone(cache: LayerLogits, layer: int) -> torch.Tensor:
     """[n, C] log-probs of one layer read out alone (the same computation as the cache's chunks)."""
     if cache.column_layers is None:
-        return runtime.build_log_probs_from_rep(cache.row_layers[layer - 1], cache.columns, cache.tau)
-    return runtime.build_log_probs_from_rep(cache.rows, cache.column_layers[layer - 1], cache.tau)
+        return scoring.build_log_probs_from_rep(cache.row_layers[layer - 1], cache.columns, cache.tau)
+    return scoring.build_log_probs_from_rep(cache.rows, cache.column_layers[layer - 1], cache.tau)
 
 
 def _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metric) -> TaskScores:
     texts, text_image = caption_pairs(dataset, embeddings)  # (T,) image of each caption
     text = text_embeds(model, texts)
-    i2t_final = runtime.build_log_probs_from_rep(embeddings.z_final, text, model.tau)  # (I, T)
+    i2t_final = scoring.build_log_probs_from_rep(embeddings.z_final, text, model.tau)  # (I, T)
     i2t = LayerLogits(i2t_final, None, embeddings, model.tau, row_layers=embeddings.z_layers, columns=text)
     t2i = text_to_image_logits(model, text, text_image, embeddings)
     i2t_results, t2i_results = score_modes(i2t, points), score_modes(t2i, points)

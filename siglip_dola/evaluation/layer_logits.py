@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 
 CHUNK_FLOOR = 1 << 22  # elements of one chunk's layer stack at least: small splits are one chunk
 
@@ -44,8 +44,8 @@ class LayerLogits:
     def layer_log_probs(self, rows: slice) -> torch.Tensor:
         """(N-1, r, C) log-probs of layers 1..N-1 (row j-1 = layer j) for `rows`."""
         if self.column_layers is None:
-            return runtime.build_log_probs_from_rep(self.row_layers[:, rows], self.columns, self.tau)
-        return torch.stack([runtime.build_log_probs_from_rep(self.rows[rows], gallery, self.tau)
+            return scoring.build_log_probs_from_rep(self.row_layers[:, rows], self.columns, self.tau)
+        return torch.stack([scoring.build_log_probs_from_rep(self.rows[rows], gallery, self.tau)
                             for gallery in self.column_layers])
 
     def chunks(self) -> list[slice]:
@@ -60,19 +60,19 @@ class LayerLogits:
             yield rows, self.final[rows], self.layer_log_probs(rows)
 
 
-def score_point(final: torch.Tensor, layers: torch.Tensor, point: dict) -> runtime.DoLaResult:
+def score_point(final: torch.Tensor, layers: torch.Tensor, point: dict) -> scoring.DoLaResult:
     """DoLa for one configuration from log-probs final [..., C], layers [N-1, ..., C] (row j-1 = layer j)."""
     if point["mode"] == "off":
-        return runtime.dola(final, None, None, mode="off")
+        return scoring.dola(final, None, None, mode="off")
     stacked = layers[[j - 1 for j in point["layers"]]]  # (J, ..., C)
     weight = point.get("contrast_weight")
-    return runtime.dola(final, stacked, point["layers"], mode=point["mode"], alpha=point["alpha"],
+    return scoring.dola(final, stacked, point["layers"], mode=point["mode"], alpha=point["alpha"],
                         static_layer=point["static_layer"], contrast_weight=1.0 if weight is None else weight)
 
 
-def concat_results(parts: list[runtime.DoLaResult]) -> runtime.DoLaResult:
+def concat_results(parts: list[scoring.DoLaResult]) -> scoring.DoLaResult:
     """One DoLaResult from per-chunk ones (rows along dim 0; jsd [J, n] along dim 1)."""
-    return runtime.DoLaResult(torch.cat([p.probs for p in parts]), torch.cat([p.log_probs for p in parts]),
+    return scoring.DoLaResult(torch.cat([p.probs for p in parts]), torch.cat([p.log_probs for p in parts]),
                               torch.cat([p.final_probs for p in parts]),
                               torch.cat([p.premature_layer for p in parts]), torch.cat([p.jsd for p in parts], dim=1))
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 
 
-def rank_scores(result: runtime.DoLaResult) -> torch.Tensor:
+def rank_scores(result: scoring.DoLaResult) -> torch.Tensor:
     """Ranking score [..., C]: kept classes by DoLa probability first, masked ones after them by q_N.
 
     Masked classes have p_hat = 0 exactly, so without the q_N fallback their order (and top-5) would be

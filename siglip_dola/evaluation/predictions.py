@@ -14,19 +14,19 @@ import os
 
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.evaluation.metrics import rank_scores
 from siglip_dola.io import atomic_path
 
 
-def _ranked(result: runtime.DoLaResult, k: int) -> tuple[list[list[int]], list[list[float]]]:
+def _ranked(result: scoring.DoLaResult, k: int) -> tuple[list[list[int]], list[list[float]]]:
     """(top-k columns [n][k] in the mode's order, their probabilities [n][k])."""
     k = min(k, result.probs.shape[-1])
     order = torch.sort(rank_scores(result), dim=-1, descending=True, stable=True).indices[:, :k]  # (n, k)
     return order.tolist(), result.probs.gather(-1, order).tolist()
 
 
-def _dola_fields(result: runtime.DoLaResult, layers: list[int]) -> tuple[list, list, list]:
+def _dola_fields(result: scoring.DoLaResult, layers: list[int]) -> tuple[list, list, list]:
     """Per row: premature layer, head-set size |V| and {layer: JSD(q_N || q_layer)} over the candidates."""
     premature = result.premature_layer.tolist()
     head = torch.isfinite(result.log_probs).sum(dim=-1).tolist()  # (n,)
@@ -34,7 +34,7 @@ def _dola_fields(result: runtime.DoLaResult, layers: list[int]) -> tuple[list, l
     return premature, head, [{str(j): float(v) for j, v in zip(layers, row)} for row in jsd]
 
 
-def _mode_rows(result: runtime.DoLaResult, point: dict, k: int, name_of) -> list[dict]:
+def _mode_rows(result: scoring.DoLaResult, point: dict, k: int, name_of) -> list[dict]:
     """The `modes[mode]` entry of every row: top-k entries (name_of(column, prob) -> dict) and DoLa fields."""
     order, probs = _ranked(result, k)
     rows = [{f"top{k}": [name_of(c, p) for c, p in zip(cols, ps)]} for cols, ps in zip(order, probs)]

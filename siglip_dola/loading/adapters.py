@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from siglip_dola.loading import hf
 from siglip_dola.loading import open_clip
-from siglip_dola.loading import vision_only as timm
+from siglip_dola.loading import vision_only
 
 # Order matters: the vision-only `timm` adapter accepts any torch module, so it comes last.
-ADAPTERS = {"open_clip": open_clip, "hf": hf, "timm": timm}
+ADAPTERS = {"open_clip": open_clip, "hf": hf, "timm": vision_only}
 
 
 def backend_of(model) -> str:

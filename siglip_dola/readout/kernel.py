@@ -10,7 +10,7 @@ online softmax over tokens, (H, T) x (T, D) weighted sum), per (image, token spl
 merges the splits and applies the head's value weights in one more launch (:func:`combine_partials` and
 ``map_head.head_values`` are its PyTorch form). Its "shifted" mode reads the output of the next block's own LayerNorm instead,
 n = gamma * x_hat + beta (the model computes it anyway): then n - beta = gamma * x_hat needs no statistics,
-the probe is p / gamma and the pooled vector is scaled by 1 / gamma at the end (see fused.EntryNorm).
+the probe is p / gamma and the pooled vector is scaled by 1 / gamma at the end (see entry_norm.EntryNorm).
 The PyTorch reference (path, fallback and test reference) is ``map_head.pool_tokens``.
 """
 from __future__ import annotations

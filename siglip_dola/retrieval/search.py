@@ -2,7 +2,7 @@
 
 For a query text t and the first stage's K candidate images, the "vocabulary" of DoLa is those K
 images: q_N(i) = softmax_i(cos(z_N(i), t) / tau), q_j(i) likewise from layer j's stored embedding, and
-``runtime.dola`` picks M (dynamic: argmax_j JSD(q_N || q_j); static: fixed) and returns p_hat over the
+``scoring.dola`` picks M (dynamic: argmax_j JSD(q_N || q_j); static: fixed) and returns p_hat over the
 K images. Results are ordered by p_hat, then q_N (images outside V_head have p_hat = 0 and keep their
 first-stage order after the kept ones).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from siglip_dola import scoring as runtime
+from siglip_dola import scoring
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.layers import MODES
 from siglip_dola.retrieval import faiss_store
@@ -101,7 +101,7 @@ def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, settings: 
     -> (order [<=top_k], p_hat [K], q_N [K], M, {j: JSD(q_N || q_j)} or None for "off")."""
     layers = settings.layers
     mode = settings.mode if layer_logits is not None and len(layers) else "off"
-    result = runtime.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
+    result = scoring.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
                           alpha=settings.alpha, static_layer=settings.static_layer,
                           contrast_weight=settings.contrast_weight)
     probs, baseline = np.asarray(result.probs), np.asarray(result.final_probs)

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from siglip_dola import config
-from siglip_dola.scoring import kernel as scoring_kernel
+from siglip_dola.scoring import kernel
 from siglip_dola.scoring.checks import (
     as_tensor, check_bank, check_classes, check_contrast_weight, check_mode, check_tau, finite_check, promote,
     raise_failed, resolve_stacked_layers, to_output,
@@ -47,7 +47,7 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
           static_layer=None, compat=None, validate: bool = True, contrast_weight: float = 1.0) -> DoLaResult:
     """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult.
 
-    With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= scoring_kernel.MAX_CLASSES,
+    With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= kernel.MAX_CLASSES,
     everything after the logit matmul is ONE Triton kernel (siglip_dola.scoring.kernel; switch:
     ``siglip_dola.config.set_triton_scoring``), computed in fp32 and equal to the eager path up to fp32 rounding.
     validate=False skips the call's one host read (for CUDA-graph capture): no NaN/inf ValueError is raised;
@@ -71,7 +71,7 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     checks = lambda: _finite_checks(final, bank, stacked)  # noqa: E731  (built lazily: the Triton path skips them)
     if config.use_triton_scoring() and compat is None and logits.is_contiguous():
         rows = logits.view(logits.shape[0], -1, logits.shape[-1])  # (J+1, R, C)
-        if scoring_kernel.usable(rows):
+        if kernel.usable(rows):
             return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy, validate,
                                contrast_weight)
     log_q = torch.log_softmax(logits, dim=-1)  # (J+1, ..., C)
@@ -113,7 +113,7 @@ def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy
     """
     table = None if layers is None else layer_table(tuple(layers), rows.device)
     position = layers.index(int(static_layer)) if mode == "static" else -1
-    *outputs, nonfinite = scoring_kernel.dola_rows(rows, table, alpha, mode, position, contrast_weight)
+    *outputs, nonfinite = kernel.dola_rows(rows, table, alpha, mode, position, contrast_weight)
     if validate and bool(nonfinite.any()):  # the ONE host read of the call
         raise_failed(checks())  # slow path, errors only: which argument held the NaN/inf
     probs, log_probs, final_probs, premature, jsd = outputs

@@ -1,4 +1,4 @@
-"""readout/graphed.py on CPU: argument checks and the replay wrapper's contract (copy in, replay, copy out).
+"""readout/cuda_graphs.py on CPU: argument checks and the replay wrapper's contract (copy in, replay, copy out).
 
 The capture itself needs a GPU: benchmarks/gpu_check.py compares graph replays with plain readout calls
 at ViT-L/16-384 size on CUDA (fp32 and bf16) and checks the model is left unchanged.
@@ -6,7 +6,7 @@ at ViT-L/16-384 size on CUDA (fp32 and bf16) and checks the model is left unchan
 import pytest
 import torch
 
-from siglip_dola.readout import cuda_graphs as graphed
+from siglip_dola.readout import cuda_graphs
 
 
 class DoublingGraph:
@@ -25,20 +25,20 @@ def graphed_call(shape=(2, 3)):
     outputs = (torch.zeros(shape),)
     graph = DoublingGraph(static_images, outputs)
     state = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-    return graphed.GraphedCall(graph, static_images, outputs, state), graph
+    return cuda_graphs.GraphedCall(graph, static_images, outputs, state), graph
 
 
 def test_capture_needs_a_cuda_example():
     with pytest.raises(ValueError, match="example_images must be a CUDA tensor"):
-        graphed.capture_call(lambda x: x, torch.zeros(2, 3))
+        cuda_graphs.capture_call(lambda x: x, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="example_images must be a CUDA tensor"):
-        graphed.capture_call(lambda x: x, [1.0, 2.0])
+        cuda_graphs.capture_call(lambda x: x, [1.0, 2.0])
 
 
 @pytest.mark.parametrize("warmup", [0, 1.5, True])
 def test_capture_refuses_a_bad_warmup(warmup):
     with pytest.raises(ValueError, match="warmup must be an int >= 1"):
-        graphed.capture_call(lambda x: x, torch.zeros(2, 3), warmup=warmup)
+        cuda_graphs.capture_call(lambda x: x, torch.zeros(2, 3), warmup=warmup)
 
 
 def test_replay_copies_the_images_in_and_the_outputs_out():
@@ -88,8 +88,8 @@ def test_graph_cache_captures_once_per_key_and_keeps_the_most_recent(monkeypatch
         captured.append(fn(images)[1:])
         return fn
 
-    monkeypatch.setattr(graphed, "capture_call", fake_capture_call)
-    cache = graphed.GraphCache(readout=_FakeReadout(), size=2)
+    monkeypatch.setattr(cuda_graphs, "capture_call", fake_capture_call)
+    cache = cuda_graphs.GraphCache(readout=_FakeReadout(), size=2)
     a, b, c = torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)
     assert cache(a, [2]) == ("replayed", (1, 3, 4, 4), (2,))
     cache(a, [2]), cache(b, [2]), cache(a, [2])          # hits: a, a; new: b
@@ -107,4 +107,4 @@ def test_graph_cache_captures_once_per_key_and_keeps_the_most_recent(monkeypatch
 @pytest.mark.parametrize("size", [0, 2.0, True])
 def test_graph_cache_refuses_a_bad_size(size):
     with pytest.raises(ValueError, match="size must be an int >= 1"):
-        graphed.GraphCache(readout=object(), size=size)
+        cuda_graphs.GraphCache(readout=object(), size=size)
