@@ -12,7 +12,8 @@ from siglip_dola import scoring
 from siglip_dola.data import shapes
 from tools import train_embedded as te
 from siglip_dola.evaluation.calibrate import calibrate
-from siglip_dola.evaluation.evaluate import evaluate, summary_line
+from siglip_dola.evaluation.evaluate import evaluate
+from siglip_dola.evaluation.results import summary_line
 from siglip_dola.text_bank.build import build_text_bank
 
 NUM_LAYERS, N_IMAGES = 12, 40

@@ -20,7 +20,6 @@ import warnings
 from contextlib import contextmanager
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-SKIPPED_EXIT_CODE = EXIT_SKIPPED
 EXIT_STATUS_HELP = ("exit status: 0 success; 1 finished but some input files were skipped (each listed on "
                     "stderr as 'skipped PATH: REASON'); 2 bad arguments or an error; 130 interrupted")
 

@@ -7,7 +7,6 @@ import sys
 from siglip_dola.cli import subcommand
 from siglip_dola.layers import MODES
 
-from siglip_dola.cli import SKIPPED_EXIT_CODE  # noqa: F401  (kept importable; the rule lives in cli/__init__)
 
 
 def parse_layers(text: str) -> list[int]:

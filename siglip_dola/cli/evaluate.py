@@ -127,7 +127,8 @@ def _report_predictions(args) -> str | None:
                           "statistics against off.")
 def eval_command(args) -> int:
     from siglip_dola.distributed import distributed_session
-    from siglip_dola.evaluation.evaluate import evaluate, summary_line
+    from siglip_dola.evaluation.evaluate import evaluate
+    from siglip_dola.evaluation.results import summary_line
 
     predictions = _report_predictions(args)   # checked before the evaluation runs
     with distributed_session():

@@ -28,7 +28,7 @@ from siglip_dola import scoring
 from siglip_dola.data.datasets import EvalDataset, load_dataset
 from siglip_dola.embedding.images import Embeddings, embed_images
 from siglip_dola.embedding.texts import embed_texts
-from siglip_dola.evaluation.layer_logits import LayerLogits, score_point  # noqa: F401  (re-exported)
+from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers

@@ -23,7 +23,7 @@ from siglip_dola.io import write_json_atomic
 from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
                                             retrieval_hits, retrieval_metrics)
-from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report, summary_line  # noqa: F401
+from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report
 from siglip_dola.layers import MODES
 from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
 from siglip_dola.text_bank.files import load_text_bank

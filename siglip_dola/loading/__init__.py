@@ -22,7 +22,6 @@ import torch
 from siglip_dola.loading.adapters import ADAPTERS, backend_of
 from siglip_dola.loading import hf as hf_adapter
 from siglip_dola.loading import open_clip as open_clip_adapter
-from siglip_dola.loading.hub import HubUnavailableError  # noqa: F401  (re-exported for callers)
 
 from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -36,10 +36,9 @@ import logging
 import torch
 
 from siglip_dola import config
-from siglip_dola.readout.call_state import (  # noqa: F401  (PATHS, missing_error: re-exported for pooler.py)
-    PATHS, block_tokens, capturing, fused_possible, log_once, missing_error)
+from siglip_dola.readout.call_state import block_tokens, capturing, log_once, missing_error
 from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, EntryNorm, tensor_version
-from siglip_dola.readout.kernel import merge_values, pool_partials, split_plan, triton, triton_usable
+from siglip_dola.readout.kernel import merge_values, pool_partials, split_plan, triton_usable
 from siglip_dola.readout.map_head import head_values, pool_tokens
 
 try:

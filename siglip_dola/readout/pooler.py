@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from siglip_dola import config
-from siglip_dola.readout.entry_norm import (  # noqa: F401  (ENTRY_BLOCK_TYPES: re-exported for tests)
-    ENTRY_BLOCK_TYPES, EntryNorm, entry_norm, first_norm, tensor_version)
-from siglip_dola.readout.call_state import stream_capturing
-from siglip_dola.readout.kernel import combine_partials  # noqa: F401  (re-exported)
-from siglip_dola.readout.layer_pooler import PATHS, LayerPooler, block_tokens, fused_possible, log_once, missing_error
+from siglip_dola.readout.call_state import (PATHS, block_tokens, fused_possible, log_once, missing_error,
+                                            stream_capturing)
+from siglip_dola.readout.entry_norm import EntryNorm, entry_norm, first_norm, tensor_version
+from siglip_dola.readout.kernel import combine_partials
+from siglip_dola.readout.layer_pooler import LayerPooler
 from siglip_dola.readout.token_head import HeadPooler, LayerHead
 
 

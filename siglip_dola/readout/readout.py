@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from siglip_dola.layers import resolve_layers
 from siglip_dola.readout.entry_norm import first_norm
-from siglip_dola.readout.pooler import Pooling, log_once
+from siglip_dola.readout.call_state import log_once
+from siglip_dola.readout.pooler import Pooling
 from siglip_dola.readout.map_head import FoldedMapHead, fold
 from siglip_dola.readout.towers import Tower
 

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from siglip_dola import distributed
-from siglip_dola.embedding.images import embed_images
 from siglip_dola.data.images import expand_image_paths
+from siglip_dola.embedding.images import embed_images
 from siglip_dola.retrieval import faiss_store, storage
-from siglip_dola.retrieval.opened import (RetrievalIndex, absolute_paths, check_compatible,  # noqa: F401 (re-exported)
-                                          check_relocatable, open_index, verify_index, weights_fingerprint)
+from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
 
