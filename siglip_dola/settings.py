@@ -21,12 +21,11 @@ from pathlib import Path
 
 from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers
 from siglip_dola.scoring.checks import check_alpha, check_contrast_weight
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL
 
-SOURCES = ("flag", "calibration", "default")
 EMBEDDED = "embedded"
 NO_CALIBRATION = "none"
 DEFAULTS = {"mode": "dynamic", "alpha": 0.1, "contrast_weight": 1.0}  # the design note
-TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 LAYER_KEYS = ("layers", "bucket", "n_buckets", "static_layer")
 _warned_uncalibrated = False  # the "DoLa is uncalibrated" line is printed once per process
 
@@ -66,15 +65,15 @@ class DoLaSettings:
         return f"DoLa {self.mode}, {layers}, alpha {self.alpha}, lambda {self.contrast_weight} ({where})"
 
 
-def calibration_path(calibration, task: str = "zeroshot_classification") -> Path:
+def calibration_path(calibration, task: str = CLASSIFICATION) -> Path:
     """The file a calibration name or path refers to; "embedded" -> the shipped file for `task`."""
     if str(calibration) == EMBEDDED:
         from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_RETRIEVAL_CALIBRATION
-        return EMBEDDED_RETRIEVAL_CALIBRATION if task == "zeroshot_retrieval" else EMBEDDED_CALIBRATION
+        return EMBEDDED_RETRIEVAL_CALIBRATION if task == RETRIEVAL else EMBEDDED_CALIBRATION
     return Path(calibration)
 
 
-def read_calibration_file(calibration, task: str = "zeroshot_classification") -> tuple[str, dict]:
+def read_calibration_file(calibration, task: str = CLASSIFICATION) -> tuple[str, dict]:
     """(name recorded in settings, report dict) for a path, "embedded" or a report dict; clear errors."""
     if isinstance(calibration, dict):
         return str(calibration.get("path") or "<calibration dict>"), calibration
@@ -107,7 +106,7 @@ def _flags(**values) -> dict:
 
 def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_buckets=None, static_layer=None,
                      alpha=None, contrast_weight=None, calibration=None, model_id: str | None = None,
-                     task: str = "zeroshot_classification", inherited: DoLaSettings | None = None,
+                     task: str = CLASSIFICATION, inherited: DoLaSettings | None = None,
                      warn: bool = True) -> DoLaSettings:
     """DoLaSettings from flags (non-None arguments) > calibration (path, "embedded", dict) > `inherited` > defaults.
 
@@ -187,7 +186,7 @@ def warn_uncalibrated(model_id: str | None, settings: DoLaSettings) -> None:
           file=sys.stderr)
 
 
-def settings_for_model(model, calibration=None, task: str = "zeroshot_classification", inherited=None,
+def settings_for_model(model, calibration=None, task: str = CLASSIFICATION, inherited=None,
                        **flags) -> DoLaSettings:
     """resolve_settings for a LoadedModel: its default calibration (the embedded model's shipped one) applies
     when `calibration` is None and nothing is inherited."""

@@ -6,8 +6,9 @@ shard, rank 0 scores, prints and writes.
 from __future__ import annotations
 
 from siglip_dola.cli import int_at_least, subcommand
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 
-TASK_NAMES = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+TASK_NAMES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL}
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -63,7 +64,7 @@ def _calibrate_arguments(parser) -> None:
                         help="layers tried for static mode (default: even)")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
                         help="classification: pick by acc1; retrieval: pick text -> image rerank settings by --metric")
-    parser.add_argument("--metric", default="image_retrieval_recall@10",
+    parser.add_argument("--metric", default=RETRIEVAL_METRIC,
                         help="retrieval only: image_retrieval_recall@K to pick by (default: @10, search's top-k)")
 
 

@@ -15,8 +15,8 @@ from typing import Sequence
 
 from siglip_dola.data import shapes
 from siglip_dola.data.images import IMAGE_EXTENSIONS
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, TASKS
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CLIP_BENCHMARK_HINT = "install it with `pip install 'siglip-dola[clip_benchmark]'` (or `pip install clip-benchmark`)"
 
@@ -36,7 +36,7 @@ class EvalDataset:
     classnames: list[str]
     templates: list[str]
     captions: list[list[str]] | None = None
-    tasks: tuple[str, ...] = ("zeroshot_classification",)
+    tasks: tuple[str, ...] = (CLASSIFICATION,)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -116,8 +116,8 @@ def csv_dataset(path: str | os.PathLike, templates: Sequence[str] = DEFAULT_TEMP
     has_captions = "caption" in columns
     return EvalDataset(str(path), "all", items, labels, classnames, list(templates),
                        [e["captions"] for e in images.values()] if has_captions else None,
-                       tasks=(("zeroshot_classification",) if classnames else ()) +
-                       (("zeroshot_retrieval",) if has_captions else ()))
+                       tasks=((CLASSIFICATION,) if classnames else ()) +
+                       ((RETRIEVAL,) if has_captions else ()))
 
 
 def _clip_benchmark_module():
@@ -170,7 +170,7 @@ def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLi
     except ImportError as err:
         raise MissingDependencyError(f"clip_benchmark dataset {name!r} needs the {err.name or err} package: "
                                      f"{CLIP_BENCHMARK_HINT}") from err
-    if get_dataset_default_task(name) != "zeroshot_classification":
+    if get_dataset_default_task(name) != CLASSIFICATION:
         raise ValueError(f"clip_benchmark dataset {name!r} is not a zero-shot classification set; "
                          "only classification sets are supported from clip_benchmark")
     try:

@@ -32,11 +32,10 @@ from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 from siglip_dola.text_bank.bank import TextBank, bank_for_classes
 from siglip_dola.text_bank.build import build_text_bank
 
-CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
-RETRIEVAL_METRIC = "image_retrieval_recall@10"  # text -> image, at search's default top_k
 
 
 @dataclass

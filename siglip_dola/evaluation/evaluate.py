@@ -18,14 +18,15 @@ from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_logits, embed_dataset,
                                               read_calibration, text_embeds, text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
-from siglip_dola.data.datasets import TASKS, EvalDataset
+from siglip_dola.data.datasets import EvalDataset
 from siglip_dola.io import write_json_atomic
 from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
                                             retrieval_hits, retrieval_metrics)
-from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL_METRIC, assemble_report
+from siglip_dola.evaluation.results import assemble_report
 from siglip_dola.layers import MODES
 from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL_METRIC, TASKS
 from siglip_dola.text_bank.files import load_text_bank
 
 
@@ -35,7 +36,7 @@ def _same_dataset(a: str, b: str) -> bool:
     return a == b
 
 
-def check_calibration(calibration: dict, model, dataset: EvalDataset, task: str = "zeroshot_classification") -> None:
+def check_calibration(calibration: dict, model, dataset: EvalDataset, task: str = CLASSIFICATION) -> None:
     """Refuse a calibration made for another model, or on the very split being evaluated."""
     if calibration.get("task", task) != task:
         raise ValueError(f"calibration was made for task {calibration['task']!r}, not {task!r}: run "

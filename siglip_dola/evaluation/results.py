@@ -18,11 +18,8 @@ from pathlib import Path
 from siglip_dola.evaluation.stats import format_delta, paired_comparison
 from siglip_dola.io import atomic_path
 
-CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
-RETRIEVAL_METRIC = "image_retrieval_recall@10"  # text -> image at search's default top_k
 LANGUAGE = "en"
 SINGLE_LAYER_NOTE = "a single layer read out alone; not DoLa"
-CLIP_BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 
 
 def pretrained_of(model_id: str) -> str:

@@ -33,11 +33,6 @@ class Tower:
     prepare_inputs: Callable[..., tuple] | None = None
 
 
-def block_tokens(output) -> torch.Tensor:
-    """A block's output as a (B, T, D) tensor (HF 4.x layers return a tuple, 5.x a tensor)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def two_tuple(size) -> tuple[int, int]:
     """An int or (H, W) pair as a (H, W) tuple of ints."""
     if isinstance(size, (tuple, list)):

@@ -16,9 +16,9 @@ import torch
 from siglip_dola.embedding.images import embed_images
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.retrieval import faiss_store
-from siglip_dola.retrieval.index import RETRIEVAL
 from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank
 from siglip_dola.settings import settings_for_model
+from siglip_dola.tasks import RETRIEVAL
 
 CAPTION_COLUMNS = ("caption", "text")
 

@@ -17,7 +17,6 @@ import numpy as np
 from siglip_dola.io import atomic_path
 from siglip_dola.retrieval import storage
 
-KIND = "IndexScalarQuantizer(QT_fp16, METRIC_INNER_PRODUCT)"
 SMALL_SCAN = 1 << 25  # vectors x dims below which one query is scanned on one thread (32k x 1024)
 
 

@@ -27,9 +27,9 @@ from siglip_dola.retrieval import faiss_store, storage
 from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
+from siglip_dola.tasks import RETRIEVAL
 
 DEFAULT_CHUNK_SIZE = 4096
-RETRIEVAL = "zeroshot_retrieval"
 
 
 def stored_settings(manifest: Manifest) -> DoLaSettings:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL
 from siglip_dola.viewer.thumbnails import ThumbnailSource
 
 OUTCOMES = ("both wrong", "fixed", "broken", "both right")
-CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 
 
 def read_result(result) -> dict:
