@@ -6,7 +6,9 @@ import torch
 from transformers import SiglipModel
 
 from tools import train_embedded as te
-from siglip_dola.loading import from_model
+from siglip_dola.loading import from_model, load
+from naive_dola import naive_layer_probs
+from tiny_index import save_tiny_siglip, write_images
 
 TINY_NUM_LAYERS = 12
 
@@ -53,3 +55,28 @@ class CountingReadout:
 
     def __getattr__(self, name):
         return getattr(self.readout, name)
+
+
+@pytest.fixture(scope="module")
+def naive(tiny_hf_siglip, tiny_loaded):
+    """Per test-split shapes image {layer j: q_j} (j = 1..N) from the model's own modules and numpy, plus labels."""
+    return naive_layer_probs(tiny_hf_siglip, tiny_loaded)
+
+
+# ---------------------------------------------------------------- the retrieval tests' tiny model and images
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random SigLIP (6 vision layers, width 16, 64 px) saved as a folder `load()` reads."""
+    return save_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    """`tiny_dir` loaded on the CPU."""
+    return load(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of 7 random 40x40 PNGs and one corrupt file, broken.png."""
+    return write_images(tmp_path_factory.mktemp("images"), 7, corrupt=["broken.png"])

@@ -6,11 +6,11 @@ import pytest
 
 from siglip_dola.cli import main
 from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
-from test_retrieval_index import images, model, save_tiny_siglip, tiny_dir, write_images  # noqa: F401
+from tiny_index import save_tiny_siglip
 
 
 @pytest.fixture(scope="module")
-def cli_index(tiny_dir, images, tmp_path_factory):  # noqa: F811
+def cli_index(tiny_dir, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "idx"
     first = sorted(images.glob("img_0[0-3].png"))
     assert main(["index", "build", *map(str, first), "--out", str(out), "--model", str(tiny_dir),
@@ -24,7 +24,7 @@ def run_json(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
-def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):  # noqa: F811
+def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):
     manifest = json.loads((cli_index / "manifest.json").read_text())
     assert manifest["count"] == 7 and manifest["layers"] == [2, 4]
     assert [path for path, _ in manifest["skipped"]] == [str((images / "broken.png").resolve())]
@@ -38,7 +38,7 @@ def test_build_and_add_report_counts_and_skipped(cli_index, images, capsys):  # 
     assert f"skipped {(images / 'broken.png').resolve()}: " in err
 
 
-def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsys):  # noqa: F811
+def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsys):
     out = run_json(capsys, ["search", str(cli_index), "a red circle", "--top-k", "3", "--rerank-k", "6", "--json"])
     assert list(out) == ["settings", "results", "skipped"] and out["skipped"] == []
     assert out["settings"]["layers"] == [2, 4] and out["settings"]["mode"] == "dynamic"
@@ -54,7 +54,7 @@ def test_search_json_layout_is_exact_and_matches_the_api(cli_index, model, capsy
     assert row == json.loads(json.dumps(api.to_json()))
 
 
-def test_search_baseline_is_the_softmax_of_cosines(cli_index, model, capsys):  # noqa: F811
+def test_search_baseline_is_the_softmax_of_cosines(cli_index, model, capsys):
     out = run_json(capsys, ["search", str(cli_index), "a blue square", "--mode", "off", "--top-k", "7",
                             "--rerank-k", "7", "--json"])
     (out,) = out["results"]
@@ -75,7 +75,7 @@ def test_search_table(cli_index, capsys):
     assert "premature layer: 4" in printed and printed.count("img_") == 2  # static default: middle of [2, 4]
 
 
-def test_captions_search(model, images, tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_captions_search(model, images, tiny_dir, tmp_path, capsys):
     captions = tmp_path / "captions.csv"
     captions.write_text("id,caption\n1,a red circle\n2,a blue square\n3,a green triangle\n", encoding="utf-8")
     out = run_json(capsys, ["search", "--captions", str(captions), "--image", str(images / "img_01.png"),
@@ -87,7 +87,7 @@ def test_captions_search(model, images, tiny_dir, tmp_path, capsys):  # noqa: F8
     assert row == json.loads(json.dumps(api.to_json()))
 
 
-def test_mismatch_and_bad_arguments_exit_2(cli_index, tmp_path, images, capsys):  # noqa: F811
+def test_mismatch_and_bad_arguments_exit_2(cli_index, tmp_path, images, capsys):
     other = save_tiny_siglip(tmp_path / "other", seed=1)
     assert main(["search", str(cli_index), "a red car", "--model", str(other)]) == 2
     assert "was built with model" in capsys.readouterr().err

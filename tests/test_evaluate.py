@@ -1,6 +1,5 @@
 """Evaluation: metrics per mode and layer lens vs naive loops from the model's own modules; refusals; retrieval."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -16,45 +15,12 @@ from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.evaluation.results import summary_line
 from siglip_dola.text_bank.build import build_text_bank
 
-NUM_LAYERS, N_IMAGES = 12, 40
+from naive_dola import N_IMAGES, NUM_LAYERS, naive_ranking
 
 
 @pytest.fixture(scope="module")
 def report(tiny_loaded):
     return evaluate(tiny_loaded, "shapes", split="test", n=N_IMAGES, progress=False)
-
-
-@pytest.fixture(scope="module")
-def naive(tiny_hf_siglip, tiny_loaded):
-    """Per image {layer j: q_j} (j = 1..N) from the model's own modules and numpy, plus labels."""
-    samples = shapes.make_split("test", n=N_IMAGES)
-    vision = tiny_hf_siglip.vision_model
-    with torch.no_grad():
-        out = vision(pixel_values=te.pixels_from_images([s.image for s in samples]), output_hidden_states=True)
-        z = {j: vision.head(vision.post_layernorm(out.hidden_states[j])).double().numpy()
-             for j in range(1, NUM_LAYERS + 1)}
-    bank = build_text_bank(tiny_loaded, shapes.CLASSNAMES, shapes.TEMPLATES).embeds.double().numpy()
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-
-    def probs(v):
-        logits = bank @ (v / np.linalg.norm(v)) / tiny_loaded.tau
-        e = np.exp(logits - logits.max())
-        return e / e.sum()
-    q = [{j: probs(z[j][i]) for j in z} for i in range(N_IMAGES)]
-    return q, np.array([s.label for s in samples])
-
-
-def naive_ranking(q_image, mode, layers, alpha):
-    """Classes best first: DoLa order on the kept head, then the rest by q_N; and the premature layer."""
-    q_final = q_image[NUM_LAYERS]
-    by_final = sorted(range(len(q_final)), key=lambda c: -q_final[c])
-    if mode == "off":
-        return by_final, None
-    divergences = [jensenshannon(q_final, q_image[j]) ** 2 for j in layers]
-    premature = layers[int(np.argmax(divergences))]
-    head = [c for c in by_final if q_final[c] >= alpha * q_final.max()]
-    head.sort(key=lambda c: -(math.log(q_final[c]) - math.log(q_image[premature][c])))
-    return head + [c for c in by_final if c not in head], premature
 
 
 def test_default_modes_match_naive_loops(report, naive):

@@ -9,7 +9,7 @@ import torch
 from interpreter import run_interpreted
 from siglip_dola import config
 from siglip_dola.readout import kernel, layer_pooler, map_head
-from siglip_dola.readout.entry_norm import ENTRY_BLOCK_TYPES, entry_norm
+from siglip_dola.readout.entry_norm import entry_norm
 from siglip_dola.readout.pooler import Pooling
 
 DIM, HEADS = 48, 4

@@ -11,8 +11,8 @@ from siglip_dola.cli import main
 from siglip_dola.data import shapes
 from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.evaluation.predictions import write_predictions
-from tests.test_evaluate import N_IMAGES, NUM_LAYERS, naive, naive_ranking  # noqa: F401  (fixture)
 from tools import train_embedded as te
+from naive_dola import N_IMAGES, NUM_LAYERS, naive_ranking
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import pytest
 from siglip_dola.cli import main
 from siglip_dola.retrieval import (IndexCorruptError, add_to_index, build_index, faiss_store, open_index, search,
                                    storage, verify_index)
-from test_retrieval_index import images, model, tiny_dir, write_images  # noqa: F401
+from tiny_index import write_images
 
 LAYERS = [2, 4]
 
 
 @pytest.fixture
-def built(model, images, tmp_path):  # noqa: F811
+def built(model, images, tmp_path):
     """A fresh 7-image index (one corrupt file skipped) in tmp_path/idx."""
     build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=4, progress=False)
     return tmp_path / "idx"
@@ -41,7 +41,7 @@ def _faiss_file(root):
     return root / storage.read_manifest(root).faiss_file
 
 
-def test_faiss_flip_is_caught_on_every_open(built, model, capsys):  # noqa: F811
+def test_faiss_flip_is_caught_on_every_open(built, model, capsys):
     path = _faiss_file(built)
     _flip(path, path.stat().st_size // 2)
     with pytest.raises(IndexCorruptError, match=path.name) as caught:
@@ -88,7 +88,7 @@ def test_truncated_faiss_of_an_old_manifest_without_hash_is_named(built):
         open_index(built)
 
 
-def test_build_refuses_to_overwrite_without_the_flag(built, model, images, capsys):  # noqa: F811
+def test_build_refuses_to_overwrite_without_the_flag(built, model, images, capsys):
     before = (built / "manifest.json").read_text()
     with pytest.raises(ValueError, match="already holds an index"):
         build_index([images / "img_00.png"], built, model, layers=LAYERS, progress=False)
@@ -100,7 +100,7 @@ def test_build_refuses_to_overwrite_without_the_flag(built, model, images, capsy
     assert manifest.count == 1 == len(open_index(built))
 
 
-def test_empty_index_is_refused(model, tmp_path, capsys):  # noqa: F811
+def test_empty_index_is_refused(model, tmp_path, capsys):
     folder = write_images(tmp_path / "only_broken", 0, corrupt=["bad.png"])
     with pytest.raises(ValueError, match="no image could be indexed.*bad.png"):
         build_index([folder], tmp_path / "idx", model, layers=LAYERS, progress=False)
@@ -111,7 +111,7 @@ def test_empty_index_is_refused(model, tmp_path, capsys):  # noqa: F811
     assert not (tmp_path / "idx2" / "manifest.json").exists()
 
 
-def test_moved_image_folder_is_found_with_image_root(model, tmp_path, capsys):  # noqa: F811
+def test_moved_image_folder_is_found_with_image_root(model, tmp_path, capsys):
     folder = write_images(tmp_path / "photos" / "set", 4)
     build_index([folder], tmp_path / "idx", model, layers=LAYERS, progress=False)
     meta_paths = json.loads(next((tmp_path / "idx" / "segments").glob("*/meta.json")).read_text())["paths"]
@@ -135,7 +135,7 @@ def test_moved_image_folder_is_found_with_image_root(model, tmp_path, capsys):  
     assert sorted(open_index(tmp_path / "idx").paths) == sorted([*index.paths, str(moved / "more" / "img_00.png")])
 
 
-def test_same_weights_under_another_name_are_accepted(built, model, tiny_dir, tmp_path):  # noqa: F811
+def test_same_weights_under_another_name_are_accepted(built, model, tiny_dir, tmp_path):
     copied = tmp_path / "copy_of_weights"
     shutil.copytree(tiny_dir, copied)  # other path, other mtimes, same weights
     from siglip_dola.loading import load
@@ -146,7 +146,7 @@ def test_same_weights_under_another_name_are_accepted(built, model, tiny_dir, tm
     assert search(built, "a red circle", same, top_k=2).results
 
 
-def test_second_writer_fails_clearly(built, model, images):  # noqa: F811
+def test_second_writer_fails_clearly(built, model, images):
     with storage.writer_lock(built):
         with pytest.raises(RuntimeError, match="being written by another siglip-dola process"):
             add_to_index(built, [images], model, progress=False)
@@ -156,7 +156,7 @@ def test_second_writer_fails_clearly(built, model, images):  # noqa: F811
 
 
 @pytest.mark.parametrize("where", ["segment", "faiss"])
-def test_full_disk_during_a_rebuild_loses_nothing(built, model, images, monkeypatch, capsys, where):  # noqa: F811
+def test_full_disk_during_a_rebuild_loses_nothing(built, model, images, monkeypatch, capsys, where):
     before = (built / "manifest.json").read_text()
     paths_before = open_index(built).paths
 
@@ -183,7 +183,7 @@ def test_cli_index_add_relocates_and_help_documents_exit_codes(capsys):
     assert "exit status" in text and "--overwrite" in text and "skipped" in text
 
 
-def test_one_progress_bar_and_reuse_is_reported(model, images, tmp_path, capsys):  # noqa: F811
+def test_one_progress_bar_and_reuse_is_reported(model, images, tmp_path, capsys):
     build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True)
     err = capsys.readouterr().err
     assert "indexing" in err and "8/8" in err and "embedding" not in err  # one bar over all 4 chunks

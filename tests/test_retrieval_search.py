@@ -7,7 +7,7 @@ from scipy.spatial.distance import jensenshannon
 
 from siglip_dola.retrieval import RerankConfig, open_index, search_captions, search_embedding
 from siglip_dola.retrieval.from_vectors import build_index_from_vectors
-from test_retrieval_index import images, model, reference_vectors, tiny_dir  # noqa: F401  (fixtures)
+from tiny_index import reference_vectors
 
 N_IMAGES, DIM, LAYERS = 300, 24, [2, 4, 6]
 TAU = 0.05
@@ -147,7 +147,7 @@ def test_wrong_query_dimension(index):
         search_embedding(index, np.ones(7))
 
 
-def test_image_to_captions_matches_naive(model, images):  # noqa: F811
+def test_image_to_captions_matches_naive(model, images):
     captions = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")]
     image = images / "img_03.png"
     result = search_captions(model, image, captions, RerankConfig(top_k=5, rerank_k=8, mode="dynamic"), bucket=2)

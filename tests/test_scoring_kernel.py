@@ -10,7 +10,6 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, softmax
 
 from interpreter import run_interpreted
-from siglip_dola import scoring
 from siglip_dola.scoring import kernel
 from siglip_dola.scoring.logspace import rep_logits
 

@@ -19,7 +19,6 @@ from siglip_dola.retrieval import RerankConfig, add_to_index, build_index, open_
 from siglip_dola.viewer.app import bind, create_app, url_of
 from siglip_dola.viewer.service import SearchService
 from browser import Chromium
-from test_retrieval_index import model, tiny_dir  # noqa: F401
 
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a small yellow triangle", "a purple cross"]
 
@@ -34,14 +33,14 @@ def gallery(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def index_dir(gallery, model, tmp_path_factory):  # noqa: F811
+def index_dir(gallery, model, tmp_path_factory):
     out = tmp_path_factory.mktemp("served") / "idx"
     build_index(sorted(gallery.glob("shape_0[0-9].png")), out, model, layers=[2, 4], progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def client(index_dir, gallery, model):  # noqa: F811
+def client(index_dir, gallery, model):
     service = SearchService(index_dir, model, captions=gallery / "captions.txt")
     with TestClient(create_app(service)) as test_client:
         yield test_client
@@ -56,7 +55,7 @@ def _tree_digest(folder):
 
 
 @pytest.mark.parametrize("mode", ["off", "static", "dynamic"])
-def test_api_rows_equal_the_search_api(client, index_dir, model, mode):  # noqa: F811
+def test_api_rows_equal_the_search_api(client, index_dir, model, mode):
     answer = client.get("/api/search", params={"q": "a red circle", "k": 4, "rerank_k": 8, "mode": mode}).json()
     expected = search(open_index(index_dir), "a red circle", model, RerankConfig(top_k=4, rerank_k=8, mode=mode))
     assert {k: answer[k] for k in ("query", "query_type", "item_type", "premature_layer", "jsd", "hits")} == json.loads(json.dumps(expected.to_json()))
@@ -93,7 +92,7 @@ def test_bad_input_is_a_400_naming_the_parameter(client, params, needle):
     assert response.status_code == 400 and needle in response.json()["error"]
 
 
-def test_upload_not_an_image_is_a_400_and_the_server_stays_up(client, gallery, model):  # noqa: F811
+def test_upload_not_an_image_is_a_400_and_the_server_stays_up(client, gallery, model):
     for body in (b"", b"hello", b"\x89PNG\r\n\x1a\n truncated", b"GIF89a" + bytes(100)):
         response = client.post("/api/search-image", content=body)
         assert response.status_code == 400 and "not an image" in response.json()["error"]
@@ -115,7 +114,7 @@ def test_concurrent_queries_equal_serial_answers(client):
         assert response.status_code == 200 and response.json()["hits"] == serial[q]
 
 
-def test_served_index_is_not_modified(index_dir, gallery, model):  # noqa: F811
+def test_served_index_is_not_modified(index_dir, gallery, model):
     before = _tree_digest(index_dir)
     with TestClient(create_app(SearchService(index_dir, model))) as c:
         for q in ("a red circle", "a blue star"):
@@ -124,7 +123,7 @@ def test_served_index_is_not_modified(index_dir, gallery, model):  # noqa: F811
     assert _tree_digest(index_dir) == before
 
 
-def test_index_that_changes_or_breaks_while_serving(gallery, model, tmp_path):  # noqa: F811
+def test_index_that_changes_or_breaks_while_serving(gallery, model, tmp_path):
     root = tmp_path / "idx"
     build_index(sorted(gallery.glob("shape_0[0-5].png")), root, model, layers=[2, 4], progress=False)
     with TestClient(create_app(SearchService(root, model))) as c:
@@ -142,7 +141,7 @@ def test_index_that_changes_or_breaks_while_serving(gallery, model, tmp_path):  
 
 
 @pytest.fixture
-def live_server(index_dir, gallery, model):  # noqa: F811
+def live_server(index_dir, gallery, model):
     """uvicorn on a free loopback port in a thread; stopped after the test."""
     import uvicorn
 
@@ -185,7 +184,7 @@ def test_page_in_chromium_renders_both_rankings(live_server, gallery):
         assert all(u.startswith((live_server, "data:")) for u in browser.requested_urls())
 
 
-def test_cli_serve_prints_its_loopback_url_and_serves(index_dir, tiny_dir):  # noqa: F811
+def test_cli_serve_prints_its_loopback_url_and_serves(index_dir, tiny_dir):
     process = subprocess.Popen([sys.executable, "-m", "siglip_dola", "serve", str(index_dir), "--port", "0",
                                 "--model", str(tiny_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -201,7 +200,7 @@ def test_cli_serve_prints_its_loopback_url_and_serves(index_dir, tiny_dir):  # n
         process.wait(timeout=30)
 
 
-def test_cli_serve_bad_port_is_a_clear_error(index_dir, tiny_dir, capsys):  # noqa: F811
+def test_cli_serve_bad_port_is_a_clear_error(index_dir, tiny_dir, capsys):
     from siglip_dola.cli import main
 
     with pytest.raises(SystemExit):
@@ -218,7 +217,7 @@ def _calibration(model_id, static_layer=4, dynamic_layers=(2, 4)):
             "best": {"static": static, "dynamic": dynamic}}
 
 
-def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, model):  # noqa: F811
+def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, model):
     service = SearchService(index_dir, model, RerankConfig(alpha=0.3), flags={"alpha"},
                             calibration=_calibration(model.model_id, 4), calibration_name="calib.json")
     with TestClient(create_app(service)) as c:
@@ -236,7 +235,7 @@ def test_calibration_fills_settings_flags_win_and_sources_say_so(index_dir, mode
         assert dynamic["layers"] == [2, 4] and dynamic["sources"]["layers"] == "calibration"
 
 
-def test_without_flags_or_calibration_the_index_settings_serve_and_say_where_they_came_from(tmp_path, model):  # noqa: F811
+def test_without_flags_or_calibration_the_index_settings_serve_and_say_where_they_came_from(tmp_path, model):
     """An index built from a calibration serves its settings, sources included (the page once said 'default')."""
     for i in range(12):
         shapes.make_sample("test", i).image.save(tmp_path / f"s_{i:02d}.png")
@@ -252,7 +251,7 @@ def test_without_flags_or_calibration_the_index_settings_serve_and_say_where_the
     assert settings["sources"]["layers"] == settings["sources"]["alpha"] == "calibration"
 
 
-def test_calibration_for_other_layers_or_model_is_refused(index_dir, model):  # noqa: F811
+def test_calibration_for_other_layers_or_model_is_refused(index_dir, model):
     with pytest.raises(ValueError, match=r"static mode: index .* stores layers \[2, 4\], but the settings need layers \[3\]"):
         SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
     with pytest.raises(ValueError, match="calibration .*was made for model 'other'"):
