@@ -1,4 +1,4 @@
-"""Peak memory of calibration's grid scoring: the old all-layers cache vs today's row chunks (issue #17 item 6).
+"""Peak memory of calibration's grid scoring: the old all-layers cache vs today's row chunks.
 
 Synthetic embeddings (n images x D, N-1 layers, a [C, D] bank) stand in for a split: only the scoring after the
 embedding pass is measured, for 3 grid points (off, dynamic bucket 3 of 3, static layer 2; a point adds O(n) to

@@ -37,7 +37,7 @@ from siglip_dola.readout import cuda_graphs
 from benchenv import environment   # benchmarks/benchenv.py: commit, versions, GPU, command
 from norms import randomize_norms   # benchmarks/norms.py: trained-like LayerNorm affines
 
-TARGETS = {  # issue #17: (point, batch) -> the most its ratio may be
+TARGETS = {  # (point, batch) -> the most its ratio may be
     ("dynamic3-graph", 1): 1.02, ("dynamic23-graph", 1): 1.05, ("dynamic3", 1): 1.10,
     ("dynamic3", 64): 1.005, ("dynamic23", 64): 1.02,
 }

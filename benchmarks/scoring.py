@@ -1,4 +1,4 @@
-"""GPU time of the scoring step alone, as it runs after a forward (issue #8).
+"""GPU time of the scoring step alone, as it runs after a forward.
 
 After a batch-64 forward the CPU is far ahead of the GPU, so the scoring's kernels are already queued
 when the GPU reaches them: what counts is their GPU time back to back, not their launch cost. This

@@ -1,4 +1,4 @@
-"""Viewer measurements (issue #15): the report's size and open/filter time at 10k rows in headless Chromium,
+"""Viewer measurements: the report's size and open/filter time at 10k rows in headless Chromium,
 the search page's latency at 1 and 8 concurrent loopback clients (CPU, embedded model), and the docs/ screenshots.
 
     python benchmarks/viewer.py report --rows 10000          # synthetic rows, real thumbnails; size + times

@@ -29,14 +29,13 @@ _DEFAULTS: dict[str, bool | int] = {
     "fused_pooling": True,
     "entry_norms": True,
     "target_programs": 0,   # 0: the device's number of SMs (one 8-warp program fills an SM)
-    "num_warps": 8,         # fastest of 4/8/16 on an H100 (benchmarks/README.md)
+    "num_warps": 8,         # fastest of 4/8/16 (benchmarks/README.md)
     "block_t": 16,          # tokens per inner step: the smallest tl.dot tile
     "num_stages": 3,        # software-pipelining depth of the token loads (Triton's default)
-    # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle (~21 us a layer at batch 1 on an
-    # H200) and costs ~0.17 ms of host time per layer in eager; one stacked launch of (J * B, S) programs after the
-    # forward does not, but copies the J held outputs once. Eager (host-bound up to batch 8 on an H200) it won at
-    # batch 1 and 8 for 3, 8 and 23 layers; replayed from a CUDA graph (no host cost) only at batch 1: at batch 8
-    # the copy cost more than the idle SMs (benchmarks/README.md, product.py)
+    # small batches: one launch of (B, <=8) programs per layer leaves most SMs idle and costs host time per layer
+    # in eager; one stacked launch of (J * B, S) programs after the forward does not, but copies the J held outputs
+    # once. Eager it won at batch 1 and 8; replayed from a CUDA graph (no host cost) only at batch 1: at batch 8 the
+    # copy cost more than the idle SMs (benchmarks/README.md, product.py)
     "stacked_max_batch": 8,
     "stacked_max_batch_graphed": 1,   # the limit while a CUDA graph is being captured
     "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths

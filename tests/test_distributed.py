@@ -95,8 +95,8 @@ def run_in_own_group(command, env, timeout):
 
 
 def test_exit_barrier_runs_in_a_group_made_by_someone_else(monkeypatch, tmp_path):
-    """The race of issue 16: rank 1 read calib.json before rank 0 wrote it, because distributed_session
-    only synchronised ranks when it had created the process group itself."""
+    """distributed_session synchronises the ranks also in a process group it did not create, so rank 1 never
+    reads calib.json before rank 0 wrote it."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

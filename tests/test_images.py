@@ -86,7 +86,7 @@ def test_batch_of_only_bad_files_has_no_pixels(tmp_path):
         next(iter_image_batches([bad], to_tensor, batch_size=0))
 
 
-# ---------------------------------------------------------------- unusual images (issue 16)
+# ---------------------------------------------------------------- unusual images
 from PIL import ImageOps  # noqa: E402
 
 from siglip_dola.data.images import ImageReadError, decode_image, to_rgb  # noqa: E402

@@ -247,7 +247,7 @@ def test_bad_local_paths_devices_and_precisions(tmp_path, hf_dir):
 
 
 def test_naflex_siglip2_folder_without_safetensors_is_refused(tmp_path):
-    # NaFlex 'siglip2' folders load since issue #18 (tests/test_loading_clip.py); their weights must be safetensors
+    # NaFlex 'siglip2' folders load (tests/test_loading_clip.py), from safetensors only
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(FileNotFoundError, match="only safetensors weights"):

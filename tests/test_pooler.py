@@ -401,7 +401,7 @@ def test_entry_norm_path_in_interpreter_matches_the_models_own_head():
         assert error == error and error < 2e-2, (name, error)   # fp16 products; the tail runs in bf16 here
 
 
-# ---------------------------------------------------------------- the path each layer takes (issue #17 item 2)
+# ---------------------------------------------------------------- the path each layer takes
 def trained_like_norms(model, seed: int = 1) -> None:
     """Every LayerNorm's affine set IN PLACE to trained-like values (gamma ~ N(0.8, 0.7), beta ~ N(0, 0.2))."""
     generator = torch.Generator().manual_seed(seed)
@@ -413,8 +413,8 @@ def trained_like_norms(model, seed: int = 1) -> None:
 
 
 def test_weights_changed_in_place_under_autocast_keep_the_folded_head():
-    """The refold after an in-place change runs inside the caller's autocast; it used to fold in bf16, fail its
-    exactness check and silently send every layer through the model's own head."""
+    """The refold after an in-place change runs inside the caller's autocast; it must fold in fp32, pass its
+    exactness check and keep every layer on the folded head, not the model's own."""
     from siglip_dola.readout import from_model
     tower = deep_tower(seed=6)
     readout = from_model(tower)

@@ -197,7 +197,7 @@ def test_check_bank_dimension_against_the_readout():
         check_bank(tb.TextBank(["a", "b"], torch.eye(2, 32), "other"), with_text_tower)
 
 
-# ---------------------------------------------------------------- silent wrong answers made loud (issue 16)
+# ---------------------------------------------------------------- silent wrong answers made loud
 def test_embedded_model_warns_for_words_it_cannot_read():
     """The embedded tokenizer knows only the shapes vocabulary: "cat" and "dog" encode to the same unknown tokens."""
     from siglip_dola.loading import load

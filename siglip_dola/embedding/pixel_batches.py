@@ -87,9 +87,9 @@ def _collate(rows) -> PixelBatch:
 
 
 def default_workers(n_items: int, batch_size: int) -> int:
-    """Decode processes: half of this rank's share of the cores, less one (on an H200 host with 16 cores,
-    7 workers fed ViT-L/16-384 faster than 15: the main process, which drives the GPU, needs cores too),
-    capped at MAX_WORKERS; 0 (decode in this process) when the input is one batch."""
+    """Decode processes: half of this rank's share of the cores, less one (the main process, which drives the
+    GPU, needs cores too: benchmarks/README.md), capped at MAX_WORKERS; 0 (decode in this process) when the input
+    is one batch."""
     if n_items <= batch_size:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of readout calls, for batch-1 latency (issue #8).
+"""CUDA-graph replay of readout calls, for batch-1 latency.
 
 At batch 1 a ViT-L forward is launch-bound: each of its ~700 kernels costs more CPU time to launch than
 GPU time to run, and DoLa adds ~40 launches (the hooks' Triton kernels, the head tail). Capturing one
@@ -87,7 +87,7 @@ def capture_call(fn: Callable, example_images: torch.Tensor, warmup: int = 2) ->
 
 
 # SigLIP2 NaFlex reads each image's patch grid on the host (the model resizes its position embeddings per grid),
-# so its forward syncs and a capture would fail midway (cudaErrorStreamCaptureInvalidated, seen on an H200)
+# so its forward syncs and a capture would fail midway (cudaErrorStreamCaptureInvalidated)
 NAFLEX_NOT_CAPTURABLE = ("CUDA graphs are not available for SigLIP2 NaFlex towers: the model reads each image's "
                          "patch grid on the host; use cuda_graphs=False (the plain readout)")
 

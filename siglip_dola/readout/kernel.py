@@ -45,7 +45,7 @@ if triton is not None:
                              EVEN_T: tl.constexpr, EVEN_D: tl.constexpr):
         """One (image, token split): x_hat (from stats or a shift), logits, online softmax, weighted sum; one read.
 
-        EVEN_T / EVEN_D drop the masks (vector loads, ~10% faster on an H100). K_GROUPS > 1 splits the logits'
+        EVEN_T / EVEN_D drop the masks (vector loads). K_GROUPS > 1 splits the logits'
         D-reduction into a batched (K_GROUPS, BT, BD / K_GROUPS) product, so no warp repeats the whole of it."""
         b = tl.program_id(0)
         split = tl.program_id(1)
@@ -125,8 +125,8 @@ if triton is not None:
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < D
-            # every split of the block in ONE load: a loop of S dependent loads per k-step made the merge
-            # latency-bound at small N (92 us for 3 rows on an H200, more than the 3 layers' pooling)
+            # every split of the block in ONE load: a loop of S dependent loads per k-step makes the merge
+            # latency-bound at small N (benchmarks/README.md)
             parts = tl.load(out_ptr + (rows[:, None, None] * S + offs_s[None, :, None]) * D + offs_k[None, None, :],
                             mask=n_mask[:, None, None] & s_mask[None, :, None] & k_mask[None, None, :],
                             other=0.0)                                                       # (BN, BS, BK)
@@ -144,8 +144,8 @@ def merge_values_triton(out: torch.Tensor, lse: torch.Tensor, value_weight: torc
     """Merge the token splits and apply W_v in one Triton launch: out (N, H, S, D), lse (N, H, S), value_weight
     (H, hd, D), value_bias (H, hd) fp32 -> head values (N, H * hd) fp32, as head_values(combine_partials()).
 
-    Products in 3 x TF32 (fp32-level accuracy on tensor cores); the pooled vectors are never written out. torch's
-    batched (1 x S) @ (S x D) merge alone took 0.34 ms for 23 layers at batch 64 on an H100 (docs/performance-notes.md)."""
+    Products in 3 x TF32 (fp32-level accuracy on tensor cores); the pooled vectors are never written out. One launch
+    instead of torch's batched (1 x S) @ (S x D) merge (timed in benchmarks/README.md)."""
     num_rows, heads, num_splits, dim = out.shape
     head_dim = value_weight.shape[1]
     assert out.is_contiguous() and lse.is_contiguous() and value_weight.is_contiguous() and value_bias.is_contiguous()
@@ -226,7 +226,7 @@ def pool_partials(tokens: torch.Tensor, key_probe: torch.Tensor, norm_eps: float
         num_tokens, dim, *tokens.stride(), tokens_per_split, num_splits, 0.0 if norm_eps is None else norm_eps,
         H=heads, BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_T=block_t, BLOCK_D=block_d,
         NORMALIZE=norm_eps is not None, SHIFTED=shifted,
-        K_GROUPS=min(4, max(1, block_d // 16)) if shifted else 1,   # fastest per mode on an H100
+        K_GROUPS=min(4, max(1, block_d // 16)) if shifted else 1,   # fastest per mode (benchmarks/README.md)
         EVEN_T=num_tokens % block_t == 0, EVEN_D=dim == block_d, num_warps=num_warps, num_stages=num_stages)
 
 

@@ -14,14 +14,14 @@ W_v in one kernel, then the model's proj / norm + MLP) runs once for all layers 
 
 Where block j+1 starts with its own LayerNorm of block j's output (timm ``norm1``, HF ``layer_norm1``: pre-norm
 ViTs), the fused path pools layer j from that norm's output instead (:class:`EntryNorm`): the model computes it
-anyway, and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (~25% faster on an
-H100). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its output is fp32, its
+anyway, and n - beta = gamma * x_hat needs no statistics, so the kernel skips its reductions (timed in
+benchmarks/README.md). Exact up to fp32 rounding; used only when the norm's eps equals the final norm's, its output is fp32, its
 input is the very tensor block j returned, and gamma passes the precision guards of
 :func:`~siglip_dola.readout.entry_norm.entry_norm`.
 
 At small batches (B <= config ``stacked_max_batch``, or ``stacked_max_batch_graphed`` in a CUDA graph capture; CUDA)
 per-layer launches are latency-bound: (B, <=8) programs
-leave most SMs idle (~22 us a layer at batch 1 on an H200), and in eager each costs Python. There the block hooks
+leave most SMs idle (benchmarks/README.md), and in eager each costs Python. There the block hooks
 only hold the outputs (by reference) and :meth:`LayerPooler.result` pools all J layers in ONE stats-mode launch
 over the stacked (J * B, T, D) tokens ("fused-stacked"); no entry-norm hooks run.
 
@@ -62,7 +62,7 @@ class LayerPooler:
 
     def __init__(self, folded, layers: list[int], entries=None, fused: bool = True, reason: str | None = None):
         # entries: {layer: (EntryNorm | None, why not)}, or a function layer -> that pair, called only for layers
-        # pooled one by one (a stacked call needs none: preparing 23 of them cost ~0.5 ms of host time per call)
+        # pooled one by one (a stacked call needs none: preparing them is host time, benchmarks/README.md)
         self.folded, self.layers = folded, list(layers)
         self._slot = {layer: slot for slot, layer in enumerate(self.layers)}
         self._entries, self._reason = entries or {}, None if fused else (reason or "fused pooling not possible")

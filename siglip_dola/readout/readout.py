@@ -71,8 +71,8 @@ class Readout:
         self.image_size = tuple(tower.image_size)
         self.packed_inputs = tower.prepare_inputs is not None   # NaFlex: one packed patch tensor per image
         self._fingerprint = None
-        # the head's modules, flattened once: walking module.modules() and parameters() every call cost ~0.15 ms
-        # of host time per call (eager batch 1 is host-bound); their parameters are still read every call
+        # the head's modules, flattened once: walking module.modules() and parameters() every call is host time
+        # (eager batch 1 is host-bound, benchmarks/README.md); their parameters are still read every call
         self._head_submodules = _flatten(tower.head_modules)
         self._folded: FoldedMapHead | None = None
         self._pooling = Pooling(tower.blocks, self._own_layer_embedding)
@@ -117,7 +117,7 @@ class Readout:
                     handles.extend(module.register_forward_hook(hook) for module, hook in pooler.hooks(layer, blocks))
             try:
                 if layer_list:   # the earliest block's hooks now, the rest from its hook: that CPU work then
-                    first = min(layer_list)   # overlaps the forward (eager set-up, 23 layers: ~0.8 ms on an H100)
+                    first = min(layer_list)   # overlaps the forward (the eager set-up's cost: benchmarks/README.md)
                     rest = [layer for layer in layer_list if layer != first]
                     attached = []
                     def attach_rest(module, args, output):   # noqa: E306
@@ -155,8 +155,7 @@ class Readout:
             param = _head_param(self._tower.head_modules)
             device_type = "cpu" if param is None else param.device.type
             # autocast off: a rebuild can happen inside the caller's bf16 autocast (weights changed in place
-            # after the first call); folded there, the probes came out bf16-rounded, the exactness check
-            # rejected them and every layer silently went through the model's own head (~1.2x at 23 layers)
+            # after the first call); the probes must be folded in fp32 to pass the exactness check
             with torch.autocast(device_type=device_type, enabled=False):
                 self._folded, self.fallback_reason = self._build_folded()
             self._fingerprint = fingerprint
