@@ -1,4 +1,5 @@
-"""Janus switch on a timm ViT built as Janus builds its SigLIP tower, wrapped with Janus's attribute names."""
+"""Janus switch on a timm ViT built as Janus builds its SigLIP tower, wrapped with Janus's attribute names: its own
+attn_pool when trained (here: random LayerNorm affines), refused when at its initial values."""
 import math
 
 import numpy as np
@@ -27,6 +28,16 @@ class MultiModalityCausalLM(torch.nn.Module):
         self.vision_model = vision_model
 
 
+def random_affines(module, seed):
+    """Every LayerNorm's gamma and beta random, as a trained model's are (timm initialises them to 1 and 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=generator))
+            norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=generator))
+    return module
+
+
 @pytest.fixture(scope="module")
 def vlm():
     # create_siglip_vit("siglip_large_patch16_384") -> VisionTransformer(img_size, patch_size=16, embed_dim=1024,
@@ -34,6 +45,7 @@ def vlm():
     torch.manual_seed(0)
     tower = VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=WIDTH, depth=DEPTH, num_heads=2,
                               mlp_ratio=4, class_token=False, global_pool="map", num_classes=0).eval()
+    random_affines(tower, seed=3)
     norm = torchvision.transforms.Normalize(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
     return MultiModalityCausalLM(CLIPVisionTower(tower, norm)).eval()
 
@@ -123,3 +135,16 @@ def test_bank_encoded_by_the_siglip_text_tower_is_accepted(vlm, pixels, bank):
     got = JanusDoLa(vlm, foreign, tau=TAU).classify(pixels, top_k=1)
     want = JanusDoLa(vlm, bank, tau=TAU).classify(pixels, top_k=1)
     assert got == want
+
+
+def test_untrained_attn_pool_is_refused(pixels, bank):
+    """The original repo never calls attn_pool: one whose LayerNorm is at gamma=1, beta=0 is not a trained head."""
+    torch.manual_seed(0)
+    tower = VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=WIDTH, depth=4, num_heads=2, mlp_ratio=4,
+                              class_token=False, global_pool="map", num_classes=0).eval()
+    model = MultiModalityCausalLM(CLIPVisionTower(tower, None)).eval()
+    with pytest.raises(ValueError, match=r"attn_pool LayerNorm is exactly at its initial values.*pass siglip="):
+        JanusDoLa(model, bank, tau=TAU)
+    with torch.no_grad():
+        tower.attn_pool.norm.bias[0] = 1e-3   # one value off the initial ones: a head someone trained
+    JanusDoLa(model, bank, tau=TAU).classify(pixels)

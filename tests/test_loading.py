@@ -184,9 +184,10 @@ def test_from_model_vision_only_tower():
     assert loaded.backend == "timm" and loaded.encode_text is None
     assert loaded.tau == pytest.approx(1 / 50.0) and loaded.logit_bias == 0.0
     assert loaded.preprocess(_image()).shape == (3, 32, 32)
-    with pytest.warns(UserWarning, match="logit_scale"):  # a guessed temperature is said out loud
-        default = loading.from_model(tower)
-    assert default.logit_scale == pytest.approx(math.log(100.0))
+    with pytest.raises(ValueError, match="logit_scale is needed"):  # a guessed temperature never passes
+        loading.from_model(tower)
+    assert loaded.sources == {"vision": "timm:VisionTransformer", "head": "timm:VisionTransformer", "text": None,
+                              "logit_scale": "explicit", "logit_bias": "none (0.0; the softmax does not use it)"}
     with pytest.raises(TypeError, match="tokenizer"):
         loading.from_model(tower, tokenizer=object())
 

@@ -450,7 +450,7 @@ PATH_CHECK = textwrap.dedent("""
     from siglip_dola.loading import from_model
     from siglip_dola.scorer import DoLaSigLIP
     tower = deep_tower(seed=7, depth=4)
-    loaded = from_model(tower)
+    loaded = from_model(tower, logit_scale=4.6)
     scorer = DoLaSigLIP(loaded, mode="dynamic", layers=[1, 2, 3])
     images = torch.randn(2, 3, 32, 32)
     paths = {}

@@ -1,14 +1,18 @@
-"""A `use_dola_siglip=True` switch for DeepSeek Janus: DoLa zero-shot scoring through Janus's own SigLIP tower.
+"""DeepSeek Janus: DoLa zero-shot scoring of Janus's vision tower, read through a SigLIP checkpoint's head and text.
 
-Janus (``MultiModalityCausalLM``) holds its SigLIP ViT at ``vlm.vision_model.vision_tower`` (a timm-style
-``VisionTransformer`` with ``get_intermediate_layers`` / ``forward_head``), with an optional
-``vision_model.image_norm``. ``siglip_dola.readout.from_model`` reads the final and early layers through
-that tower's own final norm + MAP head. Janus has no text tower, so the text bank is precomputed
-(e.g. with the SigLIP text tower the ViT came from, ``siglip_dola.load_text_bank``) and ``tau`` must be
-given: ``1 / exp(logit_scale)`` of that SigLIP checkpoint. Nothing here imports Janus or changes the model.
+Janus's understanding encoder is SigLIP-L/16-384 without a usable head: transformers' ``JanusVisionModel`` has
+none (the conversion dropped it), and the original repository's ``attn_pool`` is never called
+(``ignore_head=True``), so its checkpoints may hold it at any values. ``siglip=`` names the SigLIP checkpoint
+whose MAP head reads Janus's layers (layer j = head(post_layernorm(h_j)), Janus's own post_layernorm:
+readout/borrowed_head.py) and whose text tower and logit scale score them. Janus reportedly fine-tunes that
+encoder in its last training stage: whether SigLIP's text tower still reads it zero-shot is what this measures.
+Nothing here imports Janus or changes the model.
 
-    janus = JanusDoLa(vlm, bank, tau=1 / 117.3, use_dola_siglip=True)   # use_dola_siglip=False: baseline
-    janus.classify(pixel_values, top_k=5)        # pixel_values [B, 3, H, W] as Janus's processor makes them
+    janus = JanusDoLa(vlm, siglip="google/siglip-large-patch16-384")   # or "ViT-L-16-SigLIP-384:webli", a LoadedModel
+    janus.classify(pixel_values, ["a cat", "a dog"], top_k=5)   # pixel_values [B, 3, H, W] as Janus's processor makes them
+
+Without ``siglip``, the tower's own ``attn_pool`` is used (refused when it is at its initial values), with a
+precomputed bank and ``tau`` (1 / exp(logit_scale) of the SigLIP checkpoint the bank was encoded with).
 """
 from __future__ import annotations
 
@@ -22,50 +26,66 @@ from siglip_dola.scorer import DoLaSigLIP
 from siglip_dola.scorer_inputs import bank_rows
 
 
-def _loaded_model(vlm, tau: float):
-    """A LoadedModel view of a Janus model (or its vision_model / tower): readout only, no text tower."""
+def _loaded_model(vlm, tau: float | None, siglip):
+    """A LoadedModel view of a Janus model (or its vision_model / tower), with siglip's head, text and scale."""
     from siglip_dola.loading import from_model
 
-    return from_model(vlm, model_id=f"janus:{type(vlm).__name__}", logit_scale=math.log(1.0 / tau))
+    try:
+        return from_model(vlm, model_id=f"janus:{type(vlm).__name__}", head_from=siglip,
+                          logit_scale=None if tau is None else math.log(1.0 / tau))
+    except ValueError as error:   # the library names head_from; here the parameter is siglip
+        raise ValueError(str(error).replace("head_from", "siglip=")) from None
 
 
-def _check_tau(tau) -> float:
+def _check_tau(tau, siglip) -> float | None:
+    if tau is None and siglip is not None:
+        return None   # the SigLIP checkpoint's own logit scale
     try:
         return check_tau(tau)
     except (TypeError, ValueError) as error:   # the one check, plus where a Janus user finds tau
-        raise ValueError(f"{error}: Janus has no logit_scale, pass 1 / exp(logit_scale) of the SigLIP checkpoint "
-                         "the text bank was encoded with") from None
+        raise ValueError(f"{error}: pass siglip= (the SigLIP checkpoint: its head, text tower and logit scale), "
+                         "or 1 / exp(logit_scale) of the SigLIP checkpoint the text bank was encoded with") from None
 
 
 class JanusDoLa:
-    """Score Janus images against a precomputed text bank; `use_dola_siglip=False` gives the plain SigLIP baseline."""
+    """Score Janus images against class names or a text bank; `use_dola_siglip=False` gives the plain SigLIP baseline.
 
-    def __init__(self, vlm, bank, *, tau: float, use_dola_siglip: bool = True, mode: str | None = None,
-                 alpha: float | None = None, layers=None, bucket=None, n_buckets: int | None = None, static_layer=None,
-                 batch_size: int = 32, contrast_weight: float | None = None, calibration=None):
+    ``bank``: class names (encoded by siglip's text tower), a TextBank or [C, D] tensor; here or per call."""
+
+    def __init__(self, vlm, bank=None, *, siglip=None, tau: float | None = None, use_dola_siglip: bool = True,
+                 mode: str | None = None, alpha: float | None = None, layers=None, bucket=None,
+                 n_buckets: int | None = None, static_layer=None, batch_size: int = 32,
+                 contrast_weight: float | None = None, calibration=None):
         if not isinstance(use_dola_siglip, bool):
             raise TypeError(f"use_dola_siglip must be True or False, got {use_dola_siglip!r}")
         self.use_dola_siglip = use_dola_siglip
-        self.bank = bank
-        model = _loaded_model(vlm, _check_tau(tau))
+        self.model = _loaded_model(vlm, _check_tau(tau, siglip), siglip)
         if use_dola_siglip:
-            self.scorer = DoLaSigLIP(model, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
+            self.scorer = DoLaSigLIP(self.model, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
                                      n_buckets=n_buckets, static_layer=static_layer, batch_size=batch_size,
                                      contrast_weight=contrast_weight, calibration=calibration)
         else:  # baseline: no early layer is read at all
-            self.scorer = DoLaSigLIP(model, mode="off", alpha=alpha, batch_size=batch_size)
-        _, self._embeds = bank_rows(bank, model)  # validates the bank's dimension against the tower
+            self.scorer = DoLaSigLIP(self.model, mode="off", alpha=alpha, batch_size=batch_size)
+        self.bank = bank
+        if bank is not None:
+            _, self._embeds = bank_rows(bank, self.model)  # validates the bank's dimension against the tower
 
-    def scores(self, pixel_values: torch.Tensor) -> DoLaResult:
+    def _bank(self, bank):
+        if bank is None and self.bank is None:
+            raise ValueError("bank is needed: class names, a TextBank or a [C, D] tensor, here or in JanusDoLa(...)")
+        return self.bank if bank is None else bank
+
+    def scores(self, pixel_values: torch.Tensor, bank=None) -> DoLaResult:
         """DoLaResult for pixel_values [B, 3, H, W]: probs [B, C] (q_N when the switch is off), premature_layer [B]."""
-        return self.scorer.score_pixels(pixel_values, self._embeds)
+        embeds = self._embeds if bank is None and self.bank is not None else bank_rows(self._bank(bank), self.model)[1]
+        return self.scorer.score_pixels(pixel_values, embeds)
 
-    def classify(self, pixel_values: torch.Tensor, top_k: int = 5) -> list[dict]:
+    def classify(self, pixel_values: torch.Tensor, bank=None, top_k: int = 5) -> list[dict]:
         """Per image {image, predictions [{label, score, baseline_score}], premature_layer, jsd} (see DoLaSigLIP.classify)."""
-        return self.scorer.classify(pixel_values, self.bank, top_k=top_k)
+        return self.scorer.classify(pixel_values, self._bank(bank), top_k=top_k)
 
 
-def score_images(vlm, pixel_values: torch.Tensor, bank, *, tau: float, use_dola_siglip: bool = True,
-                 **options) -> DoLaResult:
+def score_images(vlm, pixel_values: torch.Tensor, bank, *, siglip=None, tau: float | None = None,
+                 use_dola_siglip: bool = True, **options) -> DoLaResult:
     """One-call form: DoLaResult (probs [B, C], final_probs [B, C], premature_layer [B], jsd [J, B])."""
-    return JanusDoLa(vlm, bank, tau=tau, use_dola_siglip=use_dola_siglip, **options).scores(pixel_values)
+    return JanusDoLa(vlm, bank, siglip=siglip, tau=tau, use_dola_siglip=use_dola_siglip, **options).scores(pixel_values)

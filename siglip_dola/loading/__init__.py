@@ -1,7 +1,10 @@
 """`load(name_or_path)` and `from_model(model)`: one object with readout, preprocess, text encoder and logit scale.
 
 Accepted names (see ACCEPTED_FORMS): the embedded default, local folders / checkpoints, open_clip names
-with a pretrained tag written `NAME:TAG`, `hf-hub:org/repo`, and Hugging Face ids `org/name`.
+with a pretrained tag written `NAME:TAG`, `hf-hub:org/repo`, Hugging Face ids `org/name`, and `janus:<folder
+or hub id>` (transformers' Janus vision tower, read with `head_from`). Both functions take parts from other
+checkpoints: `head_from`, `text_from`, `encode_text`, `logit_scale` (borrowed.py); `LoadedModel.sources` says
+where each part came from.
 Hub files are looked up in the local cache first; when missing and the Hub is unreachable, loading fails
 within seconds (`hub.HubUnavailableError`) with a message on how to point at local weights.
 """
@@ -12,7 +15,6 @@ import hashlib
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +22,9 @@ from typing import Callable
 import torch
 
 from siglip_dola.loading.adapters import ADAPTERS, backend_of
+from siglip_dola.loading import borrowed
 from siglip_dola.loading import hf as hf_adapter
+from siglip_dola.loading import janus_hf
 from siglip_dola.loading import open_clip as open_clip_adapter
 
 from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
@@ -32,7 +36,9 @@ ACCEPTED_FORMS = (
     "'ViT-L-16-SigLIP-384:/path/to/weights.safetensors' (.pt/.pth/.bin are read with weights_only=True); "
     "'hf-hub:timm/ViT-L-16-SigLIP-384'; CLIP-family open_clip names 'ViT-L-14-336:openai', "
     "'ViT-H-14-378-quickgelu:dfn5b'; a Hugging Face id of a SigLIP, CLIP or SigLIP2 (NaFlex) model: "
-    "'google/siglip-large-patch16-384', 'openai/clip-vit-large-patch14-336', 'google/siglip2-base-patch16-naflex'"
+    "'google/siglip-large-patch16-384', 'openai/clip-vit-large-patch14-336', 'google/siglip2-base-patch16-naflex'; "
+    "'janus:/path/to/Janus-Pro-1B' or 'janus:deepseek-community/Janus-Pro-1B' (transformers' Janus: its vision "
+    "tower, with head_from)"
 )
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -52,6 +58,7 @@ class LoadedModel:
     backend: str = ""                  # "open_clip" | "hf" | "timm"
     fingerprint: str | None = field(default=None, repr=False)       # weights identity, see weights_fingerprint
     calibration: str | None = None     # default DoLa calibration (path, or "embedded": the shipped one); None: uncalibrated
+    sources: dict = field(default_factory=dict)   # where vision, head, text, logit_scale, logit_bias came from
 
     @property
     def tau(self) -> float:
@@ -66,14 +73,19 @@ class LoadedModel:
         return self.fingerprint
 
 
-def load(name_or_path: str | Path | None = None, device=None, precision: str | None = None) -> LoadedModel:
-    """Load a SigLIP / CLIP / SigLIP2 model by name or path (None -> the embedded default) in eval mode on `device`."""
+def load(name_or_path: str | Path | None = None, device=None, precision: str | None = None, *, head_from=None,
+         text_from=None, encode_text=None, logit_scale: float | None = None,
+         logit_bias: float | None = None) -> LoadedModel:
+    """Load a SigLIP / CLIP / SigLIP2 model by name or path (None -> the embedded default) in eval mode on `device`.
+
+    head_from / text_from / encode_text / logit_scale / logit_bias: parts from another checkpoint, as in from_model.
+    """
     device = resolve_device(device)
     dtype = resolve_precision(precision, device)
     model, preprocess, tokenizer, model_id, weights = _load_by_name(name_or_path)
     model = model.eval().requires_grad_(False).to(device)
-    loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
-    loaded.fingerprint = file_fingerprint(weights)
+    loaded = _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_from, text_from,
+                        encode_text, logit_scale, logit_bias, fingerprint=file_fingerprint(weights))
     if model_id == "embedded" and EMBEDDED_CALIBRATION.is_file():
         loaded.calibration = "embedded"  # the shipped calibration (chosen on its val split) is its default
     return loaded
@@ -81,26 +93,39 @@ def load(name_or_path: str | Path | None = None, device=None, precision: str | N
 
 def from_model(model, preprocess=None, tokenizer=None, model_id: str | None = None,
                logit_scale: float | None = None, logit_bias: float | None = None,
-               precision: str | None = None) -> LoadedModel:
+               precision: str | None = None, *, encode_text=None, head_from=None, text_from=None) -> LoadedModel:
     """Wrap an already-loaded open_clip model, HF SiglipModel / CLIPModel / Siglip2Model, or vision-only tower.
 
     The model is used as is: not moved, not cast, not switched to eval mode. SigLIP towers have no
     dropout by default, so train/eval give the same embeddings; if yours has active dropout or
-    stochastic depth, call `model.eval()` yourself first. Vision-only towers have no text encoder
-    (`encode_text` is None: bring a precomputed bank) and use `logit_scale` (default log(100)).
+    stochastic depth, call `model.eval()` yourself first.
+
+    Parts from another checkpoint (borrowed.py; each a name or path `load` accepts, a LoadedModel or, for the
+    head only, an nn.Module): `head_from` reads the model's layers through that SigLIP's MAP head (Janus's tower
+    has none, or one it never trained) and, unless text_from / encode_text say otherwise, brings its text tower
+    and logit scale; `text_from` brings a text tower and logit scale; `encode_text` is a callable
+    list[str] -> [C, D]. The logit scale comes from the text checkpoint or `logit_scale`: a vision-only tower
+    without either is a ValueError naming logit_scale (tau shapes every q_j, a guessed one must not pass).
     """
     backend = backend_of(model)
     device = _model_device(model)
-    dtype = resolve_precision(precision, device)
     model_id = model_id or f"{backend}:{type(model).__name__}"
-    loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype)
-    if logit_scale is not None:
-        loaded.logit_scale = float(logit_scale)
-    elif loaded.encode_text is None:  # tau shapes every q_j and the JSD: a guessed one must not pass silently
-        warnings.warn(f"{model_id}: a vision-only tower stores no logit_scale; using log(100) (tau = 0.01). "
-                      "Pass logit_scale= of the SigLIP checkpoint its text bank comes from.", stacklevel=2)
-    if logit_bias is not None:
-        loaded.logit_bias = float(logit_bias)
+    return _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_from, text_from,
+                      encode_text, logit_scale, logit_bias)
+
+
+def _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_from, text_from, encode_text,
+               logit_scale, logit_bias, fingerprint: str | None = None) -> LoadedModel:
+    """A LoadedModel of `model` with the parts named by the borrowing arguments (borrowed.finish)."""
+    dtype = resolve_precision(precision, device)
+    head = borrowed.resolve(head_from, "head_from", load, device, precision, like=model)
+    text = borrowed.resolve(text_from, "text_from", load, device, precision, like=model) if text_from is not None \
+        else (head if encode_text is None and head is not None and head.loaded is not None else None)
+    loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype, head_from=head and head.module)
+    loaded.fingerprint = fingerprint
+    borrowed.finish(loaded, head=head, text=text, encode_text=encode_text, logit_scale=logit_scale,
+                    logit_bias=logit_bias, wrap_text=lambda raw: _wrap_text_encoder(raw, device, dtype),
+                    fingerprint=lambda b: b.loaded.weights_fingerprint if b.loaded else tensor_fingerprint(b.module))
     return loaded
 
 
@@ -130,11 +155,11 @@ def autocast(device: torch.device | str, dtype: torch.dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def _assemble(model, preprocess, tokenizer, model_id, device, dtype) -> LoadedModel:
+def _assemble(model, preprocess, tokenizer, model_id, device, dtype, head_from=None) -> LoadedModel:
     from siglip_dola.readout import from_model as readout_from_model
 
     backend = backend_of(model)
-    readout = readout_from_model(model)
+    readout = readout_from_model(model, head_from=head_from)
     adapter = ADAPTERS[backend]
     if backend == "timm":
         parts = adapter.parts(model, preprocess, tokenizer, image_size=tuple(readout.image_size))
@@ -171,6 +196,8 @@ def _load_by_name(name):
     if not isinstance(name, (str, Path)):
         raise TypeError(f"name_or_path must be a str, a Path or None; got {type(name).__name__}")
     name = str(name)
+    if name.startswith(janus_hf.PREFIX):
+        return janus_hf.load(name[len(janus_hf.PREFIX):])
     if Path(name).expanduser().exists():
         return _load_local(Path(name).expanduser().resolve())
     if name.startswith("hf-hub:"):

@@ -7,8 +7,9 @@ import torch
 
 from siglip_dola.loading.parts import AdapterParts
 
-# Trained SigLIP models store exp(logit_scale) of roughly 100-120; pass your model's own value.
-DEFAULT_LOGIT_SCALE = math.log(100.0)
+# A vision-only tower stores no logit scale: from_model takes it from the text checkpoint or logit_scale=
+# (borrowed.finish), never from a default; NaN until then, so a missed case cannot score quietly.
+NO_LOGIT_SCALE = math.nan
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 
 
@@ -18,13 +19,13 @@ def is_model(model) -> bool:
 
 
 def parts(model, preprocess=None, tokenizer=None, image_size=None) -> AdapterParts:
-    """Preprocess for a vision-only tower; encode_text is None and logit scale/bias are the defaults."""
+    """Preprocess for a vision-only tower; encode_text is None, no logit scale (NaN) and bias 0."""
     if tokenizer is not None:
         raise TypeError("tokenizer= is only for models with a text tower (open_clip, HF SiglipModel)")
     return AdapterParts(
         preprocess=preprocess if preprocess is not None else _default_preprocess(model, image_size),
         encode_text=None,
-        logit_scale=DEFAULT_LOGIT_SCALE,
+        logit_scale=NO_LOGIT_SCALE,
         logit_bias=0.0,
     )
 

@@ -6,19 +6,25 @@
 z_final is exactly the model's own image embedding; z_layers[i] = head(norm(h_j)) for j = layers[i],
 read through the same final norm and head: SigLIP's MAP head folded (map_head.py); CLIP's class token,
 then ln_post and proj (token_head.py); NaFlex's MAP head with its padding masked. One backbone forward per call.
+
+``from_model(model, head_from=siglip)`` reads ``model``'s blocks and final norm through ``siglip``'s head
+(borrowed_head.py): Janus, whose tower has no head (transformers) or one it never trained (its repository).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from siglip_dola.readout import tower_clip, tower_hf, tower_hf_clip, tower_hf_siglip2, tower_vit
+from siglip_dola.readout import tower_clip, tower_hf, tower_hf_clip, tower_hf_siglip2, tower_janus_hf, tower_vit
+from siglip_dola.readout.borrowed_head import with_head
 from siglip_dola.readout.readout import Readout
 
 # Tower builders, dispatched through a plain dict in order: each ``build(model)`` returns a Tower or None
 # (or raises ValueError for a recognised tower whose head form is not supported). SigLIP2 NaFlex comes
 # before "hf": its vision model also has embeddings / encoder / post_layernorm / head.
 ADAPTERS = {"vit": tower_vit.build, "open_clip_vit": tower_clip.build, "hf_siglip2": tower_hf_siglip2.build,
-            "hf": tower_hf.build, "hf_clip": tower_hf_clip.build}
+            "hf": tower_hf.build, "hf_clip": tower_hf_clip.build, "hf_janus": tower_janus_hf.build}
+# Trunks (blocks + final norm, no head) that ``head_from`` can complete: trunk(model) -> Trunk or None.
+TRUNKS = {"hf_janus": tower_janus_hf.trunk, "vit": tower_vit.trunk, "hf": tower_hf.trunk}
 
 SUPPORTED = (
     "timm VisionTransformer with a MAP head (global_pool='map', e.g. vit_large_patch16_siglip_384); "
@@ -31,21 +37,43 @@ SUPPORTED = (
     "open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
     "with a class-token, average or CoCa attention-pool head; "
     "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel; "
-    "Hugging Face Siglip2Model / Siglip2VisionModel (NaFlex: pass pixel_attention_mask= and spatial_shapes=)"
+    "Hugging Face Siglip2Model / Siglip2VisionModel (NaFlex: pass pixel_attention_mask= and spatial_shapes=); "
+    "with head_from: transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration"
 )
+TRUNKS_SUPPORTED = ("transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration; Janus's own "
+                    "MultiModalityCausalLM / CLIPVisionTower / its timm-style ViT; timm ViTs; open_clip SigLIP; "
+                    "HF SiglipModel / SiglipVisionModel")
 
 __all__ = ["Readout", "from_model", "SUPPORTED"]
 
 
-def from_model(model, folded_head: bool = True) -> Readout:
+def from_model(model, folded_head: bool = True, head_from: nn.Module | None = None) -> Readout:
     """A Readout for ``model`` (timm / open_clip / Janus-style / HF SigLIP, CLIP, SigLIP2); the model is only read, never changed.
 
     ``folded_head=False`` reads every layer through the model's own head modules (for comparison/benchmarks).
+    ``head_from``: a SigLIP model (any form above with a MAP head) whose head reads ``model``'s layers instead of
+    ``model``'s own (borrowed_head.py); ``model`` then needs only blocks and a final norm (TRUNKS_SUPPORTED).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; supported: {SUPPORTED}")
+    if head_from is not None:
+        return Readout(with_head(_trunk(model), _tower(head_from, "head_from")), folded_head=folded_head)
+    return Readout(_tower(model, "model"), folded_head=folded_head)
+
+
+def _trunk(model):
+    for find in TRUNKS.values():
+        trunk = find(model)
+        if trunk is not None:
+            return trunk
+    raise ValueError(f"unsupported vision model {type(model).__name__} for head_from; supported: {TRUNKS_SUPPORTED}")
+
+
+def _tower(model, name: str):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}; supported: {SUPPORTED}")
     for build in ADAPTERS.values():
         tower = build(model)
         if tower is not None:
-            return Readout(tower, folded_head=folded_head)
-    raise ValueError(f"unsupported model {type(model).__name__}; supported: {SUPPORTED}")
+            return tower
+    raise ValueError(f"unsupported {name} {type(model).__name__}; supported: {SUPPORTED}")

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from siglip_dola.readout import hf_parts
 from siglip_dola.readout.map_head import hf_map_parts
-from siglip_dola.readout.towers import Tower, two_tuple
+from siglip_dola.readout.towers import Tower, Trunk, two_tuple
 
 
 def _has_map_head(vision) -> bool:
@@ -36,3 +36,15 @@ def build(model) -> Tower | None:
         image_size=two_tuple(config.image_size),
         in_chans=hf_parts.in_channels(vision, config),
     )
+
+
+def trunk(model) -> Trunk | None:
+    """The blocks and post_layernorm of a HF SigLIP vision model (its own head left out), or None."""
+    vision = hf_parts.find_vision(model, _has_map_head)
+    if vision is None:
+        return None
+    config = hf_parts.vision_config(model, vision)
+    return Trunk(backend="hf", blocks=tuple(vision.encoder.layers), final_norm=vision.post_layernorm,
+                 tokens=lambda images: vision(pixel_values=images).last_hidden_state,   # post_layernorm(h_N)
+                 token_dim=int(config.hidden_size), image_size=two_tuple(config.image_size),
+                 in_chans=hf_parts.in_channels(vision, config))

@@ -38,3 +38,17 @@ def two_tuple(size) -> tuple[int, int]:
     if isinstance(size, (tuple, list)):
         return int(size[0]), int(size[-1])
     return int(size), int(size)
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """A vision tower's blocks and final norm without its head: read through another model's head (borrowed_head.py)."""
+
+    backend: str                                           # "timm" | "hf"
+    blocks: Sequence[nn.Module]                            # transformer blocks 1..N, in order
+    final_norm: nn.Module                                  # the trunk's own norm after block N
+    tokens: Callable[[torch.Tensor], torch.Tensor]         # images (B,3,H,W) -> final_norm(h_N) (B,T,D): the model's own forward
+    token_dim: int
+    image_size: tuple[int, int]
+    in_chans: int
+    dynamic_size: bool = False

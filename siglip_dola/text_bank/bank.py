@@ -95,7 +95,8 @@ def check_bank(bank, model) -> None:
         raise ValueError(f"text bank dimension {bank_dim} does not match model {model.model_id!r} "
                          f"embedding dimension {model_dim}: build the bank with this model")
     bank_model = getattr(bank, "model_id", None)
-    if bank_model and model.encode_text is not None and bank_model != model.model_id:
+    encoders = (model.model_id, getattr(model, "sources", {}).get("text"))   # a borrowed text tower's own banks too
+    if bank_model and model.encode_text is not None and bank_model not in encoders:
         raise ValueError(f"bank was encoded by model {bank_model!r}, not by {model.model_id!r}; "
                          "rebuild it with build_text_bank(model, ...)")
 
