@@ -140,7 +140,7 @@ def test_bank_encoded_by_the_siglip_text_tower_is_accepted(vlm, pixels, bank):
 def test_untrained_attn_pool_is_refused(pixels, bank):
     """The original repo never calls attn_pool: one whose LayerNorm is at gamma=1, beta=0 is not a trained head."""
     torch.manual_seed(0)
-    tower = VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=WIDTH, depth=4, num_heads=2, mlp_ratio=4,
+    tower = VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=WIDTH, depth=DEPTH, num_heads=2, mlp_ratio=4,
                               class_token=False, global_pool="map", num_classes=0).eval()
     model = MultiModalityCausalLM(CLIPVisionTower(tower, None)).eval()
     with pytest.raises(ValueError, match=r"attn_pool LayerNorm is exactly at its initial values.*pass siglip="):
