@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-# Every other module of this package is a subcommand module: importing it registers its handlers with
-# the `subcommand` decorator, so a new command is a new file here and nothing else.
+# Every other module of this package is a subcommand module (model_flags.py: the flags several share):
+# importing it registers its handlers with the `subcommand` decorator, so a new command is a new file here.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 

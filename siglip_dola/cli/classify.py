@@ -5,6 +5,7 @@ import json
 import sys
 
 from siglip_dola.cli import subcommand
+from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.layers import MODES
 
 
@@ -64,7 +65,7 @@ def settings_flags(args) -> dict:
 
 def _add_scorer_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
-    parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
+    add_model_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_settings_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -96,13 +97,9 @@ def _rerank_arguments(parser) -> None:
 
 def _build_scorer(args):
     """(LoadedModel, DoLaSigLIP) from the parsed scorer options."""
-    from siglip_dola.loading import load
     from siglip_dola.scorer import DoLaSigLIP
 
-    try:
-        model = load(args.model, device=args.device)
-    except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
-        raise ValueError(str(err)) from None
+    model = load_model(args, args.device)
     return model, DoLaSigLIP(model, calibration=args.calibration, batch_size=args.batch_size,
                              cuda_graphs=args.cuda_graphs, **settings_flags(args))
 

@@ -6,6 +6,7 @@ shard, rank 0 scores, prints and writes.
 from __future__ import annotations
 
 from siglip_dola.cli import int_at_least, subcommand
+from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 
 TASK_NAMES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL}
@@ -26,7 +27,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _common_arguments(parser, default_split: str) -> None:
-    parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
+    add_model_arguments(parser)
     parser.add_argument("--dataset", required=True,
                         help="'shapes', an ImageFolder folder, a CSV of path,label, or a clip_benchmark name")
     parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
@@ -45,13 +46,9 @@ def _common_arguments(parser, default_split: str) -> None:
 
 def _load_model(args):
     from siglip_dola import distributed
-    from siglip_dola.loading import load
 
     device = args.device or (distributed.local_device() if distributed.rank_and_world()[1] > 1 else None)
-    try:
-        return load(args.model, device=device, precision=args.precision)
-    except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
-        raise ValueError(str(err)) from None
+    return load_model(args, device, args.precision)
 
 
 def _calibrate_arguments(parser) -> None:

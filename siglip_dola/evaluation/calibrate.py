@@ -266,7 +266,8 @@ def _score_and_write(model, dataset, embeddings, grid, out, task, metric, bank=N
     key = "acc1" if task == CLASSIFICATION else metric
     metric_keys = ("acc1", "acc5", "mean_per_class_recall") if task == CLASSIFICATION else \
         tuple(k for k in chosen if k.startswith("image_retrieval_recall@"))
-    report = {"model": model.model_id, "dataset": dataset.name, "split": dataset.split,
+    report = {"model": model.model_id, "model_sources": dict(model.sources),   # where head, text, logit scale came from
+              "dataset": dataset.name, "split": dataset.split,
               "task": task, "metric": key, "n_images": len(embeddings.ids),
               "skipped": [list(s) for s in embeddings.skipped], "num_layers": model.readout.num_layers,
               "tau": model.tau, "grid": asdict(grid), "scores": scores,

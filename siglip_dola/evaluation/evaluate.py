@@ -209,6 +209,7 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
     report = assemble_report(model.model_id, dataset, task, embeddings, points, scored, calibration_report, name,
                              predictions=None if predictions is None else str(predictions),
                              n_resamples=n_resamples, seed=seed)
+    report["model_sources"] = dict(model.sources)   # where vision, head, text and logit scale came from
     if bank_source is not None:
         report["bank"] = str(bank_source)
     if predictions is not None:
