@@ -28,7 +28,8 @@ def load(spec: str):
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path.resolve()
-        return (*load_dir(folder), f"{PREFIX}{folder}")
+        model, preprocess, tokenizer, files = load_dir(folder)
+        return model, preprocess, tokenizer, f"{PREFIX}{folder}", files
     if path.exists():
         raise ValueError(f"janus:{spec} must be a folder (transformers save_pretrained layout), not a file")
     folder = hub.snapshot(spec, HUB_FILES, WEIGHT_FILES)   # cache first; offline: HubUnavailableError in seconds
@@ -36,7 +37,8 @@ def load(spec: str):
     if index.is_file():   # only the shards holding the vision tower
         shards = sorted(set(_vision_keys(json.loads(index.read_text())["weight_map"]).values()))
         folder = hub.snapshot(spec, [*HUB_FILES, index.name, *shards[1:]], shards[:1])
-    return (*load_dir(folder), f"{PREFIX}{spec}")
+    model, preprocess, tokenizer, files = load_dir(folder)
+    return model, preprocess, tokenizer, f"{PREFIX}{spec}", files
 
 
 def load_dir(folder: Path):
