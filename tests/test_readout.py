@@ -65,6 +65,10 @@ def _timm_case(**kwargs):
 
 def _janus_case(wrap):
     tower = _timm_vit(JanusStyleTower)
+    with torch.no_grad():   # a trained head: Janus towers whose attn_pool.norm is at gamma=1, beta=0 are refused
+        norm, generator = tower.attn_pool.norm, torch.Generator().manual_seed(5)
+        norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=generator))
+        norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=generator))
     image_norm = torchvision.transforms.Normalize(mean=[0.5] * 3, std=[0.25] * 3)
     vision_model = CLIPVisionTowerLike(tower, image_norm)
     model = {"tower": tower, "vision_model": vision_model, "lm": MultiModalityLike(vision_model)}[wrap]
