@@ -153,3 +153,29 @@ def test_cli_janus_errors_name_the_flag(janus_folder, tmp_path, capsys, monkeypa
                  "--labels", "a,b", str(tmp_path / "red.png")])   # HF_HUB_OFFLINE=1: the cache only
     err = capsys.readouterr().err
     assert code == 2 and "cannot load 'deepseek-community/Janus-Pro-7B'" in err and "Traceback" not in err
+
+
+def test_janus_dola_on_transformers_janus_equals_siglip_itself(janus_folder):
+    """JanusDoLa(vlm, siglip=...) on a whole JanusForConditionalGeneration holding SigLIP's trunk: SigLIP's scores."""
+    from siglip_dola.integrations.janus import JanusDoLa
+    from siglip_dola.scorer import DoLaSigLIP
+
+    vlm = JanusForConditionalGeneration.from_pretrained(janus_folder[0]).eval()
+    siglip = loading.load("embedded", device="cpu")
+    labels = ["a red circle", "a blue star", "a green square"]
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    with pytest.raises(ValueError, match="pass siglip="):
+        JanusDoLa(vlm, labels, tau=0.01)
+    got = JanusDoLa(vlm, siglip=siglip, mode="static", static_layer=12, alpha=0.1, contrast_weight=1.0).classify(pixels, labels, top_k=3)
+    want = DoLaSigLIP(siglip, mode="static", static_layer=12, alpha=0.1, contrast_weight=1.0).classify(pixels, labels, top_k=3)
+    for g, w in zip(got, want):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in w["predictions"]]
+        assert [p["score"] for p in g["predictions"]] == pytest.approx([p["score"] for p in w["predictions"]], abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in vlm.state_dict().items())
+
+
+def test_cli_text_from_and_explicit_logit_scale(janus_folder, tmp_path):
+    report = _eval(tmp_path, "text", "--model", f"janus:{janus_folder[0]}", "--head-from", "embedded",
+                   "--text-from", "embedded", "--logit-scale", "3.0")
+    assert report["model_sources"]["text"] == "embedded" and report["model_sources"]["logit_scale"] == "explicit"
