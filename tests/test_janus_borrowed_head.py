@@ -144,3 +144,26 @@ def test_head_of_another_width_is_refused(janus_hf):
                                                  num_hidden_layers=2, image_size=32, patch_size=16)).eval()
     with pytest.raises(ValueError, match="head_from's head reads tokens of width 64.*1024"):
         from_model(janus_hf, head_from=small)
+
+
+def test_open_clip_siglip_as_the_head_source():
+    """open_clip's layout (visual.trunk's attn_pool + visual.head's projection): the head as open_clip calls it."""
+    from test_readout import DEPTH, DIM, HEADS, PATCH, SIZE, _open_clip_case
+
+    torch.manual_seed(10)
+    janus = random_affines(JanusVisionModel(JanusVisionConfig(
+        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH,
+        num_image_tokens=(SIZE // PATCH) ** 2)).eval(), seed=11)
+    open_clip_model = random_affines(_open_clip_case().model, seed=12)
+    readout = from_model(janus, head_from=open_clip_model)
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(13))
+    z_final, z_layers = readout(pixels, layers=[1, 2, 3])
+    visual = copy.deepcopy(open_clip_model.visual).double()
+    norm64 = copy.deepcopy(janus.post_layernorm).double()
+    with torch.no_grad():
+        hidden = janus(pixel_values=pixels, output_hidden_states=True).hidden_states
+        head64 = lambda h: visual.head(visual.trunk.forward_head(norm64(h.double())))   # noqa: E731
+        for i, layer in enumerate([1, 2, 3]):
+            assert_close(z_layers[i], head64(hidden[layer]))
+        assert_close(z_final, head64(hidden[DEPTH]))
+    assert z_final.shape == (2, 48)   # through open_clip's projection

@@ -27,8 +27,9 @@ def load_model(args, device, precision=None):
     """The LoadedModel the flags name (ValueError for a bad name or missing files, naming the flag)."""
     from siglip_dola.loading import load
 
+    text_from = None if args.text_from == args.head_from else args.text_from   # named twice: loaded once
     try:
         return load(args.model, device=device, precision=precision, head_from=args.head_from,
-                    text_from=args.text_from, logit_scale=args.logit_scale, logit_bias=args.logit_bias)
+                    text_from=text_from, logit_scale=args.logit_scale, logit_bias=args.logit_bias)
     except OSError as err:  # unknown names / missing hub files surface as OSError subclasses too
         raise ValueError(str(err)) from None

@@ -119,8 +119,10 @@ def _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_f
     """A LoadedModel of `model` with the parts named by the borrowing arguments (borrowed.finish)."""
     dtype = resolve_precision(precision, device)
     head = borrowed.resolve(head_from, "head_from", load, device, precision, like=model)
-    text = borrowed.resolve(text_from, "text_from", load, device, precision, like=model) if text_from is not None \
-        else (head if encode_text is None and head is not None and head.loaded is not None else None)
+    if text_from is None or text_from is head_from:   # by default (and when named twice) the head's checkpoint
+        text = head if encode_text is None and head is not None and head.loaded is not None else None
+    else:
+        text = borrowed.resolve(text_from, "text_from", load, device, precision, like=model)
     loaded = _assemble(model, preprocess, tokenizer, model_id, device, dtype, head_from=head and head.module)
     loaded.fingerprint = fingerprint
     borrowed.finish(loaded, head=head, text=text, encode_text=encode_text, logit_scale=logit_scale,
