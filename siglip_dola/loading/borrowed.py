@@ -82,7 +82,9 @@ def finish(loaded, *, head: Borrowed | None, text: Borrowed | None, encode_text,
                       "text": text_id, "logit_scale": scale_from, "logit_bias": bias_from}
     if head is not None:
         loaded.model_id = f"{vision_id}+head:{head.model_id}"
-        both = f"{loaded.weights_fingerprint}|{fingerprint(head)}"   # fingerprint(Borrowed) -> str
-        loaded.fingerprint = hashlib.sha256(both.encode()).hexdigest()[:16]
     if text_id not in (None, vision_id, head.model_id if head is not None else None):
         loaded.model_id += f"+text:{text_id}"
+    borrowed_parts = [part for part in (head, text) if part is not None]
+    if borrowed_parts:   # the weights identity (bank caches, index manifests) covers every part; fingerprint(Borrowed)
+        every = "|".join([loaded.weights_fingerprint, *(fingerprint(part) for part in borrowed_parts)])
+        loaded.fingerprint = hashlib.sha256(every.encode()).hexdigest()[:16]
