@@ -75,11 +75,43 @@ def test_janus_without_head_from_is_refused(janus_folder):
         loading.load(f"janus:{janus_folder[0]}", device="cpu")
 
 
-def test_janus_hub_name_fails_fast_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(loading.HubUnavailableError, match="deepseek-community/Janus-Pro-1B"):
+@pytest.mark.parametrize("offline_flag", ["1", None])
+def test_janus_hub_name_fails_fast_offline(offline_flag, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))   # an empty cache
+    if offline_flag:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # nothing listens on the discard port
+    with pytest.raises(loading.HubUnavailableError, match="cannot load 'deepseek-community/Janus-Pro-1B'"):
         loading.load("janus:deepseek-community/Janus-Pro-1B", device="cpu", head_from="embedded")
+
+
+def test_janus_hub_name_reads_only_the_vision_shards_from_the_cache(janus_folder, tmp_path, monkeypatch):
+    """A sharded checkpoint in the Hugging Face cache: only the shards holding the vision tower are needed."""
+    import huggingface_hub.constants as hub_constants
+
+    from siglip_dola.loading import hub
+
+    commit = "0" * 40
+    repo = tmp_path / "models--someone--tiny-janus"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    JanusForConditionalGeneration.from_pretrained(janus_folder[0]).save_pretrained(snapshot, max_shard_size="300KB")
+    (snapshot / "preprocessor_config.json").write_bytes((janus_folder[0] / "preprocessor_config.json").read_bytes())
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"]
+    vision_shards = {shard for key, shard in index.items() if key.startswith("model.vision_model.")}
+    assert len(set(index.values())) > len(vision_shards) >= 1
+    for shard in set(index.values()) - vision_shards:
+        (snapshot / shard).unlink()   # the language model's and generator's shards are never read
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: pytest.fail("network probed despite cache"))
+    loaded = loading.load("janus:someone/tiny-janus", device="cpu", head_from="embedded")
+    assert loaded.model_id == "janus:someone/tiny-janus+head:embedded"
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in janus_folder[1].items())
 
 
 def test_janus_prefix_rejects_other_checkpoints(tmp_path):
