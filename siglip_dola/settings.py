@@ -121,7 +121,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
         name, report = read_calibration_file(calibration, task)
         if model_id is not None and report.get("model") not in (None, model_id):
             raise ValueError(f"calibration {name or '<dict>'!r} was made for model {report['model']!r}, not "
-                             f"{model_id!r}; run `siglip-dola calibrate --model {model_id} ...` or pass "
+                             f"{model_id!r}; run `siglip-dola calibrate {_model_flags(model_id)} ...` or pass "
                              f"--calibration {NO_CALIBRATION}")
         base = {k: v for k, v in _choice_for(report, flags.get("mode")).items() if v is not None}
         base_sources = dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "calibration")
@@ -174,13 +174,19 @@ def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str, inherits
     return {}, "default"
 
 
+def _model_flags(model_id: str) -> str:
+    from siglip_dola.loading.borrowed import cli_flags   # lazily: settings stays free of model loading
+
+    return cli_flags(model_id)
+
+
 def warn_uncalibrated(model_id: str | None, settings: DoLaSettings) -> None:
     """One stderr line per process: DoLa runs on uncalibrated defaults; name the command that fixes it."""
     global _warned_uncalibrated
     if _warned_uncalibrated:
         return
     _warned_uncalibrated = True
-    model = f" --model {model_id}" if model_id and model_id != EMBEDDED else ""
+    model = f" {_model_flags(model_id)}" if model_id and model_id != EMBEDDED else ""
     print(f"siglip-dola: DoLa is uncalibrated for {model_id or 'this model'} ({settings.describe()}); run "
           f"`siglip-dola calibrate{model} --dataset VAL_DATA --out calib.json` and pass --calibration calib.json",
           file=sys.stderr)

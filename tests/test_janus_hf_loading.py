@@ -13,6 +13,7 @@ from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageP
 
 from siglip_dola import loading
 from siglip_dola.cli import main
+from siglip_dola.loading.borrowed import cli_flags
 from siglip_dola.loading.embedded import EMBEDDED_DIR
 
 def embedded_vision_state() -> dict:
@@ -157,6 +158,7 @@ def test_cli_janus_trunk_with_siglip_head_vs_siglip_itself(janus_folder, tmp_pat
     siglip = _eval(tmp_path, "siglip")
     janus = _eval(tmp_path, "janus", "--model", f"janus:{janus_folder[0]}", "--head-from", "embedded")
     assert janus["model"].endswith("+head:embedded") and janus["model_sources"]["head"] == "embedded"
+    assert cli_flags(janus["model"]).split() == ["--model", f"janus:{janus_folder[0]}", "--head-from", "embedded"]
     assert janus["model_sources"]["logit_scale"] == "embedded" and siglip["model_sources"]["head"] == "embedded"
     for mode in siglip["modes"]:
         assert janus["modes"][mode]["metrics"] == pytest.approx(siglip["modes"][mode]["metrics"])

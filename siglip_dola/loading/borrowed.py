@@ -18,6 +18,17 @@ from pathlib import Path
 import torch.nn as nn
 
 
+HEAD_MARK, TEXT_MARK = "+head:", "+text:"   # a composed model_id: VISION+head:HEAD[+text:TEXT]
+
+
+def cli_flags(model_id: str) -> str:
+    """The CLI flags that load ``model_id`` again: '--model V --head-from H --text-from T' for a composed id."""
+    vision, _, text = model_id.partition(TEXT_MARK)
+    vision, _, head = vision.partition(HEAD_MARK)
+    return " ".join(f"{flag} {value}" for flag, value in
+                    (("--model", vision), ("--head-from", head), ("--text-from", text)) if value)
+
+
 @dataclass(frozen=True)
 class Borrowed:
     """One other checkpoint: its module (for the head) and, when loaded whole, its text tower and scale."""
@@ -81,9 +92,9 @@ def finish(loaded, *, head: Borrowed | None, text: Borrowed | None, encode_text,
     loaded.sources = {"vision": vision_id, "head": head.model_id if head is not None else vision_id,
                       "text": text_id, "logit_scale": scale_from, "logit_bias": bias_from}
     if head is not None:
-        loaded.model_id = f"{vision_id}+head:{head.model_id}"
+        loaded.model_id = f"{vision_id}{HEAD_MARK}{head.model_id}"
     if text_id not in (None, vision_id, head.model_id if head is not None else None):
-        loaded.model_id += f"+text:{text_id}"
+        loaded.model_id += f"{TEXT_MARK}{text_id}"
     borrowed_parts = [part for part in (head, text) if part is not None]
     if borrowed_parts:   # the weights identity (bank caches, index manifests) covers every part; fingerprint(Borrowed)
         every = "|".join([loaded.weights_fingerprint, *(fingerprint(part) for part in borrowed_parts)])
