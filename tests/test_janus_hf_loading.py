@@ -15,6 +15,7 @@ from siglip_dola import loading
 from siglip_dola.cli import main
 from siglip_dola.loading.borrowed import cli_flags
 from siglip_dola.loading.embedded import EMBEDDED_DIR
+from siglip_dola.loading.hub import HubUnavailableError
 
 def embedded_vision_state() -> dict:
     """The embedded SigLIP's vision trunk under Janus's names (its head dropped, as transformers' conversion does)."""
@@ -86,7 +87,7 @@ def test_janus_hub_name_fails_fast_offline(offline_flag, tmp_path, monkeypatch):
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # nothing listens on the discard port
-    with pytest.raises(loading.HubUnavailableError, match="cannot load 'deepseek-community/Janus-Pro-1B'"):
+    with pytest.raises(HubUnavailableError, match="cannot load 'deepseek-community/Janus-Pro-1B'"):
         loading.load("janus:deepseek-community/Janus-Pro-1B", device="cpu", head_from="embedded")
 
 
