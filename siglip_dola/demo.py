@@ -51,7 +51,7 @@ def run_demo(out_dir: str | Path, n: int = 8, model_name: str | None = None, mod
     from siglip_dola.loading import load
     from siglip_dola.text_bank.build import build_text_bank
 
-    image_dir = shapes.export(out_dir, split="test", n=n, seed=seed)
+    image_dir = shapes.export(out_dir, split="test", n=n, seed=seed, overwrite=True)  # its own folder
     true_labels = _read_labels(image_dir / "labels.csv")
     model = load(model_name)
     bank = build_text_bank(model, shapes.CLASSNAMES, shapes.TEMPLATES)

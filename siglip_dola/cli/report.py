@@ -27,17 +27,22 @@ def _report_arguments(parser) -> None:
 
 @subcommand("report", help="Write a self-contained HTML report (summary, layer lens, per-image flips) of an eval run.")
 def report_command(args) -> int:
+    from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED
+    from siglip_dola.io import refuse_overlapping_paths
     from siglip_dola.viewer.report import write_report
     from siglip_dola.viewer.report_data import read_result
 
+    refuse_overlapping_paths({"--out": args.out}, {"RESULT": args.result, "PREDICTIONS": args.predictions})
     result = read_result(args.result)
     predictions = args.predictions or result.get("predictions")
     if not predictions:
         raise ValueError("give PREDICTIONS (the result names no predictions file; run eval with --predictions FILE.jsonl)")
+    refuse_overlapping_paths({"--out": args.out}, {"PREDICTIONS": predictions})  # the one the result names
+    bad_lines: list[str] = []
     out = write_report(result, predictions, args.out, thumb_size=_thumb_size(args.thumb_size),
-                       image_root=args.image_root)
+                       image_root=args.image_root, bad_lines=bad_lines)
     print(f"report: {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    return 0
+    return EXIT_SKIPPED if bad_lines else EXIT_OK  # the bad lines were named on stderr (a warning)
 
 
 report_command.add_arguments = _report_arguments

@@ -14,8 +14,10 @@ import hashlib
 import io
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -66,8 +68,47 @@ def make_split(split: str, n: int | None = None, seed: int = 0) -> list[ShapeSam
     return [make_sample(split, index, seed) for index in range(n)]
 
 
+class ShapeItems(Sequence):
+    """(file stem, PIL image) pairs of samples ``indices`` of ``split``, drawn when read, so a split's images are
+    never all held in memory (an evaluation streams them through the decode workers)."""
+
+    def __init__(self, split: str, seed: int = 0, indices: range | None = None):
+        _check_split(split)
+        self.split, self.seed = split, seed
+        self.indices = range(DEFAULT_SIZES[split]) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ShapeItems(self.split, self.seed, self.indices[index])
+        sample = make_sample(self.split, self.indices[index], self.seed)
+        return sample.name, sample.image
+
+    def labels(self) -> list[int]:
+        """Class index of each item (without drawing)."""
+        classes = split_classes(self.split)
+        return [classes[i % len(classes)] for i in self.indices]
+
+    def captions(self) -> list[str]:
+        """Caption of each item (without drawing)."""
+        return [sample_caption(self.split, i, self.seed) for i in self.indices]
+
+
 def make_sample(split: str, index: int, seed: int = 0) -> ShapeSample:
     """Sample ``index`` of ``split``: class ``index mod #classes`` (balanced), the rest drawn from its own RNG."""
+    label, caption, name, drawing = _sample_spec(split, index, seed)
+    return ShapeSample(image=draw_shape(*drawing), label=label, caption=caption, name=name)
+
+
+def sample_caption(split: str, index: int, seed: int = 0) -> str:
+    """The caption of sample ``index`` without drawing its image."""
+    return _sample_spec(split, index, seed)[1]
+
+
+def _sample_spec(split: str, index: int, seed: int) -> tuple[int, str, str, tuple]:
+    """(label, caption, file stem, draw_shape arguments) of sample ``index``."""
     _check_split(split)
     classes = split_classes(split)
     label = classes[index % len(classes)]
@@ -79,9 +120,9 @@ def make_sample(split: str, index: int, seed: int = 0) -> ShapeSample:
     margin = radius + 1
     centre = (rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin))
     angle = rng.uniform(-0.3, 0.3)
-    image = draw_shape(shape, COLOURS[colour], BACKGROUNDS[background], centre, radius, angle)
     caption = f"a {size} {colour} {shape} on a {background} background"
-    return ShapeSample(image=image, label=label, caption=caption, name=f"{split}_{seed}_{index:05d}")
+    drawing = (shape, COLOURS[colour], BACKGROUNDS[background], centre, radius, angle)
+    return label, caption, f"{split}_{seed}_{index:05d}", drawing
 
 
 def draw_shape(shape: str, colour, background, centre, radius: float, angle: float) -> Image.Image:
@@ -121,32 +162,59 @@ def _outline(shape: str, centre, radius: float, angle: float) -> list[tuple[floa
     return [(cx + r * math.cos(a + angle), cy + r * math.sin(a + angle)) for r, a in polar]
 
 
-def export(out_dir, split: str = "test", n: int = 50, seed: int = 0) -> Path:
-    """Write ``n`` PNGs of ``split`` plus labels.csv, captions.csv, classnames.txt into ``out_dir``; return it."""
+DATASET_FILES = ("labels.csv", "captions.csv")
+BYTES_PER_IMAGE = 2048  # a 64x64 PNG is 0.3-1.2 kB; with its two CSV rows this bounds what an image costs
+
+
+def export(out_dir, split: str = "test", n: int = 50, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write ``n`` PNGs of ``split`` plus labels.csv, captions.csv, classnames.txt into ``out_dir``; return it.
+
+    Images are drawn and written one at a time (the CSVs are streamed beside them), so memory does not grow
+    with ``n``; ``n`` is checked against the free disk space first. A folder that already holds a dataset
+    (labels.csv or captions.csv) is refused unless ``overwrite``: its older images would lose their labels.
+    """
     out_dir = Path(out_dir)
-    samples = make_split(split, n=n, seed=seed)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    _check_split(split)
+    existing = [name for name in DATASET_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(17, f"the folder already holds a dataset ({', '.join(existing)}), whose images "
+                              "would lose their labels; pass overwrite=True (--overwrite) to replace its "
+                              "label files, or choose an empty folder", str(out_dir))
+    _check_disk_space(out_dir, n)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sample in samples:
-        with atomic_path(out_dir / f"{sample.name}.png") as tmp:
-            tmp.write_bytes(png_bytes(sample.image))
-    write_text_atomic(out_dir / "labels.csv", _csv([("path", "label")] + [
-        (f"{s.name}.png", CLASSNAMES[s.label]) for s in samples]))
-    write_text_atomic(out_dir / "captions.csv", _csv([("path", "caption")] + [
-        (f"{s.name}.png", s.caption) for s in samples]))
+    with atomic_path(out_dir / "labels.csv") as labels_tmp, atomic_path(out_dir / "captions.csv") as captions_tmp, \
+            open(labels_tmp, "w", newline="", encoding="utf-8") as labels_file, \
+            open(captions_tmp, "w", newline="", encoding="utf-8") as captions_file:
+        labels, captions = csv.writer(labels_file, lineterminator="\n"), csv.writer(captions_file, lineterminator="\n")
+        labels.writerow(("path", "label"))
+        captions.writerow(("path", "caption"))
+        for index in range(n):
+            sample = make_sample(split, index, seed)
+            with atomic_path(out_dir / f"{sample.name}.png") as tmp:
+                tmp.write_bytes(png_bytes(sample.image))
+            labels.writerow((f"{sample.name}.png", CLASSNAMES[sample.label]))
+            captions.writerow((f"{sample.name}.png", sample.caption))
     write_text_atomic(out_dir / "classnames.txt", "".join(f"{name}\n" for name in CLASSNAMES))
     return out_dir
+
+
+def _check_disk_space(out_dir: Path, n: int) -> None:
+    """ValueError before anything is written when ``n`` images cannot fit on the folder's disk."""
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if n * BYTES_PER_IMAGE > free:
+        raise ValueError(f"n={n} images need about {n * BYTES_PER_IMAGE / 1e9:.3g} GB, but {str(existing)!r} has "
+                         f"{free / 1e9:.3g} GB free")
 
 
 def png_bytes(image: Image.Image) -> bytes:
     """Encode ``image`` as PNG bytes (no metadata, so the bytes depend only on the pixels)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
-
-
-def _csv(rows) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
 
 

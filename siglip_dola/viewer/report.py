@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -111,21 +112,28 @@ def render_report(result: dict, payload: dict, problems: list[str], missing_thum
 
 
 def write_report(result, predictions_path: str | os.PathLike, out: str | os.PathLike,
-                 thumb_size: int = 64, image_root: str | os.PathLike | None = None) -> Path:
+                 thumb_size: int = 64, image_root: str | os.PathLike | None = None,
+                 bad_lines: list | None = None) -> Path:
     """Write the HTML report of `result` (Result JSON path or dict) and its Predictions JSONL to `out`.
 
     Thumbnails (JPEG, at most thumb_size px, <= 96) come from the prediction ids: image files, else
     the result's dataset + split items; `image_root` is a folder to look for moved files by name.
+    Lines of the predictions that are not records are left out, named in the page and in a UserWarning,
+    and appended to `bad_lines` when a list is given (the CLI's exit status counts them).
     """
     result = read_result(result)
     records, problems = read_predictions(predictions_path)
+    if problems:
+        from siglip_dola.failures import first_few
+
+        warnings.warn(f"{len(problems)} line(s) of {str(predictions_path)!r} are not prediction records and are "
+                      f"left out: {first_few(problems, 3)}", UserWarning, stacklevel=2)
+        if bad_lines is not None:
+            bad_lines.extend(problems)
     thumbs = ThumbnailSource(result.get("dataset"), result.get("split"), thumb_size,
                              None if image_root is None else str(image_root))
     payload = report_payload(result, records, thumbs, problems)
     html = render_report(result, payload, problems, len(thumbs.missing))
     out = Path(out)
-    write_text_atomic(out, html)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)  # a report is for sharing: the usual mode, not the temp file's 0600
+    write_text_atomic(out, html)  # the usual mode (a report is for sharing), never a chmod of a device node
     return out
