@@ -151,8 +151,11 @@ class DoLaSigLIP:
             results.extend(batch_results)
             skipped.extend(batch_skipped)
         if skipped:
-            warnings.warn(f"skipped {len(skipped)} unreadable image(s): " +
-                          "; ".join(f"{p}: {e}" for p, e in skipped), stacklevel=3)
+            from siglip_dola.failures import all_failed_message, grouped_reasons
+
+            if not results:
+                raise ValueError(all_failed_message("images", skipped))
+            warnings.warn(f"skipped {len(skipped)} unreadable image(s): {grouped_reasons(skipped)}", stacklevel=3)
         return results
 
     def _rows(self, result: scoring.DoLaResult, names: list, top_k: int, key: str) -> list[dict]:
@@ -192,7 +195,9 @@ class DoLaSigLIP:
                 finals.append(z_final)
                 stacks.append(z_layers)
         if skipped:
-            warnings.warn("skipped unreadable image(s): " + "; ".join(f"{p}: {e}" for p, e in skipped), stacklevel=2)
+            from siglip_dola.failures import grouped_reasons
+
+            warnings.warn(f"skipped {len(skipped)} unreadable image(s): {grouped_reasons(skipped)}", stacklevel=2)
         if not finals:
             raise ValueError("images: no image could be decoded")
         return ids, torch.cat(finals), (torch.cat(stacks, dim=1) if self.layers else None)  # (J, n, D)

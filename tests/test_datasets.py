@@ -39,9 +39,11 @@ def test_image_folder_with_and_without_split_folders(tmp_path):
     assert dataset.labels == [0, 0, 0, 1, 1, 1]
     assert all(p.parent.parent.name == "test" and p.suffix == ".png" for p in dataset.items)
 
-    flat = datasets.load_dataset(str(tmp_path / "data" / "val"), split="test", n=2)
-    assert flat.split == "all"  # no split folder: the whole folder, whatever --split says
+    flat = datasets.load_dataset(str(tmp_path / "data" / "val"), split=None, n=2)
+    assert flat.split == "all"  # no split folder and no split asked for: the whole folder
     assert flat.labels == [0, 1]  # evenly spaced: both classes kept
+    with pytest.raises(ValueError, match="no split folder 'test'"):  # a split asked for is never the whole folder
+        datasets.load_dataset(str(tmp_path / "data" / "val"), split="test")
 
     with pytest.raises(ValueError, match="no class sub-folders"):
         datasets.image_folder_dataset(tmp_path / "data" / "val" / "cat")

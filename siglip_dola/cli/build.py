@@ -1,8 +1,6 @@
 """`siglip-dola build`: aggregate result JSON files into one CSV table, as `clip_benchmark build` does."""
 from __future__ import annotations
 
-import sys
-
 from siglip_dola.cli import subcommand
 
 
@@ -13,13 +11,14 @@ def _add_arguments(parser) -> None:
 
 @subcommand("build", help="Aggregate `eval` result JSON files into one CSV table (like `clip_benchmark build`).")
 def build_command(args) -> int:
-    from siglip_dola.evaluation.results import build_table
+    from siglip_dola.cli import report_skipped
+    from siglip_dola.evaluation.results import build_table, result_files
+    from siglip_dola.io import refuse_overlapping_paths
 
+    refuse_overlapping_paths({"--out": args.out}, {"FILES": None, **{str(p): p for p in result_files(args.files)}})
     written, skipped = build_table(args.files, args.out)
-    for path, why in skipped:
-        print(f"siglip-dola build: skipped {path}: {why}", file=sys.stderr)
     print(f"{written} result file(s) -> {args.out}" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return 1 if skipped else 0
+    return report_skipped(skipped, getattr(args, "_prog", "siglip-dola build"))
 
 
 build_command.add_arguments = _add_arguments

@@ -5,6 +5,7 @@ import json
 import sys
 
 from siglip_dola.cli import subcommand
+from siglip_dola.cli.lists import split_list, typed_list
 from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.layers import MODES
 
@@ -12,22 +13,17 @@ from siglip_dola.layers import MODES
 
 def parse_layers(text: str) -> list[int]:
     """'18,20,22' -> [18, 20, 22] (argparse type)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated ints such as 18,20,22, got {text!r}") from None
+    return list(typed_list(int, "--layers", "18,20,22")(text))
 
 
 def read_label_list(labels: str | None, labels_file: str | None, option: str = "--labels") -> list[str]:
-    """Labels from 'cat,dog' or a UTF-8 file (one per line); empty, blank or duplicate entries -> ValueError."""
+    """Labels from 'cat,dog' (quoted like CSV: '"red, circle",dog') or a UTF-8 file (one per line); empty, blank or duplicate entries -> ValueError."""
     from siglip_dola.text_bank.bank import validate_labels
     from siglip_dola.text_bank.files import read_labels_file
 
     if labels_file is not None:
         return read_labels_file(labels_file)
-    items = [item.strip() for item in (labels or "").split(",")]
-    if not any(items):
-        raise ValueError(f"{option} is empty: give at least one entry, e.g. {option} \"cat,dog\"")
+    items = split_list(labels or "", option, '"cat,dog" (or \'"red, circle",dog\')', keep_blank=True)
     return validate_labels(items, source=option)
 
 
@@ -72,12 +68,15 @@ def _add_scorer_arguments(parser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the forward from CUDA graphs, one per batch shape (CUDA only; faster at small batches)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bars of long image and text encodings (default: shown)")
 
 
 def _classify_arguments(parser) -> None:
     _add_scorer_arguments(parser)
     labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
+    labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"; quote one that holds a '
+                        'comma as in CSV: \'"red, circle",dog\'')
     labels.add_argument("--labels-file", help="UTF-8 text file, one class name per line")
     parser.add_argument("--bank", default=None,
                         help="precomputed text bank (.npy / .safetensors); labels from the file or --labels")
@@ -89,7 +88,7 @@ def _classify_arguments(parser) -> None:
 def _rerank_arguments(parser) -> None:
     _add_scorer_arguments(parser)
     texts = parser.add_mutually_exclusive_group(required=True)
-    texts.add_argument("--texts", help='image -> texts: comma-separated candidate texts')
+    texts.add_argument("--texts", help='image -> texts: comma-separated candidate texts (quoted like CSV)')
     texts.add_argument("--texts-file", help="image -> texts: UTF-8 file, one candidate text per line")
     texts.add_argument("--query", action="append", help="text -> images: rank the images for this text (repeatable)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the best K (default: all)")
@@ -104,16 +103,21 @@ def _build_scorer(args):
                              cuda_graphs=args.cuda_graphs, **settings_flags(args))
 
 
-def _run_batches(scorer, paths, bank, top_k, key) -> tuple[list, list]:
+def _run_batches(scorer, paths, bank, top_k, key, progress: bool = True) -> tuple[list, list]:
     """Classify all paths with a progress bar (stderr) when there are more than one batch of images."""
     from tqdm import tqdm
 
     results, skipped = [], []
-    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size, file=sys.stderr) as bar:
+    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size or not progress,
+              file=sys.stderr) as bar:
         for batch_results, batch_skipped in scorer.iter_classify(paths, bank, top_k, key=key):
             results.extend(batch_results)
             skipped.extend({"path": str(p), "error": e} for p, e in batch_skipped)
             bar.update(len(batch_results) + len(batch_skipped))
+    if skipped and not results:
+        from siglip_dola.failures import all_failed_message
+
+        raise ValueError(all_failed_message("images", skipped))
     return results, skipped
 
 
@@ -124,13 +128,14 @@ def _check_queries(queries: list[str]) -> list[str]:
     return queries
 
 
-def _embed_all(scorer, paths) -> tuple[list, object, object, list]:
+def _embed_all(scorer, paths, progress: bool = True) -> tuple[list, object, object, list]:
     """(ids, z_final [n, D], z_layers [J, n, D] | None, skipped) for all paths, with a progress bar."""
     import torch
     from tqdm import tqdm
 
     ids, finals, stacks, skipped = [], [], [], []
-    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size, file=sys.stderr) as bar:
+    with tqdm(total=len(paths), unit="img", disable=len(paths) <= scorer.batch_size or not progress,
+              file=sys.stderr) as bar:
         for batch_ids, z_final, z_layers, batch_skipped in scorer.iter_embed(paths):
             skipped.extend({"path": str(p), "error": e} for p, e in batch_skipped)
             if z_final is not None:
@@ -139,7 +144,9 @@ def _embed_all(scorer, paths) -> tuple[list, object, object, list]:
                 stacks.append(z_layers)
             bar.update(len(batch_ids) + len(batch_skipped))
     if not finals:
-        raise ValueError("no image could be decoded: " + "; ".join(f"{s['path']}: {s['error']}" for s in skipped))
+        from siglip_dola.failures import all_failed_message
+
+        raise ValueError(all_failed_message("images", skipped))
     z_layers = torch.cat(stacks, dim=1) if stacks[0] is not None else None  # (J, n, D)
     return ids, torch.cat(finals), z_layers, skipped
 
@@ -187,7 +194,7 @@ def _classify_bank(args, model, labels):
 
     if args.bank is not None:
         return load_text_bank(args.bank, labels=labels)
-    return build_text_bank(model, labels, templates=tuple(args.templates))
+    return build_text_bank(model, labels, templates=tuple(args.templates), progress=args.progress)
 
 
 @subcommand("classify", help="Zero-shot classify images with DoLa.")
@@ -199,7 +206,7 @@ def classify_command(args) -> int:
     paths = expand_image_paths(args.images)
     model, scorer = _build_scorer(args)
     bank = _classify_bank(args, model, labels)
-    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="label")
+    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="label", progress=args.progress)
     return _emit(args, scorer, results, skipped, "predictions", "label", "image")
 
 
@@ -213,7 +220,7 @@ def rerank_command(args) -> int:
     if args.query:
         queries = _check_queries(args.query)
         model, scorer = _build_scorer(args)
-        ids, z_final, z_layers, skipped = _embed_all(scorer, paths)
+        ids, z_final, z_layers, skipped = _embed_all(scorer, paths, args.progress)
         if len(ids) == 1:
             import warnings
             warnings.warn("only one image to rank: it always scores 1.0; ranking needs at least 2 candidates")
@@ -221,8 +228,8 @@ def rerank_command(args) -> int:
         return _emit(args, scorer, results, skipped, "ranking", "image", "text")
     texts = read_label_list(args.texts, args.texts_file, option="--texts")
     model, scorer = _build_scorer(args)
-    bank = build_text_bank(model, texts)
-    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="text")
+    bank = build_text_bank(model, texts, progress=args.progress)
+    results, skipped = _run_batches(scorer, paths, bank, args.top_k, key="text", progress=args.progress)
     return _emit(args, scorer, results, skipped, "predictions", "text", "image")
 
 

@@ -5,43 +5,46 @@ shard, rank 0 scores, prints and writes.
 """
 from __future__ import annotations
 
-from siglip_dola.cli import int_at_least, subcommand
+from siglip_dola.cli import int_at_least, report_skipped, subcommand
+from siglip_dola.cli.lists import typed_list
 from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 
 TASK_NAMES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL}
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers such as 0.05,0.1,0.2, got {text!r}") from None
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated ints such as 2,3,4, got {text!r}") from None
+MIN_RESAMPLES = 100  # evaluation.stats.MIN_RESAMPLES, checked here before any image is read
 
 
 def _common_arguments(parser, default_split: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--dataset", required=True,
                         help="'shapes', an ImageFolder folder, a CSV of path,label, or a clip_benchmark name")
-    parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
+    parser.add_argument("--split", default=None,
+                        help=f"dataset split (default: {default_split}; a folder without split folders or a CSV "
+                             "without a 'split' column is one split, 'all', and then refuses another --split)")
     # not `--n`: torchrun's own parser would take it as an abbreviation of its --nnodes/--nproc-per-node
-    parser.add_argument("--limit", type=int, default=None, help="use only N evenly spaced images (default: all)")
+    parser.add_argument("--limit", type=int_at_least(1), default=None,
+                        help="use only N images: the first N of 'shapes', N evenly spaced ones of a folder, CSV or "
+                             "clip_benchmark set; more than the split holds uses all of it, with a warning "
+                             "(default: all)")
     parser.add_argument("--out", required=True, help="JSON file to write (atomically)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bar (default: shown)")
     parser.add_argument("--bank", default=None,
                         help="precomputed text bank (.safetensors / .npy) for classification, e.g. for a model "
                              "without its text tower offline; rows matched to the dataset's class names")
+
+
+def _inputs(args) -> dict:
+    """The files a run reads, by flag (an output may be none of them)."""
+    from pathlib import Path
+
+    return {"--dataset": args.dataset if Path(args.dataset).is_file() else None, "--bank": args.bank,
+            "--calibration": getattr(args, "calibration", None)
+            if Path(str(getattr(args, "calibration", None))).is_file() else None}
 
 
 def _load_model(args):
@@ -53,9 +56,12 @@ def _load_model(args):
 
 def _calibrate_arguments(parser) -> None:
     _common_arguments(parser, "val")
-    parser.add_argument("--alphas", type=_float_list, default=(0.05, 0.1, 0.2), help="alpha grid (default 0.05,0.1,0.2)")
-    parser.add_argument("--n-buckets", type=_int_list, default=(2, 3, 4), help="bucket splits tried (default 2,3,4)")
-    parser.add_argument("--contrast-weights", type=_float_list, default=(1.0, 0.5, 0.25),
+    parser.add_argument("--alphas", type=typed_list(float, "--alphas", "0.05,0.1,0.2"), default=(0.05, 0.1, 0.2),
+                        help="alpha grid (default 0.05,0.1,0.2)")
+    parser.add_argument("--n-buckets", type=typed_list(int, "--n-buckets", "2,3,4"), default=(2, 3, 4),
+                        help="bucket splits tried (default 2,3,4)")
+    parser.add_argument("--contrast-weights", type=typed_list(float, "--contrast-weights", "1,0.5,0.25"),
+                        default=(1.0, 0.5, 0.25),
                         help="contrast weight (lambda) grid; the first wins ties (default 1,0.5,0.25)")
     parser.add_argument("--static-layers", choices=("even", "all"), default="even",
                         help="layers tried for static mode (default: even)")
@@ -72,10 +78,13 @@ def calibrate_command(args) -> int:
     from siglip_dola.text_bank.files import load_text_bank
     from siglip_dola.distributed import distributed_session
 
+    from siglip_dola.io import refuse_overlapping_paths
+
+    refuse_overlapping_paths({"--out": args.out}, _inputs(args))
     grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,
                            contrast_weights=args.contrast_weights)
     with distributed_session():
-        bank = None if args.bank is None else load_text_bank(args.bank)
+        bank = None if args.bank is None else load_text_bank(args.bank, rows_in_class_order=True)
         report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
                            n=args.limit, batch_size=args.batch_size, progress=args.progress,
                            task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
@@ -85,6 +94,7 @@ def calibrate_command(args) -> int:
         print(f"{report['dataset']} [{report['split']}, n={report['n_images']}] chose {report['choice']} "
               f"{key}={report['choice_metrics'][key]:.4f} (off {off:.4f}; best single layer {single['layer']} "
               f"alone {single[key]:.4f}, not DoLa) ({len(report['scores'])} grid points) -> {args.out}")
+        return report_skipped(report["skipped"], getattr(args, "_prog", "siglip-dola"))
     return 0
 
 
@@ -99,8 +109,8 @@ def _eval_arguments(parser) -> None:
     parser.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                         help="also write one JSON line per image (per caption for retrieval): top-k of every mode, "
                              "premature layer, JSD per candidate layer, head-set size")
-    parser.add_argument("--n-resamples", type=int_at_least(1), default=10_000,
-                        help="paired bootstrap resamples for the intervals (default 10000)")
+    parser.add_argument("--n-resamples", type=int_at_least(MIN_RESAMPLES), default=10_000,
+                        help=f"paired bootstrap resamples for the intervals, at least {MIN_RESAMPLES} (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--plots", default=None, help="folder for the layer-lens PNGs")
     parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
@@ -127,8 +137,11 @@ def eval_command(args) -> int:
     from siglip_dola.distributed import distributed_session
     from siglip_dola.evaluation.evaluate import evaluate
     from siglip_dola.evaluation.results import summary_line
+    from siglip_dola.io import refuse_overlapping_paths
 
     predictions = _report_predictions(args)   # checked before the evaluation runs
+    refuse_overlapping_paths({"--out": args.out, "--predictions": predictions, "--report": args.report},
+                             _inputs(args))
     with distributed_session():
         report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
@@ -141,6 +154,7 @@ def eval_command(args) -> int:
 
             page = write_report(report, predictions, args.report)
             print(f"report: {page} ({page.stat().st_size / 1e6:.2f} MB)")
+        return report_skipped(report["skipped"], getattr(args, "_prog", "siglip-dola"))
     return 0
 
 

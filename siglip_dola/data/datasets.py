@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,10 +43,9 @@ class EvalDataset:
 
 def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
     """Keep n evenly spaced items (all classes of a sorted listing stay represented)."""
+    n = _check_limit(n, len(dataset.items), f"dataset {dataset.name!r} split {dataset.split!r}")
     if n is None or n >= len(dataset.items):
         return dataset
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int or None, got {n!r}")
     keep = [i * len(dataset.items) // n for i in range(n)]
     items = dataset.items
     dataset.items = (_LabelledPairs(items.dataset, [items.indices[i] for i in keep])
@@ -56,14 +56,28 @@ def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
     return dataset
 
 
+def _check_limit(n: int | None, size: int, what: str) -> int | None:
+    """n (a positive int or None) capped at the `size` items of `what`, with a warning when it was larger:
+    items beyond a split are never generated or invented."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    if n is not None and n > size:
+        warnings.warn(f"n={n} is more than the {size} images of {what}: using all {size}", UserWarning, stacklevel=3)
+        return size
+    return n
+
+
 def shapes_dataset(split: str = "test", n: int | None = None, seed: int = 0) -> EvalDataset:
-    """The generated shapes set (36 colour x shape classes, one caption per image)."""
+    """The generated shapes set (36 colour x shape classes, one caption per image): the first n images of the
+    split's fixed size (shapes.DEFAULT_SIZES), drawn lazily. An n beyond the split is capped with a warning:
+    images past it are not part of the split."""
     if split not in shapes.SPLITS:
         raise ValueError(f"split must be one of {shapes.SPLITS} for dataset 'shapes', got {split!r}")
-    samples = shapes.make_split(split, n=n, seed=seed)
-    return EvalDataset("shapes", split, [(s.name, s.image) for s in samples], [s.label for s in samples],
-                       list(shapes.CLASSNAMES), list(shapes.TEMPLATES), [[s.caption] for s in samples],
-                       tasks=TASKS)
+    size = shapes.DEFAULT_SIZES[split]
+    n = _check_limit(n, size, f"the shapes {split!r} split")
+    items = shapes.ShapeItems(split, seed, range(size if n is None else n))
+    return EvalDataset("shapes", split, items, items.labels(), list(shapes.CLASSNAMES), list(shapes.TEMPLATES),
+                       [[caption] for caption in items.captions()], tasks=TASKS)
 
 
 def _prompt_name(folder_name: str) -> str:
@@ -71,14 +85,18 @@ def _prompt_name(folder_name: str) -> str:
 
 
 def image_folder_dataset(root: str | os.PathLike, split: str = "test",
-                         templates: Sequence[str] = DEFAULT_TEMPLATES) -> EvalDataset:
+                         templates: Sequence[str] = DEFAULT_TEMPLATES, strict_split: bool = False) -> EvalDataset:
     """root/<split>/<class>/<images> or root/<class>/<images>; the class name is the folder name (_ -> space).
 
     Without a <split> folder the split is recorded as "all" (so calibrating and evaluating on the same
-    folder is recognised as the same images).
+    folder is recognised as the same images); with `strict_split` (a split the user named) that is an error.
     """
     root = Path(root)
-    base, split = (root / split, split) if (root / split).is_dir() else (root, "all")
+    base, found = (root / split, split) if (root / split).is_dir() else (root, "all")
+    if strict_split and found != split and split != "all":
+        raise ValueError(f"dataset folder {str(root)!r} has no split folder {split!r} ({str(root / split)!r}): "
+                         "without split folders it is one split, 'all'; leave --split out or pass --split all")
+    split = found
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
     if not class_dirs:
         raise ValueError(f"dataset folder {str(base)!r} has no class sub-folders (expected <root>/<class>/<image>)")
@@ -92,11 +110,14 @@ def image_folder_dataset(root: str | os.PathLike, split: str = "test",
     return EvalDataset(str(root), split, items, labels, [_prompt_name(p.name) for p in class_dirs], list(templates))
 
 
-def csv_dataset(path: str | os.PathLike, templates: Sequence[str] = DEFAULT_TEMPLATES) -> EvalDataset:
-    """A CSV with a header `path,label` (classification) or `path,caption` (retrieval; a path may repeat).
+def csv_dataset(path: str | os.PathLike, templates: Sequence[str] = DEFAULT_TEMPLATES, split: str | None = None,
+                strict_split: bool = False) -> EvalDataset:
+    """A CSV with a header `path,label` (classification) or `path,caption` (retrieval; a path may repeat),
+    and optionally a `split` column.
 
-    Paths are relative to the CSV's folder. Class names are the sorted distinct labels. The file is one
-    split, recorded as "all": use one CSV per split.
+    Paths are relative to the CSV's folder. Class names are the sorted distinct labels (of all splits). With
+    a `split` column the rows of `split` are kept; without one the file is one split, recorded as "all", and
+    a `strict_split` (a split the user named) other than "all" is an error.
     """
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as handle:
@@ -105,19 +126,39 @@ def csv_dataset(path: str | os.PathLike, templates: Sequence[str] = DEFAULT_TEMP
     if "path" not in columns or not columns & {"label", "caption"}:
         raise ValueError(f"CSV {str(path)!r} needs a header with 'path' and 'label' (or 'caption') columns, "
                          f"got {sorted(columns)}")
+    all_labels = sorted({row["label"] for row in rows if row.get("label")})
+    rows, found = _split_rows(path, rows, split, strict_split)
     images: dict[str, dict] = {}  # resolved path -> {"label", "captions"}, in first-seen order
     for row in rows:
         entry = images.setdefault(str(path.parent / row["path"]), {"label": row.get("label"), "captions": []})
         if row.get("caption"):
             entry["captions"].append(row["caption"])
     items = [Path(p) for p in images]
-    classnames = sorted({e["label"] for e in images.values() if e["label"]})
-    labels = [classnames.index(e["label"]) if e["label"] else -1 for e in images.values()]
+    classnames = all_labels  # the same classes on every split, so calibration and evaluation agree
+    index_of = {name: i for i, name in enumerate(classnames)}
+    labels = [index_of[e["label"]] if e["label"] else -1 for e in images.values()]
     has_captions = "caption" in columns
-    return EvalDataset(str(path), "all", items, labels, classnames, list(templates),
+    return EvalDataset(str(path), found, items, labels, classnames, list(templates),
                        [e["captions"] for e in images.values()] if has_captions else None,
                        tasks=((CLASSIFICATION,) if classnames else ()) +
                        ((RETRIEVAL,) if has_captions else ()))
+
+
+def _split_rows(path: Path, rows: list[dict], split: str | None, strict: bool) -> tuple[list[dict], str]:
+    """(rows of `split`, the split recorded) of a CSV; its `split` column, when it has one, selects them."""
+    if rows and "split" in rows[0]:
+        splits = sorted({row["split"] for row in rows})
+        wanted = split or "test"
+        if wanted == "all":
+            return rows, "all"
+        kept = [row for row in rows if row["split"] == wanted]
+        if not kept:
+            raise ValueError(f"CSV {str(path)!r} has no rows of split {wanted!r}; its splits: {splits}")
+        return kept, wanted
+    if strict and split not in (None, "all"):
+        raise ValueError(f"CSV {str(path)!r} has no 'split' column, so it is one split ('all'), not {split!r}: "
+                         "add a split column, use one CSV per split, or leave --split out")
+    return rows, "all"
 
 
 def _clip_benchmark_module():
@@ -189,20 +230,24 @@ def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLi
                        list(dataset.classes), templates)
 
 
-def load_dataset(name: str, split: str = "test", n: int | None = None, seed: int = 0,
-                 root: str | os.PathLike | None = None) -> EvalDataset:
-    """`shapes`, a folder (ImageFolder layout), a .csv file, or a clip_benchmark dataset name; n evenly spaced items."""
+def load_dataset(name: str, split: str | None = None, n: int | None = None, seed: int = 0,
+                 root: str | os.PathLike | None = None, default_split: str = "test") -> EvalDataset:
+    """`shapes`, a folder (ImageFolder layout), a .csv file, or a clip_benchmark dataset name; n evenly spaced items.
+
+    `split` None: `default_split` where the dataset has it, else the whole set ("all"). A named split a
+    folder or CSV does not have is an error (never silently the whole set)."""
     if not isinstance(name, (str, os.PathLike)) or not str(name):
         raise TypeError(f"dataset must be 'shapes', a folder, a .csv file or a clip_benchmark name, got {name!r}")
+    strict, split = split is not None, default_split if split is None else split
     if str(name) == "shapes":
         return shapes_dataset(split, n=n, seed=seed)
     path = Path(name)
     if path.is_dir():
-        return _subsample(image_folder_dataset(path, split), n)
+        return _subsample(image_folder_dataset(path, split, strict_split=strict), n)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise FileNotFoundError(f"dataset CSV {str(path)!r} does not exist")
-        return _subsample(csv_dataset(path), n)
+        return _subsample(csv_dataset(path, split=split, strict_split=strict), n)
     try:
         _clip_benchmark_module()
     except MissingDependencyError:

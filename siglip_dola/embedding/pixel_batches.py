@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from siglip_dola import distributed
 from siglip_dola.data.images import decode_image
 from siglip_dola.data.pixel_split import split_preprocess
+from siglip_dola.data.threads import available_cores, decode_worker_init, main_process_threads
 
 MAX_WORKERS = 16       # decode processes per rank; past this the host copies, not decoding, limit
 PREFETCH_BATCHES = 2   # batches each worker decodes ahead (each in shared memory: B x 3 x H x W, uint8 or fp32)
@@ -92,8 +93,7 @@ def default_workers(n_items: int, batch_size: int) -> int:
     is one batch."""
     if n_items <= batch_size:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = cores // distributed.rank_and_world()[1]
+    share = available_cores() // distributed.rank_and_world()[1]
     return max(1, min(share // 2 - 1, MAX_WORKERS, -(-n_items // batch_size)))
 
 
@@ -129,16 +129,17 @@ def _host_batches(items, host_preprocess, batch_size: int, workers: int | None,
         raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
     sub = _sub_batch_size(batch_size, workers)
     loader = DataLoader(_Decoded(items, host_preprocess), batch_size=sub, shuffle=False, num_workers=workers,
-                        collate_fn=_collate, pin_memory=pin,
+                        collate_fn=_collate, pin_memory=pin, worker_init_fn=decode_worker_init if workers else None,
                         prefetch_factor=PREFETCH_BATCHES * (batch_size // sub) if workers else None)
     parts = []
-    for part in loader:
-        parts.append(part)
-        if len(parts) * sub == batch_size:
+    with main_process_threads(workers):  # workers + this process stay within the cores
+        for part in loader:
+            parts.append(part)
+            if len(parts) * sub == batch_size:
+                yield _merge(parts)
+                parts = []
+        if parts:
             yield _merge(parts)
-            parts = []
-    if parts:
-        yield _merge(parts)
 
 
 def iter_pixel_batches(model, items, batch_size: int = 32, workers: int | None = None) -> Iterator[PixelBatch]:

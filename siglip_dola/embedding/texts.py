@@ -4,12 +4,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from siglip_dola.embedding.pixel_batches import check_batch_size
 
 
-def embed_texts(model, texts: Sequence[str], batch_size: int = 256, needed_for: str = "text embeddings") -> torch.Tensor:
-    """Raw (not normalised) text embeddings [T, D] fp32 cpu, `batch_size` texts per encoder call.
+def embed_texts(model, texts: Sequence[str], batch_size: int = 256, needed_for: str = "text embeddings",
+                progress: bool = True) -> torch.Tensor:
+    """Raw (not normalised) text embeddings [T, D] fp32 cpu, `batch_size` texts per encoder call; a progress
+    bar (stderr) when `progress` and there is more than one batch.
 
     ValueError naming `needed_for` when the model has no text tower.
     """
@@ -19,6 +22,8 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 256, needed_for: 
     texts = list(texts)
     if not texts:
         return torch.zeros(0, model.readout.embed_dim)
+    starts = range(0, len(texts), batch_size)
     with torch.inference_mode():
         return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
+                          for i in tqdm(starts, desc=f"encoding {len(texts)} texts", unit="batch",
+                                        disable=not progress or len(starts) <= 1)])

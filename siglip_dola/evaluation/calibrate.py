@@ -48,15 +48,24 @@ class CalibrationGrid:
     alphas: tuple[float, ...] = (0.05, 0.1, 0.2)
     contrast_weights: tuple[float, ...] = (1.0, 0.5, 0.25)  # lambda; grid order breaks ties: 1 first
 
+    def __post_init__(self):
+        # an empty axis leaves only `off` (or one mode) to "choose" from: refused, not silently a 1-point grid
+        for name in ("n_buckets", "alphas", "contrast_weights"):
+            if len(tuple(getattr(self, name))) == 0:
+                raise ValueError(f"{name} is empty: give at least one value to search")
+
 
 def all_layers(model) -> list[int]:
     """Every candidate layer 1..N-1 of the model."""
     return list(range(1, model.readout.num_layers))
 
 
-def as_dataset(dataset, split: str, n: int | None) -> EvalDataset:
-    """An EvalDataset from a dataset object or a name/path accepted by datasets.load_dataset."""
-    return dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset, split=split, n=n)
+def as_dataset(dataset, split: str | None, n: int | None, default_split: str = "test") -> EvalDataset:
+    """An EvalDataset from a dataset object or a name/path accepted by datasets.load_dataset (split None:
+    `default_split` where the dataset has one, else all of it)."""
+    if isinstance(dataset, EvalDataset):
+        return dataset
+    return load_dataset(dataset, split=split, n=n, default_split=default_split)
 
 
 def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True,
@@ -65,8 +74,10 @@ def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: b
     embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress,
                               workers=workers)
     if embeddings is not None and not embeddings.ids:
-        raise ValueError(f"dataset {dataset.name!r} split {dataset.split!r}: no image could be read "
-                         f"({len(embeddings.skipped)} skipped)")
+        from siglip_dola.failures import all_failed_message
+
+        raise ValueError(f"dataset {dataset.name!r} split {dataset.split!r}: no image could be read: "
+                         + all_failed_message("images", embeddings.skipped))
     return embeddings
 
 
@@ -118,7 +129,10 @@ def grid_points(grid: CalibrationGrid, num_layers: int) -> list[dict]:
             points += [{"mode": "dynamic", "bucket": bucket, "n_buckets": n_buckets, "layers": layers,
                         "static_layer": None, "alpha": alpha, "contrast_weight": weight}
                        for weight in grid.contrast_weights for alpha in grid.alphas]
-    static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=grid.static_parity)
+    try:
+        static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=grid.static_parity)
+    except ValueError:  # N=2: layer 1 is the only candidate, and it is odd
+        static_layers = list(range(1, num_layers))
     points += [{"mode": "static", "bucket": None, "n_buckets": None, "layers": [layer], "static_layer": layer,
                 "alpha": alpha, "contrast_weight": weight}
                for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
@@ -227,7 +241,7 @@ def _task_cache(model, dataset: EvalDataset, embeddings: Embeddings, task: str, 
     return text_to_image_logits(model, text_embeds(model, texts), text_image, embeddings)
 
 
-def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None = None,
+def calibrate(model, dataset, split: str | None = None, grid: CalibrationGrid | None = None,
               out: str | os.PathLike | None = None, n: int | None = None, batch_size: int = 32,
               progress: bool = True, task: str = CLASSIFICATION, metric: str = RETRIEVAL_METRIC,
               bank: TextBank | None = None) -> dict | None:
@@ -243,7 +257,7 @@ def calibrate(model, dataset, split: str = "val", grid: CalibrationGrid | None =
             and metric.rsplit("@", 1)[1].isdigit() and int(metric.rsplit("@", 1)[1]) >= 1):
         raise ValueError(f"metric must be image_retrieval_recall@K with K >= 1, got {metric!r}")
     grid = grid or CalibrationGrid()
-    dataset = as_dataset(dataset, split, n)
+    dataset = as_dataset(dataset, split, n, default_split="val")
     embeddings = embed_dataset(model, dataset, batch_size, progress)
     if embeddings is None:  # other ranks wait until rank 0 has written `out`: a next command may read it
         error = distributed.broadcast_from_rank0(None)

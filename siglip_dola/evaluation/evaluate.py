@@ -166,7 +166,7 @@ def _retrieval(model, dataset, embeddings, points, single_layer, want_rows, metr
                       layer_lens(i2t, targets, i2t_results["dynamic"], "text_retrieval_recall@1"), rows)
 
 
-def evaluate(model, dataset, split: str = "test", calibration=None, out: str | os.PathLike | None = None,
+def evaluate(model, dataset, split: str | None = None, calibration=None, out: str | os.PathLike | None = None,
              plots_dir: str | os.PathLike | None = None, task: str = CLASSIFICATION,
              n: int | None = None, batch_size: int = 32, progress: bool = True,
              predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0,
@@ -194,7 +194,7 @@ def evaluate(model, dataset, split: str = "test", calibration=None, out: str | o
         raise ValueError("bank is used for classification only; retrieval encodes the dataset's captions")
     bank_source = bank if isinstance(bank, (str, os.PathLike)) or bank is None else "TextBank"
     if isinstance(bank, (str, os.PathLike)):
-        bank = load_text_bank(bank)
+        bank = load_text_bank(bank, rows_in_class_order=True)  # rows are matched to the dataset's class names
     points = mode_points(model.readout.num_layers, calibration_report)
     single_layer = _single_layer(calibration_report, model.readout.num_layers)
     embeddings = embed_dataset(model, dataset, batch_size, progress, workers)

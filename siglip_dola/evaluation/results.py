@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -116,6 +117,11 @@ def table_row(report: dict) -> dict:
     missing = [k for k in ("dataset", "model", "task", "metrics") if k not in report]
     if missing or not isinstance(report.get("metrics"), dict):
         raise ValueError(f"not a result JSON of `siglip-dola eval` or `clip_benchmark eval`: lacks {missing or ['metrics']}")
+    not_finite = sorted(key for key, value in report["metrics"].items()
+                        if isinstance(value, float) and not math.isfinite(value))
+    if not_finite:
+        raise ValueError(f"metrics {not_finite} are not finite numbers (NaN or infinite): the run that wrote "
+                         "this file went wrong; it is left out of the table")
     row = dict(report["metrics"])
     for key, value in report.items():
         if key not in ("metrics", *NOT_TABULATED):
@@ -124,7 +130,7 @@ def table_row(report: dict) -> dict:
     return row
 
 
-def _result_files(paths) -> list[Path]:
+def result_files(paths) -> list[Path]:
     files = []
     for path in map(Path, paths):
         files += sorted(path.glob("*.json")) if path.is_dir() else [path]
@@ -133,16 +139,24 @@ def _result_files(paths) -> list[Path]:
 
 def build_table(paths, out: str | os.PathLike) -> tuple[int, list[tuple[str, str]]]:
     """Aggregate result JSON files (or folders of them) into one CSV at `out` (atomic): (rows written,
-    [(file, why skipped)]). Columns: LEADING_COLUMNS, then the rest sorted; a cell a file lacks is empty."""
+    [(file, why skipped)]). Columns: LEADING_COLUMNS, then the rest sorted; a cell a file lacks is empty.
+    A file with non-finite metrics is skipped; `out` that is one of the inputs is refused before reading."""
+    from siglip_dola.io import refuse_overlapping_paths
+
+    files = result_files(paths)
+    refuse_overlapping_paths({"out": out}, {"an input": p for p in files} if len(files) < 2 else
+                             {f"input #{i + 1}": p for i, p in enumerate(files)})
     rows, skipped = [], []
-    for path in _result_files(paths):
+    for path in files:
         try:
             rows.append(table_row(json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as err:
             skipped.append((str(path), f"{type(err).__name__}: {err}"))
     if not rows:
-        raise ValueError(f"no result JSON could be read from {[str(p) for p in paths]}: "
-                         + "; ".join(f"{p}: {why}" for p, why in skipped))
+        from siglip_dola.failures import all_failed_message, first_few
+
+        raise ValueError(f"no result JSON could be read from {first_few(paths)}: "
+                         + all_failed_message("files", skipped))
     columns = {key for row in rows for key in row}
     fieldnames = [k for k in LEADING_COLUMNS if k in columns] + sorted(columns - set(LEADING_COLUMNS))
     with atomic_path(out) as tmp:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 N_RESAMPLES = 10_000
+MIN_RESAMPLES = 100  # a 95% percentile interval needs resamples in both 2.5% tails; 1 resample gave [x, x]
 CONFIDENCE = 0.95
 SEED = 0
 
@@ -57,14 +58,17 @@ def bootstrap_delta_interval(fixed: int, broken: int, n: int, n_resamples: int =
         raise ValueError(f"need at least one item, got n={n}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    tail = (1.0 - confidence) / 2.0
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < MIN_RESAMPLES \
+            or n_resamples * tail < 1:
+        least = max(MIN_RESAMPLES, math.ceil(1 / tail))
+        raise ValueError(f"n_resamples must be an int >= {least} for a {confidence:.0%} interval (with fewer, "
+                         f"its ends are single resamples, or one), got {n_resamples!r}")
     unchanged = n - fixed - broken
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.array([fixed, broken, unchanged], dtype=np.float64) / n,
                              size=n_resamples)  # (R, 3)
     deltas = (counts[:, 0] - counts[:, 1]) / n  # (R,)
-    tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(deltas, [tail, 1.0 - tail])
     return float(low), float(high)
 

@@ -143,9 +143,10 @@ def commit_segments(root: Path, manifest: Manifest, names: list[str], base_faiss
     indexed = _indexed_paths(root, manifest)
     manifest.skipped = _merge_skipped(manifest.skipped, metas, indexed)
     if manifest.count == 0:
-        files = "; ".join(f"{path}: {error}" for path, error in manifest.skipped) or "none given"
-        raise ValueError(f"index: no image could be indexed, nothing was written to {str(root)!r} "
-                         f"(skipped: {files})")
+        from siglip_dola.failures import all_failed_message
+
+        why = all_failed_message("images", manifest.skipped) if manifest.skipped else "no image was given"
+        raise ValueError(f"index: no image could be indexed, nothing was written to {str(root)!r}: {why}")
     manifest.faiss_file, manifest.faiss_sha256 = faiss_store.write(
         root, manifest, base_faiss, [root / storage.SEGMENTS / seg["name"] for seg in new_segments])
     storage.write_manifest(root, manifest)
