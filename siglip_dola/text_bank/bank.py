@@ -12,8 +12,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from siglip_dola.failures import first_few
 
 
 @dataclass
@@ -51,35 +54,69 @@ def validate_labels(labels: Sequence[str], source: str = "labels") -> list[str]:
 def warn_indistinct(labels: Sequence[str], embeds: torch.Tensor, source: str, tolerance: float = 1e-6,
                     unreadable_probe: torch.Tensor | None = None) -> None:
     """UserWarning when there is one label, when labels encode like a nonsense word (`unreadable_probe` [D]),
-    or when labels' embeddings [C, D] coincide (cosine >= 1 - tolerance); each names the labels."""
+    or when labels' embeddings [C, D] coincide (cosine >= 1 - tolerance); each names the first few labels and
+    counts the rest. Memory is O(C): rows are grouped by hashing, never compared all against all."""
     if len(labels) == 1:
         warnings.warn(f"only one class ({labels[0]!r}): it always scores 1.0; ranking needs at least 2 "
                       "candidates", UserWarning, stacklevel=3)
-    unit = F.normalize(embeds.double(), dim=-1)
+    unit = F.normalize(embeds.double(), dim=-1)  # (C, D)
     unread = set()
     if unreadable_probe is not None:
         probe = F.normalize(unreadable_probe.double(), dim=-1)
-        unread = set(torch.nonzero(unit @ probe >= 1.0 - tolerance).flatten().tolist())
+        unread = set(torch.nonzero(unit @ probe >= 1.0 - tolerance).flatten().tolist())  # (C,) scores
         if unread:
-            names = ", ".join(repr(labels[i]) for i in sorted(unread)[:10])
             warnings.warn(f"{len(unread)} of {len(labels)} classes are not read by the tokenizer of {source} "
-                          f"({names}): their prompts encode exactly like a nonsense word, so their scores carry "
-                          "no information. Use words the model knows (the embedded model reads only its shapes "
-                          "words, e.g. 'red circle') or real weights.", UserWarning, stacklevel=3)
-    same = (unit @ unit.T) >= 1.0 - tolerance  # (C, C)
-    groups, seen = [], set()
-    for i in range(len(labels)):
-        if i not in seen:
-            members = torch.nonzero(same[i]).flatten().tolist()
-            seen.update(members)
-            if len(members) > 1 and not set(members) <= unread:  # unread ones were named above
-                groups.append([labels[j] for j in members])
+                          f"({first_few(labels[i] for i in sorted(unread))}): their prompts encode exactly like a "
+                          "nonsense word, so their scores carry no information. Use words the model knows (the "
+                          "embedded model reads only its shapes words, e.g. 'red circle') or real weights.",
+                          UserWarning, stacklevel=3)
+    groups = [g for g in identical_rows(unit, tolerance) if not set(g) <= unread]  # unread ones were named above
     if groups:
-        shown = "; ".join(" = ".join(repr(name) for name in group) for group in groups[:10])
+        shown = "; ".join(" = ".join(first_few(labels[j] for j in group).split(", ")) for group in groups[:5])
+        more = f"; and {len(groups) - 5} more groups" if len(groups) > 5 else ""
         warnings.warn(f"{sum(map(len, groups))} of {len(labels)} classes have identical text embeddings under "
-                      f"{source} ({shown}): their scores are tied, so the answer among them is arbitrary. "
+                      f"{source} ({shown}{more}): their scores are tied, so the answer among them is arbitrary. "
                       "Usually every word of those prompts is unknown to the tokenizer; use words the model "
                       "knows (or real weights).", UserWarning, stacklevel=3)
+
+
+HASH_STEP = 1e-2  # coordinates of a unit row of width D >= 8 differ by far more unless the rows coincide
+
+
+def identical_rows(unit: torch.Tensor, tolerance: float = 1e-6) -> list[list[int]]:
+    """Groups (row indices, in order) of >= 2 unit rows [C, D] that coincide: cosine >= 1 - tolerance.
+
+    Rows are hashed by their cell on a grid of step HASH_STEP, twice (the second grid offset by half a step,
+    so rows a float rounding apart rarely straddle an edge of both), and a row joins the first row of its
+    cell when their cosine confirms it: O(C * D) memory, not the O(C^2) of a full similarity matrix. Rows
+    that coincide (prompts whose words all encode as unknown tokens) differ by float rounding at most and are
+    found; distinct rows never share a cell of HASH_STEP in every coordinate.
+    """
+    parent = list(range(unit.shape[0]))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    weights = np.random.default_rng(0).integers(-2**62, 2**62, size=unit.shape[1], dtype=np.int64)  # (D,)
+    values = unit.cpu().double().numpy()  # (C, D)
+    for offset in (0.0, 0.5):
+        keys = np.empty(len(values), dtype=np.int64)  # (C,) a hash of each row's cell, 4096 rows at a time
+        for start in range(0, len(values), 4096):
+            cells = np.floor(values[start:start + 4096] / HASH_STEP + offset).astype(np.int64)  # (r, D)
+            with np.errstate(over="ignore"):
+                keys[start:start + 4096] = cells @ weights  # wrapping int64 arithmetic
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        leader = first[inverse.ravel()]  # (C,) the first row of each row's cell
+        cosine = np.einsum("cd,cd->c", values, values[leader])  # (C,)
+        for i in np.flatnonzero((leader != np.arange(len(leader))) & (cosine >= 1.0 - tolerance)):
+            parent[root(int(i))] = root(int(leader[i]))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        groups.setdefault(root(i), []).append(i)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def check_bank(bank, model) -> None:

@@ -40,8 +40,9 @@ def imagenet_templates() -> list[str]:
 
 
 def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Template] = ("{}",),
-                    cache_dir: str | Path | None = None, batch_size: int = 256) -> TextBank:
-    """Encode classnames x templates with `model` (a LoadedModel) -> TextBank [C, D]; cached when cache_dir is set."""
+                    cache_dir: str | Path | None = None, batch_size: int = 256, progress: bool = True) -> TextBank:
+    """Encode classnames x templates with `model` (a LoadedModel) -> TextBank [C, D]; cached when cache_dir is set.
+    A progress bar (stderr) shows when the prompts are more than one batch and `progress` is on."""
     classnames = validate_labels(classnames, source="classnames")
     templates = _validate_templates(templates)
     if model.encode_text is None:
@@ -55,7 +56,7 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
         if cache_path.is_file():
             return load_text_bank(cache_path)
     # one more "class", a nonsense word: a class that encodes exactly like it was not read at all
-    embeds = _encode_ensembled(model, [*classnames, UNREADABLE_PROBE], templates, batch_size)
+    embeds = _encode_ensembled(model, [*classnames, UNREADABLE_PROBE], templates, batch_size, progress)
     embeds, probe = embeds[:-1], embeds[-1]
     warn_indistinct(classnames, embeds, f"model {model.model_id!r}", unreadable_probe=probe)
     bank = TextBank(labels=classnames, embeds=embeds, model_id=model.model_id)
@@ -64,11 +65,11 @@ def build_text_bank(model, classnames: Sequence[str], templates: Sequence[Templa
     return bank
 
 
-def _encode_ensembled(model, classnames, templates, batch_size) -> torch.Tensor:
+def _encode_ensembled(model, classnames, templates, batch_size, progress: bool = True) -> torch.Tensor:
     from siglip_dola.embedding.texts import embed_texts
 
     texts = [_apply(template, name) for name in classnames for template in templates]  # class-major
-    text_embeds = F.normalize(embed_texts(model, texts, batch_size, "text banks"), dim=-1)  # (C * T, D)
+    text_embeds = F.normalize(embed_texts(model, texts, batch_size, "text banks", progress), dim=-1)  # (C * T, D)
     text_embeds = text_embeds.reshape(len(classnames), len(templates), -1)  # (C, T, D)
     return F.normalize(text_embeds.mean(dim=1), dim=-1)                     # (C, D)
 

@@ -50,11 +50,12 @@ def save_text_bank(bank: TextBank, path: str | Path) -> None:
 
 
 def load_text_bank(path: str | Path, labels: Sequence[str] | str | Path | None = None,
-                   model_id: str | None = None) -> TextBank:
+                   model_id: str | None = None, rows_in_class_order: bool = False) -> TextBank:
     """Bank from .npy (allow_pickle=False) or .safetensors; rows are L2-normalised on load.
 
     `labels`: a list, or a path to a labels file; None -> the labels stored in the .safetensors
-    metadata, else "0", "1", ... . A .safetensors bank holds its embeds under "embeds" (or its only tensor).
+    metadata, else "0", "1", ... (with a warning, unless `rows_in_class_order`: the caller matches rows to a
+    dataset's classes). A .safetensors bank holds its embeds under "embeds" (or its only tensor).
     """
     path = Path(path)
     embeds, stored_labels, stored_model_id = _read_bank_file(path)
@@ -63,9 +64,9 @@ def load_text_bank(path: str | Path, labels: Sequence[str] | str | Path | None =
     if embeds.ndim != 2:
         raise ValueError(f"bank {path} has shape {tuple(embeds.shape)}; expected [C, D]")
     if labels is None:
-        if stored_labels is None:
+        if stored_labels is None and not rows_in_class_order:
             warnings.warn(f"bank {path} stores no labels: its classes are named '0'..'{embeds.shape[0] - 1}'; "
-                          "give the class names with --labels / --labels-file (labels=)", UserWarning, stacklevel=2)
+                          "give the class names (labels=NAMES)", UserWarning, stacklevel=2)
         labels = stored_labels if stored_labels is not None else [str(i) for i in range(embeds.shape[0])]
     labels = validate_labels(labels, source="labels")
     if embeds.shape[0] != len(labels):
