@@ -59,8 +59,10 @@ def _bucket_candidates(num_layers: int, bucket, n_buckets, parity: str) -> list[
     candidates = [j for j in range(first, min(last, num_layers - 1) + 1)
                   if remainder is None or j % 2 == remainder]
     if not candidates:
-        raise ValueError(f"bucket {bucket} ([{first}, {last}]) has no {parity} layers below "
-                         f"num_layers={num_layers}; choose another bucket or parity in {PARITIES}")
+        kind = "" if parity == "all" else f"{parity} "
+        raise ValueError(f"bucket={bucket} of n_buckets={len(ranges)} (layers {first}..{last}) has no {kind}layer "
+                         f"below the final layer {num_layers}: pass another bucket= or explicit layers= "
+                         f"(valid layers 1..{num_layers - 1})")
     return candidates
 
 
@@ -96,6 +98,21 @@ def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = 3
     return _bucket_candidates(num_layers, bucket, n_buckets, parity)
 
 
+def default_candidates(num_layers: int, n_buckets: int = DEFAULT_N_BUCKETS) -> list[int]:
+    """The design note's default candidates for ANY depth N >= 2: the even layers of the last of `n_buckets`
+    buckets, N excluded ({18, 20, 22} for N=24). A shallow model whose last bucket has no even layer below N
+    (N=6: bucket [5, 6]) takes all of that bucket's layers below N; with fewer layers than buckets the
+    buckets are one layer each; the last resort is layer N-1 alone."""
+    num_layers = _check_num_layers(num_layers)
+    n_buckets = min(_as_int(n_buckets, "n_buckets"), num_layers)
+    for parity in ("even", "all"):
+        try:
+            return resolve_layers(num_layers, bucket=n_buckets, n_buckets=n_buckets, parity=parity)
+        except ValueError:
+            continue
+    return [num_layers - 1]
+
+
 def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int | None = None,
                    static_layer=None) -> tuple[list[int], int | None]:
     """The ONE layer policy: (layers read per forward, static layer or None) for a DoLa mode.
@@ -121,9 +138,10 @@ def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_bucke
         return [static_layer], static_layer
     if mode == "off" and not explicit:
         candidates = []  # off reads no early layer by default
+    elif explicit:
+        candidates = resolve_layers(num_layers, layers=layers, bucket=bucket, n_buckets=n_buckets)
     else:
-        candidates = resolve_layers(num_layers, layers=layers, bucket=bucket if explicit else n_buckets,
-                                    n_buckets=n_buckets)
+        candidates = default_candidates(num_layers, n_buckets)
     if mode == "static":
         return [candidates[len(candidates) // 2]], candidates[len(candidates) // 2]
     return (candidates if mode == "dynamic" or explicit else []), None

@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers
+from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers, resolve_layers
 from siglip_dola.scoring.checks import check_alpha, check_contrast_weight
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL
 
@@ -142,12 +142,19 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
         else:
             values[key], sources[key] = DEFAULTS[key], "default"
     spec, sources["layers"] = _layer_spec(flags, base, base_sources, values["mode"], inherits)
-    read, static = default_layers(num_layers, values["mode"], spec.get("layers"), spec.get("bucket"),
-                                  spec.get("n_buckets"), spec.get("static_layer"))
-    bucket_of, n_buckets_of = None, None  # recorded when the layers are a bucket's
+    try:
+        read, static = default_layers(num_layers, values["mode"], spec.get("layers"), spec.get("bucket"),
+                                      spec.get("n_buckets"), spec.get("static_layer"))
+    except ValueError as err:
+        if sources["layers"] == "flag":
+            raise
+        raise ValueError(_not_for_this_model(spec, sources["layers"], name, num_layers)) from err
+    bucket_of, n_buckets_of = None, None  # recorded when the layers are a bucket's (even layers, N excluded)
     if values["mode"] != "static" and spec.get("layers") is None and (values["mode"] == "dynamic" or "bucket" in spec):
         n_buckets_of = spec.get("n_buckets") or DEFAULT_N_BUCKETS
         bucket_of = spec.get("bucket") or n_buckets_of  # default: the last bucket
+        if not _bucket_gives(num_layers, bucket_of, n_buckets_of, read):  # a shallow model's default: the layers say it
+            bucket_of, n_buckets_of = None, None
     settings = DoLaSettings(mode=values["mode"], layers=read, static_layer=static, alpha=check_alpha(values["alpha"]),
                             contrast_weight=check_contrast_weight(values["contrast_weight"]), bucket=bucket_of,
                             n_buckets=n_buckets_of, sources=sources, calibration=name)
@@ -155,6 +162,24 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
                                                                            sources["alpha"]):
         warn_uncalibrated(model_id, settings)
     return settings
+
+
+def _bucket_gives(num_layers: int, bucket: int, n_buckets: int, layers: list[int]) -> bool:
+    try:
+        return resolve_layers(num_layers, bucket=bucket, n_buckets=n_buckets) == list(layers)
+    except ValueError:
+        return False
+
+
+def _not_for_this_model(spec: dict, source: str, name: str | None, num_layers: int) -> str:
+    """The error for layer settings that did not come from a flag: it names where they came from (a calibration
+    file, an index), in words that are no flag the user did not pass."""
+    words = {"layers": "layers", "bucket": "bucket", "n_buckets": "of buckets", "static_layer": "static layer"}
+    shown = ", ".join(f"{words[k]} {v}" for k, v in spec.items()) or "the defaults"
+    origin = f"calibration {name!r}" if source == "calibration" and name else f"the {source} settings"
+    return (f"the layer settings of {origin} ({shown}) do not fit this model of {num_layers} layers (candidates "
+            f"1..{num_layers - 1}): they were made for another model; recalibrate for this one, or pass "
+            f"--calibration none or explicit layers")
 
 
 def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str, inherits: bool) -> tuple[dict, str]:
