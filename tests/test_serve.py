@@ -62,7 +62,8 @@ def test_api_rows_equal_the_search_api(client, index_dir, model, mode):
     paths = open_index(index_dir).paths
     assert [paths[i] for i in answer["ids"]] == [hit["item"] for hit in answer["hits"]]
     assert answer["settings"]["mode"] == mode and answer["settings"]["top_k"] == 4
-    assert answer["settings"]["sources"]["mode"] == "flag" and answer["latency_ms"] >= 0
+    assert answer["settings"]["sources"]["mode"] == "request" and answer["latency_ms"] >= 0  # the request set it
+    assert answer["settings"]["sources"]["top_k"] == "request"
 
 
 def test_images_only_by_index_id(client, gallery, index_dir):
@@ -205,7 +206,11 @@ def test_cli_serve_bad_port_is_a_clear_error(index_dir, tiny_dir, capsys):
 
     with pytest.raises(SystemExit):
         main(["serve", str(index_dir), "--port", "-1"])
-    assert "must be >= 0" in capsys.readouterr().err
+    assert "must be in 0..65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # past the range: no bind(), no OverflowError traceback
+        main(["serve", str(index_dir), "--port", "99999"])
+    err = capsys.readouterr().err
+    assert "--port: must be in 0..65535, got 99999" in err and "Traceback" not in err
 
 
 def _calibration(model_id, static_layer=4, dynamic_layers=(2, 4)):

@@ -20,8 +20,10 @@ import warnings
 from contextlib import contextmanager
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 EXIT_STATUS_HELP = ("exit status: 0 success; 1 finished but some input files were skipped (each listed on "
-                    "stderr as 'skipped PATH: REASON'); 2 bad arguments or an error; 130 interrupted")
+                    "stderr as 'skipped PATH: REASON'); 2 bad arguments or an error; 130 interrupted; 141 the "
+                    "reader of stdout went away (a pipe into head)")
 
 # Each subcommand registers itself here as (name, add_arguments(parser), handler(args) -> exit code).
 # Handlers import their library modules lazily so `siglip-dola --help` stays fast.
@@ -51,6 +53,20 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def int_in_range(low: int, high: int):
+    """An argparse `type=` that parses an int in [low, high], with an error that states the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    parse.__name__ = f"int in {low}..{high}"
     return parse
 
 
@@ -108,12 +124,24 @@ def _package_version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """--version, with the version read only when asked (importlib.metadata costs ~0.1 s on every command)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {_package_version()}")
+        parser.exit(0)
+
+
 def _tag_leaves(parser: argparse.ArgumentParser) -> None:
     """Give each (sub-)sub-parser's namespace its full prog and a dest -> --flag map (for error messages)."""
     flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
     parser.set_defaults(_prog=parser.prog, _flags=flags)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            for listed in action._choices_actions:  # `index build --help` opens with what `index --help` lists
+                child = action.choices[listed.dest]
+                if child.description is None:
+                    child.description = listed.help
             for child in action.choices.values():
                 _tag_leaves(child)
 
@@ -121,7 +149,7 @@ def _tag_leaves(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
     parser = Parser(prog="siglip-dola", description="DoLa for SigLIP vision towers.", epilog=EXIT_STATUS_HELP)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, fn) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_STATUS_HELP)
@@ -192,17 +220,40 @@ def _error_text(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (`search --json | head`): stop quietly, as `cat` or `grep` do when
+    killed by SIGPIPE, with their status 128 + SIGPIPE; stdout goes to /dev/null so the interpreter's
+    final flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `siglip-dola` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is None:
-        parser.print_help()
-        return EXIT_ERROR
+    try:
+        args = parser.parse_args(argv)  # --help and --version print here
+        if getattr(args, "handler", None) is None:
+            parser.print_help()
+            return EXIT_ERROR
+    except BrokenPipeError:
+        return _reader_went_away()
+    except SystemExit:  # argparse's exits: flush their text here, so a closed pipe is not a shutdown traceback
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise SystemExit(_reader_went_away()) from None
+        raise
     prog = getattr(args, "_prog", f"siglip-dola {args.command}")
     try:
         with _warnings_to_stderr(prog):
-            return int(args.handler(args) or 0)
+            code = int(args.handler(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+            return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except (ValueError, TypeError, RuntimeError, OSError, ImportError, MemoryError) as err:
         # PIL's UnidentifiedImageError, IsADirectoryError, a full disk... are OSErrors
         print(f"{prog}: error: {flag_words(safe_text(_error_text(err)), getattr(args, '_flags', {}))}",

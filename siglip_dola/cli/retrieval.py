@@ -53,7 +53,9 @@ def _print_manifest(manifest, skipped: list, prog: str) -> int:
 
     if not is_main_process():
         return EXIT_SKIPPED if skipped else EXIT_OK
-    print(f"index: {manifest.count} images, layers {manifest.layers}, model {manifest.model_id}, "
+    from siglip_dola.failures import count_of
+
+    print(f"index: {count_of(manifest.count, 'image')}, layers {manifest.layers}, model {manifest.model_id}, "
           f"{len(skipped)} skipped, checksum {manifest.checksum[:16]}, image root {safe_text(manifest.image_root)}")
     if manifest.settings:
         from siglip_dola.settings import DoLaSettings
@@ -91,7 +93,10 @@ def index_command(args) -> int:
     with distributed_session():
         manifest, skipped = _run_index(args)
         if args.index_command == "verify":
-            print(f"index {args.index}: intact ({manifest.count} images, {len(manifest.segments)} segments, "
+            from siglip_dola.failures import count_of
+
+            print(f"index {args.index}: intact ({count_of(manifest.count, 'image')}, "
+                  f"{count_of(len(manifest.segments), 'segment')}, "
                   f"FAISS file {manifest.faiss_file})")
             return 0
         return _print_manifest(manifest, skipped, getattr(args, "_prog", "siglip-dola index"))

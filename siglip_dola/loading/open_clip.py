@@ -6,6 +6,7 @@ Hub files are located through `hub.snapshot` first, so open_clip itself only eve
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 def is_model(model) -> bool:
     """True for an open_clip CLIP / CustomTextCLIP / CoCa model."""
+    if "open_clip" not in sys.modules:  # an open_clip model exists only once open_clip was imported (~2 s)
+        return False
     import open_clip
 
     return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP, open_clip.CoCa))

@@ -44,6 +44,7 @@ class Query:
     k: int
     rerank_k: int
     mode: str
+    given: frozenset = frozenset()  # the parameters this request set ("k", "rerank_k", "mode")
 
 
 def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
@@ -131,13 +132,20 @@ class SearchService:
 
     def parse(self, k=None, rerank_k=None, mode=None) -> Query:
         """Validate request parameters against the limits (ValueError names the parameter)."""
+        k_text, rerank_text = k, rerank_k
         k = _bounded_int("k", k, 1, self.limits.max_k, min(self.base.top_k, self.limits.max_k))
         rerank_k = _bounded_int("rerank_k", rerank_k, k, self.limits.max_rerank_k,
                                 min(max(self.base.rerank_k, k), self.limits.max_rerank_k))
+        given = frozenset(name for name, value in (("k", k_text), ("rerank_k", rerank_text), ("mode", mode))
+                          if value not in (None, ""))
         mode = self.default_mode() if mode in (None, "") else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        return Query(k, rerank_k, mode)
+        return Query(k, rerank_k, mode, given)
+
+    def _source(self, query: Query, parameter: str, flag: str) -> str:
+        """Where a served value came from: "request", "flag" (the command line), else "default"."""
+        return "request" if parameter in query.given else "flag" if flag in self.flags else "default"
 
     def _config(self, query: Query) -> RerankConfig:
         if query.mode == "off":   # no layer is read
@@ -153,7 +161,11 @@ class SearchService:
         resolved = self.per_mode.get(config.mode)          # None for "off"
         recorded = {} if resolved is None else resolved.sources
         layer_source = recorded.get("layers", "default")   # static_layer is part of the layer specification
-        sources = {"mode": "flag", "top_k": "flag", "rerank_k": "flag", "layers": layer_source,
+        mode_source = self._source(query, "mode", "mode")
+        if mode_source == "default" and (self.index.manifest.settings or {}).get("mode"):
+            mode_source = "index"
+        sources = {"mode": mode_source, "top_k": self._source(query, "k", "top_k"),
+                   "rerank_k": self._source(query, "rerank_k", "rerank_k"), "layers": layer_source,
                    "static_layer": layer_source, "alpha": recorded.get("alpha", "default"),
                    "contrast_weight": recorded.get("contrast_weight", "default")}
         off = config.mode == "off"
