@@ -8,19 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_run import run
 
 from siglip_dola.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exited:
-        code = exited.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

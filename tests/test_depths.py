@@ -5,23 +5,15 @@ import json
 import math
 
 import pytest
+from cli_run import run
 import torch
 from transformers import SiglipModel
 
 from tools import train_embedded as te
-from siglip_dola.cli import flag_words, main
+from siglip_dola.cli import flag_words
 from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points
 from siglip_dola.layers import MODES, default_layers
 from siglip_dola.settings import resolve_settings
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exited:
-        code = exited.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("num_layers", range(2, 49))

@@ -8,18 +8,9 @@ import stat
 import threading
 
 import pytest
+from cli_run import run
 
 from siglip_dola import io
-from siglip_dola.cli import main
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exited:
-        code = exited.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _device_copy(tmp_path, name: str, source: str):
@@ -68,7 +59,7 @@ def test_a_fifo_is_written_through(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()), daemon=True)
     reader.start()
     io.write_text_atomic(fifo, "through the pipe")
     reader.join(timeout=30)

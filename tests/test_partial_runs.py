@@ -5,21 +5,12 @@ import csv
 import json
 
 import pytest
+from cli_run import run
 
 from siglip_dola import failures
-from siglip_dola.cli import main
 from siglip_dola.cli.lists import split_list
 from siglip_dola.data import datasets, shapes
 from siglip_dola.evaluation import stats
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exited:
-        code = exited.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
