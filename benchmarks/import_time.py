@@ -21,8 +21,8 @@ HEAVY = ("torch", "transformers", "open_clip", "timm", "faiss", "starlette", "uv
          "statsmodels", "webdataset")
 
 
-def imports_of(stderr: str) -> tuple[float, list[str]]:
-    """(seconds of top-level imports, heavy modules imported) from `-X importtime` output."""
+def imports_of(stderr: str) -> tuple[float, int, list[str]]:
+    """(seconds of top-level imports, modules imported, heavy modules imported) from `-X importtime` output."""
     total, seen = 0, set()
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
@@ -31,17 +31,17 @@ def imports_of(stderr: str) -> tuple[float, list[str]]:
         if name.startswith(" ") and not name.startswith("  ") and cumulative.strip().isdigit():
             total += int(cumulative)  # one space before the name: a top-level import
         seen.add(name.strip())
-    return total / 1e6, sorted(m for m in HEAVY if m in seen)
+    return total / 1e6, len(seen), sorted(m for m in HEAVY if m in seen)
 
 
-def measure(tree: Path, argv: list[str], cwd: Path, repeats: int) -> tuple[float, list[str]]:
+def measure(tree: Path, argv: list[str], cwd: Path, repeats: int) -> tuple[float, int, list[str]]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     runs = []
     for _ in range(repeats):
         done = subprocess.run([sys.executable, "-X", "importtime", "-m", "siglip_dola", *argv], cwd=cwd, env=env,
                               capture_output=True, text=True, check=True)
         runs.append(imports_of(done.stderr))
-    return statistics.median(r[0] for r in runs), runs[0][1]
+    return statistics.median(r[0] for r in runs), runs[0][1], runs[0][2]
 
 
 def main() -> None:
@@ -58,13 +58,13 @@ def main() -> None:
         commands = {"--help": ["--help"],
                     "classify": ["classify", "img", "--labels", "red circle,blue square"],
                     "demo": ["demo", "--n", "2", "--out", "demo"]}
-        print(f"| command | {' | '.join(f'{name}: imports s (heavy modules)' for name in trees)} |")
+        print(f"| command | {' | '.join(f'{name}: import s, modules (heavy ones)' for name in trees)} |")
         print(f"|---|{'---|' * len(trees)}")
         for label, argv in commands.items():
             cells = []
             for tree in trees.values():
-                seconds, heavy = measure(tree, argv, cwd, args.repeats)
-                cells.append(f"{seconds:.2f} ({', '.join(heavy) or 'none'})")
+                seconds, count, heavy = measure(tree, argv, cwd, args.repeats)
+                cells.append(f"{seconds:.2f} s, {count} ({', '.join(heavy) or 'none'})")
             print(f"| `{label}` | {' | '.join(cells)} |", flush=True)
 
 

@@ -81,10 +81,12 @@ def test_eval_help_says_what_limit_and_no_progress_do(capsys, command):
     assert "(default: True)" not in text and "hide the progress bar (default: shown)" in text
 
 
-@pytest.mark.parametrize("sub", ["build", "add", "verify"])
-def test_index_subcommands_have_a_description(capsys, sub):
+@pytest.mark.parametrize("sub,listed", [("build", "embed images once and write a new index"),
+                                        ("add", "add images not indexed yet to an existing index"),
+                                        ("verify", "full integrity check: re-hash every file of an index")])
+def test_index_subcommands_have_a_description(capsys, sub, listed):
     _, out, _ = run(capsys, "index", sub, "--help")
-    assert out.split("\n\n")[1].strip()[0].isalpha(), out  # a description paragraph follows the usage
+    assert " ".join(out.split("\n\n")[1].split()) == listed, out  # what `index --help` lists, under the usage
 
 
 def test_one_segment_is_singular(embedded_index, capsys):
