@@ -32,13 +32,13 @@ CALIBRATION_HELP = ("calibration: a JSON from `siglip-dola calibrate`, 'embedded
                     "note's defaults. Explicit flags win over it")
 
 
-def add_settings_arguments(parser, bucket: bool = True) -> None:
+def add_settings_arguments(parser, bucket: bool = True,
+                           mode_help: str = "DoLa mode (default: the calibration's, else dynamic)") -> None:
     """--calibration, --mode, --alpha, --contrast-weight, --layers / --bucket, --n-buckets, --static-layer.
 
     Their defaults are None ("not given"): siglip_dola.settings fills them from the calibration or the defaults."""
     parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none", help=CALIBRATION_HELP)
-    parser.add_argument("--mode", choices=MODES, default=None,
-                        help="DoLa mode (default: the calibration's, else dynamic)")
+    parser.add_argument("--mode", choices=MODES, default=None, help=mode_help)
     parser.add_argument("--alpha", type=float, default=None,
                         help="head constraint: keep q_N >= alpha * max q_N (default: the calibration's, else 0.1)")
     parser.add_argument("--contrast-weight", type=float, default=None, metavar="LAMBDA",

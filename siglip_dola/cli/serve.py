@@ -23,9 +23,9 @@ def _serve_arguments(parser) -> None:
                         help="default rerank-k on the page (default: 100)")
     parser.add_argument("--max-k", type=int_at_least(1), default=100, help="largest k a request may ask for")
     parser.add_argument("--max-rerank-k", type=int_at_least(1), default=1000, help="largest rerank-k a request may ask for")
-    add_settings_arguments(parser)  # --bucket / --n-buckets pick among the index's stored layers
-    parser._option_string_actions["--mode"].help = ("default DoLa mode of the page (default: the index's stored "
-                                                    "mode, else dynamic)")
+    # --bucket / --n-buckets pick among the index's stored layers
+    add_settings_arguments(parser, mode_help="default DoLa mode of the page (default: the index's stored mode, "
+                                             "else dynamic)")
 
 
 @subcommand("serve", help="Serve a local search page and JSON API over a retrieval index (127.0.0.1 by default).")

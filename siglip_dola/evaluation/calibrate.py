@@ -48,8 +48,7 @@ class CalibrationGrid:
     alphas: tuple[float, ...] = (0.05, 0.1, 0.2)
     contrast_weights: tuple[float, ...] = (1.0, 0.5, 0.25)  # lambda; grid order breaks ties: 1 first
 
-    def __post_init__(self):
-        # an empty axis leaves only `off` (or one mode) to "choose" from: refused, not silently a 1-point grid
+    def __post_init__(self):  # an empty axis would leave `off` alone to "choose" from
         for name in ("n_buckets", "alphas", "contrast_weights"):
             if len(tuple(getattr(self, name))) == 0:
                 raise ValueError(f"{name} is empty: give at least one value to search")
@@ -63,9 +62,7 @@ def all_layers(model) -> list[int]:
 def as_dataset(dataset, split: str | None, n: int | None, default_split: str = "test") -> EvalDataset:
     """An EvalDataset from a dataset object or a name/path accepted by datasets.load_dataset (split None:
     `default_split` where the dataset has one, else all of it)."""
-    if isinstance(dataset, EvalDataset):
-        return dataset
-    return load_dataset(dataset, split=split, n=n, default_split=default_split)
+    return dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset, split, n, default_split=default_split)
 
 
 def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True,
@@ -129,10 +126,8 @@ def grid_points(grid: CalibrationGrid, num_layers: int) -> list[dict]:
             points += [{"mode": "dynamic", "bucket": bucket, "n_buckets": n_buckets, "layers": layers,
                         "static_layer": None, "alpha": alpha, "contrast_weight": weight}
                        for weight in grid.contrast_weights for alpha in grid.alphas]
-    try:
-        static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=grid.static_parity)
-    except ValueError:  # N=2: layer 1 is the only candidate, and it is odd
-        static_layers = list(range(1, num_layers))
+    parity = grid.static_parity if num_layers > 2 else "all"  # N=2: layer 1, odd, is the only candidate
+    static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=parity)
     points += [{"mode": "static", "bucket": None, "n_buckets": None, "layers": [layer], "static_layer": layer,
                 "alpha": alpha, "contrast_weight": weight}
                for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
