@@ -35,7 +35,7 @@ def default_file_mode() -> int:
 
 
 def _existing_kind(target: Path) -> str | None:
-    """None (missing), "file", "dir" or "special" (device, FIFO, socket) for a resolved path."""
+    """None (missing), "file", "dir" or "special" (device, FIFO, socket) of what a path leads to (links followed)."""
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -60,10 +60,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the mode a plain open() would have given it.
     """
     asked = Path(path)
-    target = Path(os.path.realpath(asked))  # a symlink: write its target, keep the link
-    kind = _existing_kind(target)
+    kind = _existing_kind(asked)
     if kind == "dir":
         raise IsADirectoryError(21, "Is a directory (an output file is expected)", str(asked))
+    # a symlink: write its target and keep the link; a device is opened by the asked name (/dev/stdout's
+    # target, /proc/self/fd/1 -> 'pipe:[...]', resolves to no path)
+    target = asked if kind == "special" else Path(os.path.realpath(asked))
     folder = target.parent if kind != "special" else None  # a device's folder (/dev) holds no temp files
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,7 @@ def refuse_overlapping_paths(outputs: dict, inputs: dict | None = None) -> None:
     named_outputs = [(name, p) for name, p in outputs.items() if p is not None]
     named_inputs = [(name, p) for name, p in (inputs or {}).items() if p is not None]
     for index, (name, path) in enumerate(named_outputs):
-        if _existing_kind(Path(os.path.realpath(path))) == "special":
+        if _existing_kind(Path(path)) == "special":
             continue
         for other, other_path in named_inputs:
             if same_file(path, other_path):

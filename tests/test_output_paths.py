@@ -36,6 +36,9 @@ def test_a_device_node_is_written_through_never_replaced(tmp_path):
         tmp.write_bytes(b"bytes")
     assert _is_char_device(null)
     assert not [p for p in tmp_path.iterdir() if p.name != "null"]  # no temp file left beside it
+    (tmp_path / "stdout").symlink_to(null)  # as /dev/stdout is a link to the process's output
+    io.write_text_atomic(tmp_path / "stdout", "through the link")
+    assert (tmp_path / "stdout").is_symlink() and _is_char_device(null)
 
 
 def test_a_write_error_names_the_asked_file_not_the_temp_file(tmp_path):
