@@ -47,8 +47,8 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
 def test_bucket_selects_the_stored_layers(model, images, tmp_path):
     manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, bucket=2, progress=False)
     assert manifest.layers == [4]  # N=6, buckets [1,2],[3,4],[5,6]: even layers of bucket 2
-    with pytest.raises(ValueError, match="bucket 3"):  # default: last bucket, whose only even layer is N
-        build_index([images / "img_00.png"], tmp_path / "idx2", model, progress=False)
+    # the default for N=6: the last bucket [5, 6] has no even layer below N, so it gives its other one (issue #26)
+    assert build_index([images / "img_00.png"], tmp_path / "idx2", model, progress=False).layers == [5]
 
 
 def test_corrupt_images_are_skipped_and_listed(model, images, tmp_path):
