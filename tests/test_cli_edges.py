@@ -144,7 +144,7 @@ def test_eval_workers_run_one_torch_thread(tmp_path):
     """The decode workers' own thread count, read inside a worker through the preprocess they run."""
     import torch
 
-    from siglip_dola.evaluation.pixel_batches import _host_batches
+    from siglip_dola.embedding.pixel_batches import _host_batches
     from siglip_dola.data import shapes
 
     items = [(s.name, s.image) for s in shapes.make_split("test", n=4)]
