@@ -69,6 +69,7 @@ def error_runs(data, tmp):
     (tmp / "corrupt.idx").mkdir()
     (tmp / "corrupt.idx" / "manifest.json").write_text("{not json")
     (tmp / "a_file").write_text("x")
+    (tmp / "garbage.csv").write_bytes(b"\x00\x01 not a table")
     return [
         ("search", ["search", "--captions", data / "bad.json", "--image", data / "img" / "broken.png"]),
         ("search index", ["search", tmp / "corrupt.idx", "a red circle"]),
@@ -78,7 +79,7 @@ def error_runs(data, tmp):
         ("shapes", ["shapes", "export", tmp / "a_file", "--n", "1"]),
         ("demo", ["demo", "--model", tmp / "a_file", "--out", tmp / "demo"]),
         ("classify", ["classify", data / "img" / "broken.png", "--labels", "a,b"]),
-        ("eval", ["eval", "--dataset", data / "bad.json", "--out", tmp / "r.json"]),
+        ("eval", ["eval", "--dataset", tmp / "garbage.csv", "--out", tmp / "r.json"]),
         ("calibrate", ["calibrate", "--dataset", tmp / "missing.csv", "--out", tmp / "c.json"]),
         ("build", ["build", data / "bad.json", "--out", tmp / "t.csv"]),
         ("rerank", ["rerank", data / "img" / "broken.png", "--texts", "a,b"]),
