@@ -17,14 +17,19 @@ MIN_RESAMPLES = 100  # evaluation.stats.MIN_RESAMPLES, checked here before any i
 def _common_arguments(parser, default_split: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--dataset", required=True,
-                        help="'shapes', an ImageFolder folder, a CSV of path,label, or a clip_benchmark name")
+                        help="'shapes', an ImageFolder folder, a CSV of path,label (or path,caption), wds:SHARDS "
+                             "(webdataset tars, e.g. wds:/data/shards/{000000..000009}.tar), or a clip_benchmark "
+                             "name (classification, or retrieval: flickr30k, flickr8k, mscoco_captions)")
+    parser.add_argument("--dataset-root", default=None,
+                        help="folder holding clip_benchmark datasets (default: ./clip_benchmark_data); "
+                             "retrieval sets are never downloaded")
     parser.add_argument("--split", default=None,
                         help=f"dataset split (default: {default_split}; a folder without split folders or a CSV "
                              "without a 'split' column is one split, 'all', and then refuses another --split)")
     # not `--n`: torchrun's own parser would take it as an abbreviation of its --nnodes/--nproc-per-node
     parser.add_argument("--limit", type=int_at_least(1), default=None,
-                        help="use only N images: the first N of 'shapes', N evenly spaced ones of a folder, CSV or "
-                             "clip_benchmark set; more than the split holds uses all of it, with a warning "
+                        help="use only N images: the first N of 'shapes', N evenly spaced ones of a folder, CSV, "
+                             "wds: shards or clip_benchmark set; more than the split holds uses all of it, with a warning "
                              "(default: all)")
     parser.add_argument("--out", required=True, help="JSON file to write (atomically)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
@@ -45,6 +50,15 @@ def _inputs(args) -> dict:
     return {"--dataset": args.dataset if Path(args.dataset).is_file() else None, "--bank": args.bank,
             "--calibration": getattr(args, "calibration", None)
             if Path(str(getattr(args, "calibration", None))).is_file() else None}
+
+
+def load_eval_dataset(args, default_split: str):
+    """The --dataset split as an EvalDataset (--split None: `default_split` where the set has it; --limit evenly
+    spaced items; clip_benchmark sets from --dataset-root)."""
+    from siglip_dola.data.datasets import load_dataset
+
+    return load_dataset(args.dataset, split=args.split, n=args.limit, root=args.dataset_root,
+                        default_split=default_split)
 
 
 def _load_model(args):
@@ -85,7 +99,8 @@ def calibrate_command(args) -> int:
                            contrast_weights=args.contrast_weights)
     with distributed_session():
         bank = None if args.bank is None else load_text_bank(args.bank, rows_in_class_order=True)
-        report = calibrate(_load_model(args), args.dataset, split=args.split, grid=grid, out=args.out,
+        dataset = load_eval_dataset(args, "val")  # before the model: missing data fails fast
+        report = calibrate(_load_model(args), dataset, split=args.split, grid=grid, out=args.out,
                            n=args.limit, batch_size=args.batch_size, progress=args.progress,
                            task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
     if report is not None:
@@ -143,7 +158,8 @@ def eval_command(args) -> int:
     refuse_overlapping_paths({"--out": args.out, "--predictions": predictions, "--report": args.report},
                              _inputs(args))
     with distributed_session():
-        report = evaluate(_load_model(args), args.dataset, split=args.split, calibration=args.calibration,
+        dataset = load_eval_dataset(args, "test")  # before the model: missing data fails fast
+        report = evaluate(_load_model(args), dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
                           batch_size=args.batch_size, progress=args.progress, predictions=predictions,
                           n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)

@@ -1,4 +1,5 @@
-"""Evaluation datasets: the embedded `shapes` set, an ImageFolder layout, a CSV of path,label, clip_benchmark names.
+"""Evaluation datasets: the embedded `shapes` set, an ImageFolder layout, a CSV of path,label, `wds:` shards,
+clip_benchmark names (classification here; retrieval in clip_benchmark_retrieval.py).
 
 Each loader returns an EvalDataset whose `items` are what `embed.embed_images` takes (image paths, or
 (id, PIL image) pairs). Unreadable files are not checked here: the embedding pass reports and skips them.
@@ -9,36 +10,19 @@ import csv
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from siglip_dola.data import shapes
+from siglip_dola.data.clip_benchmark_retrieval import RETRIEVAL_NAMES, retrieval_dataset
+from siglip_dola.data.eval_dataset import (CLIP_BENCHMARK_HINT, EvalDataset, MissingDependencyError,
+                                           clip_benchmark_builder, take)
 from siglip_dola.data.images import IMAGE_EXTENSIONS
+from siglip_dola.data.webdataset_shards import WDS_PREFIX, webdataset_dataset
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, TASKS
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-CLIP_BENCHMARK_HINT = "install it with `pip install 'siglip-dola[clip_benchmark]'` (or `pip install clip-benchmark`)"
-
-
-class MissingDependencyError(ImportError, RuntimeError):
-    """An optional dependency is needed (RuntimeError too, so the CLI prints it as an error line)."""
-
-
-@dataclass
-class EvalDataset:
-    """items [n] (paths or (id, PIL image) pairs), labels [n] (class index, -1 when the set has none),
-    classnames [C], templates ("{}" marks the class name), captions [n][k] for image-caption sets."""
-    name: str
-    split: str
-    items: Sequence
-    labels: list[int]
-    classnames: list[str]
-    templates: list[str]
-    captions: list[list[str]] | None = None
-    tasks: tuple[str, ...] = (CLASSIFICATION,)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
@@ -46,14 +30,7 @@ def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
     n = _check_limit(n, len(dataset.items), f"dataset {dataset.name!r} split {dataset.split!r}")
     if n is None or n >= len(dataset.items):
         return dataset
-    keep = [i * len(dataset.items) // n for i in range(n)]
-    items = dataset.items
-    dataset.items = (_LabelledPairs(items.dataset, [items.indices[i] for i in keep])
-                     if isinstance(items, _LabelledPairs) else [items[i] for i in keep])
-    dataset.labels = [dataset.labels[i] for i in keep]
-    if dataset.captions is not None:
-        dataset.captions = [dataset.captions[i] for i in keep]
-    return dataset
+    return take(dataset, [i * len(dataset.items) // n for i in range(n)])
 
 
 def _check_limit(n: int | None, size: int, what: str) -> int | None:
@@ -201,19 +178,20 @@ class _LabelledPairs(Sequence):
             return _LabelledPairs(self.dataset, self.indices[index])
         return str(self.indices[index]), self.dataset[self.indices[index]][0]
 
+    def take(self, positions: Sequence[int]) -> "_LabelledPairs":
+        return _LabelledPairs(self.dataset, [self.indices[i] for i in positions])
+
 
 def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLike = "clip_benchmark_data",
                            language: str = "en") -> EvalDataset:
     """A clip_benchmark classification dataset by name (downloads into `root` on first use)."""
     _clip_benchmark_module()
-    try:  # the builder imports dependencies clip_benchmark does not declare (requests)
-        from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
-    except ImportError as err:
-        raise MissingDependencyError(f"clip_benchmark dataset {name!r} needs the {err.name or err} package: "
-                                     f"{CLIP_BENCHMARK_HINT}") from err
+    build_dataset = clip_benchmark_builder(name)
+    from clip_benchmark.datasets.builder import get_dataset_default_task
+
     if get_dataset_default_task(name) != CLASSIFICATION:
         raise ValueError(f"clip_benchmark dataset {name!r} is not a zero-shot classification set; "
-                         "only classification sets are supported from clip_benchmark")
+                         f"of clip_benchmark's other sets the retrieval sets {RETRIEVAL_NAMES} are supported")
     try:
         dataset = build_dataset(name, root=str(root), transform=None, split=split, download=True, language=language)
     except ImportError as err:  # clip_benchmark imports some dependencies (requests, ...) only here
@@ -232,15 +210,26 @@ def clip_benchmark_dataset(name: str, split: str = "test", root: str | os.PathLi
 
 def load_dataset(name: str, split: str | None = None, n: int | None = None, seed: int = 0,
                  root: str | os.PathLike | None = None, default_split: str = "test") -> EvalDataset:
-    """`shapes`, a folder (ImageFolder layout), a .csv file, or a clip_benchmark dataset name; n evenly spaced items.
+    """`shapes`, a folder (ImageFolder layout), a .csv file, `wds:` shards, or a clip_benchmark dataset name
+    (classification, or the retrieval sets flickr30k, flickr8k, mscoco_captions, read from `root`); n evenly
+    spaced items.
 
     `split` None: `default_split` where the dataset has it, else the whole set ("all"). A named split a
     folder or CSV does not have is an error (never silently the whole set)."""
     if not isinstance(name, (str, os.PathLike)) or not str(name):
-        raise TypeError(f"dataset must be 'shapes', a folder, a .csv file or a clip_benchmark name, got {name!r}")
+        raise TypeError(f"dataset must be 'shapes', a folder, a .csv file, wds:SHARDS or a clip_benchmark name, "
+                        f"got {name!r}")
     strict, split = split is not None, default_split if split is None else split
     if str(name) == "shapes":
         return shapes_dataset(split, n=n, seed=seed)
+    if str(name).startswith(WDS_PREFIX):
+        dataset = webdataset_dataset(str(name), split)
+        if strict and dataset.split != split and split != "all":
+            raise ValueError(f"dataset {str(name)!r} is one split, 'all' (a shard pattern), not {split!r}: leave "
+                             "--split out, or use clip_benchmark's export folder (wds:DIR with DIR/<split>/)")
+        return _subsample(dataset, n)
+    if str(name) in RETRIEVAL_NAMES:
+        return _subsample(retrieval_dataset(str(name), split, root or "clip_benchmark_data"), n)
     path = Path(name)
     if path.is_dir():
         return _subsample(image_folder_dataset(path, split, strict_split=strict), n)
