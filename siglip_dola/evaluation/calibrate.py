@@ -25,7 +25,8 @@ import torch
 
 from siglip_dola import distributed
 from siglip_dola import scoring
-from siglip_dola.data.datasets import EvalDataset, load_dataset
+from siglip_dola.data.datasets import load_dataset
+from siglip_dola.data.eval_dataset import EvalDataset
 from siglip_dola.embedding.images import Embeddings, embed_images
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point

@@ -18,7 +18,7 @@ from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_logits, embed_dataset,
                                               read_calibration, text_embeds, text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
-from siglip_dola.data.datasets import EvalDataset
+from siglip_dola.data.eval_dataset import EvalDataset
 from siglip_dola.io import write_json_atomic
 from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
