@@ -77,7 +77,7 @@ def test_csv_without_required_columns(tmp_path):
 
 def test_bad_n():
     with pytest.raises(ValueError, match="n must be"):
-        datasets._subsample(datasets.shapes_dataset("val", n=4), 0)
+        datasets.evenly_spaced(datasets.shapes_dataset("val", n=4), 0)
 
 
 def test_missing_clip_benchmark_gives_install_hint(monkeypatch):

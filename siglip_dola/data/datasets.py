@@ -25,7 +25,7 @@ from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, TASKS
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def _subsample(dataset: EvalDataset, n: int | None) -> EvalDataset:
+def evenly_spaced(dataset: EvalDataset, n: int | None) -> EvalDataset:
     """Keep n evenly spaced items (all classes of a sorted listing stay represented)."""
     n = _check_limit(n, len(dataset.items), f"dataset {dataset.name!r} split {dataset.split!r}")
     if n is None or n >= len(dataset.items):
@@ -227,19 +227,19 @@ def load_dataset(name: str, split: str | None = None, n: int | None = None, seed
         if strict and dataset.split != split and split != "all":
             raise ValueError(f"dataset {str(name)!r} is one split, 'all' (a shard pattern), not {split!r}: leave "
                              "--split out, or use clip_benchmark's export folder (wds:DIR with DIR/<split>/)")
-        return _subsample(dataset, n)
+        return evenly_spaced(dataset, n)
     if str(name) in RETRIEVAL_NAMES:
-        return _subsample(retrieval_dataset(str(name), split, root or "clip_benchmark_data"), n)
+        return evenly_spaced(retrieval_dataset(str(name), split, root or "clip_benchmark_data"), n)
     path = Path(name)
     if path.is_dir():
-        return _subsample(image_folder_dataset(path, split, strict_split=strict), n)
+        return evenly_spaced(image_folder_dataset(path, split, strict_split=strict), n)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise FileNotFoundError(f"dataset CSV {str(path)!r} does not exist")
-        return _subsample(csv_dataset(path, split=split, strict_split=strict), n)
+        return evenly_spaced(csv_dataset(path, split=split, strict_split=strict), n)
     try:
         _clip_benchmark_module()
     except MissingDependencyError:
         raise MissingDependencyError(f"dataset {str(name)!r} is not 'shapes', an existing folder or a .csv file; "
                                      f"for clip_benchmark dataset names {CLIP_BENCHMARK_HINT}") from None
-    return _subsample(clip_benchmark_dataset(str(name), split, root or "clip_benchmark_data"), n)
+    return evenly_spaced(clip_benchmark_dataset(str(name), split, root or "clip_benchmark_data"), n)

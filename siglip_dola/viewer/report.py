@@ -20,7 +20,7 @@ from siglip_dola.viewer.report_data import read_predictions, read_result, report
 from siglip_dola.viewer.thumbnails import ThumbnailSource
 
 
-def _static(name: str) -> str:
+def static_text(name: str) -> str:
     return resources.files("siglip_dola.viewer").joinpath("static", name).read_text(encoding="utf-8")
 
 
@@ -104,11 +104,11 @@ def render_report(result: dict, payload: dict, problems: list[str], missing_thum
     charts = "".join(f'<figure>{svg}</figure>' for svg in layer_lens_charts(lens, dynamic)) if lens else \
         "<p>This result has no layer lens.</p>"
     title = f"siglip-dola report: {result.get('model')} on {result.get('dataset')} [{result.get('split')}]"
-    parts = {"TITLE": escape(title), "CSS": _static("report.css"), "FACTS": _facts(result, n_rows),
+    parts = {"TITLE": escape(title), "CSS": static_text("report.css"), "FACTS": _facts(result, n_rows),
              "SUMMARY": _summary_table(result), "NOTES": "".join(f"<li>{n}</li>" for n in notes),
-             "CHARTS": charts, "DATA": _embed_json(payload), "JS": _static("report.js")}
+             "CHARTS": charts, "DATA": _embed_json(payload), "JS": static_text("report.js")}
     # one pass over the template: text substituted in (class names, ids) is never scanned for markers
-    return re.sub(r"\{\{([A-Z]+)\}\}", lambda match: parts[match.group(1)], _static("report.html"))
+    return re.sub(r"\{\{([A-Z]+)\}\}", lambda match: parts[match.group(1)], static_text("report.html"))
 
 
 def write_report(result, predictions_path: str | os.PathLike, out: str | os.PathLike,

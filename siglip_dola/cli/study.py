@@ -1,0 +1,94 @@
+"""`siglip-dola study --datasets a,b,c|@file --out DIR`: calibrate + eval per dataset, one table, the forest plot.
+
+DIR/results/<dataset>.json (eval's result JSON + `calibrated_on`), DIR/calibrations/<dataset>.json, DIR/table.csv
+(`build` over the results), DIR/study.html (the forest plot). A dataset whose result exists is skipped unless
+--overwrite, so rerunning an interrupted study resumes it.
+"""
+from __future__ import annotations
+
+import sys
+
+from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, int_at_least, subcommand
+from siglip_dola.cli.evaluate import TASK_NAMES, _float_list, _int_list
+
+
+def _study_arguments(parser) -> None:
+    parser.add_argument("--datasets", required=True, metavar="A,B,C|@FILE",
+                        help="datasets, comma-separated or @file (one per line; '#' comments), each one `eval` "
+                             "accepts: shapes, folders, CSVs, wds:SHARDS, clip_benchmark names")
+    parser.add_argument("--out", required=True, metavar="DIR", help="study folder (results/, calibrations/, "
+                        "table.csv, study.html)")
+    parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
+    parser.add_argument("--dataset-root", default=None, help="folder holding clip_benchmark datasets "
+                        "(default: ./clip_benchmark_data)")
+    parser.add_argument("--task", choices=("auto", *TASK_NAMES), default="auto",
+                        help="auto: classification where the set has labels, else retrieval (default: auto)")
+    parser.add_argument("--limit", type=int_at_least(1), default=None,
+                        help="at most N evenly spaced items of each calibration and test split (default: all)")
+    parser.add_argument("--overwrite", action="store_true", help="redo datasets whose result exists")
+    parser.add_argument("--alphas", type=_float_list, default=(0.05, 0.1, 0.2), help="alpha grid")
+    parser.add_argument("--n-buckets", type=_int_list, default=(2, 3, 4), help="bucket splits tried")
+    parser.add_argument("--contrast-weights", type=_float_list, default=(1.0, 0.5, 0.25), help="lambda grid")
+    parser.add_argument("--n-resamples", type=int_at_least(1), default=10_000, help="paired bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The study as a fixed-width text table, one line per dataset."""
+    header = ("dataset", "task", "metric", "n", "calibrated on", "off", "chosen", "value", "delta [95% CI]", "McNemar p")
+    lines = [header]
+    for row in rows:
+        interval = (f"{row['delta']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+                    if row["delta"] is not None else "-")
+        chosen = row["chosen_mode"] + (f" ({row['mode']} shown)" if row["chosen_mode"] == "off" and row["mode"] else "")
+        lines.append((row["label"], (row["task"] or "").replace("zeroshot_", ""), row["metric"], str(row["n"]),
+                      str(row["calibrated_on"]), f"{row['off']:.4f}", chosen,
+                      "-" if row["value"] is None else f"{row['value']:.4f}", interval,
+                      "-" if row["mcnemar_p"] is None else f"{row['mcnemar_p']:.2g}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+@subcommand("study", help="Run calibrate + eval over many datasets (comma-separated or @file): one result JSON "
+                          "each, one table, and a forest-plot page. Resumes: finished datasets are skipped.")
+def study_command(args) -> int:
+    import json
+
+    from siglip_dola.cli.evaluate import _load_model
+    from siglip_dola.distributed import distributed_session
+    from siglip_dola.evaluation.calibrate import CalibrationGrid
+    from siglip_dola.evaluation.results import build_table
+    from siglip_dola.evaluation.study import parse_dataset_list, run_study
+    from siglip_dola.viewer.study_page import study_rows, write_study_page
+
+    names = parse_dataset_list(args.datasets)
+    grid = CalibrationGrid(n_buckets=args.n_buckets, alphas=args.alphas, contrast_weights=args.contrast_weights)
+    with distributed_session() as (rank, _):
+        run = run_study(_load_model(args), names, args.out, overwrite=args.overwrite, task=args.task if args.task
+                        == "auto" else TASK_NAMES[args.task], root=args.dataset_root, limit=args.limit, grid=grid,
+                        batch_size=args.batch_size, progress=args.progress, n_resamples=args.n_resamples,
+                        seed=args.seed)
+    if rank != 0:  # rank 0 wrote the results; it builds the table and the page
+        return EXIT_OK
+    if run.kept:
+        print(f"kept {len(run.kept)} finished dataset(s) (--overwrite redoes them): {', '.join(run.kept)}")
+    files = run.result_paths(names)
+    if not files:
+        raise ValueError(f"no dataset of the study finished: "
+                         + "; ".join(f"{name}: {why}" for name, why in run.failed))
+    build_table(files, run.out_dir / "table.csv")
+    page = write_study_page(files, run.out_dir / "study.html")
+    print(format_table(study_rows([json.loads(f.read_text(encoding="utf-8")) for f in files])))
+    print(f"{len(files)} result(s) in {run.out_dir / 'results'}; table: {run.out_dir / 'table.csv'}; "
+          f"forest plot: {page}")
+    for name, why in run.failed:
+        print(f"siglip-dola study: failed {name}: {why}", file=sys.stderr)
+    return EXIT_SKIPPED if run.failed else EXIT_OK
+
+
+study_command.add_arguments = _study_arguments
