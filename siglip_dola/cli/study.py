@@ -43,12 +43,9 @@ def format_table(rows: list[dict]) -> str:
     header = ("dataset", "task", "metric", "n", "calibrated on", "off", "chosen", "value", "delta [95% CI]", "McNemar p")
     lines = [header]
     for row in rows:
-        interval = (f"{row['delta']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-                    if row["delta"] is not None else "-")
-        chosen = row["chosen_mode"] + (f" ({row['mode']} shown)" if row["chosen_mode"] == "off" and row["mode"] else "")
         lines.append((row["label"], (row["task"] or "").replace("zeroshot_", ""), row["metric"], str(row["n"]),
-                      str(row["calibrated_on"]), f"{row['off']:.4f}", chosen,
-                      "-" if row["value"] is None else f"{row['value']:.4f}", interval,
+                      str(row["calibrated_on"]), f"{row['off']:.4f}", row["mode_label"],
+                      "-" if row["value"] is None else f"{row['value']:.4f}", row["interval"] or "-",
                       "-" if row["mcnemar_p"] is None else f"{row['mcnemar_p']:.2g}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -27,7 +27,7 @@ def _fmt_p(p) -> str:
 
 
 def forest_plot(rows: list[dict], metric: str, confidence: float = 0.95) -> str:
-    """SVG of rows {"label", "delta", "ci_low", "ci_high", "mcnemar_p", "mode", "chosen_mode", "n"}.
+    """SVG of rows {"label", "delta", "ci_low", "ci_high", "interval", "mcnemar_p", "chosen_mode", "mode_label"}.
 
     A filled point is the chosen mode's delta; where the calibration kept `off` (delta 0 by definition) the
     row shows the dynamic mode's delta as a hollow point, so the plot still says what DoLa did there."""
@@ -62,13 +62,8 @@ def forest_plot(rows: list[dict], metric: str, confidence: float = 0.95) -> str:
                              f'y2="{y:.1f}" class="ci{" kept" if kept_off else ""}"/>')
             parts.append(f'<circle cx="{x(row["delta"]):.1f}" cy="{y:.1f}" r="5" '
                          f'class="pt{" hollow" if kept_off else ""}"/>')
-            interval = (f'{row["delta"]:+.4f} [{row["ci_low"]:+.4f}, {row["ci_high"]:+.4f}]'
-                        if row.get("ci_low") is not None else f'{row["delta"]:+.4f}')
-        else:
-            interval = "–"
-        mode = row["chosen_mode"] + (f" ({row['mode']} shown)" if kept_off and row.get("mode") else "")
-        parts.append(f'<text x="{LABEL_W + PLOT_W + 12}" y="{y + 4:.1f}" class="fnum">{interval}</text>'
+        parts.append(f'<text x="{LABEL_W + PLOT_W + 12}" y="{y + 4:.1f}" class="fnum">{row["interval"] or "–"}</text>'
                      f'<text x="{LABEL_W + PLOT_W + 220}" y="{y + 4:.1f}" class="fnum">{_fmt_p(row.get("mcnemar_p"))}</text>'
-                     f'<text x="{LABEL_W + PLOT_W + 312}" y="{y + 4:.1f}" class="fmode">{escape(mode)}</text></g>')
+                     f'<text x="{LABEL_W + PLOT_W + 312}" y="{y + 4:.1f}" class="fmode">{escape(row["mode_label"])}</text></g>')
     parts.append("</svg>")
     return "".join(parts)

@@ -39,6 +39,9 @@ def study_row(result: dict) -> dict:
             "delta": entry.get("delta"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
             "confidence": entry.get("confidence", 0.95), "mcnemar_p": entry.get("mcnemar_p"),
             "calibrated_on": (result.get("calibrated_on") or {}).get("split"),
+            "mode_label": chosen + (f" ({shown} shown)" if chosen == "off" and shown else ""),
+            "interval": (None if entry.get("delta") is None else
+                         f"{entry['delta']:+.4f} [{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}]"),
             "title": f"{shown or 'off'} {metric} {entry.get('value')} vs off {off_value}"}
 
 
@@ -55,12 +58,9 @@ def _table(rows: list[dict], files: list[str]) -> str:
             "<th>chosen</th><th>value</th><th>Δ [CI]</th><th>McNemar p</th><th>result</th></tr>")
     body = []
     for row, file in zip(rows, files):
-        interval = (f"{row['delta']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-                    if row["delta"] is not None else "–")
-        shown = row["chosen_mode"] + (f" ({row['mode']} shown)" if row["chosen_mode"] == "off" and row["mode"] else "")
         body.append(f'<tr><td>{escape(row["label"])}</td><td>{_fmt(row["task"])}</td><td>{_fmt(row["metric"])}</td>'
                     f'<td>{_fmt(row["n"])}</td><td>{_fmt(row["calibrated_on"])}</td><td>{_fmt(row["off"])}</td>'
-                    f'<td>{escape(shown)}</td><td>{_fmt(row["value"])}</td><td>{interval}</td>'
+                    f'<td>{escape(row["mode_label"])}</td><td>{_fmt(row["value"])}</td><td>{row["interval"] or "–"}</td>'
                     f'<td>{_fmt(row["mcnemar_p"], ".2g")}</td><td><a href="{escape(file)}">{escape(Path(file).name)}</a></td></tr>')
     return f'<table class="summary study"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
