@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from html import escape
 
-LABEL_W, PLOT_W, TEXT_W = 260, 360, 500
+LABEL_W, PLOT_W, TEXT_W = 260, 360, 460
 ROW_H, HEAD_H, FOOT_H = 30, 40, 40
 
 
