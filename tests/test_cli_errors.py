@@ -99,7 +99,7 @@ def test_search_with_a_bad_image_or_a_folder_is_one_line(capsys, shapes_dir, tmp
 
 def test_missing_optional_dependency_gets_an_install_hint(capsys, monkeypatch):
     import siglip_dola.data.datasets as datasets
-    for name in [m for m in sys.modules if m.startswith("clip_benchmark.datasets.")]:
+    for name in [m for m in sys.modules if m.startswith("clip_benchmark.datasets")]:
         monkeypatch.delitem(sys.modules, name)  # imported afresh, as in a new process
     monkeypatch.setitem(sys.modules, "requests", None)  # as in an environment without requests
     code, _, err = run(capsys, "eval", "--dataset", "cifar10", "--out", "unused.json", "--limit", "2")

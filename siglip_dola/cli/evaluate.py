@@ -68,8 +68,8 @@ def _load_model(args):
     return load_model(args, device, args.precision)
 
 
-def _calibrate_arguments(parser) -> None:
-    _common_arguments(parser, "val")
+def grid_arguments(parser) -> None:
+    """The calibration grid's flags (calibrate, study)."""
     parser.add_argument("--alphas", type=typed_list(float, "--alphas", "0.05,0.1,0.2"), default=(0.05, 0.1, 0.2),
                         help="alpha grid (default 0.05,0.1,0.2)")
     parser.add_argument("--n-buckets", type=typed_list(int, "--n-buckets", "2,3,4"), default=(2, 3, 4),
@@ -79,24 +79,36 @@ def _calibrate_arguments(parser) -> None:
                         help="contrast weight (lambda) grid; the first wins ties (default 1,0.5,0.25)")
     parser.add_argument("--static-layers", choices=("even", "all"), default="even",
                         help="layers tried for static mode (default: even)")
-    parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
-                        help="classification: pick by acc1; retrieval: pick text -> image rerank settings by --metric")
     parser.add_argument("--metric", default=RETRIEVAL_METRIC,
                         help="retrieval only: image_retrieval_recall@K to pick by (default: @10, search's top-k)")
+
+
+def grid_from_args(args):
+    """The CalibrationGrid of grid_arguments' flags."""
+    from siglip_dola.evaluation.calibrate import CalibrationGrid
+
+    return CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,
+                           contrast_weights=args.contrast_weights)
+
+
+def _calibrate_arguments(parser) -> None:
+    _common_arguments(parser, "val")
+    grid_arguments(parser)
+    parser.add_argument("--task", choices=tuple(TASK_NAMES), default="classification",
+                        help="classification: pick by acc1; retrieval: pick text -> image rerank settings by --metric")
 
 
 @subcommand("calibrate", help="Choose DoLa mode, bucket / static layer, alpha and contrast weight on a validation "
                               "split (top-1, or text -> image recall with --task retrieval).")
 def calibrate_command(args) -> int:
-    from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
+    from siglip_dola.evaluation.calibrate import calibrate
     from siglip_dola.text_bank.files import load_text_bank
     from siglip_dola.distributed import distributed_session
 
     from siglip_dola.io import refuse_overlapping_paths
 
     refuse_overlapping_paths({"--out": args.out}, _inputs(args))
-    grid = CalibrationGrid(n_buckets=args.n_buckets, static_parity=args.static_layers, alphas=args.alphas,
-                           contrast_weights=args.contrast_weights)
+    grid = grid_from_args(args)
     with distributed_session():
         bank = None if args.bank is None else load_text_bank(args.bank, rows_in_class_order=True)
         dataset = load_eval_dataset(args, "val")  # before the model: missing data fails fast

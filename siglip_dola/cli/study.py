@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, int_at_least, subcommand
-from siglip_dola.cli.evaluate import TASK_NAMES, _float_list, _int_list
+from siglip_dola.cli.evaluate import TASK_NAMES, grid_arguments, grid_from_args
 
 
 def _study_arguments(parser) -> None:
@@ -26,9 +26,7 @@ def _study_arguments(parser) -> None:
     parser.add_argument("--limit", type=int_at_least(1), default=None,
                         help="at most N evenly spaced items of each calibration and test split (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="redo datasets whose result exists")
-    parser.add_argument("--alphas", type=_float_list, default=(0.05, 0.1, 0.2), help="alpha grid")
-    parser.add_argument("--n-buckets", type=_int_list, default=(2, 3, 4), help="bucket splits tried")
-    parser.add_argument("--contrast-weights", type=_float_list, default=(1.0, 0.5, 0.25), help="lambda grid")
+    grid_arguments(parser)
     parser.add_argument("--n-resamples", type=int_at_least(1), default=10_000, help="paired bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
@@ -58,18 +56,17 @@ def study_command(args) -> int:
 
     from siglip_dola.cli.evaluate import _load_model
     from siglip_dola.distributed import distributed_session
-    from siglip_dola.evaluation.calibrate import CalibrationGrid
     from siglip_dola.evaluation.results import build_table
     from siglip_dola.evaluation.study import parse_dataset_list, run_study
     from siglip_dola.viewer.study_page import study_rows, write_study_page
 
     names = parse_dataset_list(args.datasets)
-    grid = CalibrationGrid(n_buckets=args.n_buckets, alphas=args.alphas, contrast_weights=args.contrast_weights)
+    grid = grid_from_args(args)
     with distributed_session() as (rank, _):
         run = run_study(_load_model(args), names, args.out, overwrite=args.overwrite, task=args.task if args.task
                         == "auto" else TASK_NAMES[args.task], root=args.dataset_root, limit=args.limit, grid=grid,
                         batch_size=args.batch_size, progress=args.progress, n_resamples=args.n_resamples,
-                        seed=args.seed)
+                        seed=args.seed, metric=args.metric)
     if rank != 0:  # rank 0 wrote the results; it builds the table and the page
         return EXIT_OK
     if run.kept:
