@@ -229,3 +229,15 @@ def test_shards_under_torchrun_match_one_process(tiny_siglip_folder, tmp_path):
     with safe_open(str(tmp_path / "z.safetensors"), "pt") as f:
         assert f.metadata()["ids"].split(",") == alone.ids == [f"s{i * 15 // 10:07d}" for i in range(10)]
         torch.testing.assert_close(f.get_tensor("z_final"), alone.z_final)
+
+
+def test_shards_through_decode_workers_equal_one_process(tiny_loaded, tmp_path):
+    """Each DataLoader worker reads its sub-batches forward through its own copy of the stream."""
+    from siglip_dola.evaluation.embed import embed_images
+
+    write_shards(tmp_path / "shards", n=21)
+    items = load_dataset(f"wds:{tmp_path}/shards/{{000000..000002}}.tar").items
+    alone = embed_images(tiny_loaded, items, [3], batch_size=4, progress=False, workers=0)
+    workers = embed_images(tiny_loaded, items, [3], batch_size=4, progress=False, workers=2)
+    assert workers.ids == alone.ids == [f"s{i:07d}" for i in range(21)]
+    torch.testing.assert_close(workers.z_layers, alone.z_layers, rtol=0, atol=0)
