@@ -169,3 +169,29 @@ def test_forest_plot_page_in_chromium(finished, tmp_path):
         low, high = row["ci"][0]
         assert low - 0.5 <= row["cx"] <= high + 0.5
     assert [link.rsplit("/", 1)[-1] for link in links] == [f"{study.result_stem(n)}.json" for n in names]
+
+
+def test_study_under_torchrun_equals_one_process(finished, sets, tiny_siglip_folder, tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    from siglip_dola import distributed
+    from tests.test_distributed import run_in_own_group
+
+    out, names, _ = finished
+    root, _ = sets
+    picked = [names[0], names[2]]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={distributed.free_port()}", "-m", "siglip_dola",
+               *study_argv(tiny_siglip_folder, root, picked, tmp_path / "ranks")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = run_in_own_group(command, env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("result(s) in") == 1  # rank 0 alone prints the table
+    for sharded, alone in zip(results_of(tmp_path / "ranks", picked), results_of(out, picked)):
+        metrics = lambda result: {mode: entry["metrics"] for mode, entry in result["modes"].items()}  # noqa: E731
+        assert metrics(sharded) == metrics(alone) and sharded["paired"] == alone["paired"]
+        assert sharded["calibrated_on"]["split"] == alone["calibrated_on"]["split"]
+        assert sharded["settings"]["calibration"] == str(tmp_path / "ranks" / "calibrations" / Path(
+            alone["settings"]["calibration"]).name)
