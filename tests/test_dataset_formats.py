@@ -185,6 +185,10 @@ def test_bad_and_missing_shards(tmp_path, capsys, tiny_loaded):
     code = cli.main(["eval", "--dataset", f"wds:{tmp_path}/shards/{{000000..000004}}.tar", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and "2 of 5 shard(s) not found" in err and "000003.tar" in err and "000004.tar" in err
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar file" * 100)
+    code = cli.main(["eval", "--dataset", f"wds:{tmp_path}/garbage.tar", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "could not be read as webdataset tars" in err and "garbage.tar" in err and "Traceback" not in err
     import webdataset as wds  # a sample whose image does not decode is skipped and reported, the rest scored
     with wds.TarWriter(str(tmp_path / "shards" / "000001.tar")) as writer:
         writer.write({"__key__": "broken", "jpg": b"not a jpeg", "cls": "0", "txt": "x"})

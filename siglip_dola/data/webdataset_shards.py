@@ -17,7 +17,8 @@ torchrun rank's share) and `take` (--limit) open only the tars they need.
 from __future__ import annotations
 
 import bisect
-import io
+import itertools
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,7 +108,7 @@ class ShardSamples(Sequence):
 
     def __init__(self, urls: list[str], counts: list[int], keys: list[str], positions: Sequence[int]):
         self.urls, self.counts, self.keys, self.positions = urls, counts, keys, positions
-        self.starts = [sum(counts[:i]) for i in range(len(counts))]  # index of each tar's first sample
+        self.starts = [0, *itertools.accumulate(counts)][:-1]  # index of each tar's first sample
         self._stream, self._next = None, 0
 
     def __len__(self) -> int:
@@ -127,7 +128,12 @@ class ShardSamples(Sequence):
             shard = bisect.bisect_right(self.starts, position) - 1
             self._stream, self._next = _samples(self.urls[shard:]), self.starts[shard]
         while True:
-            sample = next(self._stream)
+            try:
+                sample = next(self._stream)
+            except StopIteration:
+                raise RuntimeError(f"shards changed while being read: they end before sample {position}") from None
+            except (tarfile.TarError, OSError) as err:
+                raise ValueError(f"shard could not be read ({type(err).__name__}: {err})") from None
             self._next += 1
             if self._next - 1 == position:
                 break
@@ -150,7 +156,7 @@ def _index(urls: list[str], spec: str) -> tuple[list[str], list[int], list[str |
             per_url[sample["__url__"]] = per_url.get(sample["__url__"], 0) + 1
             cls.append(sample["cls"].decode("utf-8") if "cls" in sample else None)
             txt.append(sample["txt"].decode("utf-8") if "txt" in sample else None)
-    except (OSError, ValueError, UnicodeDecodeError) as err:
+    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"dataset {spec!r}: the shards could not be read as webdataset tars "
                          f"({type(err).__name__}: {err})") from None
     return keys, [per_url.get(u, 0) for u in urls], cls, txt
