@@ -7,7 +7,7 @@ import pytest
 import siglip_dola
 from siglip_dola.cli import SUBCOMMANDS, build_parser
 
-COMMANDS = {"classify", "rerank", "demo", "calibrate", "eval", "index", "search", "shapes", "build", "report", "serve"}
+COMMANDS = {"classify", "rerank", "demo", "calibrate", "eval", "index", "search", "shapes", "build", "report", "serve", "study"}
 
 
 def test_every_export_resolves():

@@ -139,6 +139,7 @@ def test_dataset_lists_comma_or_file(tmp_path):
     (tmp_path / "list.txt").write_text("shapes  # the embedded set\n\n# a comment\ncifar10\nshapes\nwds:/a/{0..2}.tar\n")
     assert study.parse_dataset_list(f"@{tmp_path / 'list.txt'}") == ["shapes", "cifar10", "wds:/a/{0..2}.tar"]
     assert study.parse_dataset_list("a, b,,c") == ["a", "b", "c"]
+    assert study.parse_dataset_list("wds:/s/{a,b}.tar,shapes") == ["wds:/s/{a,b}.tar", "shapes"]
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         study.parse_dataset_list(f"@{tmp_path / 'missing.txt'}")
     assert study.result_stem("shapes") == "shapes" and study.result_stem("wds:/a/{0..2}.tar").startswith("wds_a_0..2_.tar-")

@@ -61,7 +61,8 @@ def load_eval_dataset(args, default_split: str):
                         default_split=default_split)
 
 
-def _load_model(args):
+def model_from_args(args):
+    """The --model / --device / --precision model (under torchrun: this rank's device)."""
     from siglip_dola import distributed
 
     device = args.device or (distributed.local_device() if distributed.rank_and_world()[1] > 1 else None)
@@ -112,7 +113,7 @@ def calibrate_command(args) -> int:
     with distributed_session():
         bank = None if args.bank is None else load_text_bank(args.bank, rows_in_class_order=True)
         dataset = load_eval_dataset(args, "val")  # before the model: missing data fails fast
-        report = calibrate(_load_model(args), dataset, split=args.split, grid=grid, out=args.out,
+        report = calibrate(model_from_args(args), dataset, split=args.split, grid=grid, out=args.out,
                            n=args.limit, batch_size=args.batch_size, progress=args.progress,
                            task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
     if report is not None:
@@ -171,7 +172,7 @@ def eval_command(args) -> int:
                              _inputs(args))
     with distributed_session():
         dataset = load_eval_dataset(args, "test")  # before the model: missing data fails fast
-        report = evaluate(_load_model(args), dataset, split=args.split, calibration=args.calibration,
+        report = evaluate(model_from_args(args), dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
                           batch_size=args.batch_size, progress=args.progress, predictions=predictions,
                           n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)

@@ -42,7 +42,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for row in rows:
         lines.append((row["label"], (row["task"] or "").replace("zeroshot_", ""), row["metric"], str(row["n"]),
-                      str(row["calibrated_on"]), f"{row['off']:.4f}", row["mode_label"],
+                      str(row["calibrated_on"]), "-" if row["off"] is None else f"{row['off']:.4f}", row["mode_label"],
                       "-" if row["value"] is None else f"{row['value']:.4f}", row["interval"] or "-",
                       "-" if row["mcnemar_p"] is None else f"{row['mcnemar_p']:.2g}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -54,7 +54,7 @@ def format_table(rows: list[dict]) -> str:
 def study_command(args) -> int:
     import json
 
-    from siglip_dola.cli.evaluate import _load_model
+    from siglip_dola.cli.evaluate import model_from_args
     from siglip_dola.distributed import distributed_session
     from siglip_dola.evaluation.results import build_table
     from siglip_dola.evaluation.study import parse_dataset_list, run_study
@@ -63,7 +63,7 @@ def study_command(args) -> int:
     names = parse_dataset_list(args.datasets)
     grid = grid_from_args(args)
     with distributed_session() as (rank, _):
-        run = run_study(_load_model(args), names, args.out, overwrite=args.overwrite, task=args.task if args.task
+        run = run_study(model_from_args(args), names, args.out, overwrite=args.overwrite, task=args.task if args.task
                         == "auto" else TASK_NAMES[args.task], root=args.dataset_root, limit=args.limit, grid=grid,
                         batch_size=args.batch_size, progress=args.progress, n_resamples=args.n_resamples,
                         seed=args.seed, metric=args.metric)

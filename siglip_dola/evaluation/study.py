@@ -36,7 +36,8 @@ def parse_dataset_list(text: str) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"datasets list {str(path)!r} does not exist")
         text = ",".join(line.split("#", 1)[0] for line in path.read_text(encoding="utf-8").splitlines())
-    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    parts = re.split(r",(?![^{]*\})", text)  # a comma inside {...} belongs to a wds: brace pattern
+    names = list(dict.fromkeys(part.strip() for part in parts if part.strip()))
     if not names:
         raise ValueError(f"datasets must name at least one dataset (comma-separated or @file), got {text!r}")
     return names
