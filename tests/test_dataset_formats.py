@@ -201,7 +201,7 @@ TORCHRUN = textwrap.dedent('''
     from safetensors.torch import save_file
     from siglip_dola import distributed
     from siglip_dola.data.datasets import load_dataset
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
     from siglip_dola.loading import load
 
     model_dir, spec, out = sys.argv[1:4]
@@ -217,7 +217,7 @@ def test_shards_under_torchrun_match_one_process(tiny_siglip_folder, tmp_path):
     from safetensors import safe_open
 
     from siglip_dola import distributed
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
     from siglip_dola.loading import load
 
     write_shards(tmp_path / "shards", n=15)
@@ -237,7 +237,7 @@ def test_shards_under_torchrun_match_one_process(tiny_siglip_folder, tmp_path):
 
 def test_shards_through_decode_workers_equal_one_process(tiny_loaded, tmp_path):
     """Each DataLoader worker reads its sub-batches forward through its own copy of the stream."""
-    from siglip_dola.evaluation.embed import embed_images
+    from siglip_dola.embedding.images import embed_images
 
     write_shards(tmp_path / "shards", n=21)
     items = load_dataset(f"wds:{tmp_path}/shards/{{000000..000002}}.tar").items

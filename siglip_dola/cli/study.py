@@ -10,6 +10,7 @@ import sys
 
 from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, int_at_least, subcommand
 from siglip_dola.cli.evaluate import TASK_NAMES, grid_arguments, grid_from_args
+from siglip_dola.cli.model_flags import add_model_arguments
 
 
 def _study_arguments(parser) -> None:
@@ -18,7 +19,7 @@ def _study_arguments(parser) -> None:
                              "accepts: shapes, folders, CSVs, wds:SHARDS, clip_benchmark names")
     parser.add_argument("--out", required=True, metavar="DIR", help="study folder (results/, calibrations/, "
                         "table.csv, study.html)")
-    parser.add_argument("--model", default=None, help="model name, hub id or local path (default: the embedded model)")
+    add_model_arguments(parser)
     parser.add_argument("--dataset-root", default=None, help="folder holding clip_benchmark datasets "
                         "(default: ./clip_benchmark_data)")
     parser.add_argument("--task", choices=("auto", *TASK_NAMES), default="auto",

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from siglip_dola.data.datasets import evenly_spaced, load_dataset
 from siglip_dola.data.eval_dataset import EvalDataset, take
-from siglip_dola.evaluation.calibrate import RETRIEVAL_METRIC, CalibrationGrid, calibrate
+from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate
 from siglip_dola.evaluation.evaluate import evaluate
-from siglip_dola.evaluation.results import CLASSIFICATION, RETRIEVAL
 from siglip_dola.io import write_json_atomic
+from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 
 HELD_OUT_EVERY = 5
 TASK_CHOICES = ("auto", CLASSIFICATION, RETRIEVAL)
