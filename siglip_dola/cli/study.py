@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, int_at_least, subcommand
+from siglip_dola.cli import EXIT_OK, EXIT_SKIPPED, int_at_least, report_skipped, subcommand
 from siglip_dola.cli.evaluate import TASK_NAMES, grid_arguments, grid_from_args
 from siglip_dola.cli.model_flags import add_model_arguments
 
@@ -83,7 +83,8 @@ def study_command(args) -> int:
           f"forest plot: {page}")
     for name, why in run.failed:
         print(f"siglip-dola study: failed {name}: {why}", file=sys.stderr)
-    return EXIT_SKIPPED if run.failed else EXIT_OK
+    skipped = [item for name in run.done for item in json.loads(run.result_path(name).read_text())["skipped"]]
+    return EXIT_SKIPPED if run.failed or report_skipped(skipped, args._prog) else EXIT_OK
 
 
 study_command.add_arguments = _study_arguments

@@ -61,7 +61,7 @@ def _held_out(dataset: EvalDataset) -> tuple[EvalDataset, EvalDataset]:
 def study_splits(name: str, root=None, limit: int | None = None) -> tuple[EvalDataset, EvalDataset, dict]:
     """(calibration data, test data, `calibrated_on` record) of dataset `name` (see the module docstring);
     `limit`: at most that many evenly spaced items of each."""
-    test = load_dataset(name, split="test", root=root)
+    test = load_dataset(name, root=root)  # its test split, or all of a set with one split
     if test.split == "all":
         calibration, test = _held_out(test)
         how = f"held-out part (every {HELD_OUT_EVERY}th item) of the set's only split; tested on the other items"
