@@ -82,6 +82,7 @@ def error_runs(data, tmp):
         ("eval", ["eval", "--dataset", tmp / "garbage.csv", "--out", tmp / "r.json"]),
         ("calibrate", ["calibrate", "--dataset", tmp / "missing.csv", "--out", tmp / "c.json"]),
         ("build", ["build", data / "bad.json", "--out", tmp / "t.csv"]),
+        ("study", ["study", "--datasets", tmp / "garbage.csv", "--out", tmp / "study"]),
         ("rerank", ["rerank", data / "img" / "broken.png", "--texts", "a,b"]),
         ("index build", ["index", "build", data / "img" / "broken.png", "--out", tmp / "one.idx"]),
         ("index add", ["index", "add", tmp / "corrupt.idx", data / "img"]),
