@@ -81,7 +81,8 @@ def study_splits(name: str, root=None, limit: int | None = None) -> tuple[EvalDa
                                  f"train split ({type(err).__name__}: {err})") from None
             calibration = _held_out(train)[0]
             how = f"held-out part (every {HELD_OUT_EVERY}th item) of the train split (the set has no val split)"
-    calibration, test = evenly_spaced(calibration, limit), evenly_spaced(test, limit)
+    capped = lambda d: d if limit is None or limit >= len(d.items) else evenly_spaced(d, limit)  # noqa: E731
+    calibration, test = capped(calibration), capped(test)  # --limit caps: a smaller part is no warning
     return calibration, test, {"split": calibration.split, "n_items": len(calibration.items), "how": how}
 
 
