@@ -6,6 +6,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from siglip_dola.retrieval import RerankConfig, open_index, search_captions, search_embedding
+from siglip_dola.retrieval.commit import StoreOptions
 from siglip_dola.retrieval.from_vectors import build_index_from_vectors
 from tiny_index import reference_vectors
 
@@ -15,7 +16,7 @@ TAU = 0.05
 
 @pytest.fixture(scope="module")
 def gallery():
-    """Synthetic fp16-rounded normalised vectors [n, 1+J, D]: layers = final + growing noise; two exact duplicates."""
+    """Synthetic fp16-rounded normalised vectors [n, 1+J, D] (the index is built with the fp16 layer store): layers = final + growing noise; two exact duplicates."""
     rng = np.random.default_rng(0)
     final = rng.standard_normal((N_IMAGES, DIM))
     rows = [final] + [final + rng.standard_normal((N_IMAGES, DIM)) * s for s in (1.5, 1.0, 0.5)]
@@ -31,7 +32,7 @@ def index(gallery, tmp_path_factory):
     paths = [f"img_{i:03d}.png" for i in range(N_IMAGES)]
     chunks = [(paths[i:i + 128], gallery[i:i + 128]) for i in range(0, N_IMAGES, 128)]
     build_index_from_vectors(root, chunks, model_id="synthetic", layers=LAYERS, num_layers=8,
-                             logit_scale=-math.log(TAU))
+                             logit_scale=-math.log(TAU), store_options=StoreOptions(layer_store="fp16"))
     return open_index(root)
 
 

@@ -25,6 +25,7 @@ def _index_arguments(parser) -> None:
     build.add_argument("--overwrite", action="store_true",
                        help="replace an existing index at --out (to extend one, use `index add`)")
     _model_arguments(build, "default: the embedded model")
+    _store_arguments(build)
     add_settings_arguments(build)  # the settings are stored in the manifest, with the layers they read
     add = sub.add_parser("add", help="add images not indexed yet to an existing index", epilog=EXIT_STATUS_HELP)
     add.add_argument("index", help="index folder")
@@ -37,6 +38,29 @@ def _index_arguments(parser) -> None:
     verify.add_argument("index", help="index folder")
     add.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
                      help="check that the index stores the layers this calibration needs")
+
+
+def _store_arguments(build) -> None:
+    from siglip_dola.retrieval.commit import DEFAULT_LAYER_STORE, StoreOptions
+
+    build.add_argument("--layer-store", default=DEFAULT_LAYER_STORE, metavar="fp16|int8|pq|pqM",
+                       help=f"how the layer vectors are stored (default: {DEFAULT_LAYER_STORE}; see docs/retrieval.md)")
+    build.add_argument("--index-memory", default=StoreOptions.index_memory, metavar="SIZE",
+                       help="RAM budget of the first stage, e.g. 4G: picks the FAISS index (exact fp16 below ~1M "
+                            "images, IVF + PQ above) (default: %(default)s)")
+    build.add_argument("--index-factory", default=None, metavar="STRING",
+                       help="FAISS index_factory string for the first stage (overrides --index-memory), e.g. IVF4096,PQ64")
+    build.add_argument("--target-recall", type=float, default=StoreOptions.target_recall,
+                       help="recall of the first stage against exact search that nprobe is tuned to (default: %(default)s)")
+    build.add_argument("--recall-k", type=int, default=StoreOptions.rerank_k,
+                       help="k of the recall target: the rerank-k searches will use (default: %(default)s)")
+
+
+def _store_options(args):
+    from siglip_dola.retrieval.commit import StoreOptions
+
+    return StoreOptions(layer_store=args.layer_store, index_factory=args.index_factory, index_memory=args.index_memory,
+                        target_recall=args.target_recall, rerank_k=args.recall_k)
 
 
 def _load_model(name, device):
@@ -57,6 +81,10 @@ def _print_manifest(manifest, skipped: list, prog: str) -> int:
 
     print(f"index: {count_of(manifest.count, 'image')}, layers {manifest.layers}, model {manifest.model_id}, "
           f"{len(skipped)} skipped, checksum {manifest.checksum[:16]}, image root {safe_text(manifest.image_root)}")
+    stage = manifest.first_stage or {}
+    params = f", {stage['search_params']}" if stage.get("search_params") else ""
+    recall = f", recall@{stage['k']} {stage['recall']:.3f} on {stage['tune_queries']} held-out vectors" if params else ""
+    print(f"layer store: {manifest.layer_store}; first stage: {stage.get('factory', 'SQfp16 (exact)')}{params}{recall}")
     if manifest.settings:
         from siglip_dola.settings import DoLaSettings
         print(f"settings: {DoLaSettings.from_json(manifest.settings).describe()}")
@@ -74,7 +102,8 @@ def _run_index(args):
         flags = settings_flags(args)
         manifest = build_index(args.images, args.out, model, layers=flags.pop("layers"), bucket=flags.pop("bucket"),
                                batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet,
-                               overwrite=args.overwrite, calibration=args.calibration, **flags)
+                               overwrite=args.overwrite, calibration=args.calibration,
+                               store_options=_store_options(args), **flags)
         return manifest, manifest.skipped
     from siglip_dola.data.images import expand_image_paths
 
@@ -97,7 +126,7 @@ def index_command(args) -> int:
 
             print(f"index {args.index}: intact ({count_of(manifest.count, 'image')}, "
                   f"{count_of(len(manifest.segments), 'segment')}, "
-                  f"FAISS file {manifest.faiss_file})")
+                  f"layer store {manifest.layer_store}, FAISS file {manifest.faiss_file})")
             return 0
         return _print_manifest(manifest, skipped, getattr(args, "_prog", "siglip-dola index"))
 

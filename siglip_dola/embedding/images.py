@@ -141,21 +141,22 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
 
 
 def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32, progress=True,
-                 workers: int | None = None, readout=None) -> Embeddings | None:
+                 workers: int | None = None, readout=None, shard: bool = True) -> Embeddings | None:
     """Embed image paths or (id, PIL image) pairs: z_final [n, D], z_layers [J, n, D] (fp32, cpu).
 
     One readout call per batch gives the final and every requested layer. Bad files are skipped and
     listed in `skipped`. workers: decode processes (None: the spare cores; 0: in this process).
     Under torch.distributed each rank embeds a contiguous shard; rank 0 returns everything in input
-    order and the other ranks return None.
+    order and the other ranks return None. shard=False: this process embeds every item and returns them
+    (an index build gives each rank its own chunks).
     """
     check_batch_size(batch_size)
     items = check_items(items)
     layers = [int(j) for j in layers]
-    rank, world = distributed.rank_and_world()
+    rank, world = distributed.rank_and_world() if shard else (0, 1)
     start, stop = distributed.shard_bounds(len(items), rank, world)
     local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress if rank == 0 else False,
                          workers, readout)
-    parts = distributed.gather_to_rank0(local)
+    parts = distributed.gather_to_rank0(local) if shard else [local]
     return None if parts is None else concat_embeddings(parts)
 

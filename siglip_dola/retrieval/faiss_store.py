@@ -1,6 +1,6 @@
-"""The first-stage FAISS index over the final-layer embeddings of an index's segments.
+"""The first-stage FAISS index over the final-layer embeddings of an index's segments: read, write, search.
 
-CPU: ``IndexScalarQuantizer(D, QT_fp16, METRIC_INNER_PRODUCT)``, an exact (brute-force) inner-product
+Which index is built is chosen in first_stage.py; the exact one (below ~1M images) is, on CPU, ``IndexScalarQuantizer(D, QT_fp16, METRIC_INNER_PRODUCT)``, an exact (brute-force) inner-product
 scan over fp16 codes: 2 bytes per dimension (2 KB per image at D=1024, half of IndexFlatIP) and no
 training. The stored vectors are L2-normalised, so inner product = cosine. Where GPU FAISS is installed
 (``faiss.get_num_gpus() > 0``) the opened index is an fp16 ``GpuIndexFlatIP`` holding the same codes.
@@ -15,22 +15,13 @@ import faiss
 import numpy as np
 
 from siglip_dola.io import atomic_path
-from siglip_dola.retrieval import storage
+from siglip_dola.retrieval import first_stage, storage
 
 SMALL_SCAN = 1 << 25  # vectors x dims below which one query is scanned on one thread (32k x 1024)
 
 
-def new_index(dim: int):
-    """An empty exact inner-product index over fp16 codes of dimension `dim`."""
-    return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-
-
-def write(root: Path, manifest, base, new_segments: list[Path]) -> str:
-    """Write `base` (or a new index) + the final rows of `new_segments` atomically; returns the file name."""
-    index = base if base is not None else new_index(manifest.embed_dim)
-    for folder in new_segments:
-        final = np.asarray(storage.open_vectors(folder)[:, 0], dtype=np.float32)  # (n, D)
-        index.add(np.ascontiguousarray(final))
+def write(root: Path, manifest, index) -> tuple[str, str]:
+    """Write the first-stage `index` atomically as final-<checksum>.faiss; (file name, sha256)."""
     assert index.ntotal == manifest.count, f"FAISS holds {index.ntotal} vectors, manifest {manifest.count}"
     name = f"final-{manifest.checksum[:16]}.faiss"
     with atomic_path(root / name) as tmp:
@@ -39,25 +30,29 @@ def write(root: Path, manifest, base, new_segments: list[Path]) -> str:
     return name, sha256
 
 
-def read(root: Path, manifest, use_gpu: bool | None = None):
-    """The index named by `manifest` (on the GPUs when GPU FAISS is installed and use_gpu is not False).
+def read(root: Path, manifest, use_gpu: bool | None = None, mmap: bool = True):
+    """The index named by `manifest`: an IVF index with its inverted lists memory-mapped (mmap=True), else in
+    RAM (on the GPUs when GPU FAISS is installed, the first stage is exact and use_gpu is not False).
 
-    The file's sha256 is checked against the manifest first (format 2): FAISS itself reads flipped
-    bytes without complaint and answers wrongly.
+    The file's sha256 is checked against the manifest first (format >= 2): FAISS itself reads flipped
+    bytes without complaint and answers wrongly. The build's tuned search parameters (nprobe) are applied.
     """
     path = Path(root) / manifest.faiss_file
     if not manifest.faiss_file or not path.is_file():
         raise storage.IndexCorruptError(root, manifest.faiss_file or "final-*.faiss", "FAISS file missing")
     if manifest.faiss_sha256:
         storage.verify_file(root, manifest.faiss_file, manifest.faiss_sha256)
+    info = manifest.first_stage or {}
+    exact = first_stage.is_exact(info.get("factory", first_stage.EXACT))
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and not exact else 0)
     except RuntimeError as err:  # truncated: a raw C++ message
         raise storage.IndexCorruptError(root, manifest.faiss_file, str(err).strip().splitlines()[-1]) from None
     if index.ntotal != manifest.count or index.d != manifest.embed_dim:
         raise storage.IndexCorruptError(root, manifest.faiss_file, f"holds {index.ntotal} x {index.d} vectors, "
                                         f"the manifest says {manifest.count} x {manifest.embed_dim}")
-    if use_gpu is False or faiss.get_num_gpus() == 0:
+    first_stage.apply_params(index, info.get("search_params", ""))
+    if use_gpu is False or not exact or faiss.get_num_gpus() == 0:
         return index
     return _to_gpu(index)
 

@@ -7,7 +7,8 @@ from typing import Iterable
 
 import numpy as np
 
-from siglip_dola.retrieval import storage
+from siglip_dola.retrieval import segment, storage
+from siglip_dola.retrieval.commit import StoreOptions
 from siglip_dola.retrieval.index import commit_segments
 from siglip_dola.retrieval.storage import Manifest
 
@@ -19,11 +20,12 @@ def _normalised(vectors) -> np.ndarray:
 
 def build_index_from_vectors(out, chunks: Iterable[tuple[list[str], np.ndarray]], model_id: str,
                              layers: list[int], num_layers: int, logit_scale: float,
-                             preprocessing: str = "precomputed embeddings") -> Manifest:
+                             preprocessing: str = "precomputed embeddings",
+                             store_options: StoreOptions | None = None) -> Manifest:
     """Index at `out` from chunks of (paths [n], vectors [n, 1+J, D]: row 0 final, rows 1..J `layers`).
 
-    Vectors are L2-normalised and stored as float16; each chunk becomes one segment. Same atomic
-    commit as ``build_index``.
+    Vectors are L2-normalised and staged as float16; each chunk becomes one segment. Same layer store,
+    first stage (`store_options`) and atomic commit as ``build_index``; one process.
     """
     root, names, dim = Path(out), [], None
     for number, (paths, vectors) in enumerate(chunks):
@@ -33,10 +35,12 @@ def build_index_from_vectors(out, chunks: Iterable[tuple[list[str], np.ndarray]]
                              f"got {list(vectors.shape)}")
         dim = vectors.shape[2] if dim is None else dim
         name = f"seg-{uuid.uuid4().hex[:24]}"  # fresh: never reuses a segment of an earlier index here
-        storage.write_segment(root / storage.STAGING / name, _normalised(vectors), list(paths), [])
+        segment.write_segment(root / storage.STAGING / name, _normalised(vectors), list(paths), [])
         names.append(name)
     if dim is None:
         raise ValueError("chunks must hold at least one chunk of vectors")
     manifest = Manifest(model_id=model_id, layers=list(layers), num_layers=int(num_layers), embed_dim=int(dim),
                         logit_scale=float(logit_scale), preprocessing=preprocessing)
-    return commit_segments(root, manifest, names, None)
+    options = store_options or StoreOptions()
+    options.check(int(dim))
+    return commit_segments(root, manifest, names, names, options)

@@ -23,7 +23,8 @@ import torch
 from siglip_dola import distributed
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.embedding.images import embed_images
-from siglip_dola.retrieval import faiss_store, storage
+from siglip_dola.retrieval import faiss_store, segment, storage
+from siglip_dola.retrieval.commit import StoreOptions, commit
 from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
@@ -75,52 +76,52 @@ def _vectors_from(embeddings) -> np.ndarray:
 
 def _find_done(root: Path, name: str) -> bool:
     """True if a complete segment `name` exists, committed or staged."""
-    return any(storage.read_segment_meta(root / sub / name) is not None
+    return any(segment.read_segment_meta(root / sub / name) is not None
                for sub in (storage.SEGMENTS, storage.STAGING))
 
 
 def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_size: int,
-                  chunk_size: int, progress: bool, image_root: str) -> list[str]:
-    """Embed `paths` chunk by chunk into staged segments (skipping finished ones); returns segment names.
+                  chunk_size: int, progress: bool, image_root: str) -> tuple[list[str], list[str]]:
+    """Embed this rank's chunks of `paths` into staged segments, skipping finished ones: (all names, own names).
 
-    One progress bar (stderr) counts all images, the reused ones included, with an ETA; segment paths
-    are stored relative to `image_root`.
+    Under torchrun each rank takes a contiguous run of chunks and writes its segments itself (no rank
+    holds more than a chunk). Rank 0's progress bar (stderr) counts its own images, the reused ones
+    included, with an ETA; segment paths are stored relative to `image_root`.
     """
     from tqdm.auto import tqdm
 
     chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
     names = [storage.segment_key(model.model_id, layers, chunk) for chunk in chunks]
-    done = [_find_done(root, name) for name in names]  # decided by every rank before anyone writes
-    reused = sum(len(chunk) for chunk, finished in zip(chunks, done) if finished)
+    rank, world = distributed.rank_and_world()
+    first, stop = distributed.shard_bounds(len(chunks), rank, world)
+    mine = list(range(first, stop))
+    done = {i: _find_done(root, names[i]) for i in mine}
+    reused = sum(len(chunks[i]) for i in mine if done[i])
     main = distributed.is_main_process()
-    if reused and main:
-        print(f"index: reusing {sum(done)} finished segment(s) ({reused} images) already embedded in {root} "
-              "(by an interrupted or earlier run)", file=sys.stderr)
-    with tqdm(total=len(paths), initial=reused, desc="indexing", unit="img", file=sys.stderr,
+    if reused:
+        print(f"index: rank {rank} reusing {sum(done.values())} finished segment(s) ({reused} images) already "
+              f"embedded in {root} (by an interrupted or earlier run)", file=sys.stderr)
+    with tqdm(total=sum(len(chunks[i]) for i in mine), initial=reused, desc="indexing", unit="img", file=sys.stderr,
               disable=not (progress and main)) as bar:
-        for chunk, name, finished in zip(chunks, names, done):
-            if finished:
+        for i in mine:
+            if done[i]:
                 continue
-            start = bar.n
-            embeddings = embed_images(model, chunk, layers, batch_size=batch_size, progress=bar)
-            bar.update(start + len(chunk) - bar.n)  # other ranks' shards of the chunk
-            if embeddings is not None:  # rank 0 (the others get None and write nothing)
-                relative = [os.path.relpath(p, image_root) for p in embeddings.ids]
-                storage.write_segment(root / storage.STAGING / name, _vectors_from(embeddings),
-                                      relative, embeddings.skipped)
-    return names
+            embeddings = embed_images(model, chunks[i], layers, batch_size=batch_size, progress=bar, shard=False)
+            relative = [os.path.relpath(p, image_root) for p in embeddings.ids]
+            segment.write_segment(root / storage.STAGING / names[i], _vectors_from(embeddings), relative,
+                                  embeddings.skipped)
+    return names, [names[i] for i in mine]
 
 
 def _segment_entries(root: Path, names: list[str]) -> list[tuple[dict, dict]]:
-    """Promote staged segments; [(manifest entry, meta)] in order, empty segments dropped."""
+    """Promote staged segments; [(manifest entry, meta)] in order."""
     entries = []
     for name in names:
-        if storage.read_segment_meta(root / storage.SEGMENTS / name) is None:
+        if segment.read_segment_meta(root / storage.SEGMENTS / name) is None:
             storage.promote_segment(root, name)
-        meta = storage.read_segment_meta(root / storage.SEGMENTS / name)
+        meta = segment.read_segment_meta(root / storage.SEGMENTS / name)
         assert meta is not None, f"segment {name} vanished before commit"
-        entries.append(({"name": name, "count": meta["count"], "sha256": meta["sha256"],
-                         "bytes": (root / storage.SEGMENTS / name / storage.VECTORS).stat().st_size}, meta))
+        entries.append(({"name": name, "count": meta["count"], "sha256": meta["sha256"], "bytes": meta["bytes"]}, meta))
     return entries
 
 
@@ -132,35 +133,44 @@ def _merge_skipped(old: list, metas: list[dict], indexed: set[str]) -> list[list
     return [[path, error] for path, error in skipped.items() if path not in indexed]
 
 
-def commit_segments(root: Path, manifest: Manifest, names: list[str], base_faiss) -> Manifest:
-    """Rank 0: promote segments, write the FAISS file, then the manifest (the commit point); clean up."""
-    entries = _segment_entries(root, names)
-    new_segments = [entry for entry, meta in entries if entry["count"]]
-    metas = [meta for _, meta in entries]
-    manifest.segments = manifest.segments + new_segments
-    manifest.count = sum(seg["count"] for seg in manifest.segments)
-    manifest.checksum = storage.index_checksum(manifest.segments)
-    indexed = _indexed_paths(root, manifest)
-    manifest.skipped = _merge_skipped(manifest.skipped, metas, indexed)
-    if manifest.count == 0:
+def _finish(root: Path, manifest: Manifest, names: list[str], metas: list[dict], first, extra: dict) -> Manifest:
+    """Rank 0, after training and encoding: promote segments, write the FAISS file and codec, then the manifest."""
+    if not any(meta["count"] for meta in metas):
+        indexed = _indexed_paths(root, manifest)
+        skipped = _merge_skipped(manifest.skipped, metas, indexed)
         from siglip_dola.failures import all_failed_message
 
-        why = all_failed_message("images", manifest.skipped) if manifest.skipped else "no image was given"
+        why = all_failed_message("images", skipped) if skipped else "no image was given"
         raise ValueError(f"index: no image could be indexed, nothing was written to {str(root)!r}: {why}")
-    manifest.faiss_file, manifest.faiss_sha256 = faiss_store.write(
-        root, manifest, base_faiss, [root / storage.SEGMENTS / seg["name"] for seg in new_segments])
+    entries = _segment_entries(root, names)
+    manifest.segments = manifest.segments + [entry for entry, meta in entries if entry["count"]]
+    manifest.count = sum(seg["count"] for seg in manifest.segments)
+    manifest.checksum = storage.index_checksum(manifest.segments)
+    manifest.skipped = _merge_skipped(manifest.skipped, [meta for _, meta in entries], _indexed_paths(root, manifest))
+    if extra["codec"] and not manifest.layer_codec_file:
+        manifest.layer_codec_file, manifest.layer_codec_sha256 = storage.write_file(root, "layers", extra["codec"])
+    manifest.first_stage = extra["first_stage"]
+    manifest.format_version = storage.FORMAT_VERSION
+    manifest.faiss_file, manifest.faiss_sha256 = faiss_store.write(root, manifest, first)
     storage.write_manifest(root, manifest)
     storage.remove_unreferenced(root, manifest)
     return manifest
+
+
+def commit_segments(root: Path, manifest: Manifest, names: list[str], owned: list[str],
+                    options: StoreOptions) -> Manifest:
+    """Every rank: train, encode, merge and commit the staged segments `names` (this rank wrote `owned`)."""
+    return commit(root, manifest, names, owned, options,
+                  lambda *args: _finish(root, *args))
 
 
 def _indexed_paths(root: Path, manifest: Manifest, image_root: str | None = None) -> set[str]:
     """Absolute paths held by the manifest's segments (relative ones joined to the image root)."""
     paths: set[str] = set()
     for seg in manifest.segments:
-        meta = storage.read_segment_meta(root / storage.SEGMENTS / seg["name"])
+        meta = segment.read_segment_meta(root / storage.SEGMENTS / seg["name"])
         if meta is None:
-            raise storage.IndexCorruptError(root, f"{storage.SEGMENTS}/{seg['name']}/{storage.META}",
+            raise storage.IndexCorruptError(root, f"{storage.SEGMENTS}/{seg['name']}/{segment.META}",
                                             "missing or unreadable")
         paths.update(absolute_paths(meta["paths"], image_root or manifest.image_root))
     return paths
@@ -175,17 +185,17 @@ def _resolved(images) -> list[str]:
     return [str(p.resolve()) for p in expand_image_paths(images)]
 
 
-def _ingest(root: Path, model, paths: list[str], manifest: Manifest, base_faiss, batch_size: int,
+def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: StoreOptions, batch_size: int,
             chunk_size: int, progress: bool) -> Manifest:
-    """Embed `paths` into segments and commit them on top of `manifest` (every rank returns the result)."""
+    """Embed `paths` into segments (each rank its own) and commit them on top of `manifest` (every rank returns it)."""
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    options.check(manifest.embed_dim)
     with _rank0_lock(root):
-        names = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress,
-                              manifest.image_root)
-        return _rank0_then_all(lambda: commit_segments(root, manifest, names, base_faiss).to_json(),
-                               lambda committed: Manifest(**committed), "commit the index")
+        names, owned = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress,
+                                     manifest.image_root)
+        return commit_segments(root, manifest, names, owned, options)
 
 
 def _rank0_then_all(work, wrap, what: str):
@@ -218,14 +228,16 @@ class _rank0_lock:
 
 def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 32,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False, *, calibration=None,
-                mode=None, alpha=None, contrast_weight=None, static_layer=None, n_buckets=None) -> Manifest:
+                mode=None, alpha=None, contrast_weight=None, static_layer=None, n_buckets=None,
+                store_options: StoreOptions | None = None) -> Manifest:
     """Embed every image once and write a new index at `out` (replacing an old one only at commit).
 
     images: files / folders / globs; model: a LoadedModel. The DoLa settings (siglip_dola.settings: these
     flags > `calibration` > the model's own, e.g. the embedded model's shipped retrieval calibration >
     defaults) are stored in the manifest with the layers they read next to the final embedding. An existing
     index at `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
-    relative to the images' common folder, recorded as the manifest's image_root.
+    relative to the images' common folder, recorded as the manifest's image_root. store_options: the layer
+    store and the first stage (commit.StoreOptions: layer_store, index_factory, index_memory, target_recall).
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -239,7 +251,7 @@ def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 
     paths = _resolved(images)
     manifest = _new_manifest(model, settings)
     manifest.image_root = _common_root(paths)
-    return _ingest(root, model, paths, manifest, None, batch_size, chunk_size, progress)
+    return _ingest(root, model, paths, manifest, store_options or StoreOptions(), batch_size, chunk_size, progress)
 
 
 def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -261,5 +273,5 @@ def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = D
     paths = [p for p in _resolved(images) if p not in indexed]
     if not paths:
         return manifest
-    base = faiss_store.read(root, manifest) if distributed.is_main_process() else None
-    return _ingest(root, model, paths, manifest, base, batch_size, chunk_size, progress)
+    return _ingest(root, model, paths, manifest, StoreOptions(layer_store=manifest.layer_store), batch_size,
+                   chunk_size, progress)

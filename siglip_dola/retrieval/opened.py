@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siglip_dola.retrieval import faiss_store, storage
+from siglip_dola.retrieval import faiss_store, row_checks, segment, storage
+from siglip_dola.retrieval.segment import store_of
+from siglip_dola.retrieval.layer_store import LayerStore
 from siglip_dola.retrieval.storage import Manifest
 
 
@@ -76,7 +78,9 @@ class RetrievalIndex:
     faiss_index: object
     paths: list[str]
     offsets: np.ndarray            # [S + 1] first id of each segment, then the count
-    segment_vectors: list          # per segment: memory-mapped [n_s, 1+J, D] float16
+    segment_arrays: list           # per segment: the layer store's memory-mapped arrays, first axis n_s
+    store: LayerStore = None
+    checksums: list = None         # per segment: uint64 [n_s] record checksums, or None (built before format 3)
 
     @property
     def layers(self) -> list[int]:
@@ -91,7 +95,11 @@ class RetrievalIndex:
         return self.manifest.count
 
     def vectors(self, ids: np.ndarray, rows: list[int]) -> np.ndarray:
-        """Stored vectors of `ids` [K] at `rows` (0 = final, 1+j = layers[j]) -> float32 [len(rows), K, D]."""
+        """Stored vectors of `ids` [K] at `rows` (0 = final, 1+j = layers[j]) -> float32 [len(rows), K, D].
+
+        Reads and decodes only the K records, and checks each against its stored checksum first:
+        IndexCorruptError naming the segment file, the row and the image when one differs.
+        """
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), len(rows), self.manifest.embed_dim), dtype=np.float32)  # (K, R, D)
         segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K,)
@@ -99,8 +107,22 @@ class RetrievalIndex:
             where = np.nonzero(segment_of == seg)[0]
             local = ids[where] - self.offsets[seg]
             order = np.argsort(local)  # ascending reads from the memory map
-            out[where[order]] = self.segment_vectors[seg][local[order]][:, rows]  # (k, R, D)
+            records = [np.asarray(array[local[order]]) for array in self.segment_arrays[seg]]  # each (k, ...)
+            if self.checksums is not None and self.checksums[seg] is not None:
+                self._check(seg, records, local[order])
+            out[where[order]] = self.store.decode(records, rows)  # (k, R, D)
         return out.transpose(1, 0, 2)  # (R, K, D) view
+
+    def _check(self, seg: int, records: list[np.ndarray], local: np.ndarray) -> None:
+        bad = row_checks.bad_records(records, self.checksums[seg][local])
+        if len(bad):
+            name = self.manifest.segments[seg]["name"]
+            row = int(local[bad[0]])
+            image = self.paths[int(self.offsets[seg]) + row]
+            raise storage.IndexCorruptError(
+                self.root, f"{storage.SEGMENTS}/{name}/{self.store.files[0][0]}",
+                f"row {row} (image {image!r}) does not match its {row_checks.ALGORITHM} checksum"
+                + (f", and {len(bad) - 1} more of the rows read" if len(bad) > 1 else ""))
 
 
 def check_relocatable(manifest: Manifest, root) -> None:
@@ -134,20 +156,26 @@ def open_index(index, model=None, layers=None, verify: bool = False, image_root=
     manifest = storage.read_manifest(root)
     check_compatible(manifest, model, layers, root)
     folder_of_images = _image_root(manifest, root, image_root)
-    shape = (1 + len(manifest.layers), manifest.embed_dim)
-    paths, vectors = [], []
+    store = store_of(root, manifest)
+    paths, arrays, checksums = [], [], []
     for seg in manifest.segments:
         folder = root / storage.SEGMENTS / seg["name"]
         if verify:
-            storage.verify_segment(folder, seg["sha256"])
-        segment_vectors, meta = storage.check_segment(root, folder, seg, shape)
-        vectors.append(segment_vectors)
+            segment.verify_segment(root, folder, store, seg["sha256"])
+        segment_arrays, meta, digests = segment.check_segment(root, folder, seg, store)
+        arrays.append(segment_arrays)
+        checksums.append(digests)
         paths.extend(absolute_paths(meta["paths"], folder_of_images))
     if sum(seg["count"] for seg in manifest.segments) != manifest.count:
         raise storage.IndexCorruptError(root, storage.MANIFEST, "segment counts do not add up to its count")
+    unchecked = sum(seg["count"] for seg, digests in zip(manifest.segments, checksums) if digests is None)
+    if unchecked and not verify:
+        warnings.warn(f"index {str(root)!r}: {unchecked} of its {manifest.count} images were indexed before row "
+                      "checksums (format < 3), so a search cannot detect a corrupted row among them; check them with "
+                      "`siglip-dola index verify`, or rebuild the index to add checksums", UserWarning, stacklevel=2)
     counts = [seg["count"] for seg in manifest.segments]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return RetrievalIndex(root, manifest, faiss_store.read(root, manifest), paths, offsets, vectors)
+    return RetrievalIndex(root, manifest, faiss_store.read(root, manifest), paths, offsets, arrays, store, checksums)
 
 
 def verify_index(index) -> Manifest:

@@ -18,7 +18,7 @@ import torch
 from siglip_dola import scoring
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.layers import MODES
-from siglip_dola.retrieval import faiss_store
+from siglip_dola.retrieval import faiss_store, first_stage
 from siglip_dola.retrieval.index import index_settings
 from siglip_dola.retrieval.opened import RetrievalIndex, check_compatible, open_index
 from siglip_dola.settings import DoLaSettings
@@ -139,11 +139,16 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
         warnings.warn("only one candidate to rank (rerank_k or the index holds 1): it always scores 1.0; "
                       "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
     cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
-    layer_vectors = index.vectors(ids, [1 + index.layers.index(j) for j in layers]) if layers else None
+    # an approximate first stage's scores are not the cosines: q_N then comes from the stored final row
+    exact = first_stage.is_exact((index.manifest.first_stage or {}).get("factory", first_stage.EXACT))
+    rows = ([] if exact else [0]) + [1 + index.layers.index(j) for j in layers]
+    stored = index.vectors(ids, rows) if rows else None  # (R, K, D), records checked against their checksums
     with _small_torch_ops():
         layer_logits = None
-        if layers:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
-            layer_logits = (torch.from_numpy(layer_vectors) @ torch.from_numpy(text)).numpy() / tau  # (J, K)
+        if rows:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
+            logits = (torch.from_numpy(stored) @ torch.from_numpy(text)).numpy()  # (R, K)
+            cosines = cosines if exact else logits[0]
+            layer_logits = logits[0 if exact else 1:] / tau if layers else None  # (J, K)
         order, probs, baseline, premature, jsd = rerank(cosines / tau, layer_logits, settings, config.top_k)
     return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature, settings=settings,
                         jsd=jsd)

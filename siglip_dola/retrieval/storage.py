@@ -5,15 +5,19 @@
       final-<checksum>.faiss        FAISS inner-product index over the final embeddings, in segment order
       segments/seg-<key>/           one immutable chunk of images:
           vectors.npy               [n, 1+J, D] float16, L2-normalised; row 0 = final layer, rows 1..J = `layers`
-          meta.json                 {"paths": [...], "skipped": [[path, error], ...], "count", "sha256"}
+                                    (other layer stores: int8.npy + scales.npy, or pqM.npy; see layer_store.py)
+          checksums.npy             [n] uint64 xxh3 of each image's record (format 3; see row_checks.py)
+          meta.json                 {"paths": [...], "skipped": [[path, error], ...], "count", "sha256", "store", "checksums"}
+      layers-<sha>.faiss            the trained PQ codec of a pq layer store
       .staging/seg-<key>/           segments of a build or add that has not been committed yet (resume)
       .lock                         held (flock) by the one process writing the index
 
 Paths in meta.json are relative to the manifest's `image_root` (format 2), so a moved image folder is
 found again with `open_index(..., image_root=NEW)`; format 1 indexes stored absolute paths.
 
-Integrity: every open checks each segment's file size, npy header (dtype, shape) and path count, and the
-FAISS file's sha256 (small next to the vectors); `verify_index` also re-hashes every vectors file.
+Integrity: every open checks each segment's file sizes, npy headers (dtype, shape), path count and the
+digest of its checksums file, and the FAISS file's sha256; every read of K records checks their xxh3
+checksums (segment.py); `verify_index` also re-hashes every store file.
 
 A segment directory is complete once its meta.json exists (written last, atomically). Its key hashes
 the model id, the layers and the (path, size, mtime) of the chunk's files, so a rerun after a crash
@@ -35,8 +39,9 @@ import numpy as np
 
 from siglip_dola.io import atomic_path, write_json_atomic
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: absolute paths, no FAISS hash / sizes / weights fingerprint
+FORMAT_VERSION = 3
+# 1: absolute paths, no FAISS hash / sizes / weights fingerprint; 2: fp16 store, exact first stage, no row checksums
+READABLE_VERSIONS = (1, 2, 3)
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
@@ -66,6 +71,10 @@ class Manifest:
     layout: str = LAYOUT
     format_version: int = FORMAT_VERSION
     settings: dict | None = None  # DoLaSettings.to_json() the index was built with (None: built before settings)
+    layer_store: str = "fp16"      # layer_store.py: fp16 | int8 | pqM
+    layer_codec_file: str = ""     # the trained PQ codec (pq stores), and its sha256
+    layer_codec_sha256: str = ""
+    first_stage: dict | None = None  # first_stage.py: {factory, search_params, recall, k, trained_on, ...}; None: exact
 
     def to_json(self) -> dict:
         """The manifest as a JSON-ready dict."""
@@ -133,68 +142,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_segment(folder: Path, vectors: np.ndarray, paths: list[str], skipped: list) -> dict:
-    """Write one segment (vectors [n, 1+J, D] -> float16) into `folder`; meta.json last marks it complete."""
-    assert vectors.ndim == 3 and vectors.shape[0] == len(paths), "vectors must be [n, 1+J, D] for n paths"
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / VECTORS) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(vectors, dtype=np.float16), allow_pickle=False)
-    meta = {"count": len(paths), "sha256": _file_sha256(folder / VECTORS), "bytes": (folder / VECTORS).stat().st_size,
-            "paths": list(paths), "skipped": [list(s) for s in skipped]}
-    write_json_atomic(folder / META, meta)
-    return meta
-
-
-def read_segment_meta(folder: Path) -> dict | None:
-    """The segment's meta.json, or None when the segment is missing or incomplete (unreadable counts too)."""
-    path = folder / META
-    if not path.is_file() or not (folder / VECTORS).is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) and isinstance(meta.get("paths"), list) else None
-
-
-def open_vectors(folder: Path) -> np.ndarray:
-    """Memory-mapped [n, 1+J, D] float16 vectors of a segment (no pickle); IndexCorruptError if unreadable."""
-    try:
-        return np.load(folder / VECTORS, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
-        raise IndexCorruptError(folder.parent.parent, f"{folder.parent.name}/{folder.name}/{VECTORS}",
-                                str(err)) from None
-
-
-def _relative(root: Path, folder: Path, name: str) -> str:
-    return f"{folder.relative_to(root)}/{name}" if folder.is_relative_to(root) else str(folder / name)
-
-
-def check_segment(root: Path, folder: Path, entry: dict, shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
-    """The cheap check of every open: (memory-mapped vectors, meta) or IndexCorruptError naming the file.
-
-    Checks that both files exist and parse, the vectors file's size (format 2), dtype float16 and shape
-    [count, 1+J, D] (`shape` = (1+J, D)), and that meta.json lists `count` paths.
-    """
-    vectors_name, meta_name = _relative(root, folder, VECTORS), _relative(root, folder, META)
-    if not (folder / VECTORS).is_file():
-        raise IndexCorruptError(root, vectors_name, "missing")
-    meta = read_segment_meta(folder)
-    if meta is None:
-        raise IndexCorruptError(root, meta_name, "missing or unreadable")
-    size = (folder / VECTORS).stat().st_size
-    if entry.get("bytes") is not None and size != entry["bytes"]:
-        raise IndexCorruptError(root, vectors_name, f"{size} bytes, the manifest recorded {entry['bytes']}")
-    vectors = open_vectors(folder)
-    expected = (entry["count"], *shape)
-    if vectors.dtype != np.float16 or vectors.shape != expected:
-        raise IndexCorruptError(root, vectors_name, f"holds {vectors.dtype} {vectors.shape}, expected float16 {expected}")
-    if len(meta["paths"]) != entry["count"]:
-        raise IndexCorruptError(root, meta_name, f"lists {len(meta['paths'])} paths, expected {entry['count']}")
-    return vectors, meta
-
-
 def verify_file(root: Path, name: str, expected_sha256: str) -> None:
     """IndexCorruptError unless the file `root/name` exists and has the recorded sha256."""
     path = Path(root) / name
@@ -203,12 +150,6 @@ def verify_file(root: Path, name: str, expected_sha256: str) -> None:
     actual = _file_sha256(path)
     if actual != expected_sha256:
         raise IndexCorruptError(root, name, f"sha256 {actual[:12]}..., the manifest recorded {expected_sha256[:12]}...")
-
-
-def verify_segment(folder: Path, expected_sha256: str) -> None:
-    """IndexCorruptError when the segment's vectors file does not match its recorded checksum."""
-    root = folder.parent.parent
-    verify_file(root, _relative(root, folder, VECTORS), expected_sha256)
 
 
 def file_sha256(path: Path) -> str:
@@ -227,15 +168,28 @@ def promote_segment(root: Path, name: str) -> None:
     os.replace(source, target)
 
 
+def write_file(root: Path, prefix: str, data: bytes) -> tuple[str, str]:
+    """Write `data` atomically as INDEX/<prefix>-<sha16>.faiss; (file name, sha256)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    name = f"{prefix}-{sha256[:16]}.faiss"
+    with atomic_path(Path(root) / name) as tmp:
+        Path(tmp).write_bytes(data)
+    return name, sha256
+
+
 def remove_unreferenced(root: Path, manifest: Manifest) -> None:
-    """After a commit: delete segments and FAISS files the manifest no longer names, and the staging folder."""
+    """After a commit: delete segments and FAISS files the manifest no longer names, the staged fp16
+    vectors of a compressed layer store, and the staging folder."""
     live = {seg["name"] for seg in manifest.segments}
     for folder in (root / SEGMENTS).glob("seg-*"):
         if folder.name not in live:
             shutil.rmtree(folder, ignore_errors=True)
-    for faiss_file in root.glob("final-*.faiss"):
-        if faiss_file.name != manifest.faiss_file:
-            faiss_file.unlink(missing_ok=True)
+        elif manifest.layer_store != "fp16":
+            (folder / VECTORS).unlink(missing_ok=True)
+    for pattern in ("final-*.faiss", "layers-*.faiss"):
+        for faiss_file in root.glob(pattern):
+            if faiss_file.name not in (manifest.faiss_file, manifest.layer_codec_file):
+                faiss_file.unlink(missing_ok=True)
     shutil.rmtree(root / STAGING, ignore_errors=True)
 
 

@@ -1,0 +1,189 @@
+"""Retrieval past one machine's RAM: first stage x layer store on synthetic clustered galleries, one command per size.
+
+    python benchmarks/retrieval_scale.py --size 100000 --stores fp16 int8 pq256 pq512 --factories SQfp16
+    nice -n 10 python benchmarks/retrieval_scale.py --size 1000000 --stores int8 --factories auto SQfp16
+
+Vectors: D=1024, J=3, ``--clusters`` Gaussian centres; an image's final embedding = centre + noise, its layer
+j = final + noise (closer for later layers); queries = a centre + noise. Generated in chunks from a seed and
+regenerated for the exact ground truth (never more than one chunk in memory). Per (size, first stage, store):
+build time, bytes per image (first stage, layer store with checksums, total), RAM at search (RssAnon of a
+fresh process that opens the index and runs the queries; memory-mapped files are page cache, not counted),
+p50/p99 latency of the first stage alone (mode off) and with DoLa rerank (dynamic) at K=100 and 1000 through
+``search_embedding``, and recall@K of the first stage against the exact top-K. Against the fp16 store at the
+same first stage (when both are in --stores): DoLa top-10 overlap, premature-layer agreement, max |d p_hat|.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+D, LAYERS, NUM_LAYERS, LOGIT_SCALE, CHUNK = 1024, [18, 20, 22], 24, float(math.log(100.0)), 32768
+
+
+def centres(clusters: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((clusters, D), dtype=np.float32)
+
+
+def chunks(n: int, clusters: int, seed: int = 0):
+    """(first id, paths, vectors [c, 1+J, D] float32) in id order; deterministic, one chunk at a time."""
+    means = centres(clusters, seed)
+    for number, start in enumerate(range(0, n, CHUNK)):
+        rng = np.random.default_rng([seed, number])
+        size = min(CHUNK, n - start)
+        final = means[rng.integers(0, clusters, size)] + 0.8 * rng.standard_normal((size, D), dtype=np.float32)
+        rows = [final] + [final + s * rng.standard_normal((size, D), dtype=np.float32) for s in (1.5, 1.0, 0.5)]
+        yield start, [f"synthetic/{i:09d}.jpg" for i in range(start, start + size)], np.stack(rows, axis=1)
+
+
+def queries(count: int, clusters: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    picked = centres(clusters, seed)[rng.integers(0, clusters, count)]
+    out = picked + 1.0 * rng.standard_normal((count, D), dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def exact_ids(args, q: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k over the regenerated, normalised fp16-rounded final rows (what the index stores)."""
+    from siglip_dola.retrieval.first_stage import exact_top_k
+
+    def finals():
+        for start, _, vectors in chunks(args.size, args.clusters):
+            final = vectors[:, 0] / np.linalg.norm(vectors[:, 0], axis=1, keepdims=True)
+            yield start, final.astype(np.float16).astype(np.float32)
+    return exact_top_k(q, finals(), k)
+
+
+def build(args, root: Path, factory: str, store: str) -> float:
+    from siglip_dola.retrieval.commit import StoreOptions
+    from siglip_dola.retrieval.from_vectors import build_index_from_vectors
+
+    options = StoreOptions(layer_store=store, index_factory=None if factory == "auto" else factory,
+                           index_memory=args.index_memory, target_recall=args.target_recall, rerank_k=100)
+    start = time.perf_counter()
+    build_index_from_vectors(root, ((p, v) for _, p, v in chunks(args.size, args.clusters)), model_id="synthetic",
+                             layers=LAYERS, num_layers=NUM_LAYERS, logit_scale=LOGIT_SCALE, store_options=options)
+    return time.perf_counter() - start
+
+
+def measure(args) -> None:
+    """In a fresh process: open the index, time queries, report RAM (the --measure half of a run)."""
+    import torch
+
+    from siglip_dola.retrieval import RerankConfig, open_index, search_embedding
+    torch.set_num_threads(1)
+    index = open_index(args.measure)
+    q = np.load(args.queries_file)
+    out = {"latency_ms": {}, "ids": {}}
+    for mode, k in (("off", 100), ("dynamic", 100), ("off", 1000), ("dynamic", 1000)):
+        times, ids, results = [], [], []
+        for number, text in enumerate(q):
+            start = time.perf_counter()
+            result = search_embedding(index, text, RerankConfig(top_k=10, rerank_k=k, mode=mode))
+            if number >= args.warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+            results.append(result)
+        times = np.array(times)
+        out["latency_ms"][f"{mode}@{k}"] = {"p50": round(float(np.percentile(times, 50)), 2),
+                                           "p99": round(float(np.percentile(times, 99)), 2)}
+        if mode == "dynamic":
+            out["ids"][str(k)] = [[[h.item, h.score] for h in r.results] for r in results]
+            out["premature"] = out.get("premature", {}) | {str(k): [r.premature_layer for r in results]}
+    from siglip_dola.retrieval import faiss_store
+    first = [faiss_store.search(index.faiss_index, t, 1000)[1].tolist() for t in q]
+    out["first_stage_ids"] = first
+    status = Path("/proc/self/status").read_text()
+    out["rss_anon_mb"] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon"))) // 1024
+    Path(args.measure_out).write_text(json.dumps(out))
+
+
+def sizes(root: Path, n: int) -> dict:
+    manifest = json.loads((root / "manifest.json").read_text())
+    first = (root / manifest["faiss_file"]).stat().st_size
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    store = sum(p.stat().st_size for p in (root / "segments").rglob("*.npy"))
+    return {"first_stage_B": round(first / n, 1), "layer_store_B": round(store / n, 1), "total_B": round(total / n, 1),
+            "first_stage": manifest["first_stage"]}
+
+
+def compare(rows: dict, reference: dict) -> dict:
+    """DoLa top-10 overlap, premature-layer agreement and max |d p_hat| against the fp16 store's results."""
+    out = {}
+    for k in reference["ids"]:
+        ours, ref = rows["ids"][k], reference["ids"][k]
+        overlap = [len({i for i, _ in a} & {i for i, _ in b}) / 10 for a, b in zip(ours, ref)]
+        delta = [abs(sa - dict(b).get(i, 0.0)) for a, b in zip(ours, ref) for i, sa in a]
+        agree = np.mean([a == b for a, b in zip(rows["premature"][k], reference["premature"][k])])
+        out[k] = {"top10_overlap": round(float(np.mean(overlap)), 4), "min_overlap": min(overlap),
+                  "premature_agreement": round(float(agree), 4), "max_abs_dp_hat": round(float(max(delta)), 5)}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--clusters", type=int, default=4096)
+    parser.add_argument("--stores", nargs="+", default=["int8"])
+    parser.add_argument("--factories", nargs="+", default=["auto"], help="'auto' (from --index-memory) or factory strings")
+    parser.add_argument("--index-memory", default="4G")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workdir", default="/tmp/siglip_dola_scale")
+    parser.add_argument("--keep", action="store_true", help="keep the built indexes")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--queries-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        measure(args)
+        return 0
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    q = queries(args.queries + args.warmup, args.clusters)
+    np.save(work / "queries.npy", q)
+    start = time.perf_counter()
+    exact = exact_ids(args, q[args.warmup:], 1000)
+    exact_s = time.perf_counter() - start
+    rows = []
+    for factory in args.factories:
+        reference = None
+        for store in args.stores:
+            root = work / f"n{args.size}-{factory.replace(',', '_')}-{store}"
+            shutil.rmtree(root, ignore_errors=True)
+            build_s = build(args, root, factory, store)
+            measured = work / "measured.json"
+            subprocess.run([sys.executable, __file__, "--measure", str(root), "--queries-file", str(work / "queries.npy"),
+                            "--measure-out", str(measured), "--warmup", str(args.warmup)], check=True)
+            result = json.loads(measured.read_text())
+            first = result.pop("first_stage_ids")[args.warmup:]
+            recall = {k: round(float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(first, exact)])), 4)
+                      for k in (10, 100, 1000)}
+            row = {"size": args.size, "factory": factory, "layer_store": store, "build_s": round(build_s, 1),
+                   **sizes(root, args.size), "rss_anon_mb_at_search": result["rss_anon_mb"],
+                   "latency_ms": result["latency_ms"], "recall_vs_exact": recall, "exact_scan_s": round(exact_s, 1),
+                   "load_avg_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
+            if store == "fp16":
+                reference = result
+            elif reference is not None:
+                row["vs_fp16_store"] = compare(result, reference)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Committing staged segments: train on a sample (rank 0), encode + add per rank, merge, tune, write the manifest.
+
+Every rank calls ``commit`` with all segment names (in id order) and the ones it wrote (a contiguous run):
+
+1. rank 0 reads a sample of the staged fp16 vectors and trains what the index needs and lacks: the PQ
+   codec of a pq layer store, and the first stage (FAISS ``index_factory`` string: ``--index-factory``, else
+   ``first_stage.choose_factory`` from the gallery size and ``--index-memory``); both go to .staging/;
+2. each rank encodes its own segments into the layer store (+ row checksums) and adds their final rows
+   to a copy of the trained, empty first stage: .staging/part-<rank>.faiss;
+3. rank 0 merges the parts in rank order (``merge_from``: ids stay in segment order), tunes nprobe on
+   held-out gallery vectors against an exact chunked scan, writes the FAISS file, then the manifest.
+
+No rank reads more than its own segments and rank 0's training sample and held-out queries. The
+staged fp16 vectors of a compressed store are deleted once the manifest is committed.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from siglip_dola import distributed
+from siglip_dola.io import atomic_path
+from siglip_dola.retrieval import faiss_store, first_stage, layer_store, segment, storage
+from siglip_dola.retrieval.segment import store_of
+from siglip_dola.retrieval.storage import Manifest
+
+DEFAULT_LAYER_STORE = "int8"  # from the store comparison in docs/retrieval.md
+SEED = 0
+
+
+@dataclass
+class StoreOptions:
+    """Build-time choices: the layer store, the first stage (factory or memory budget) and its recall target."""
+    layer_store: str = DEFAULT_LAYER_STORE
+    index_factory: str | None = None
+    index_memory: str | int = "4G"
+    target_recall: float = 0.95
+    rerank_k: int = 100  # k of the recall target
+
+    def check(self, dim: int) -> None:
+        """ValueError naming the bad option."""
+        layer_store.parse_store(self.layer_store, dim)
+        first_stage.parse_memory(self.index_memory)
+        if not 0 < float(self.target_recall) <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or self.rerank_k < 1:
+            raise ValueError(f"rerank_k must be a positive int, got {self.rerank_k!r}")
+
+
+def locate(root: Path, name: str) -> Path:
+    """The folder of segment `name`: committed, else staged."""
+    committed = root / storage.SEGMENTS / name
+    return committed if segment.read_segment_meta(committed) is not None else root / storage.STAGING / name
+
+
+def _sample_rows(root: Path, names: list[str], counts: list[int], ids: np.ndarray, rows) -> np.ndarray:
+    """Staged vectors of global image `ids` (sorted) at `rows` -> float32 [len(ids), len(rows), D]."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    parts = []
+    for number, name in enumerate(names):
+        local = ids[(ids >= offsets[number]) & (ids < offsets[number + 1])] - offsets[number]
+        if len(local):
+            parts.append(np.asarray(segment.staged_vectors(locate(root, name))[local][:, rows], dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def _prepare(root: Path, manifest: Manifest, names: list[str], counts: list[int], options: StoreOptions,
+             adding: bool) -> dict:
+    """Rank 0: train what is missing; returns {codec, empty: staged file paths, factory, trained_on, held_out}."""
+    staging = root / storage.STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    total, rng = sum(counts), np.random.default_rng(SEED)
+    store = store_of(root, manifest) if adding else layer_store.LayerStore(
+        layer_store.parse_store(options.layer_store, manifest.embed_dim), 1 + len(manifest.layers), manifest.embed_dim)
+    if store.needs_training and store.codec is None:
+        images = np.sort(rng.choice(total, min(total, layer_store.TRAIN_SAMPLE // store.rows), replace=False))
+        store.train(_sample_rows(root, names, counts, images, list(range(store.rows))).reshape(-1, store.dim))
+    (staging / "layers.faiss").write_bytes(layer_store.codec_bytes(store))
+    plan = {"store": store.name, "held_out": []}
+    if adding:
+        base = faiss_store.read(root, manifest, use_gpu=False, mmap=False)
+        empty = faiss.clone_index(base)
+        empty.reset()
+        plan.update(factory=(manifest.first_stage or {}).get("factory", first_stage.EXACT))
+    else:
+        factory = options.index_factory or first_stage.choose_factory(
+            total, manifest.embed_dim, first_stage.parse_memory(options.index_memory))
+        order = rng.permutation(total)
+        held = 0 if first_stage.is_exact(factory) else min(first_stage.TUNE_QUERIES, max(1, total // 5))
+        n_train = min(first_stage.train_size(factory, total), total - held) if held else 0
+        train_ids = np.sort(order[:n_train])
+        sample = _sample_rows(root, names, counts, train_ids, [0])[:, 0] if n_train else None
+        empty = first_stage.train(factory, manifest.embed_dim, sample)
+        held_out = order[n_train:n_train + held]
+        plan.update(factory=factory, trained_on=int(n_train), held_out=[int(i) for i in np.sort(held_out)])
+    faiss.write_index(empty, str(staging / "empty.faiss"))
+    return plan
+
+
+def _encode_and_add(root: Path, manifest: Manifest, owned: list[str], rank: int) -> None:
+    """Every rank: encode its segments into the store and write its first-stage part."""
+    staging = root / storage.STAGING
+    store = layer_store.LayerStore(manifest.layer_store, 1 + len(manifest.layers), manifest.embed_dim)
+    if store.needs_training:
+        layer_store.load_codec(store, (staging / "layers.faiss").read_bytes())
+    part = faiss.read_index(str(staging / "empty.faiss"))
+    for name in owned:
+        folder = locate(root, name)
+        meta = segment.encode_segment(folder, store)
+        if meta["count"]:
+            final = segment.staged_vectors(folder)[:, 0]
+            for start in range(0, len(final), 65536):
+                part.add(np.ascontiguousarray(final[start:start + 65536], dtype=np.float32))
+    with atomic_path(staging / f"part-{rank}.faiss") as tmp:
+        faiss.write_index(part, str(tmp))
+
+
+def _merge(root: Path, manifest: Manifest, world: int, adding: bool):
+    staging = root / storage.STAGING
+    merged = faiss_store.read(root, manifest, use_gpu=False, mmap=False) if adding else None
+    for rank in range(world):
+        part = faiss.read_index(str(staging / f"part-{rank}.faiss"))
+        if merged is None:
+            merged = part
+        elif part.ntotal:
+            merged.merge_from(part, merged.ntotal if faiss.try_extract_index_ivf(merged) is not None else 0)
+    return merged
+
+
+def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -> dict:
+    """Search params for the recall target, measured against an exact scan of the staged final rows."""
+    info = {"factory": plan["factory"], "search_params": "", "k": options.rerank_k,
+            "target_recall": options.target_recall, "trained_on": plan.get("trained_on", 0), "recall": 1.0,
+            "tune_queries": len(plan["held_out"])}
+    if not plan["held_out"]:
+        return info
+    held = np.asarray(plan["held_out"])
+    queries = _sample_rows(root, names, counts, held, [0])[:, 0]
+    k = min(options.rerank_k, index.ntotal)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    chunks = ((offsets[i] + s, np.asarray(segment.staged_vectors(locate(root, n))[s:s + 65536, 0], dtype=np.float32))
+              for i, n in enumerate(names) for s in range(0, counts[i], 65536))
+    exact = first_stage.exact_top_k(queries, chunks, k)
+    info["search_params"], info["recall"] = first_stage.tune(index, queries, exact, k, options.target_recall)
+    return info
+
+
+def _all_ok(error: str | None) -> None:
+    """Raise on every rank if any rank failed (errors gathered to rank 0, then broadcast)."""
+    errors = distributed.gather_to_rank0(error)
+    message = "; ".join(e for e in errors if e) if errors is not None else None
+    message = distributed.broadcast_from_rank0(message)
+    if message:
+        raise RuntimeError(f"index: {message}")
+
+
+def _guarded(work):
+    try:
+        work()
+        return None
+    except Exception as err:  # reported to every rank by _all_ok
+        if distributed.rank_and_world()[1] == 1:
+            raise
+        return f"rank {distributed.rank_and_world()[0]}: {type(err).__name__}: {err}"
+
+
+def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], options: StoreOptions,
+           finish) -> Manifest:
+    """Every rank: train (rank 0), encode + add (each its `owned`), merge + tune + commit (rank 0 via `finish`)."""
+    rank, world = distributed.rank_and_world()
+    adding = bool(manifest.count)
+    plan = {}
+    metas = [segment.read_segment_meta(locate(root, name)) for name in names] if rank == 0 else []
+    counts = [meta["count"] for meta in metas]
+
+    def prepare():
+        if sum(counts) == 0:
+            finish(manifest, [], metas, None, {})  # raises: nothing could be indexed
+        plan.update(_prepare(root, manifest, names, counts, options, adding))
+        manifest.layer_store = plan["store"]
+    _all_ok(_guarded(prepare) if rank == 0 else None)
+    manifest.layer_store = distributed.broadcast_from_rank0(manifest.layer_store)
+    _all_ok(_guarded(lambda: _encode_and_add(root, manifest, owned, rank)))
+    result = {}
+
+    def merge_and_commit():
+        index = _merge(root, manifest, world, adding)
+        info = manifest.first_stage if adding else _tune(root, index, names, counts, plan, options)
+        if adding and info and info.get("trained_on") and info["trained_on"] < 0.01 * index.ntotal:
+            warnings.warn(f"index {str(root)!r}: the first stage's coarse quantiser was trained on {info['trained_on']} "
+                          f"vectors, under 1% of the {index.ntotal} it now holds; recall may have dropped: rebuild "
+                          "(index build --overwrite) to retrain", RuntimeWarning, stacklevel=4)
+        codec = (root / storage.STAGING / "layers.faiss").read_bytes()
+        result["manifest"] = finish(manifest, names, metas, index, {"first_stage": info, "codec": codec})
+    _all_ok(_guarded(merge_and_commit) if rank == 0 else None)
+    return distributed.broadcast_from_rank0(result.get("manifest"))
