@@ -52,9 +52,10 @@ class StoreOptions:
 
 
 def locate(root: Path, name: str) -> Path:
-    """The folder of segment `name`: committed, else staged."""
-    committed = root / storage.SEGMENTS / name
-    return committed if segment.read_segment_meta(committed) is not None else root / storage.STAGING / name
+    """The folder of segment `name`: staged (this run's), else committed (reused, or promoted by an
+    interrupted commit)."""
+    staged = root / storage.STAGING / name
+    return staged if segment.read_segment_meta(staged) is not None else root / storage.SEGMENTS / name
 
 
 def _sample_rows(root: Path, names: list[str], counts: list[int], ids: np.ndarray, rows) -> np.ndarray:
@@ -135,7 +136,7 @@ def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -
     """Search params for the recall target, measured against an exact scan of the staged final rows."""
     info = {"factory": plan["factory"], "search_params": "", "k": options.rerank_k,
             "target_recall": options.target_recall, "trained_on": plan.get("trained_on", 0), "recall": 1.0,
-            "tune_queries": len(plan["held_out"])}
+            "tune_queries": len(plan["held_out"]), "refine": 1}
     if not plan["held_out"]:
         return info
     held = np.asarray(plan["held_out"])
@@ -145,7 +146,14 @@ def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -
     chunks = ((offsets[i] + s, np.asarray(segment.staged_vectors(locate(root, n))[s:s + 65536, 0], dtype=np.float32))
               for i, n in enumerate(names) for s in range(0, counts[i], 65536))
     exact = first_stage.exact_top_k(queries, chunks, k)
-    info["search_params"], info["recall"] = first_stage.tune(index, queries, exact, k, options.target_recall)
+
+    def rescore(ids: np.ndarray) -> np.ndarray:  # the final rows' cosines, as a search reads them from the store
+        unique = np.unique(ids[ids >= 0])
+        rows = _sample_rows(root, names, counts, unique, [0])[:, 0]  # (u, D)
+        cosines = np.einsum("qkd,qd->qk", rows[np.searchsorted(unique, np.maximum(ids, 0))], queries)
+        return cosines
+    info["search_params"], info["recall"], info["refine"] = first_stage.tune(
+        index, queries, exact, k, options.target_recall, rescore)
     return info
 
 
@@ -178,7 +186,7 @@ def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], o
     counts = [meta["count"] for meta in metas]
 
     def prepare():
-        if sum(counts) == 0:
+        if sum(counts) == 0 and not adding:
             finish(manifest, [], metas, None, {})  # raises: nothing could be indexed
         plan.update(_prepare(root, manifest, names, counts, options, adding))
         manifest.layer_store = plan["store"]

@@ -111,10 +111,14 @@ def exact_top_k(queries: np.ndarray, chunks, k: int) -> np.ndarray:
     return heap.I
 
 
-def recall(index, queries: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean |approx top-k & exact top-k| / k over the queries."""
-    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), exact_ids[:, :k].tolist())]))
+def recall(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, factor: int = 1, rescore=None) -> float:
+    """Mean |approx top-k & exact top-k| / k; with factor > 1 the first stage fetches k * factor and
+    `rescore(ids [q, k*factor]) -> cosines` (the stored final rows) keeps the best k, as search does."""
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k * factor, index.ntotal))
+    if factor > 1:
+        scores = np.where(ids >= 0, rescore(ids), -np.inf)
+        ids = np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+    return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(ids.tolist(), exact_ids[:, :k].tolist())]))
 
 
 def search_params(index, nprobe: int) -> str:
@@ -131,21 +135,35 @@ def apply_params(index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-def tune(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, target_recall: float) -> tuple[str, float]:
-    """Smallest nprobe (powers of two) whose recall@k reaches `target_recall`: (params, recall)."""
+REFINE_FACTORS = (1, 2, 4, 8)
+
+
+def tune(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, target_recall: float,
+         rescore=None) -> tuple[str, float, int]:
+    """(search params, recall, refine factor): for each refine factor (fetch k * factor candidates, keep the k
+    best by the stored final rows, `rescore`), the smallest nprobe (powers of two) reaching `target_recall`;
+    the first factor that reaches it wins (its nprobe the smallest), else the best recall seen."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
-        return "", recall(index, queries, exact_ids, k)
-    nprobe, measured = 1, 0.0
-    while True:
-        params = search_params(index, nprobe)
-        apply_params(index, params)
-        measured = recall(index, queries, exact_ids, k)
-        if measured >= target_recall or nprobe >= ivf.nlist:
+        return "", recall(index, queries, exact_ids, k), 1
+    best = ("", -1.0, 1)
+    for factor in REFINE_FACTORS if rescore is not None else (1,):
+        nprobe = 1
+        while True:
+            params = search_params(index, nprobe)
+            apply_params(index, params)
+            measured = recall(index, queries, exact_ids, k, factor, rescore)
+            if measured > best[1]:
+                best = (params, measured, factor)
+            if measured >= target_recall or nprobe >= ivf.nlist:
+                break
+            nprobe = min(2 * nprobe, ivf.nlist)
+        if measured >= target_recall:
+            best = (params, measured, factor)
             break
-        nprobe = min(2 * nprobe, ivf.nlist)
-    if measured < target_recall:
-        warnings.warn(f"first stage {faiss.downcast_index(index).__class__.__name__}: recall@{k} {measured:.3f} "
-                      f"< target {target_recall} even scanning every list (the codes are too coarse: "
-                      f"a larger PQ code or --index-factory with SQ8 / Refine)", RuntimeWarning, stacklevel=2)
-    return params, measured
+    apply_params(index, best[0])
+    if best[1] < target_recall:
+        warnings.warn(f"first stage: recall@{k} {best[1]:.3f} < target {target_recall} even scanning every list "
+                      f"and refining {REFINE_FACTORS[-1]}x (the codes are too coarse: a larger PQ code, or "
+                      "--index-factory with SQ8)", RuntimeWarning, stacklevel=2)
+    return best

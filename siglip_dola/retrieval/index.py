@@ -75,9 +75,11 @@ def _vectors_from(embeddings) -> np.ndarray:
 
 
 def _find_done(root: Path, name: str) -> bool:
-    """True if a complete segment `name` exists, committed or staged."""
-    return any(segment.read_segment_meta(root / sub / name) is not None
-               for sub in (storage.SEGMENTS, storage.STAGING))
+    """True if a complete segment `name` is staged, or committed with its fp16 vectors (a compressed store's
+    committed segments keep no fp16 vectors to re-encode or add to a new first stage: they are embedded again)."""
+    committed = root / storage.SEGMENTS / name
+    return (segment.read_segment_meta(root / storage.STAGING / name) is not None
+            or (segment.read_segment_meta(committed) is not None and (committed / storage.VECTORS).is_file()))
 
 
 def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_size: int,
@@ -117,7 +119,7 @@ def _segment_entries(root: Path, names: list[str]) -> list[tuple[dict, dict]]:
     """Promote staged segments; [(manifest entry, meta)] in order."""
     entries = []
     for name in names:
-        if segment.read_segment_meta(root / storage.SEGMENTS / name) is None:
+        if segment.read_segment_meta(root / storage.STAGING / name) is not None:
             storage.promote_segment(root, name)
         meta = segment.read_segment_meta(root / storage.SEGMENTS / name)
         assert meta is not None, f"segment {name} vanished before commit"
@@ -135,7 +137,7 @@ def _merge_skipped(old: list, metas: list[dict], indexed: set[str]) -> list[list
 
 def _finish(root: Path, manifest: Manifest, names: list[str], metas: list[dict], first, extra: dict) -> Manifest:
     """Rank 0, after training and encoding: promote segments, write the FAISS file and codec, then the manifest."""
-    if not any(meta["count"] for meta in metas):
+    if not manifest.count and not any(meta["count"] for meta in metas):
         indexed = _indexed_paths(root, manifest)
         skipped = _merge_skipped(manifest.skipped, metas, indexed)
         from siglip_dola.failures import all_failed_message

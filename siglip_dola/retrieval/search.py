@@ -138,17 +138,22 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     if k == 1:
         warnings.warn("only one candidate to rank (rerank_k or the index holds 1): it always scores 1.0; "
                       "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
-    cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
-    # an approximate first stage's scores are not the cosines: q_N then comes from the stored final row
-    exact = first_stage.is_exact((index.manifest.first_stage or {}).get("factory", first_stage.EXACT))
-    rows = ([] if exact else [0]) + [1 + index.layers.index(j) for j in layers]
+    stage = index.manifest.first_stage or {}
+    exact = first_stage.is_exact(stage.get("factory", first_stage.EXACT))
+    if exact:
+        cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
+    else:  # approximate: fetch refine x K, keep the K best by the stored final rows (build-tuned to the recall)
+        _, fetched = faiss_store.search(index.faiss_index, text, min(len(index), k * int(stage.get("refine", 1))))
+        fetched = fetched[fetched >= 0]
+        finals = index.vectors(fetched, [0])[0] @ text  # (K',)
+        keep = np.lexsort((np.arange(len(fetched)), -finals))[:k]
+        cosines, ids = finals[keep], fetched[keep]
+    rows = [1 + index.layers.index(j) for j in layers]
     stored = index.vectors(ids, rows) if rows else None  # (R, K, D), records checked against their checksums
     with _small_torch_ops():
         layer_logits = None
         if rows:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
-            logits = (torch.from_numpy(stored) @ torch.from_numpy(text)).numpy()  # (R, K)
-            cosines = cosines if exact else logits[0]
-            layer_logits = logits[0 if exact else 1:] / tau if layers else None  # (J, K)
+            layer_logits = (torch.from_numpy(stored) @ torch.from_numpy(text)).numpy() / tau  # (J, K)
         order, probs, baseline, premature, jsd = rerank(cosines / tau, layer_logits, settings, config.top_k)
     return SearchResult(query, _hits(index.paths, ids, order, probs, baseline), premature, settings=settings,
                         jsd=jsd)
