@@ -10,8 +10,10 @@ from siglip_dola.embedding.images import embed_images
 from siglip_dola.loading import load
 from siglip_dola.retrieval import add_to_index, build_index, index as index_module, open_index, storage
 from tiny_index import reference_vectors, save_tiny_siglip
+from siglip_dola.retrieval.commit import StoreOptions
 
 LAYERS = [2, 4]
+FP16 = StoreOptions(layer_store="fp16")
 
 
 def stored_by_path(index):
@@ -27,7 +29,9 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
     assert sorted(index.paths) == good and manifest.count == len(good) == len(index)
     reference = reference_vectors(model, index.paths, LAYERS)
     stored = index.vectors(np.arange(len(index)), [0, 1, 2]).transpose(1, 0, 2)  # (n, 1+J, D)
-    np.testing.assert_allclose(stored, reference, atol=2e-3)  # fp16 storage
+    # the default int8 store: within half a step (max |x| / 127 per vector) of the model's own vectors
+    bound = np.abs(reference).max(axis=-1, keepdims=True) / 254 + 5e-4
+    assert np.all(np.abs(stored - reference) <= bound)
     on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert on_disk["model_id"] == model.model_id and on_disk["layers"] == LAYERS
     assert on_disk["count"] == len(good) and on_disk["format_version"] == storage.FORMAT_VERSION
@@ -37,7 +41,8 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
     assert f"image_mean={processor.image_mean!r}" in on_disk["preprocessing"] and " at 0x" not in on_disk["preprocessing"]
     digest = hashlib.sha256()
     for seg in on_disk["segments"]:
-        file_hash = hashlib.sha256((tmp_path / "idx" / "segments" / seg["name"] / "vectors.npy").read_bytes()).hexdigest()
+        folder = tmp_path / "idx" / "segments" / seg["name"]  # the int8 store's files, in order
+        file_hash = hashlib.sha256((folder / "int8.npy").read_bytes() + (folder / "scales.npy").read_bytes()).hexdigest()
         assert file_hash == seg["sha256"]
         digest.update(f"{seg['name']}:{file_hash}\n".encode())
     assert on_disk["checksum"] == digest.hexdigest()
@@ -96,21 +101,22 @@ def _snapshot(folder):
 
 def test_interrupted_build_keeps_previous_index_and_resumes(model, images, tmp_path, monkeypatch):
     paths = sorted(images.glob("img_*.png"))
-    build_index(paths[:2], tmp_path / "idx", model, layers=LAYERS, progress=False)
+    build_index(paths[:2], tmp_path / "idx", model, layers=LAYERS, progress=False, store_options=FP16)
     before = _snapshot(tmp_path / "idx")
     calls = []
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
     with pytest.raises(Crash):
-        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False, overwrite=True)
+        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False, overwrite=True, store_options=FP16)
     assert _snapshot(tmp_path / "idx") == before  # the previous index is untouched
     assert sorted(open_index(tmp_path / "idx").paths) == [str(p.resolve()) for p in paths[:2]]
     calls.clear()
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
     manifest = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=False,
-                           overwrite=True)
-    assert calls == [2, 1]  # chunk 1 = the old index's segment, chunk 2 staged before the crash
+                           overwrite=True, store_options=FP16)
+    # chunk 1 = the old index's segment (an fp16 store keeps the vectors to reuse), chunk 2 staged before the crash
+    assert calls == [2, 1]
     assert manifest.count == len(paths) and not (tmp_path / "idx" / storage.STAGING).exists()
-    fresh = build_index(paths, tmp_path / "fresh", model, layers=LAYERS, chunk_size=2, progress=False)
+    fresh = build_index(paths, tmp_path / "fresh", model, layers=LAYERS, chunk_size=2, progress=False, store_options=FP16)
     assert manifest.checksum == fresh.checksum  # resumed == built in one go
     assert len(list((tmp_path / "idx" / "segments").iterdir())) == len(manifest.segments)  # old ones removed
 
@@ -155,7 +161,7 @@ def test_bad_arguments_and_corruption(model, images, tmp_path):
     with pytest.raises(ValueError, match="layers"):
         build_index([images], tmp_path / "idx", model, layers=[6])
     manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
-    vectors = tmp_path / "idx" / "segments" / manifest.segments[0]["name"] / "vectors.npy"
+    vectors = tmp_path / "idx" / "segments" / manifest.segments[0]["name"] / "int8.npy"
     data = bytearray(vectors.read_bytes())
     data[-1] ^= 0xFF
     vectors.write_bytes(bytes(data))

@@ -10,8 +10,10 @@ from siglip_dola.cli import main
 from siglip_dola.retrieval import (IndexCorruptError, add_to_index, build_index, faiss_store, open_index, search,
                                    storage, verify_index)
 from tiny_index import write_images
+from siglip_dola.retrieval.commit import StoreOptions
 
 LAYERS = [2, 4]
+FP16 = StoreOptions(layer_store="fp16")
 
 
 @pytest.fixture
@@ -33,8 +35,10 @@ def _truncate(path, keep: int):
 
 
 def _first_vectors(root):
+    """The first segment's main layer-store file (vectors.npy for fp16, int8.npy for the default int8)."""
     manifest = storage.read_manifest(root)
-    return root / "segments" / manifest.segments[0]["name"] / "vectors.npy"
+    name = "vectors.npy" if manifest.layer_store == "fp16" else f"{manifest.layer_store}.npy"
+    return root / "segments" / manifest.segments[0]["name"] / name
 
 
 def _faiss_file(root):
@@ -56,12 +60,12 @@ def test_vectors_flip_is_caught_by_verify(built, capsys):
     path = _first_vectors(built)
     _flip(path, path.stat().st_size - 40)  # inside the data: size and header stay valid
     assert len(open_index(built)) == 7  # the cheap check reads no data
-    with pytest.raises(IndexCorruptError, match="vectors.npy"):
+    with pytest.raises(IndexCorruptError, match=path.name):
         verify_index(built)
     assert main(["index", "verify", str(built)]) == 2
     assert str(path.relative_to(built)) in capsys.readouterr().err
     assert main(["search", str(built), "a red circle", "--verify"]) == 2
-    assert "vectors.npy" in capsys.readouterr().err and "Traceback" not in capsys.readouterr().err
+    assert path.name in capsys.readouterr().err and "Traceback" not in capsys.readouterr().err
 
 
 def test_intact_index_verifies(built, capsys):
@@ -184,10 +188,11 @@ def test_cli_index_add_relocates_and_help_documents_exit_codes(capsys):
 
 
 def test_one_progress_bar_and_reuse_is_reported(model, images, tmp_path, capsys):
-    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True)
+    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True, store_options=FP16)
     err = capsys.readouterr().err
     assert "indexing" in err and "8/8" in err and "embedding" not in err  # one bar over all 4 chunks
     assert "reusing" not in err
-    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True, overwrite=True)
+    build_index([images], tmp_path / "idx", model, layers=LAYERS, chunk_size=2, progress=True, overwrite=True,
+                store_options=FP16)  # an fp16 store keeps the vectors a rebuild reuses
     err = capsys.readouterr().err
     assert "reusing 4 finished segment(s) (8 images)" in err
