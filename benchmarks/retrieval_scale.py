@@ -38,15 +38,17 @@ def centres(clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((LATENT, D), dtype=np.float32) / np.sqrt(LATENT / 4))
 
 
-def chunks(n: int, clusters: int, seed: int = 0):
-    """(first id, paths, vectors [c, 1+J, D] float32) in id order; deterministic, one chunk at a time."""
+def chunks(n: int, clusters: int, seed: int = 0, finals_only: bool = False):
+    """(first id, paths, vectors [c, 1+J, D] float32) in id order; deterministic, one chunk at a time.
+    finals_only: [c, 1, D], the same final rows without drawing the layers' noise (for the exact scan)."""
     means, basis = centres(clusters, seed)
     for number, start in enumerate(range(0, n, CHUNK)):
         rng = np.random.default_rng([seed, number])
         size = min(CHUNK, n - start)
         final = (means[rng.integers(0, clusters, size)] + rng.standard_normal((size, LATENT), dtype=np.float32) @ basis
                  + 0.2 * rng.standard_normal((size, D), dtype=np.float32))
-        rows = [final] + [final + s * rng.standard_normal((size, D), dtype=np.float32) for s in (1.5, 1.0, 0.5)]
+        rows = [final] + ([] if finals_only else
+                          [final + s * rng.standard_normal((size, D), dtype=np.float32) for s in (1.5, 1.0, 0.5)])
         yield start, [f"synthetic/{i:09d}.jpg" for i in range(start, start + size)], np.stack(rows, axis=1)
 
 
@@ -64,7 +66,7 @@ def exact_ids(args, q: np.ndarray, k: int) -> np.ndarray:
     from siglip_dola.retrieval.first_stage import exact_top_k
 
     def finals():
-        for start, _, vectors in chunks(args.size, args.clusters):
+        for start, _, vectors in chunks(args.size, args.clusters, finals_only=True):
             final = vectors[:, 0] / np.linalg.norm(vectors[:, 0], axis=1, keepdims=True)
             yield start, final.astype(np.float16).astype(np.float32)
     return exact_top_k(q, finals(), k)

@@ -61,7 +61,8 @@ def test_search_baseline_is_the_softmax_of_cosines(cli_index, model, capsys):
     assert out["premature_layer"] is None
     index = open_index(cli_index)
     text = model.encode_text(["a blue square"])[0].double().numpy()
-    final = index.vectors(np.arange(len(index)), [0])[0].astype(np.float64)  # (n, D)
+    # the exact first stage's own fp16 codes (the int8 layer store's final row only serves an approximate one)
+    final = index.faiss_index.reconstruct_n(0, len(index)).astype(np.float64)  # (n, D)
     logits = final @ (text / np.linalg.norm(text)) / model.tau
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     order = np.argsort(-logits, kind="stable")

@@ -157,7 +157,7 @@ def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -
     return info
 
 
-def _all_ok(error: str | None) -> None:
+def all_ok(error: str | None) -> None:
     """Raise on every rank if any rank failed (errors gathered to rank 0, then broadcast)."""
     errors = distributed.gather_to_rank0(error)
     message = "; ".join(e for e in errors if e) if errors is not None else None
@@ -166,7 +166,7 @@ def _all_ok(error: str | None) -> None:
         raise RuntimeError(f"index: {message}")
 
 
-def _guarded(work):
+def guarded(work):
     try:
         work()
         return None
@@ -190,9 +190,9 @@ def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], o
             finish(manifest, [], metas, None, {})  # raises: nothing could be indexed
         plan.update(_prepare(root, manifest, names, counts, options, adding))
         manifest.layer_store = plan["store"]
-    _all_ok(_guarded(prepare) if rank == 0 else None)
+    all_ok(guarded(prepare) if rank == 0 else None)
     manifest.layer_store = distributed.broadcast_from_rank0(manifest.layer_store)
-    _all_ok(_guarded(lambda: _encode_and_add(root, manifest, owned, rank)))
+    all_ok(guarded(lambda: _encode_and_add(root, manifest, owned, rank)))
     result = {}
 
     def merge_and_commit():
@@ -204,5 +204,5 @@ def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], o
                           "(index build --overwrite) to retrain", RuntimeWarning, stacklevel=4)
         codec = (root / storage.STAGING / "layers.faiss").read_bytes()
         result["manifest"] = finish(manifest, names, metas, index, {"first_stage": info, "codec": codec})
-    _all_ok(_guarded(merge_and_commit) if rank == 0 else None)
+    all_ok(guarded(merge_and_commit) if rank == 0 else None)
     return distributed.broadcast_from_rank0(result.get("manifest"))

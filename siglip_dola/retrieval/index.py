@@ -24,7 +24,7 @@ from siglip_dola import distributed
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.embedding.images import embed_images
 from siglip_dola.retrieval import faiss_store, segment, storage
-from siglip_dola.retrieval.commit import StoreOptions, commit
+from siglip_dola.retrieval.commit import StoreOptions, all_ok, commit, guarded
 from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
@@ -195,9 +195,13 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: St
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     options.check(manifest.embed_dim)
     with _rank0_lock(root):
-        names, owned = _embed_chunks(root, model, paths, manifest.layers, batch_size, chunk_size, progress,
-                                     manifest.image_root)
-        return commit_segments(root, manifest, names, owned, options)
+        embedded = {}
+
+        def embed():
+            embedded["names"], embedded["owned"] = _embed_chunks(root, model, paths, manifest.layers, batch_size,
+                                                                 chunk_size, progress, manifest.image_root)
+        all_ok(guarded(embed))  # also the barrier: every rank's segments are written before the commit reads them
+        return commit_segments(root, manifest, embedded["names"], embedded["owned"], options)
 
 
 def _rank0_then_all(work, wrap, what: str):
