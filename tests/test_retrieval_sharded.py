@@ -13,7 +13,7 @@ from siglip_dola.loading import load
 from siglip_dola.retrieval import build_index, open_index
 from siglip_dola.retrieval.commit import StoreOptions
 from test_distributed import run_in_own_group
-from test_retrieval_index import write_images
+from tiny_index import write_images
 
 LAYERS = [2, 4]
 
