@@ -1,8 +1,8 @@
 """The first-stage FAISS index over the final-layer embeddings of an index's segments: read, write, search.
 
-Which index is built is chosen in first_stage.py; the exact one (below ~1M images) is, on CPU, ``IndexScalarQuantizer(D, QT_fp16, METRIC_INNER_PRODUCT)``, an exact (brute-force) inner-product
-scan over fp16 codes: 2 bytes per dimension (2 KB per image at D=1024, half of IndexFlatIP) and no
-training. The stored vectors are L2-normalised, so inner product = cosine. Where GPU FAISS is installed
+Which index is built is chosen in first_stage.py. The exact one (below ~1M images) is, on CPU,
+``IndexScalarQuantizer(D, QT_fp16, METRIC_INNER_PRODUCT)``, an exact (brute-force) inner-product scan
+over fp16 codes: 2 bytes per dimension (2 KB per image at D=1024, half of IndexFlatIP), no training. The stored vectors are L2-normalised, so inner product = cosine. Where GPU FAISS is installed
 (``faiss.get_num_gpus() > 0``) the opened index is an fp16 ``GpuIndexFlatIP`` holding the same codes.
 """
 from __future__ import annotations

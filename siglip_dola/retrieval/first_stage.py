@@ -4,10 +4,12 @@
     train(factory, dim, sample)           -> an empty trained index
     tune(index, queries, exact_ids, k, target_recall) -> (search params, measured recall)
 
-Below ``FLAT_BELOW`` images, or when the fp16 codes fit a quarter of the budget and the gallery is
-small, the first stage is the exact fp16 scan ("SQfp16"). Above, IVF with PQ codes: nlist ~ sqrt(n)
+Below ``FLAT_BELOW`` images, when their fp16 codes fit the budget, the first stage is the exact fp16
+scan ("SQfp16"). Above, IVF with PQ codes: nlist ~ sqrt(n)
 (a power of two), an HNSW coarse quantiser from 2^16 lists (as autofaiss), PQ with the largest code of
 at most 128 bytes whose lists fit the memory budget, and OPQ rotation below 64 bytes (where it pays).
+A search fetches refine x K candidates and keeps the K best by the layer store's final rows; nprobe and
+the refine factor are tuned together at build time (``tune``).
 """
 from __future__ import annotations
 
