@@ -96,7 +96,11 @@ def train(factory: str, dim: int, sample: np.ndarray):
     """A trained, empty index for `factory` (sample [m, D] float32)."""
     index = new_index(factory, dim)
     if not index.is_trained:
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as err:  # e.g. fewer training vectors than lists or centroids
+            raise ValueError(f"index_factory {factory!r} cannot be trained on {len(sample)} vectors: "
+                             f"{str(err).strip().splitlines()[-1]} (a smaller IVF / PQ, or the exact SQfp16)") from None
     return index
 
 

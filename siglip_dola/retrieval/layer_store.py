@@ -68,6 +68,9 @@ class LayerStore:
 
     def train(self, sample: np.ndarray) -> None:
         """Train the PQ codec on `sample` [m, D] float32 (vectors of any rows)."""
+        if len(sample) < 256:  # 256 centroids per sub-quantiser
+            raise ValueError(f"layer_store {self.name!r} needs at least 256 vectors to train its codec, the gallery "
+                             f"gives {len(sample)} (images x {self.rows} rows); use layer_store 'int8' or 'fp16'")
         codec = faiss.index_factory(self.dim, f"PQ{self.code_size}np")  # np: no polysemous training
         codec.train(np.ascontiguousarray(sample, dtype=np.float32))
         self.codec = codec
