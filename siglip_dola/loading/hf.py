@@ -10,6 +10,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from siglip_dola.loading import hub
@@ -35,7 +36,9 @@ def is_model(model) -> bool:
     """True for a transformers SiglipModel / CLIPModel / Siglip2Model (vision + text towers)."""
     import transformers
 
-    return isinstance(model, tuple(getattr(transformers, name) for name in MODEL_CLASSES.values()))
+    # a class the installed release lacks (Siglip2Model arrived in transformers 4.49) cannot be an instance
+    classes = tuple(getattr(transformers, name, None) for name in MODEL_CLASSES.values())
+    return isinstance(model, tuple(cls for cls in classes if cls is not None))
 
 
 def load_dir(folder: Path):
@@ -48,7 +51,11 @@ def load_dir(folder: Path):
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    model_class = getattr(transformers, MODEL_CLASSES[model_type])
+    model_class = getattr(transformers, MODEL_CLASSES[model_type], None)
+    if model_class is None:
+        raise ValueError(f"{folder}/config.json has model_type={model_type!r}, whose {MODEL_CLASSES[model_type]} "
+                         f"this transformers {transformers.__version__} lacks: upgrade transformers "
+                         "(pip install -U transformers)")
     with _quiet_transformers():
         model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
@@ -133,6 +140,17 @@ def _wrap_processor(processor, model):
     return HFImagePreprocess(processor)
 
 
+def hwc_images(image) -> dict:
+    """A PIL image as the processor arguments every supported transformers release reads the same way.
+
+    The image goes in as a height x width x 3 uint8 array, and its layout is said: unsaid, a 1- or 3-pixel-high
+    image is guessed channels-first. The array, not the PIL image, carries the layout: transformers 5.17's fast
+    processors turn a PIL image into channels-first first and then apply ``input_data_format="channels_last"``
+    to it, so every image failed ("The size of tensor a (500) must match the size of tensor b (3)").
+    """
+    return {"images": np.array(image.convert("RGB")), "input_data_format": "channels_last"}
+
+
 class HFImagePreprocess:
     """PIL -> [3, H, W] through an HF image processor; its repr names the settings (index manifests record it)."""
 
@@ -142,9 +160,7 @@ class HFImagePreprocess:
         self.processor = processor
 
     def __call__(self, image):
-        # PIL is height x width x channels: say so, or a 1- or 3-pixel-high image is read as channels-first
-        return self.processor(images=image.convert("RGB"), return_tensors="pt",
-                              input_data_format="channels_last")["pixel_values"][0]
+        return self.processor(**hwc_images(image), return_tensors="pt")["pixel_values"][0]
 
     def __repr__(self) -> str:
         config = self.processor.to_dict()
@@ -160,7 +176,7 @@ class NaFlexPreprocess(HFImagePreprocess):
     def __call__(self, image):
         from siglip_dola.readout.tower_hf_siglip2 import pack
 
-        out = self.processor(images=image.convert("RGB"), return_tensors="pt")
+        out = self.processor(**hwc_images(image), return_tensors="pt")
         return pack(out["pixel_values"], out["spatial_shapes"])[0]
 
 
