@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # the package's one version: pyproject.toml reads it (setuptools dynamic version)
+
+from siglip_dola import dependencies as _dependencies  # noqa: E402
+
+# An installed dependency outside its supported range fails here, in one line, not deep inside a model call.
+# The `siglip-dola` command checks in main() instead, so that it can say it without a traceback.
+if not _dependencies.started_as_cli():
+    _dependencies.check_versions()
 
 # public name -> module that defines it
 _EXPORTS = {

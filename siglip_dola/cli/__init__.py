@@ -19,6 +19,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+from siglip_dola.dependencies import MissingExtraError, check_versions, install_hint
+
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 EXIT_STATUS_HELP = ("exit status: 0 success; 1 finished but some input files were skipped (each listed on "
@@ -29,9 +31,6 @@ EXIT_STATUS_HELP = ("exit status: 0 success; 1 finished but some input files wer
 # Handlers import their library modules lazily so `siglip-dola --help` stays fast.
 SUBCOMMANDS: dict = {}
 
-# Optional imports the library does lazily, and what installs them (the install hint of the error).
-INSTALL_HINTS = {"requests": "pip install 'siglip-dola[clip_benchmark]'  (clip_benchmark needs requests)",
-                 "clip_benchmark": "pip install 'siglip-dola[clip_benchmark]'"}
 
 
 def subcommand(name: str, help: str):
@@ -116,12 +115,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from siglip_dola import __version__
 
-    try:
-        return version("siglip-dola")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return __version__
 
 
 class _VersionAction(argparse.Action):
@@ -209,9 +205,10 @@ def _warnings_to_stderr(prog: str):
 
 
 def _error_text(err: BaseException) -> str:
+    if isinstance(err, MissingExtraError):
+        return str(err)   # names the extra's pip install already
     if isinstance(err, ModuleNotFoundError):
-        hint = INSTALL_HINTS.get((err.name or "").split(".")[0], f"pip install {err.name}")
-        return f"{err} (an optional dependency is missing; install it with: {hint})"
+        return f"{err} (an optional dependency is missing; install it with: {install_hint(err.name or '')})"
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.strerror}: {safe_text(err.filename)}"
         if err.errno == 28:  # ENOSPC
@@ -248,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     prog = getattr(args, "_prog", f"siglip-dola {args.command}")
     try:
+        check_versions()   # an installed dependency outside its supported range: one line, exit 2
         with _warnings_to_stderr(prog):
             code = int(args.handler(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not at exit

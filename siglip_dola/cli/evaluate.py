@@ -170,6 +170,10 @@ def eval_command(args) -> int:
     predictions = _report_predictions(args)   # checked before the evaluation runs
     refuse_overlapping_paths({"--out": args.out, "--predictions": predictions, "--report": args.report},
                              _inputs(args))
+    if args.plots is not None:   # the [plots] extra: checked before the evaluation runs, not after
+        from siglip_dola.dependencies import require
+
+        require("matplotlib", "plots", "--plots")
     with distributed_session():
         dataset = load_eval_dataset(args, "test")  # before the model: missing data fails fast
         report = evaluate(model_from_args(args), dataset, split=args.split, calibration=args.calibration,

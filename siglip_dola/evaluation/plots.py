@@ -5,12 +5,12 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+from siglip_dola.dependencies import require
+from siglip_dola.io import atomic_path
 
+matplotlib = require("matplotlib", "plots", "eval --plots")
 matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
-
-from siglip_dola.io import atomic_path  # noqa: E402
 
 _FIGSIZE = (8, 4.5)
 LN2 = math.log(2.0)

@@ -9,16 +9,18 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
+from siglip_dola.dependencies import require
 from siglip_dola.embedding.images import embed_images
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.retrieval import faiss_store
 from siglip_dola.retrieval.search import RerankConfig, SearchResult, _hits, check_config, rerank
 from siglip_dola.settings import settings_for_model
 from siglip_dola.tasks import RETRIEVAL
+
+faiss = require("faiss", "retrieval", "image indexes and search")
 
 CAPTION_COLUMNS = ("caption", "text")
 

@@ -11,11 +11,13 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
+from siglip_dola.dependencies import require
 from siglip_dola.io import atomic_path
 from siglip_dola.retrieval import first_stage, storage
+
+faiss = require("faiss", "retrieval", "image indexes and search")   # any build: faiss-cpu, faiss-gpu, conda's
 
 SMALL_SCAN = 1 << 25  # vectors x dims below which one query is scanned on one thread (32k x 1024)
 

@@ -12,24 +12,20 @@ from __future__ import annotations
 import socket
 from importlib import resources
 
+from siglip_dola.dependencies import require
 from siglip_dola.viewer.service import IndexUnavailable, SearchService
 
-INSTALL_HINT = "the search page needs starlette and uvicorn: pip install 'starlette>=0.40' 'uvicorn>=0.30'"
+# the [serve] extra, checked when `siglip-dola serve` starts (before its model loads), not after
+require("starlette", "serve", "the search page")
+uvicorn = require("uvicorn", "serve", "the search page")
+
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self' data:; connect-src 'self'; "
                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
-def _starlette():
-    try:
-        import starlette  # noqa: F401
-    except ImportError:
-        raise RuntimeError(INSTALL_HINT) from None
-
-
 def create_app(service: SearchService):
     """The Starlette app serving `service`; sync handlers run in the threadpool, the service serialises."""
-    _starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -112,9 +108,5 @@ def url_of(sock: socket.socket) -> str:
 
 def run(app, sock: socket.socket) -> None:
     """Serve `app` on the bound `sock` until interrupted (uvicorn, no access log)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise RuntimeError(INSTALL_HINT) from None
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])
