@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"   # the package's one version: pyproject.toml reads it (setuptools dynamic version)
-
-from siglip_dola import dependencies as _dependencies  # noqa: E402
+from siglip_dola import dependencies as _dependencies
+from siglip_dola.version import __version__
 
 # An installed dependency outside its supported range fails here, in one line, not deep inside a model call.
 # The `siglip-dola` command checks in main() instead, so that it can say it without a traceback.

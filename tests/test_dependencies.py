@@ -177,7 +177,7 @@ def test_every_dependency_is_a_range_with_a_lower_bound_and_no_pin():
 
 def test_version_is_written_once(capsys):
     assert PYPROJECT["project"]["dynamic"] == ["version"] and "version" not in PYPROJECT["project"]
-    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "siglip_dola.__version__"}
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "siglip_dola.version.__version__"}
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert f"## {siglip_dola.__version__}" in changelog and "## 0.1.0" in changelog
     from siglip_dola.cli import main

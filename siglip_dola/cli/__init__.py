@@ -115,7 +115,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _package_version() -> str:
-    from siglip_dola import __version__
+    from siglip_dola.version import __version__
 
     return __version__
 
