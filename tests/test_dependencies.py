@@ -17,7 +17,8 @@ from siglip_dola import dependencies
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-OPTIONAL = ["faiss", "starlette", "uvicorn", "matplotlib", "clip_benchmark", "requests"]
+# (requests is not among them: huggingface_hub < 1.0, which older transformers need, imports it itself)
+OPTIONAL = ["faiss", "starlette", "uvicorn", "matplotlib", "clip_benchmark"]
 
 # Runs `siglip-dola` commands in one interpreter whose imports of the blocked modules fail; prints
 # [[exit code, stderr], ...] and the optional modules that were imported after all.

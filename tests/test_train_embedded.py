@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
 
 import siglip_dola
@@ -43,7 +44,10 @@ def test_sigmoid_loss_equals_hf_siglip_loss_with_one_positive_per_row():
     with torch.no_grad():
         model.logit_scale.fill_(1.3)
         model.logit_bias.fill_(-2.0)
-        reference = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+        try:
+            reference = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+        except NotImplementedError:   # transformers < 4.4x: "SigLIP loss to be implemented"
+            pytest.skip(f"transformers {transformers.__version__}'s SiglipModel has no loss to compare with")
         ours = te.sigmoid_loss(reference.image_embeds, reference.text_embeds, model.logit_scale,
                                model.logit_bias, torch.eye(6))
     torch.testing.assert_close(ours, reference.loss)
