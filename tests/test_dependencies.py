@@ -32,6 +32,11 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, Refuse())
+# libraries probe optional modules with find_spec (transformers 4.x does for faiss): absent means None there
+import importlib.util
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in config["block"] else _find_spec(name, package))
 sys.argv = ["siglip-dola"]
 from siglip_dola.cli import main
 results = []
