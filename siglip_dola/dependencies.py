@@ -18,8 +18,8 @@ from pathlib import Path
 DISTRIBUTION = "siglip-dola"
 # optional module -> the extra that installs it; `faiss` is any build (faiss-cpu, faiss-gpu, conda's): the module
 # is what counts, not the distribution that brought it
-EXTRAS = {"faiss": "retrieval", "starlette": "serve", "uvicorn": "serve", "matplotlib": "plots",
-          "clip_benchmark": "clip_benchmark", "requests": "clip_benchmark"}
+EXTRAS = {"faiss": "retrieval", "xxhash": "retrieval", "starlette": "serve", "uvicorn": "serve", "matplotlib": "plots",
+          "clip_benchmark": "clip_benchmark", "requests": "clip_benchmark", "webdataset": "webdataset"}
 
 
 class MissingExtraError(ModuleNotFoundError):

@@ -18,7 +18,7 @@ from siglip_dola import dependencies
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 # (requests is not among them: huggingface_hub < 1.0, which older transformers need, imports it itself)
-OPTIONAL = ["faiss", "starlette", "uvicorn", "matplotlib", "clip_benchmark"]
+OPTIONAL = ["faiss", "xxhash", "starlette", "uvicorn", "matplotlib", "clip_benchmark", "webdataset"]
 
 # Runs `siglip-dola` commands in one interpreter whose imports of the blocked modules fail; prints
 # [[exit code, stderr], ...] and the optional modules that were imported after all.
@@ -84,10 +84,18 @@ def test_each_command_needing_a_missing_extra_exits_2_naming_it(tmp_path):
     for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
         Image.new("RGB", (20, 20), colour).save(images / f"{i}.png")
     index = str(tmp_path / "idx")
+    import tarfile
+
+    for shard in ("000000.tar", "000001.tar"):   # the shards exist: what is missing is the package that reads them
+        with tarfile.open(tmp_path / shard, "w"):
+            pass
     # the index is built with faiss present; serve then lacks starlette
     assert run_cli([], [["index", "build", str(images), "--out", index, "--quiet"]], tmp_path)["results"][0][0] == 0
     cases = {
         "faiss": (["index", "build", str(images), "--out", str(tmp_path / "idx2")], "retrieval"),
+        "xxhash": (["index", "build", str(images), "--out", str(tmp_path / "idx3")], "retrieval"),
+        "webdataset": (["eval", "--dataset", f"wds:{tmp_path}/{{000000..000001}}.tar", "--out",
+                        str(tmp_path / "w.json")], "webdataset"),
         "matplotlib": (["eval", "--dataset", "shapes", "--out", str(tmp_path / "e.json"), "--limit", "4",
                         "--plots", str(tmp_path / "plots")], "plots"),
         "starlette": (["serve", index, "--port", "0"], "serve"),

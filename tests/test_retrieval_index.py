@@ -10,7 +10,7 @@ from siglip_dola.embedding.images import embed_images
 from siglip_dola.loading import load
 from siglip_dola.retrieval import add_to_index, build_index, index as index_module, open_index, storage
 from tiny_index import reference_vectors, save_tiny_siglip
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
 
 LAYERS = [2, 4]
 FP16 = StoreOptions(layer_store="fp16")

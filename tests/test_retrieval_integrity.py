@@ -10,7 +10,7 @@ from siglip_dola.cli import main
 from siglip_dola.retrieval import (IndexCorruptError, add_to_index, build_index, faiss_store, open_index, search,
                                    storage, verify_index)
 from tiny_index import write_images
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
 
 LAYERS = [2, 4]
 FP16 = StoreOptions(layer_store="fp16")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from siglip_dola.retrieval import IndexCorruptError, RerankConfig, open_index, search_embedding, verify_index
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
 from siglip_dola.retrieval.first_stage import choose_factory, parse_memory
 from siglip_dola.retrieval.from_vectors import build_index_from_vectors
 from siglip_dola.retrieval.layer_store import LayerStore, parse_store

@@ -6,7 +6,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from siglip_dola.retrieval import RerankConfig, open_index, search_captions, search_embedding
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
 from siglip_dola.retrieval.from_vectors import build_index_from_vectors
 from tiny_index import reference_vectors
 

@@ -11,7 +11,7 @@ import pytest
 from siglip_dola import distributed
 from siglip_dola.loading import load
 from siglip_dola.retrieval import build_index, open_index
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
 from test_distributed import run_in_own_group
 from tiny_index import write_images
 

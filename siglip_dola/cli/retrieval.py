@@ -41,7 +41,7 @@ def _index_arguments(parser) -> None:
 
 
 def _store_arguments(build) -> None:
-    from siglip_dola.retrieval.commit import DEFAULT_LAYER_STORE, StoreOptions
+    from siglip_dola.index_options import DEFAULT_LAYER_STORE, StoreOptions
 
     build.add_argument("--layer-store", default=DEFAULT_LAYER_STORE, metavar="fp16|int8|pq|pqM",
                        help=f"how the layer vectors are stored (default: {DEFAULT_LAYER_STORE}; see docs/retrieval.md)")
@@ -57,7 +57,7 @@ def _store_arguments(build) -> None:
 
 
 def _store_options(args):
-    from siglip_dola.retrieval.commit import StoreOptions
+    from siglip_dola.index_options import StoreOptions
 
     return StoreOptions(layer_store=args.layer_store, index_factory=args.index_factory, index_memory=args.index_memory,
                         target_recall=args.target_recall, rerank_k=args.recall_k)

@@ -16,39 +16,31 @@ staged fp16 vectors of a compressed store are deleted once the manifest is commi
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from siglip_dola import distributed
+from siglip_dola.dependencies import require
 from siglip_dola.io import atomic_path
 from siglip_dola.retrieval import faiss_store, first_stage, layer_store, segment, storage
 from siglip_dola.retrieval.segment import store_of
+from siglip_dola.index_options import StoreOptions
 from siglip_dola.retrieval.storage import Manifest
 
-DEFAULT_LAYER_STORE = "int8"  # from the store comparison in docs/retrieval.md
+faiss = require("faiss", "retrieval", "image indexes and search")
+
 SEED = 0
 
 
-@dataclass
-class StoreOptions:
-    """Build-time choices: the layer store, the first stage (factory or memory budget) and its recall target."""
-    layer_store: str = DEFAULT_LAYER_STORE
-    index_factory: str | None = None
-    index_memory: str | int = "4G"
-    target_recall: float = 0.95
-    rerank_k: int = 100  # k of the recall target
-
-    def check(self, dim: int) -> None:
-        """ValueError naming the bad option."""
-        layer_store.parse_store(self.layer_store, dim)
-        first_stage.parse_memory(self.index_memory)
-        if not 0 < float(self.target_recall) <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
-        if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or self.rerank_k < 1:
-            raise ValueError(f"rerank_k must be a positive int, got {self.rerank_k!r}")
+def check_options(options: StoreOptions, dim: int) -> None:
+    """ValueError naming the bad option."""
+    layer_store.parse_store(options.layer_store, dim)
+    first_stage.parse_memory(options.index_memory)
+    if not 0 < float(options.target_recall) <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {options.target_recall!r}")
+    if isinstance(options.rerank_k, bool) or not isinstance(options.rerank_k, int) or options.rerank_k < 1:
+        raise ValueError(f"rerank_k must be a positive int, got {options.rerank_k!r}")
 
 
 def locate(root: Path, name: str) -> Path:

@@ -17,8 +17,11 @@ import math
 import re
 import warnings
 
-import faiss
 import numpy as np
+
+from siglip_dola.dependencies import require
+
+faiss = require("faiss", "retrieval", "image indexes and search")
 
 EXACT = "SQfp16"
 FLAT_BELOW = 1_000_000

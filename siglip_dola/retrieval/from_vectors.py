@@ -8,7 +8,8 @@ from typing import Iterable
 import numpy as np
 
 from siglip_dola.retrieval import segment, storage
-from siglip_dola.retrieval.commit import StoreOptions
+from siglip_dola.index_options import StoreOptions
+from siglip_dola.retrieval.commit import check_options
 from siglip_dola.retrieval.index import commit_segments
 from siglip_dola.retrieval.storage import Manifest
 
@@ -42,5 +43,5 @@ def build_index_from_vectors(out, chunks: Iterable[tuple[list[str], np.ndarray]]
     manifest = Manifest(model_id=model_id, layers=list(layers), num_layers=int(num_layers), embed_dim=int(dim),
                         logit_scale=float(logit_scale), preprocessing=preprocessing)
     options = store_options or StoreOptions()
-    options.check(int(dim))
+    check_options(options, int(dim))
     return commit_segments(root, manifest, names, names, options)

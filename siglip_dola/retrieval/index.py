@@ -24,7 +24,8 @@ from siglip_dola import distributed
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.embedding.images import embed_images
 from siglip_dola.retrieval import faiss_store, segment, storage
-from siglip_dola.retrieval.commit import StoreOptions, all_ok, commit, guarded
+from siglip_dola.retrieval.commit import all_ok, check_options, commit, guarded
+from siglip_dola.index_options import StoreOptions
 from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
@@ -193,7 +194,7 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: St
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    options.check(manifest.embed_dim)
+    check_options(options, manifest.embed_dim)
     with _rank0_lock(root):
         embedded = {}
 
@@ -243,7 +244,7 @@ def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 
     defaults) are stored in the manifest with the layers they read next to the final embedding. An existing
     index at `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
     relative to the images' common folder, recorded as the manifest's image_root. store_options: the layer
-    store and the first stage (commit.StoreOptions: layer_store, index_factory, index_memory, target_recall).
+    store and the first stage (index_options.StoreOptions: layer_store, index_factory, index_memory, target_recall).
     """
     root = Path(out)
     if root.exists() and not root.is_dir():

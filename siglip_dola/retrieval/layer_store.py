@@ -14,8 +14,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from siglip_dola.dependencies import require
+
+faiss = require("faiss", "retrieval", "image indexes and search")
 
 STORES = ("fp16", "int8", "pq", "pqM (M bytes a vector)")
 TRAIN_SAMPLE = 65536  # vectors the PQ codec is trained on (256 centroids x 256 points per sub-quantiser)
