@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 
 from siglip_dola import scoring
+from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.embedding.images import iter_embedded
 from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 from siglip_dola.loading import autocast
@@ -36,18 +37,20 @@ class DoLaSigLIP:
     def __init__(self, model, mode: str | None = None, alpha: float | None = None, layers=None, bucket=None,
                  n_buckets: int | None = None, static_layer=None, tau=None, batch_size: int = 32,
                  cuda_graphs: bool = False, contrast_weight: float | None = None,
-                 calibration=None, settings: DoLaSettings | None = None):
+                 calibration=None, settings: DoLaSettings | None = None, decode: str = "cpu"):
         # None arguments are "not given": see the module docstring for where their values come from.
         # calibration: a calibrate JSON path, "embedded" or "none"; settings: an already resolved DoLaSettings
         # cuda_graphs=True: each call (readout + scoring in score_pixels) replayed from a CUDA graph captured per
         # batch shape (readout/cuda_graphs.py), with no host sync per call
+        # decode: where image files are decoded, "cpu" (PIL) or "gpu" (nvJPEG on the model's CUDA device)
         if cuda_graphs is not True and cuda_graphs is not False:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if cuda_graphs:
             check_capturable(model.readout)   # at construction, not at the first call
         if cuda_graphs and torch.device(model.device).type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}")
-        self.model, self.cuda_graphs = model, cuda_graphs
+        check_decode(decode, model.device)
+        self.model, self.cuda_graphs, self.decode = model, cuda_graphs, decode
         self._readout = GraphCache(model.readout) if cuda_graphs else model.readout
         if settings is None:
             settings = settings_for_model(model, calibration, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
@@ -84,7 +87,7 @@ class DoLaSigLIP:
     def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
         """(ids, pixels [B, 3, H, W] on the device, skipped [(path, error)]) per batch (embedding.pixel_batches)."""
         items, positional = image_items(images, self._packed())
-        for batch in iter_pixel_batches(self.model, items, self.batch_size):
+        for batch in iter_pixel_batches(self.model, items, self.batch_size, decode=self.decode):
             yield (batch.indices if positional else batch.ids), batch.pixels, batch.skipped
 
     # ------------------------------------------------------------ image -> texts
@@ -178,7 +181,8 @@ class DoLaSigLIP:
     def iter_embed(self, images) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor | None, list]]:
         """Per batch: (ids, z_final [B, D], z_layers [J, B, D] or None, skipped) on CPU fp32; z_final None if all bad."""
         items, positional = image_items(images, self._packed())
-        for batch in iter_embedded(self.model, items, self.layers, self.batch_size, readout=self._readout):
+        for batch in iter_embedded(self.model, items, self.layers, self.batch_size, readout=self._readout,
+                                   decode=self.decode):
             if batch.z_final is None:
                 yield [], None, None, batch.skipped
                 continue

@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_decode_argument(parser) -> None:
+    """--decode cpu|gpu: where image files are decoded (the library's `decode=`)."""
+    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                        help="where JPEG files are decoded: cpu (PIL in the workers, default) or gpu (nvJPEG and the "
+                             "model's resize/crop/normalise on the CUDA device: for hosts with few cores per GPU; "
+                             "pixels agree closely, not exactly, with PIL's: see docs/evaluation.md)")
+
+
 def flag_words(message: str, flags: dict[str, str]) -> str:
     """Rewrite Python parameter names in a library message as the CLI flags they came from.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from siglip_dola.cli import subcommand
+from siglip_dola.cli import add_decode_argument, subcommand
 from siglip_dola.cli.lists import split_list, typed_list
 from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.layers import MODES
@@ -65,6 +65,7 @@ def _add_scorer_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_settings_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
+    add_decode_argument(parser)
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the forward from CUDA graphs, one per batch shape (CUDA only; faster at small batches)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -100,7 +101,7 @@ def _build_scorer(args):
 
     model = load_model(args, args.device)
     return model, DoLaSigLIP(model, calibration=args.calibration, batch_size=args.batch_size,
-                             cuda_graphs=args.cuda_graphs, **settings_flags(args))
+                             cuda_graphs=args.cuda_graphs, decode=args.decode, **settings_flags(args))
 
 
 def _run_batches(scorer, paths, bank, top_k, key, progress: bool = True) -> tuple[list, list]:

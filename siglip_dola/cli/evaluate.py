@@ -5,7 +5,7 @@ shard, rank 0 scores, prints and writes.
 """
 from __future__ import annotations
 
-from siglip_dola.cli import int_at_least, report_skipped, subcommand
+from siglip_dola.cli import add_decode_argument, int_at_least, report_skipped, subcommand
 from siglip_dola.cli.lists import typed_list
 from siglip_dola.cli.model_flags import add_model_arguments, load_model
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
@@ -36,6 +36,7 @@ def _common_arguments(parser, default_split: str) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="compute dtype (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    add_decode_argument(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar (default: shown)")
     parser.add_argument("--bank", default=None,
@@ -115,7 +116,7 @@ def calibrate_command(args) -> int:
         dataset = load_eval_dataset(args, "val")  # before the model: missing data fails fast
         report = calibrate(model_from_args(args), dataset, split=args.split, grid=grid, out=args.out,
                            n=args.limit, batch_size=args.batch_size, progress=args.progress,
-                           task=TASK_NAMES[args.task], metric=args.metric, bank=bank)
+                           task=TASK_NAMES[args.task], metric=args.metric, bank=bank, decode=args.decode)
     if report is not None:
         key, single = report["metric"], report["best_single_layer"]
         off = report["scores"][0][key]
@@ -179,7 +180,8 @@ def eval_command(args) -> int:
         report = evaluate(model_from_args(args), dataset, split=args.split, calibration=args.calibration,
                           out=args.out, plots_dir=args.plots, task=TASK_NAMES[args.task], n=args.limit,
                           batch_size=args.batch_size, progress=args.progress, predictions=predictions,
-                          n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank)
+                          n_resamples=args.n_resamples, seed=args.seed, workers=args.workers, bank=args.bank,
+                          decode=args.decode)
     if report is not None:   # rank 0 (torchrun): the one that wrote the result
         print(f"{summary_line(report)} -> {args.out}")
         if args.report is not None:

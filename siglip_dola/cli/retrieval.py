@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from siglip_dola.cli import subcommand
+from siglip_dola.cli import add_decode_argument, subcommand
 from siglip_dola.cli.classify import add_settings_arguments, settings_flags
 
 
@@ -12,6 +12,7 @@ def _model_arguments(parser, default_help: str) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else cpu)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=4096, help="images per segment (the resume unit)")
+    add_decode_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -103,7 +104,7 @@ def _run_index(args):
         manifest = build_index(args.images, args.out, model, layers=flags.pop("layers"), bucket=flags.pop("bucket"),
                                batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.quiet,
                                overwrite=args.overwrite, calibration=args.calibration,
-                               store_options=_store_options(args), **flags)
+                               store_options=_store_options(args), decode=args.decode, **flags)
         return manifest, manifest.skipped
     from siglip_dola.data.images import expand_image_paths
 
@@ -111,7 +112,7 @@ def _run_index(args):
     model = _load_model(args.model or storage.read_manifest(args.index).model_id, args.device)
     manifest = add_to_index(args.index, args.images, model, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, progress=not args.quiet, image_root=args.image_root,
-                            calibration=args.calibration)
+                            calibration=args.calibration, decode=args.decode)
     return manifest, [s for s in manifest.skipped if s[0] in inputs]
 
 

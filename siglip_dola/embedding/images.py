@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from siglip_dola import distributed
+from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.embedding.pixel_batches import PixelBatch, check_batch_size, check_items, iter_pixel_batches
 from siglip_dola.loading import autocast
 
@@ -75,7 +76,7 @@ def _finish_readback(host: tuple, done, copy: bool) -> tuple:
 
 
 def iter_embedded(model, items, layers: Sequence[int], batch_size: int = 32, workers: int | None = None,
-                  readout=None, copy: bool = True) -> Iterator[EmbeddedBatch]:
+                  readout=None, copy: bool = True, decode: str = "cpu") -> Iterator[EmbeddedBatch]:
     """EmbeddedBatches (z_final [B, D], z_layers [J, B, D] fp32 cpu) in input order, one readout call per batch.
 
     The next batch is uploaded and queued before this one's results are read back, so the device never
@@ -85,7 +86,7 @@ def iter_embedded(model, items, layers: Sequence[int], batch_size: int = 32, wor
     readout = model.readout if readout is None else readout
     layers = [int(j) for j in layers]
     pending = None  # (batch, host tensors, event) read back after the next batch is queued
-    for batch in iter_pixel_batches(model, items, batch_size, workers):
+    for batch in iter_pixel_batches(model, items, batch_size, workers, decode):
         queued = None
         if batch.pixels is not None:
             queued = (batch, *_start_readback(_launch(readout, model, batch.pixels, layers)))
@@ -104,7 +105,7 @@ def _embedded(batch: PixelBatch, host, done, copy: bool) -> EmbeddedBatch:
 
 
 def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_size: int, progress,
-                 workers: int | None, readout) -> Embeddings:
+                 workers: int | None, readout, decode: str = "cpu") -> Embeddings:
     """Embeddings of one contiguous shard (input positions offset..offset+len-1), written in place."""
     dim, result, count = model.readout.embed_dim, Embeddings(None, None, list(layers), []), 0
     z_final, z_layers = torch.empty(len(items), dim), torch.empty(len(layers), len(items), dim)  # (n, D), (J, n, D)
@@ -112,7 +113,7 @@ def _embed_shard(model, items: Sequence, offset: int, layers: list[int], batch_s
     given = hasattr(progress, "update")
     with (contextlib.nullcontext(progress) if given else
           tqdm(total=len(items), disable=not progress, desc="embedding", unit="img")) as bar:
-        for batch in iter_embedded(model, items, layers, batch_size, workers, readout, copy=False):
+        for batch in iter_embedded(model, items, layers, batch_size, workers, readout, copy=False, decode=decode):
             result.skipped.extend(batch.skipped)
             if batch.z_final is not None:
                 size = batch.z_final.shape[0]
@@ -141,22 +142,25 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
 
 
 def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int = 32, progress=True,
-                 workers: int | None = None, readout=None, shard: bool = True) -> Embeddings | None:
+                 workers: int | None = None, readout=None, shard: bool = True,
+                 decode: str = "cpu") -> Embeddings | None:
     """Embed image paths or (id, PIL image) pairs: z_final [n, D], z_layers [J, n, D] (fp32, cpu).
 
     One readout call per batch gives the final and every requested layer. Bad files are skipped and
-    listed in `skipped`. workers: decode processes (None: the spare cores; 0: in this process).
+    listed in `skipped`. workers: decode processes (None: the spare cores; 0: in this process). decode: 'cpu'
+    (PIL in the workers) or 'gpu' (nvJPEG on the model's CUDA device, data/gpu_decode.py).
     Under torch.distributed each rank embeds a contiguous shard; rank 0 returns everything in input
     order and the other ranks return None. shard=False: this process embeds every item and returns them
     (an index build gives each rank its own chunks).
     """
     check_batch_size(batch_size)
+    check_decode(decode, model.device)
     items = check_items(items)
     layers = [int(j) for j in layers]
     rank, world = distributed.rank_and_world() if shard else (0, 1)
     start, stop = distributed.shard_bounds(len(items), rank, world)
     local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress if rank == 0 else False,
-                         workers, readout)
+                         workers, readout, decode)
     parts = distributed.gather_to_rank0(local) if shard else [local]
     return None if parts is None else concat_embeddings(parts)
 

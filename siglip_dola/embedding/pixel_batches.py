@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from siglip_dola import distributed
+from siglip_dola.data.gpu_decode import check_decode, iter_gpu_decoded
 from siglip_dola.data.images import decode_image
 from siglip_dola.data.pixel_split import split_preprocess
 from siglip_dola.data.threads import available_cores, decode_worker_init, main_process_threads
@@ -97,6 +98,13 @@ def default_workers(n_items: int, batch_size: int) -> int:
     return max(1, min(share // 2 - 1, MAX_WORKERS, -(-n_items // batch_size)))
 
 
+def _resolve_workers(workers, n_items: int, batch_size: int) -> int:
+    workers = default_workers(n_items, batch_size) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
+    return workers
+
+
 def _sub_batch_size(batch_size: int, workers: int) -> int:
     """Items per worker task: a quarter batch (so the first batch is ready 4x sooner), whole batches without workers."""
     for parts in (4, 2):
@@ -124,9 +132,7 @@ def _host_batches(items, host_preprocess, batch_size: int, workers: int | None,
             positions = list(range(start, start + chunk.shape[0]))
             yield PixelBatch(positions, [str(i) for i in positions], None, [], chunk.shape[0]), [chunk]
         return
-    workers = default_workers(len(items), batch_size) if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an int >= 0 (0: decode in this process), got {workers!r}")
+    workers = _resolve_workers(workers, len(items), batch_size)
     sub = _sub_batch_size(batch_size, workers)
     loader = DataLoader(_Decoded(items, host_preprocess), batch_size=sub, shuffle=False, num_workers=workers,
                         collate_fn=_collate, pin_memory=pin, worker_init_fn=decode_worker_init if workers else None,
@@ -142,17 +148,26 @@ def _host_batches(items, host_preprocess, batch_size: int, workers: int | None,
             yield _merge(parts)
 
 
-def iter_pixel_batches(model, items, batch_size: int = 32, workers: int | None = None) -> Iterator[PixelBatch]:
+def iter_pixel_batches(model, items, batch_size: int = 32, workers: int | None = None,
+                       decode: str = "cpu") -> Iterator[PixelBatch]:
     """PixelBatches with pixels [B, 3, H, W] on `model.device`, in input order; bad items listed, never raised.
 
     items: image paths, (id, PIL image) pairs, or a [n, 3, H, W] tensor. On CUDA the pieces decoded by the
     workers are copied from pinned memory into one device tensor on a side stream, so the upload overlaps
     the previous batch's forward; the pixels are ready on the current stream when yielded. Where the preprocess
     ends in ToTensor + Normalize (data/pixel_split.py) the workers hand over uint8 pixels and the float
-    conversion runs on the device, with equal results.
+    conversion runs on the device, with equal results. decode='gpu' (CUDA; image paths): the workers read JPEG
+    bytes and nvJPEG decodes them on the GPU (data/gpu_decode.py); other items take the CPU path.
     """
     check_batch_size(batch_size)
     device = torch.device(model.device)
+    check_decode(decode, device)
+    if decode == "gpu" and not isinstance(items, torch.Tensor) and len(items) and _is_path(items[0]):
+        workers = _resolve_workers(workers, len(items), batch_size)
+        for indices, ids, pixels, skipped, size in iter_gpu_decoded(items, model.preprocess, batch_size, workers,
+                                                                    device):
+            yield PixelBatch(indices, ids, pixels, skipped, size)
+        return
     cuda = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if cuda else None
     split = None if isinstance(items, torch.Tensor) else split_preprocess(model.preprocess)

@@ -27,6 +27,7 @@ from siglip_dola import distributed
 from siglip_dola import scoring
 from siglip_dola.data.datasets import load_dataset
 from siglip_dola.data.eval_dataset import EvalDataset
+from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.embedding.images import Embeddings, embed_images
 from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
@@ -67,10 +68,11 @@ def as_dataset(dataset, split: str | None, n: int | None, default_split: str = "
 
 
 def embed_dataset(model, dataset: EvalDataset, batch_size: int = 32, progress: bool = True,
-                  workers: int | None = None) -> Embeddings | None:
-    """Embed every item with all layers 1..N-1 in one pass; None on torchrun ranks other than 0."""
+                  workers: int | None = None, decode: str = "cpu") -> Embeddings | None:
+    """Embed every item with all layers 1..N-1 in one pass (decode: 'cpu' or 'gpu', see embed_images); None on
+    torchrun ranks other than 0."""
     embeddings = embed_images(model, dataset.items, all_layers(model), batch_size=batch_size, progress=progress,
-                              workers=workers)
+                              workers=workers, decode=decode)
     if embeddings is not None and not embeddings.ids:
         from siglip_dola.failures import all_failed_message
 
@@ -240,11 +242,12 @@ def _task_cache(model, dataset: EvalDataset, embeddings: Embeddings, task: str, 
 def calibrate(model, dataset, split: str | None = None, grid: CalibrationGrid | None = None,
               out: str | os.PathLike | None = None, n: int | None = None, batch_size: int = 32,
               progress: bool = True, task: str = CLASSIFICATION, metric: str = RETRIEVAL_METRIC,
-              bank: TextBank | None = None) -> dict | None:
+              bank: TextBank | None = None, workers: int | None = None, decode: str = "cpu") -> dict | None:
     """Search the grid on `split` of `dataset`; write the calibration JSON to `out` (atomically) and return it.
 
     task "zeroshot_retrieval" picks by `metric` (image_retrieval_recall@k, text -> image) over the captions.
     `bank`: a precomputed TextBank for the class names (see evaluate); default: built with the model's text tower.
+    `workers`, `decode`: image decode processes and where JPEGs are decoded ('cpu' or 'gpu'), as in evaluate.
     Under torchrun, every rank embeds its shard; rank 0 scores, writes and returns, the others return None.
     """
     if task not in (CLASSIFICATION, RETRIEVAL):
@@ -252,9 +255,10 @@ def calibrate(model, dataset, split: str | None = None, grid: CalibrationGrid | 
     if not (isinstance(metric, str) and metric.startswith("image_retrieval_recall@")
             and metric.rsplit("@", 1)[1].isdigit() and int(metric.rsplit("@", 1)[1]) >= 1):
         raise ValueError(f"metric must be image_retrieval_recall@K with K >= 1, got {metric!r}")
+    check_decode(decode, model.device)
     grid = grid or CalibrationGrid()
     dataset = as_dataset(dataset, split, n, default_split="val")
-    embeddings = embed_dataset(model, dataset, batch_size, progress)
+    embeddings = embed_dataset(model, dataset, batch_size, progress, workers, decode)
     if embeddings is None:  # other ranks wait until rank 0 has written `out`: a next command may read it
         error = distributed.broadcast_from_rank0(None)
         if error:

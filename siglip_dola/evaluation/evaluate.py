@@ -19,6 +19,7 @@ from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_l
                                               read_calibration, text_embeds, text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
 from siglip_dola.data.eval_dataset import EvalDataset
+from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.io import write_json_atomic
 from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
@@ -170,7 +171,7 @@ def evaluate(model, dataset, split: str | None = None, calibration=None, out: st
              plots_dir: str | os.PathLike | None = None, task: str = CLASSIFICATION,
              n: int | None = None, batch_size: int = 32, progress: bool = True,
              predictions: str | os.PathLike | None = None, n_resamples: int = 10_000, seed: int = 0,
-             workers: int | None = None, bank=None) -> dict | None:
+             workers: int | None = None, bank=None, decode: str = "cpu") -> dict | None:
     """Result JSON (results.assemble_report) for off / static / dynamic on `split`, written to `out` (atomic),
     per-item rows to `predictions` (atomic JSONL), layer-lens PNGs to `plots_dir`.
 
@@ -178,12 +179,15 @@ def evaluate(model, dataset, split: str | None = None, calibration=None, out: st
     one; left out, with a line on stderr, when made on this split). An explicit one made for another model or
     on this split is refused. The calibration's choice is the chosen mode (`off` without a calibration).
     `workers`: image decode processes (None: the spare cores; 0: decode in this process).
+    `decode`: "cpu" (PIL in the workers, the default) or "gpu" (nvJPEG on the model's CUDA device; the pixels agree
+    closely with PIL's, not exactly: docs/evaluation.md); the report records it.
     `bank`: a precomputed TextBank (or its .safetensors / .npy path) for classification, e.g. for a
     model whose text tower is not available offline; rows are matched to the class names.
     Under torchrun rank 0 returns the report, the other ranks None.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_decode(decode, model.device)
     dataset = as_dataset(dataset, split, n)
     if task not in dataset.tasks:
         raise ValueError(f"dataset {dataset.name!r} supports tasks {list(dataset.tasks)}, not {task!r}")
@@ -197,7 +201,7 @@ def evaluate(model, dataset, split: str | None = None, calibration=None, out: st
         bank = load_text_bank(bank, rows_in_class_order=True)  # rows are matched to the dataset's class names
     points = mode_points(model.readout.num_layers, calibration_report)
     single_layer = _single_layer(calibration_report, model.readout.num_layers)
-    embeddings = embed_dataset(model, dataset, batch_size, progress, workers)
+    embeddings = embed_dataset(model, dataset, batch_size, progress, workers, decode)
     if embeddings is None:
         return None
     want_rows = predictions is not None
@@ -210,6 +214,7 @@ def evaluate(model, dataset, split: str | None = None, calibration=None, out: st
                              predictions=None if predictions is None else str(predictions),
                              n_resamples=n_resamples, seed=seed)
     report["model_sources"] = dict(model.sources)   # where vision, head, text and logit scale came from
+    report["decode"] = decode
     if bank_source is not None:
         report["bank"] = str(bank_source)
     if predictions is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from siglip_dola import distributed
+from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.embedding.images import embed_images
 from siglip_dola.retrieval import faiss_store, segment, storage
@@ -84,7 +85,8 @@ def _find_done(root: Path, name: str) -> bool:
 
 
 def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_size: int,
-                  chunk_size: int, progress: bool, image_root: str) -> tuple[list[str], list[str]]:
+                  chunk_size: int, progress: bool, image_root: str,
+                  decode: str = "cpu") -> tuple[list[str], list[str]]:
     """Embed this rank's chunks of `paths` into staged segments, skipping finished ones: (all names, own names).
 
     Under torchrun each rank takes a contiguous run of chunks and writes its segments itself (no rank
@@ -109,7 +111,8 @@ def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_
         for i in mine:
             if done[i]:
                 continue
-            embeddings = embed_images(model, chunks[i], layers, batch_size=batch_size, progress=bar, shard=False)
+            embeddings = embed_images(model, chunks[i], layers, batch_size=batch_size, progress=bar, shard=False,
+                                      decode=decode)
             relative = [os.path.relpath(p, image_root) for p in embeddings.ids]
             segment.write_segment(root / storage.STAGING / names[i], _vectors_from(embeddings), relative,
                                   embeddings.skipped)
@@ -189,18 +192,19 @@ def _resolved(images) -> list[str]:
 
 
 def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: StoreOptions, batch_size: int,
-            chunk_size: int, progress: bool) -> Manifest:
+            chunk_size: int, progress: bool, decode: str = "cpu") -> Manifest:
     """Embed `paths` into segments (each rank its own) and commit them on top of `manifest` (every rank returns it)."""
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_options(options, manifest.embed_dim)
+    check_decode(decode, model.device)
     with _rank0_lock(root):
         embedded = {}
 
         def embed():
             embedded["names"], embedded["owned"] = _embed_chunks(root, model, paths, manifest.layers, batch_size,
-                                                                 chunk_size, progress, manifest.image_root)
+                                                                 chunk_size, progress, manifest.image_root, decode)
         all_ok(guarded(embed))  # also the barrier: every rank's segments are written before the commit reads them
         return commit_segments(root, manifest, embedded["names"], embedded["owned"], options)
 
@@ -236,7 +240,7 @@ class _rank0_lock:
 def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 32,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True, overwrite: bool = False, *, calibration=None,
                 mode=None, alpha=None, contrast_weight=None, static_layer=None, n_buckets=None,
-                store_options: StoreOptions | None = None) -> Manifest:
+                store_options: StoreOptions | None = None, decode: str = "cpu") -> Manifest:
     """Embed every image once and write a new index at `out` (replacing an old one only at commit).
 
     images: files / folders / globs; model: a LoadedModel. The DoLa settings (siglip_dola.settings: these
@@ -245,6 +249,7 @@ def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 
     index at `out` is replaced only with overwrite=True (to extend one, use add_to_index). Paths are stored
     relative to the images' common folder, recorded as the manifest's image_root. store_options: the layer
     store and the first stage (index_options.StoreOptions: layer_store, index_factory, index_memory, target_recall).
+    decode: where JPEGs are decoded, 'cpu' (PIL) or 'gpu' (nvJPEG, CUDA only; see embed_images).
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -258,11 +263,13 @@ def build_index(images, out, model, layers=None, bucket=None, batch_size: int = 
     paths = _resolved(images)
     manifest = _new_manifest(model, settings)
     manifest.image_root = _common_root(paths)
-    return _ingest(root, model, paths, manifest, store_options or StoreOptions(), batch_size, chunk_size, progress)
+    return _ingest(root, model, paths, manifest, store_options or StoreOptions(), batch_size, chunk_size, progress,
+                   decode)
 
 
 def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 progress: bool = True, image_root: str | None = None, calibration=None) -> Manifest:
+                 progress: bool = True, image_root: str | None = None, calibration=None,
+                 decode: str = "cpu") -> Manifest:
     """Add the images not yet indexed to the index at `index`; same weights and layers as the index.
 
     image_root: where the indexed images are now, when their folder moved (recorded in the manifest).
@@ -281,4 +288,4 @@ def add_to_index(index, images, model, batch_size: int = 32, chunk_size: int = D
     if not paths:
         return manifest
     return _ingest(root, model, paths, manifest, StoreOptions(layer_store=manifest.layer_store), batch_size,
-                   chunk_size, progress)
+                   chunk_size, progress, decode)
