@@ -1,0 +1,200 @@
+"""decode='gpu' without a GPU: the preprocess -> tensor-transform mapping (against the real open_clip, timm and HF
+preprocess objects and PIL's output), EXIF orientation (against PIL), the per-file CPU fallback and the errors.
+
+The GPU transform code runs here on CPU tensors; the decode steps run with torchvision's CPU decoder (the same call
+as nvJPEG's, another device)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, RandomResizedCrop, Resize
+from torchvision.transforms.functional import pil_to_tensor
+
+from siglip_dola.data.gpu_decode import apply_orientation, check_decode, iter_gpu_decoded, jpeg_orientation
+from siglip_dola.data.gpu_transform import UnmappablePreprocess, map_preprocess
+
+
+def _photo(width=500, height=375, seed=0) -> Image.Image:
+    """A photo-like RGB image: smooth gradients, edges and mild noise (not flat: resizes do real work)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = np.stack([128 + 100 * np.sin(x / 23.0), 128 + 90 * np.cos(y / 17.0), (x + y) % 256], -1)
+    base[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)   # a hard-edged block
+    image = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(image, "RGB")
+
+
+def _open_clip_transform(resize_mode: str, size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    return image_transform_v2(PreprocessCfg(size=size, mean=mean, std=std, interpolation="bicubic",
+                                            resize_mode=resize_mode), is_train=False)
+
+
+def _timm_transform():
+    import timm.data
+    return timm.data.create_transform(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875,
+                                      is_training=False)
+
+
+def _hf(kind: str):
+    import transformers
+    if kind == "siglip":
+        return transformers.SiglipImageProcessor(size={"height": 224, "width": 224})
+    return transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+
+
+def _hf_call(processor, image):
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _step(compose, cls_name):
+    return next((step for step in compose.transforms if type(step).__name__ == cls_name), None)
+
+
+@pytest.mark.parametrize("resize_mode", ["squash", "shortest"])
+def test_open_clip_settings_are_read_off_the_transform(resize_mode):
+    preprocess = _open_clip_transform(resize_mode, mean=(0.48145466, 0.4578275, 0.40821073),
+                                      std=(0.26862954, 0.26130258, 0.27577711))
+    mapped = map_preprocess(preprocess)
+    resize, normalize = _step(preprocess, "Resize"), _step(preprocess, "Normalize")
+    expected = (resize.size,) if isinstance(resize.size, int) else tuple(resize.size)
+    assert mapped.resize == expected and mapped.interpolation == resize.interpolation == InterpolationMode.BICUBIC
+    crop = _step(preprocess, "CenterCrop")   # 'squash' has none
+    assert mapped.crop == (None if crop is None else tuple(crop.size))
+    assert mapped.mean == pytest.approx(tuple(normalize.mean)) and mapped.std == pytest.approx(tuple(normalize.std))
+    assert mapped.divide_255 and not mapped.crop_floor
+
+
+def test_timm_settings_are_read_off_the_transform():
+    preprocess = _timm_transform()
+    mapped = map_preprocess(preprocess)
+    resize = _step(preprocess, "Resize")
+    assert mapped.resize == (resize.size,) and resize.size == 256   # 224 / 0.875
+    assert mapped.crop == (224, 224) and mapped.interpolation == InterpolationMode.BICUBIC
+    assert mapped.mean == pytest.approx(tuple(_step(preprocess, "Normalize").mean.tolist()))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_hf_processor_settings_are_read_off_the_processor(kind):
+    processor = _hf(kind)
+    mapped = map_preprocess(processor)
+    size = processor.size
+    assert mapped.resize == ((size["height"], size["width"]) if "height" in size else (size["shortest_edge"],))
+    assert mapped.crop == ((processor.crop_size["height"], processor.crop_size["width"])
+                           if getattr(processor, "do_center_crop", False) else None)
+    assert mapped.rescale_factor == pytest.approx(processor.rescale_factor) and not mapped.divide_255
+    assert mapped.mean == pytest.approx(tuple(processor.image_mean))
+    assert mapped.interpolation == InterpolationMode.BICUBIC and int(processor.resample) == 3
+
+
+def _agreement(expected: torch.Tensor, got: torch.Tensor, std: float) -> tuple[float, float]:
+    """(share of values off by more than 2 uint8 levels, mean absolute difference in levels)."""
+    levels = (expected - got).abs() * std * 255.0
+    return float((levels > 2.01).float().mean()), float(levels.mean())
+
+
+@pytest.mark.parametrize("source", ["open_clip_squash", "open_clip_shortest", "timm", "hf_siglip", "hf_clip"])
+@pytest.mark.parametrize("size", [(500, 375), (333, 500), (224, 224), (97, 131)])
+def test_tensor_transform_matches_the_pil_preprocess(source, size):
+    """The mapped transform on the decoded uint8 tensor vs the model's own preprocess on the PIL image."""
+    preprocess = {"open_clip_squash": lambda: _open_clip_transform("squash"),
+                  "open_clip_shortest": lambda: _open_clip_transform("shortest"),
+                  "timm": _timm_transform, "hf_siglip": lambda: _hf("siglip"), "hf_clip": lambda: _hf("clip")}[source]()
+    image = _photo(*size, seed=size[0])
+    expected = _hf_call(preprocess, image) if source.startswith("hf") else preprocess(image)
+    mapped = map_preprocess(preprocess)
+    got = mapped([pil_to_tensor(image)])[0]
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    far, mean = _agreement(expected.float(), got, std=min(mapped.std))
+    # torchvision's antialiased resize vs PIL's fixed-point one: mostly equal or one level apart; a few values near
+    # the hard edges differ more (up to ~16 levels seen)
+    assert far <= 0.005 and mean <= 0.35, (far, mean)
+
+
+def test_images_of_several_sizes_are_grouped_and_kept_in_order():
+    preprocess = _open_clip_transform("shortest")
+    mapped = map_preprocess(preprocess)
+    images = [_photo(500, 375, 1), _photo(300, 400, 2), _photo(500, 375, 3)]
+    got = mapped([pil_to_tensor(i) for i in images])
+    for k, image in enumerate(images):
+        assert torch.equal(got[k], mapped([pil_to_tensor(image)])[0])
+
+
+@pytest.mark.parametrize("step", [RandomResizedCrop(224), Resize(224, max_size=300)])
+def test_unmappable_steps_are_refused_by_name(step):
+    preprocess = Compose([step, CenterCrop(224), *(_open_clip_transform("squash").transforms[-2:])])
+    with pytest.raises(UnmappablePreprocess, match=type(step).__name__):
+        map_preprocess(preprocess)
+
+
+def test_unmappable_preprocess_kinds_are_refused():
+    import timm.data
+    border = timm.data.create_transform(input_size=(3, 224, 224), crop_mode="border", crop_pct=1.0, is_training=False)
+    with pytest.raises(UnmappablePreprocess, match="ResizeKeepRatio"):
+        map_preprocess(border)
+    with pytest.raises(UnmappablePreprocess, match="neither a torchvision Compose"):
+        map_preprocess(lambda image: image)
+    with pytest.raises(UnmappablePreprocess, match="ToTensor"):
+        map_preprocess(Compose([Resize(224), CenterCrop(224)]))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pil(tmp_path, orientation):
+    image = _photo(40, 30, orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.jpg"
+    image.save(path, quality=95, exif=exif.tobytes())
+    data = path.read_bytes()
+    assert jpeg_orientation(data) == orientation
+    with Image.open(path) as stored:
+        expected = pil_to_tensor(ImageOps.exif_transpose(stored).convert("RGB"))
+        raw = pil_to_tensor(stored.convert("RGB"))
+    assert torch.equal(apply_orientation(raw, orientation), expected)
+
+
+def test_only_rgb_and_grey_jpegs_go_to_the_gpu_decoder(tmp_path):
+    image = _photo(32, 24)
+    image.save(tmp_path / "a.png")
+    image.convert("CMYK").save(tmp_path / "c.jpg")
+    image.convert("L").save(tmp_path / "g.jpg")
+    assert jpeg_orientation((tmp_path / "a.png").read_bytes()) is None
+    assert jpeg_orientation((tmp_path / "c.jpg").read_bytes()) is None
+    assert jpeg_orientation((tmp_path / "g.jpg").read_bytes()) == 1
+    assert jpeg_orientation(b"\xff\xd8\xff" + b"\0" * 20) is None
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_mixed_files_fall_back_file_by_file_and_keep_input_order(tmp_path, workers):
+    """JPEGs through the batch decoder, PNG / CMYK / unreadable files through the CPU path, in input order."""
+    from siglip_dola.data.images import decode_image
+
+    preprocess = _open_clip_transform("squash", size=64)
+    paths = []
+    for k, (name, mode) in enumerate([("0.jpg", "RGB"), ("1.png", "RGB"), ("2.jpg", "CMYK"), ("3.jpg", "L"),
+                                      ("4.jpg", "RGB")]):
+        _photo(90 + k, 70, k).convert(mode).save(tmp_path / name, quality=92)
+        paths.append(str(tmp_path / name))
+    (tmp_path / "5.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths.insert(2, str(tmp_path / "5.jpg"))
+    batches = list(iter_gpu_decoded(paths, preprocess, batch_size=4, workers=workers, device=torch.device("cpu")))
+    assert [b[4] for b in batches] == [4, 2]
+    indices = [i for b in batches for i in b[0]]
+    assert indices == [0, 1, 3, 4, 5] and [s[0] for b in batches for s in b[3]] == [paths[2]]
+    pixels = torch.cat([b[2] for b in batches])
+    for row, index in enumerate(indices):
+        expected = decode_image(paths[index], preprocess)
+        if paths[index].endswith(".png") or index == 3:   # the CPU path itself: exact
+            assert torch.equal(pixels[row], expected)
+        else:
+            assert _agreement(expected, pixels[row], 0.5)[1] <= 1.0   # libjpeg-turbo twice, then the resize
+
+
+def test_check_decode_errors_name_the_argument():
+    check_decode("cpu", "cpu")
+    with pytest.raises(ValueError, match=r"decode must be one of \['cpu', 'gpu'\], got 'nvjpeg'"):
+        check_decode("nvjpeg", "cpu")
+    with pytest.raises(ValueError, match="decode='gpu' needs the model on a CUDA device"):
+        check_decode("gpu", torch.device("cpu"))
