@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     sets = product.layer_sets(loaded.readout.num_layers)
     for name in ("off", "dynamic3", "dynamic23"):
         for graph in ([False, True] if graphs else [False]):
-            other = product.other_pooling(known.batch, args, graph) if name != "off" else None
-            for suffix, opts in [("", {})] + ([other] if other else []):
+            others = product.other_pooling(known.batch, args, graph) if name != "off" else []
+            for suffix, opts in [("", {})] + others:
                 scorer = DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=known.batch, **sets[name])
                 key = name + suffix + ("-graph" if graph else "")
                 points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import siglip_dola
 from siglip_dola import config
 from siglip_dola.io import write_json_atomic
-from siglip_dola.readout import cuda_graphs
+from siglip_dola.readout import cuda_graphs, stacking_tuner
 
 from benchenv import environment   # benchmarks/benchenv.py: commit, versions, GPU, command
 from norms import randomize_norms   # benchmarks/norms.py: trained-like LayerNorm affines
@@ -87,16 +87,22 @@ def layer_sets(num_layers: int) -> dict[str, dict]:
             "dynamic23": dict(mode="dynamic", layers=list(range(1, num_layers)))}
 
 
-def other_pooling(batch: int, args, graph: bool) -> tuple[str, dict] | None:
-    """(point suffix, config options) of the stacked-pooling setting that is NOT the default for this batch and kind
-    of call (eager: config stacked_max_batch; graphed: stacked_max_batch_graphed), or None past --stacked-max-batch."""
+def other_pooling(batch: int, args, graph: bool) -> list[tuple[str, dict]]:
+    """[(point suffix, config options)] of the stacked-pooling settings beside the default for this batch and kind
+    of call: eager batches the tuner decides (readout/stacking_tuner.py) get both, stacked and per layer; otherwise
+    the one that is NOT the default (eager: config stacked_max_batch; graphed: stacked_max_batch_graphed); none past
+    --stacked-max-batch."""
     if batch > args.stacked_max_batch:
-        return None
+        return []
+    tuned = (not graph and args.device.startswith("cuda") and config.get("stacked_tuning")
+             and not config.is_set("stacked_max_batch") and stacking_tuner.MIN_BATCH <= batch <= stacking_tuner.MAX_BATCH)
+    if tuned:
+        return [("-stacked", dict(stacked_max_batch=batch)), ("-perlayer", dict(stacked_max_batch=0))]
     stacked_by_default = (batch <= config.get("stacked_max_batch_graphed" if graph else "stacked_max_batch")
                           and (args.device.startswith("cuda") or config.get("stacked_on_cpu")))
     limit = 0 if stacked_by_default else args.stacked_max_batch
-    return ("-perlayer" if stacked_by_default else "-stacked"), dict(stacked_max_batch=limit,
-                                                                      stacked_max_batch_graphed=limit)
+    return [("-perlayer" if stacked_by_default else "-stacked", dict(stacked_max_batch=limit,
+                                                                      stacked_max_batch_graphed=limit))]
 
 
 def plain_call(encode, bank_n, tau, dtype, device):
@@ -146,8 +152,8 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
     paths, options = {}, {}   # options: point -> config options set around each of its calls (not timed)
     for name, settings in layer_sets(loaded.readout.num_layers).items():
         for graph in ([False, True] if graphs else [False]):
-            other = other_pooling(batch, args, graph) if name.startswith("dynamic") else None
-            for suffix, opts in [("", {})] + ([other] if other else []):
+            others = other_pooling(batch, args, graph) if name.startswith("dynamic") else []
+            for suffix, opts in [("", {})] + others:
                 scorer = siglip_dola.DoLaSigLIP(loaded, cuda_graphs=graph, batch_size=batch, **settings)
                 key = name + suffix + ("-graph" if graph else "")
                 points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts

@@ -14,6 +14,9 @@ Options (environment override: ``SIGLIP_DOLA_<NAME>``, e.g. ``SIGLIP_DOLA_FUSED_
 - ``stacked_max_batch``, ``stacked_max_batch_graphed``, ``stacked_on_cpu``: at batch <= stacked_max_batch (0: never;
   while a CUDA graph is captured: stacked_max_batch_graphed) the fused readout pools all layers in ONE launch after
   the forward ("fused-stacked"), on CUDA only unless stacked_on_cpu (the interpreter tests).
+- ``stacked_tuning``: while ``stacked_max_batch`` is not set (here or in the environment), an eager CUDA call at a
+  batch of 2..16 takes whichever of stacked and per-layer pooling a one-time measurement on this GPU found faster
+  (readout/stacking_tuner.py, cached per device name under the user's cache folder).
 
 ``triton_interpreted()`` is ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, which the tests use), read here once.
 Unknown option names, and values of the wrong type, raise ValueError.
@@ -39,6 +42,8 @@ _DEFAULTS: dict[str, bool | int] = {
     "stacked_max_batch": 8,
     "stacked_max_batch_graphed": 1,   # the limit while a CUDA graph is being captured
     "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths
+    # stacked_max_batch=8 came from an H200 and lost at batch 8 on an H100 (issue #28): measure on the GPU in hand
+    "stacked_tuning": True,
 }
 _MINIMUM = {"target_programs": 0, "stacked_max_batch": 0, "stacked_max_batch_graphed": 0}   # the other int knobs are >= 1
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -76,9 +81,11 @@ def _from_environment() -> dict[str, bool | int]:
         raw = os.environ.get(f"SIGLIP_DOLA_{name.upper()}")
         if raw is not None:
             values[name] = _parse(name, raw)
+            _SET.add(name)
     return values
 
 
+_SET: set[str] = set()   # options given a value (environment, set, override): not the built-in default
 _VALUES = _from_environment()
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -98,17 +105,25 @@ def set(**options) -> None:  # noqa: A001  (config.set mirrors timm's set_* styl
     """Set options by name, e.g. ``config.set(num_warps=4)``; all are checked before any is set."""
     checked = {name: _parse(name, value) for name, value in options.items()}
     _VALUES.update(checked)
+    _SET.update(checked)
+
+
+def is_set(name: str) -> bool:
+    """True when option ``name`` was given a value (environment, set, override) rather than left at its default."""
+    get(name)
+    return name in _SET
 
 
 @contextlib.contextmanager
 def override(**options) -> Iterator[None]:
     """Set ``options`` inside the ``with`` block and restore the previous values on exit (even after an error)."""
-    saved = {name: get(name) for name in options}
+    saved, was_set = {name: get(name) for name in options}, _SET & options.keys()
     set(**options)
     try:
         yield
     finally:
         _VALUES.update(saved)
+        _SET.difference_update(options.keys() - was_set)
 
 
 def use_triton_scoring() -> bool:

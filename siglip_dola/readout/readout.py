@@ -13,11 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from siglip_dola import config
 from siglip_dola.layers import resolve_layers
 from siglip_dola.readout.entry_norm import first_norm
 from siglip_dola.readout.call_state import log_once
 from siglip_dola.readout.pooler import Pooling
 from siglip_dola.readout.map_head import FoldedMapHead, fold
+from siglip_dola.readout.stacking_tuner import stacked_limit
 from siglip_dola.readout.towers import Tower
 
 _PROBE_SHAPE = (2, 7)          # (B, T) of the random tokens that check the folded head against the model's
@@ -108,6 +110,14 @@ class Readout:
         """
         layer_list = self.check_layers(layers)
         images, inputs = self.prepare_inputs(images, inputs)
+        limit = stacked_limit(images, layer_list, (self.backend, self.num_layers, self.embed_dim, self.head_path),
+                              lambda limit: self._run(images, layer_list, inputs))
+        if limit is None:
+            return self._run(images, layer_list, inputs)
+        with config.override(stacked_max_batch=limit):   # the pooling measured faster on this GPU at this batch
+            return self._run(images, layer_list, inputs)
+
+    def _run(self, images: torch.Tensor, layer_list: list[int], inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             pooler = self._pooling.begin(self._current_head(), layer_list, images.device, inputs)
             blocks, handles = self._tower.blocks, []
