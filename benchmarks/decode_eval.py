@@ -47,7 +47,7 @@ def eval_rate(model, root: Path, out: Path, batch_size: int, decode: str, n=None
 
 def input_rate(model, items, batch_size: int, decode: str) -> float:
     """images/s of the input loop alone: files -> fp32 pixels on the device, no forward."""
-    from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
+    from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 
     start, count = time.perf_counter(), 0
     for batch in iter_pixel_batches(model, items, batch_size, decode=decode):
@@ -64,8 +64,8 @@ def agreement(model, root: Path, items: list, work: Path, batch_size: int, n: in
     """How far decode='gpu' moves eval's results from decode='cpu' on the same n files."""
     import torch.nn.functional as F
 
-    from siglip_dola.evaluation.embed import embed_images
-    from siglip_dola.evaluation.pixel_batches import iter_pixel_batches
+    from siglip_dola.embedding.images import embed_images
+    from siglip_dola.embedding.pixel_batches import iter_pixel_batches
 
     rows = {}
     for decode in DECODES:
