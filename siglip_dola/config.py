@@ -14,7 +14,7 @@ Options (environment override: ``SIGLIP_DOLA_<NAME>``, e.g. ``SIGLIP_DOLA_FUSED_
 - ``stacked_max_batch``, ``stacked_max_batch_graphed``, ``stacked_on_cpu``: at batch <= stacked_max_batch (0: never;
   while a CUDA graph is captured: stacked_max_batch_graphed) the fused readout pools all layers in ONE launch after
   the forward ("fused-stacked"), on CUDA only unless stacked_on_cpu (the interpreter tests).
-- ``stacked_tuning``: while ``stacked_max_batch`` is not set (here or in the environment), an eager CUDA call at a
+- ``stacked_tuning`` (opt-in): while ``stacked_max_batch`` is not set (here or in the environment), an eager CUDA call at a
   batch of 2..16 takes whichever of stacked and per-layer pooling a one-time measurement on this GPU found faster
   (readout/stacking_tuner.py, cached per device name under the user's cache folder).
 
@@ -42,8 +42,9 @@ _DEFAULTS: dict[str, bool | int] = {
     "stacked_max_batch": 8,
     "stacked_max_batch_graphed": 1,   # the limit while a CUDA graph is being captured
     "stacked_on_cpu": False,   # CUDA only by default: the interpreter tests of the per-layer paths keep their paths
-    # stacked_max_batch=8 came from an H200 and lost at batch 8 on an H100 (issue #28): measure on the GPU in hand
-    "stacked_tuning": True,
+    # stacked_max_batch=8 came from an H200 and lost at batch 8 on an H100: the tuner measures on the GPU in hand,
+    # but is opt-in (SIGLIP_DOLA_STACKED_TUNING=1) until product.py has timed it on a GPU (benchmarks/README.md)
+    "stacked_tuning": False,
 }
 _MINIMUM = {"target_programs": 0, "stacked_max_batch": 0, "stacked_max_batch_graphed": 0}   # the other int knobs are >= 1
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -19,7 +19,8 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(tuner, "_device_name", lambda device: "Fake GPU 80GB")
     monkeypatch.setattr(tuner, "stream_capturing", lambda device: False)
     monkeypatch.setattr(tuner, "_CHOICES", {})
-    return tmp_path / "cache" / "stacking.json"
+    with config.override(stacked_tuning=True):   # opt-in until timed on a GPU
+        yield tmp_path / "cache" / "stacking.json"
 
 
 def _runner(calls: list):
@@ -70,6 +71,10 @@ def test_the_config_is_left_alone_where_the_tuner_does_not_decide(fake_gpu, monk
     with config.override(**options):
         assert tuner.stacked_limit(torch.zeros(batch, 3, 4, 4), layers, ("x",), _runner(calls)) is None
     assert calls == []
+
+
+def test_tuning_is_off_unless_asked_for():
+    assert config.get("stacked_tuning") is False
 
 
 def test_a_corrupt_cache_file_is_measured_again_and_rewritten(fake_gpu):
