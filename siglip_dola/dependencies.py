@@ -12,7 +12,6 @@ import importlib
 import re
 import sys
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 
 DISTRIBUTION = "siglip-dola"
@@ -60,6 +59,8 @@ def required_ranges() -> dict[str, str]:
         project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
         if project.get("name") == DISTRIBUTION:
             return dict(_split(line) for line in project.get("dependencies", []))
+    from importlib import metadata   # here, not at import: the command's --help reads no package metadata
+
     try:
         lines = metadata.requires(DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
@@ -77,6 +78,8 @@ def _split(requirement: str) -> tuple[str, str]:
 def unsupported() -> list[str]:
     """One line per installed core dependency outside its range; a dependency not installed is not checked here
     (its import fails with its own error)."""
+    from importlib import metadata
+
     from packaging.specifiers import SpecifierSet
 
     problems = []

@@ -159,7 +159,9 @@ def test_a_dependency_older_than_supported_fails_in_one_line(tmp_path):
                                        ("2.5.1+cu121", False)])
 def test_supported_range_check_reads_release_numbers(found, ok, monkeypatch):
     monkeypatch.setattr(dependencies, "required_ranges", lambda: {"transformers": ">=4.38.2"})
-    monkeypatch.setattr(dependencies.metadata, "version", lambda name: found)
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "version", lambda name: found)
     assert (dependencies.unsupported() == []) == ok
 
 
