@@ -12,8 +12,9 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable
 
+from siglip_dola.modes import MODES, mode_of
+
 PARITIES = ("even", "odd", "all")
-MODES = ("off", "static", "dynamic")  # the one definition: plain SigLIP, fixed layer M, per-input M
 DEFAULT_N_BUCKETS = 3  # the design note: buckets [1,8], [9,16], [17,24] for N = 24
 
 
@@ -34,7 +35,7 @@ def _check_num_layers(num_layers) -> int:
     return num_layers
 
 
-def bucket_ranges(num_layers: int, n_buckets: int = 3) -> list[tuple[int, int]]:
+def bucket_ranges(num_layers: int, n_buckets: int = DEFAULT_N_BUCKETS) -> list[tuple[int, int]]:
     """Inclusive 1-based layer ranges [(first, last), ...] of the ``n_buckets`` buckets of 1..num_layers."""
     num_layers = _check_num_layers(num_layers)
     n_buckets = _as_int(n_buckets, "n_buckets")
@@ -81,7 +82,7 @@ def _validate_explicit(num_layers: int, layers: Iterable) -> list[int]:
     return layers
 
 
-def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = 3,
+def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = DEFAULT_N_BUCKETS,
                    parity: str = "even") -> list[int]:
     """Candidate layer numbers (list[int]) from exactly one of explicit ``layers`` or a 1-based ``bucket``.
 
@@ -115,33 +116,34 @@ def default_candidates(num_layers: int, n_buckets: int = DEFAULT_N_BUCKETS) -> l
 
 def default_layers(num_layers: int, mode: str, layers=None, bucket=None, n_buckets: int | None = None,
                    static_layer=None) -> tuple[list[int], int | None]:
-    """The ONE layer policy: (layers read per forward, static layer or None) for a DoLa mode.
+    """The ONE layer policy: (layers read per forward, static layer or None) for a DoLa mode (modes.MODES).
 
     Explicit ``layers`` or ``bucket`` (of ``n_buckets``, default 3) win. Without them the design note's
     default is the last of ``n_buckets`` buckets, even layers, N excluded ({18, 20, 22} for N=24).
-    "static" reads only ``static_layer`` (default: the middle candidate, 20 for N=24); "off" reads no
-    early layer unless ``layers`` / ``bucket`` are given (then their JSD is reported).
+    A fixed-layer mode ("static") reads only ``static_layer`` (default: the middle candidate, 20 for N=24);
+    a mode that does not read by default ("off") reads no early layer unless ``layers`` / ``bucket`` are given
+    (then their JSD is reported).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    entry = mode_of(mode)
     n_buckets = DEFAULT_N_BUCKETS if n_buckets is None else n_buckets
     explicit = layers is not None or bucket is not None
     if layers is not None and bucket is not None:
         raise ValueError("pass at most one of layers= (explicit layer numbers) or bucket= (1-based bucket index)")
-    if static_layer is not None and mode != "static":
-        raise ValueError(f"static_layer is only used with mode='static', got mode={mode!r}")
-    if mode == "static" and static_layer is not None:
+    if static_layer is not None and not entry.fixed_layer:
+        fixed = " or ".join(f"mode={name!r}" for name, m in MODES.items() if m.fixed_layer)
+        raise ValueError(f"static_layer is only used with {fixed}, got mode={mode!r}")
+    if entry.fixed_layer and static_layer is not None:
         num_layers, static_layer = _check_num_layers(num_layers), _as_int(static_layer, "static_layer")
         if not 1 <= static_layer <= num_layers - 1:  # named here: resolve_layers would call it "layers"
             raise ValueError(f"static_layer {static_layer} out of range: valid layers are "
                              f"1..{num_layers - 1} (num_layers={num_layers}; the final layer is never a candidate)")
         return [static_layer], static_layer
-    if mode == "off" and not explicit:
-        candidates = []  # off reads no early layer by default
+    if not entry.reads_by_default and not explicit:
+        candidates = []  # a mode that reads no early layer by default ("off")
     elif explicit:
         candidates = resolve_layers(num_layers, layers=layers, bucket=bucket, n_buckets=n_buckets)
     else:
         candidates = default_candidates(num_layers, n_buckets)
-    if mode == "static":
+    if entry.fixed_layer:
         return [candidates[len(candidates) // 2]], candidates[len(candidates) // 2]
-    return (candidates if mode == "dynamic" or explicit else []), None
+    return candidates, None

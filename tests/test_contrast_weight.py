@@ -102,13 +102,14 @@ INTERPRETER_RUN = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     from test_contrast_weight import cases
+    from siglip_dola.modes import MODES
     from siglip_dola.scoring import kernel
     out = {}
     for name, (logits, layers, alpha, mode, static_layer, weight) in cases().items():
         logits = torch.from_numpy(logits)
         assert kernel.usable(logits)
         position = layers.index(static_layer) if mode == "static" else -1
-        probs, _, _, premature, _, _ = kernel.dola_rows(logits, torch.tensor(layers), alpha, mode, position, weight)
+        probs, _, _, premature, _, _ = kernel.dola_rows(logits, torch.tensor(layers), alpha, MODES[mode], position, weight)
         out[name] = [probs.tolist(), premature.tolist()]
     print(json.dumps(out))
 """)

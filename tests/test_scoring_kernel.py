@@ -81,6 +81,7 @@ INTERPRETER_RUN = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_scoring_kernel import make_cases, score_cases
     from siglip_dola import config, scoring
+    from siglip_dola.modes import MODES
     from siglip_dola.scoring import kernel
     assert kernel.triton is not None
     by_case = {}
@@ -90,7 +91,7 @@ INTERPRETER_RUN = textwrap.dedent("""
             logits = logits.bfloat16()
         assert kernel.usable(logits)
         table = torch.tensor(layers, dtype=torch.int64) if layers else None
-        outputs = kernel.dola_rows(logits, table, alpha, mode, position)
+        outputs = kernel.dola_rows(logits, table, alpha, MODES[mode], position)
         by_case[name] = [(list(x.shape), x.tolist()) for x in outputs]
     calls = []
     original = kernel.dola_rows

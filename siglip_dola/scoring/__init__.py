@@ -30,12 +30,12 @@ Modules: ``logspace.py`` the log-space core (the ONE eager reference of each for
 """
 from __future__ import annotations
 
-from siglip_dola.scoring.checks import COMPAT_MODES, MODES
+from siglip_dola.scoring.checks import COMPAT_MODES
 from siglip_dola.scoring.logspace import DoLaResult
 from siglip_dola.scoring.pipeline import check_finite, dola, score
 from siglip_dola.scoring.steps import (
     build_log_probs_from_rep, build_probs_from_rep, contrast_and_mask, jsd, select_early_exit,
 )
 
-__all__ = ["COMPAT_MODES", "MODES", "DoLaResult", "build_log_probs_from_rep", "build_probs_from_rep", "check_finite",
+__all__ = ["COMPAT_MODES", "DoLaResult", "build_log_probs_from_rep", "build_probs_from_rep", "check_finite",
            "contrast_and_mask", "dola", "jsd", "score", "select_early_exit"]

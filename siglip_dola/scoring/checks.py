@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from siglip_dola.layers import MODES
+from siglip_dola.modes import Mode, mode_of
 
 COMPAT_MODES = (None, "official-dola")
 
@@ -95,12 +96,38 @@ def check_tau(tau) -> float:
     return float(tau)
 
 
-def check_mode(mode, alpha, compat) -> float:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def check_compat(compat) -> None:
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    return check_alpha(alpha)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one score / dola call contrasts: the mode's table entry, the stacked layers' numbers, M, alpha, lambda."""
+    mode: Mode
+    layers: object
+    static_layer: object
+    alpha: float
+    contrast_weight: float
+
+
+def call_settings(settings, mode, alpha, static_layer, contrast_weight, compat) -> Call:
+    """A :class:`Call` from a settings value (DoLaSettings: mode, layers, static_layer, alpha, contrast_weight) or,
+    in the keyword form, from `settings` = the layer numbers and the keywords (defaults: dynamic, 0.1, None, 1)."""
+    check_compat(compat)
+    if hasattr(settings, "mode") and hasattr(settings, "alpha"):   # a DoLaSettings (duck-typed: it lives above)
+        given = [name for name, value in (("mode", mode), ("alpha", alpha), ("static_layer", static_layer),
+                                          ("contrast_weight", contrast_weight)) if value is not None]
+        if given:
+            raise TypeError(f"pass either settings or the keywords {given}, not both")
+        mode, layers, static_layer = settings.mode, settings.layers, settings.static_layer
+        alpha, contrast_weight = settings.alpha, settings.contrast_weight
+        layers = layers or None   # a mode that reads no layer records []
+    else:
+        layers = settings
+    return Call(mode_of("dynamic" if mode is None else mode), layers, static_layer,
+                check_alpha(0.1 if alpha is None else alpha),
+                check_contrast_weight(1.0 if contrast_weight is None else contrast_weight))
 
 
 def check_layers(layers, num_candidates: int) -> list[int]:
@@ -128,19 +155,20 @@ def check_stacked(stacked: torch.Tensor, final: torch.Tensor, stacked_name: str,
                          f"got {list(stacked.shape)}")
 
 
-def resolve_stacked_layers(layers, stacked, final, names: tuple[str, str], mode: str, static_layer):
-    """(layer numbers, stacked), or (None, None) when mode 'off' has no layers to compare; eager."""
-    if mode == "off" and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
+def resolve_stacked_layers(layers, stacked, final, names: tuple[str, str], mode: Mode, static_layer):
+    """(layer numbers, stacked), or (None, None) when a mode that reads no layer by default ('off') has none; eager."""
+    optional = not mode.reads_by_default
+    if optional and stacked is not None and stacked.shape[0] == 0 and (layers is None or len(layers) == 0):
         stacked = None  # mode "off" with an empty stack of layers: nothing to compare
     if stacked is None:
-        if mode != "off":
-            raise ValueError(f"{names[0]} is required for mode={mode!r} (only mode='off' works without it)")
+        if not optional:
+            raise ValueError(f"{names[0]} is required for mode={mode.name!r} (only mode='off' works without it)")
         return None, None
     check_stacked(stacked, final, *names)
-    if mode != "static":
+    if not mode.fixed_layer:
         return check_layers(layers, stacked.shape[0]), stacked
     if static_layer is None or isinstance(static_layer, bool) or not isinstance(static_layer, numbers.Integral):
-        raise ValueError(f"mode='static' needs static_layer, an int layer number, got {static_layer!r}")
+        raise ValueError(f"mode={mode.name!r} needs static_layer, an int layer number, got {static_layer!r}")
     layers = check_layers([int(static_layer)] if layers is None else layers, stacked.shape[0])  # J = 1 may omit layers
     if int(static_layer) not in layers:
         raise ValueError(f"static_layer={static_layer} must be one of layers={layers}")

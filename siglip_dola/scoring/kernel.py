@@ -18,6 +18,7 @@ import math
 import torch
 
 from siglip_dola import config
+from siglip_dola.modes import Mode
 
 try:  # optional: scoring.score's eager path is always available
     import triton
@@ -26,7 +27,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 MAX_CLASSES = 8192  # one block of classes per row; larger banks keep the eager path
-MODE_CODES = {"dynamic": 0, "static": 1, "off": 2}
 HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 LN2 = math.log(2.0)
 
@@ -108,22 +108,24 @@ def _num_warps(block_c: int) -> int:
     return 4 if block_c <= 1024 else 8 if block_c <= 4096 else 16
 
 
-def dola_rows(logits: torch.Tensor, layer_numbers: torch.Tensor | None, alpha: float, mode: str,
+def dola_rows(logits: torch.Tensor, layer_numbers: torch.Tensor | None, alpha: float, mode: Mode,
               static_position: int = -1, contrast_weight: float = 1.0):
     """DoLa per row from logits (J+1, R, C): index 0 the final layer, then the J candidates.
 
     Returns (probs (R, C), log_probs (R, C), final_probs (R, C), premature (R,) int64 layer numbers,
     jsd (J, R), nonfinite (R,) int32: 1 where the row's logits hold a NaN/inf in any layer).
+    mode: a modes.MODES entry with a kernel_code (the MODE branch below: 0 dynamic, 1 static, 2 off).
     layer_numbers (J,) int64 on logits' device (may be None for mode "off"); static_position indexes it.
     contrast_weight: lambda of the contrast log q_N - lambda * log q_M (log q_M is finite here, so 0 is exact).
     """
-    assert usable(logits) and mode in MODE_CODES, (logits.shape, logits.dtype, mode)
+    code = mode.kernel_code
+    assert usable(logits) and code in (0, 1, 2), (logits.shape, logits.dtype, mode.name)
     num_layers, rows, classes = logits.shape[0] - 1, logits.shape[1], logits.shape[2]
-    assert num_layers >= 1 or mode == "off", "only mode 'off' works without candidate layers"
-    assert mode != "static" or 0 <= static_position < num_layers, static_position
+    assert num_layers >= 1 or code == 2, "only mode 'off' works without candidate layers"
+    assert code != 1 or 0 <= static_position < num_layers, static_position
     final_probs = torch.empty((rows, classes), dtype=torch.float32, device=logits.device)
     log_probs = torch.empty_like(final_probs)
-    probs = final_probs if mode == "off" else torch.empty_like(final_probs)
+    probs = final_probs if code == 2 else torch.empty_like(final_probs)
     premature = torch.empty(rows, dtype=torch.int64, device=logits.device)
     jsd = torch.empty((num_layers, rows), dtype=torch.float32, device=logits.device)
     nonfinite = torch.empty(rows, dtype=torch.int32, device=logits.device)
@@ -132,5 +134,5 @@ def dola_rows(logits: torch.Tensor, layer_numbers: torch.Tensor | None, alpha: f
     _dola_row_kernel[(rows,)](logits, layer_numbers, probs, log_probs, final_probs, premature, jsd, nonfinite,
                               rows, classes, rows * classes, num_layers, int(static_position), math.log(alpha),
                               float(contrast_weight),
-                              MODE=MODE_CODES[mode], BLOCK_C=block_c, num_warps=_num_warps(block_c))
+                              MODE=code, BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return probs, log_probs, final_probs, premature, jsd, nonfinite

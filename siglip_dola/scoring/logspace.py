@@ -87,16 +87,17 @@ def contrast_log(log_q_N, log_q_M, alpha: float, q_M_may_be_zero: bool = False,
 
 
 def dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat, contrast_weight=1.0) -> DoLaResult:
-    """DoLa from finite log-probs: log_q_N [..., C], log_q_layers [J, ..., C] or None (then mode 'off')."""
+    """DoLa from finite log-probs: log_q_N [..., C], log_q_layers [J, ..., C] or None (then no contrast);
+    mode: the modes.MODES entry, whose ``choose`` picks q_M's position (None: no contrast, p_hat = q_N)."""
     final_probs = torch.exp(log_q_N)
     if log_q_layers is None:
         premature = torch.full(log_q_N.shape[:-1], -1, dtype=torch.int64, device=log_q_N.device)
         return DoLaResult(final_probs, log_q_N, final_probs, premature, log_q_N.new_zeros((0, *log_q_N.shape[:-1])))
     position, table = select_position(log_q_N, log_q_layers, final_probs, torch.exp(log_q_layers), compat)
-    if mode == "off":
-        return DoLaResult(final_probs, log_q_N, final_probs, torch.full_like(position, -1), table)
-    if mode == "static":
-        position = torch.full_like(position, layers.index(int(static_layer)))
+    static_position = layers.index(int(static_layer)) if mode.fixed_layer else -1
+    position = mode.choose(position, table, static_position)
+    if position is None:
+        return DoLaResult(final_probs, log_q_N, final_probs, torch.full_like(table[0], -1, dtype=torch.int64), table)
     gather = position[None, ..., None].expand(1, *log_q_N.shape)  # (1, ..., C)
     log_q_M = log_q_layers.gather(0, gather)[0]  # (..., C)
     log_p_hat = contrast_log(log_q_N, log_q_M, alpha, contrast_weight=contrast_weight)

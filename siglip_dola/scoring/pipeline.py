@@ -13,21 +13,24 @@ import torch
 from siglip_dola import config
 from siglip_dola.scoring import kernel
 from siglip_dola.scoring.checks import (
-    as_tensor, check_bank, check_classes, check_contrast_weight, check_mode, check_tau, finite_check, promote,
-    raise_failed, resolve_stacked_layers, to_output,
+    Call, as_tensor, call_settings, check_bank, check_classes, check_tau, finite_check, promote, raise_failed,
+    resolve_stacked_layers, to_output,
 )
 from siglip_dola.scoring.logspace import DoLaResult, dola_log, layer_table, rep_logits
 
 
-def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: float = 0.1,
-         static_layer=None, compat=None, contrast_weight: float = 1.0) -> DoLaResult:
-    """DoLa from LOGITS: scores_final [..., C], scores_layers [J, ..., C] (layers: J layer numbers).
+def dola(scores_final, scores_layers, settings=None, mode: str | None = None, alpha: float | None = None,
+         static_layer=None, compat=None, contrast_weight: float | None = None, *, layers=None) -> DoLaResult:
+    """DoLa from LOGITS: scores_final [..., C], scores_layers [J, ..., C].
 
-    mode "dynamic": per-example M by max JSD; "static": M = static_layer (``layers`` may be None when
-    J = 1); "off": probs = q_N, premature_layer = -1 (jsd still computed when scores_layers is given).
-    contrast_weight: lambda of F = log q_N - lambda * log q_M (default 1).
+    settings: a DoLaSettings (its mode, layers = the J stacked layer numbers, static_layer, alpha,
+    contrast_weight), or the keyword form: ``layers`` (J layer numbers; also accepted in settings' place) and
+    mode / alpha / static_layer / contrast_weight (defaults "dynamic", 0.1, None, 1). Modes: siglip_dola.modes
+    ("dynamic": per-example M by max JSD; "static": M = static_layer, ``layers`` may be None when J = 1;
+    "off": probs = q_N, premature_layer = -1, jsd still computed when scores_layers is given).
+    contrast_weight: lambda of F = log q_N - lambda * log q_M.
     """
-    alpha, contrast_weight = check_mode(mode, alpha, compat), check_contrast_weight(contrast_weight)
+    call = call_settings(_settings_or_layers(settings, layers), mode, alpha, static_layer, contrast_weight, compat)
     final, to_numpy = as_tensor(scores_final, "scores_final")
     check_classes(final, "scores_final")
     checks = [finite_check(final, "scores_final")]
@@ -36,16 +39,20 @@ def dola(scores_final, scores_layers, layers, mode: str = "dynamic", alpha: floa
         stacked, _ = as_tensor(scores_layers, "scores_layers", like=final)
         checks.append(finite_check(stacked, "scores_layers"))
         final, stacked = promote(final, stacked)
-    layers, stacked = resolve_stacked_layers(layers, stacked, final, ("scores_layers", "scores_final"), mode, static_layer)
+    layers, stacked = resolve_stacked_layers(call.layers, stacked, final, ("scores_layers", "scores_final"),
+                                             call.mode, call.static_layer)
     log_q_layers = None if stacked is None else torch.log_softmax(stacked, dim=-1)  # (J, ..., C)
-    result = dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, mode, alpha, static_layer, compat,
-                      contrast_weight)
+    result = dola_log(torch.log_softmax(final, dim=-1), log_q_layers, layers, call.mode, call.alpha,
+                      call.static_layer, compat, call.contrast_weight)
     return _finish(result, checks, to_numpy)
 
 
-def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alpha: float = 0.1,
-          static_layer=None, compat=None, validate: bool = True, contrast_weight: float = 1.0) -> DoLaResult:
+def score(z_final, z_layers, text_bank, tau, settings=None, mode: str | None = None, alpha: float | None = None,
+          static_layer=None, compat=None, validate: bool = True, contrast_weight: float | None = None, *,
+          layers=None) -> DoLaResult:
     """DoLa from representations: z_final [..., D], z_layers [J, ..., D], text_bank [C, D] -> DoLaResult.
+
+    settings: a DoLaSettings, or the keyword form (``layers=`` and mode / alpha / ...), as in :func:`dola`.
 
     With compat=None, CUDA logits (fp32, or autocast's bf16/fp16) and C <= kernel.MAX_CLASSES,
     everything after the logit matmul is ONE Triton kernel (siglip_dola.scoring.kernel; switch:
@@ -57,26 +64,25 @@ def score(z_final, z_layers, text_bank, tau, layers, mode: str = "dynamic", alph
     """
     if validate is not True and validate is not False:
         raise TypeError(f"validate must be True or False, got {validate!r}")
-    contrast_weight = check_contrast_weight(contrast_weight)
-    alpha = check_mode(mode, alpha, compat)
+    call = call_settings(_settings_or_layers(settings, layers), mode, alpha, static_layer, contrast_weight, compat)
     tau = check_tau(tau)
     final, to_numpy = as_tensor(z_final, "z_final")
     bank, _ = as_tensor(text_bank, "text_bank", like=final)
     check_bank(bank, final, "z_final")
     stacked = None if z_layers is None else as_tensor(z_layers, "z_layers", like=final)[0]
-    layers, stacked = resolve_stacked_layers(layers, stacked, final, ("z_layers", "z_final"), mode, static_layer)
+    layers, stacked = resolve_stacked_layers(call.layers, stacked, final, ("z_layers", "z_final"), call.mode,
+                                             call.static_layer)
     reps = final[None] if stacked is None else torch.cat(promote(final[None], stacked))  # (J+1, ..., D)
     reps, bank = promote(reps, bank)
     logits = rep_logits(reps, bank, tau)  # (J+1, ..., C): final, then the layers
     checks = lambda: _finite_checks(final, bank, stacked)  # noqa: E731  (built lazily: the Triton path skips them)
-    if config.use_triton_scoring() and compat is None and logits.is_contiguous():
+    if config.use_triton_scoring() and compat is None and call.mode.kernel_code is not None and logits.is_contiguous():
         rows = logits.view(logits.shape[0], -1, logits.shape[-1])  # (J+1, R, C)
         if kernel.usable(rows):
-            return _score_rows(rows, logits.shape[1:], layers, mode, alpha, static_layer, checks, to_numpy, validate,
-                               contrast_weight)
+            return _score_rows(rows, logits.shape[1:], layers, call, checks, to_numpy, validate)
     log_q = torch.log_softmax(logits, dim=-1)  # (J+1, ..., C)
-    result = dola_log(log_q[0], None if stacked is None else log_q[1:], layers, mode, alpha, static_layer, compat,
-                      contrast_weight)
+    result = dola_log(log_q[0], None if stacked is None else log_q[1:], layers, call.mode, call.alpha,
+                      call.static_layer, compat, call.contrast_weight)
     if not validate:   # a NaN/inf anywhere in a row's inputs makes its logits non-finite (F.normalize)
         result.nonfinite = (~torch.isfinite(logits)).any(-1).any(0)  # (...)
         return DoLaResult(*(to_output(getattr(result, f.name), to_numpy) for f in dataclasses.fields(result)))
@@ -104,16 +110,22 @@ def _finite_checks(final, bank, stacked) -> list[tuple[torch.Tensor, str]]:
     return checks
 
 
-def _score_rows(rows, shape, layers, mode, alpha, static_layer, checks, to_numpy, validate=True,
-                contrast_weight=1.0) -> DoLaResult:
+def _settings_or_layers(settings, layers):
+    """The keyword form's ``layers=`` stands in for settings (both given: a TypeError naming them)."""
+    if layers is not None and settings is not None:
+        raise TypeError("pass either settings (or the layer numbers in its place) or layers=, not both")
+    return settings if layers is None else layers
+
+
+def _score_rows(rows, shape, layers, call: Call, checks, to_numpy, validate=True) -> DoLaResult:
     """score's Triton path: rows (J+1, R, C) fp32 logits, shape the (..., C) of one layer's logits.
 
     The kernel's per-row NaN/inf flag replaces the per-argument checks (a NaN/inf in z or the bank makes its
     logits non-finite through F.normalize); only when it is set are they computed, to name the argument.
     """
     table = None if layers is None else layer_table(tuple(layers), rows.device)
-    position = layers.index(int(static_layer)) if mode == "static" else -1
-    *outputs, nonfinite = kernel.dola_rows(rows, table, alpha, mode, position, contrast_weight)
+    position = layers.index(int(call.static_layer)) if call.mode.fixed_layer else -1
+    *outputs, nonfinite = kernel.dola_rows(rows, table, call.alpha, call.mode, position, call.contrast_weight)
     if validate and bool(nonfinite.any()):  # the ONE host read of the call
         raise_failed(checks())  # slow path, errors only: which argument held the NaN/inf
     probs, log_probs, final_probs, premature, jsd = outputs

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from siglip_dola.scoring.checks import (
-    as_tensor, check_alpha, check_bank, check_contrast_weight, check_layers, check_mode, check_stacked, check_tau,
+    as_tensor, check_alpha, check_bank, check_contrast_weight, check_compat, check_layers, check_stacked, check_tau,
     finite_check, pair, probability_check, promote, raise_failed, to_output,
 )
 from siglip_dola.scoring.logspace import contrast_log, layer_table, log_finite, rep_logits, select_position, true_jsd
@@ -53,7 +53,7 @@ def select_early_exit(q_N, q_layers, layers, compat=None):
 
     Per example M = argmax_j JSD(q_N, q_j); exact ties go to the layer listed earliest in ``layers``.
     """
-    check_mode("dynamic", 0.1, compat)
+    check_compat(compat)
     q_final, q_stack, to_numpy = pair(q_N, q_layers, "q_N", "q_layers")
     layers = check_layers(layers, q_stack.shape[0])
     check_stacked(q_stack, q_final, "q_layers", "q_N")
