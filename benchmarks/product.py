@@ -159,7 +159,7 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
                 points[key], options[key] = (lambda x, s=scorer: s.score_pixels(x, bank)), opts
                 with config.override(**opts):
                     points[key](images)                           # first call: compiles, captures
-                paths[key] = path_summary(loaded.readout) if scorer.layers else "-"
+                paths[key] = path_summary(loaded.readout) if scorer.settings.layers else "-"
                 if not graph and not suffix and name in ("off", "dynamic3", "dynamic23"):   # the readout alone
                     points[name + "-embed"] = lambda x, s=scorer: s.embed(x)
     times = run_rounds(points, images, args, device, options)

@@ -2,7 +2,7 @@
 
 Per batch the core is the two-line composition (ONE backbone forward):
     z_final, z_layers = model.readout(pixels, layers)
-    result = scoring.score(z_final, z_layers, bank.embeds, tau, layers, mode, alpha, static_layer)
+    result = scoring.score(z_final, z_layers, bank.embeds, tau, settings)   # settings: a DoLaSettings
 
 Settings (mode, layers, alpha, contrast weight) come from ``siglip_dola.settings.resolve_settings``:
 explicit arguments > a calibration (a ``siglip-dola calibrate`` JSON, or "embedded"; default: the
@@ -56,9 +56,7 @@ class DoLaSigLIP:
             settings = settings_for_model(model, calibration, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
                                           n_buckets=n_buckets, static_layer=static_layer,
                                           contrast_weight=contrast_weight)
-        self.settings = settings
-        self.mode, self.alpha, self.contrast_weight = settings.mode, settings.alpha, settings.contrast_weight
-        self.layers, self.static_layer = list(settings.layers), settings.static_layer
+        self.settings = settings   # THE DoLa configuration: every call below reads it whole
         self._graphed_scores = CallCache() if cuda_graphs else None
         self._graph_bank = None   # (source bank key, the fp32 bank on the device the graphs read)
         self.tau = check_tau(model.tau if tau is None else tau)
@@ -80,8 +78,8 @@ class DoLaSigLIP:
         """pixels [B, 3, H, W] -> (z_final [B, D], z_layers [J, B, D] or None without layers), fp32; one forward."""
         check_pixels(pixels, self._packed())
         with torch.inference_mode(), autocast(self.model.device, self.model.dtype):
-            z_final, z_layers = self._readout(pixels.to(self.model.device), self.layers)
-        z_layers = z_layers.float() if self.layers else None
+            z_final, z_layers = self._readout(pixels.to(self.model.device), self.settings.layers)
+        z_layers = z_layers.float() if self.settings.layers else None
         return z_final.float(), z_layers
 
     def _batches(self, images) -> Iterator[tuple[list, torch.Tensor | None, list]]:
@@ -97,8 +95,7 @@ class DoLaSigLIP:
             return self._score_graphed(pixels, bank_embeds)
         z_final, z_layers = self.embed(pixels)
         bank_embeds = bank_embeds.to(device=z_final.device, dtype=torch.float32)
-        return scoring.score(z_final, z_layers, bank_embeds, self.tau, self.layers or None, mode=self.mode,
-                             alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
+        return scoring.score(z_final, z_layers, bank_embeds, self.tau, self.settings)
 
     def _score_graphed(self, pixels: torch.Tensor, bank_embeds: torch.Tensor) -> scoring.DoLaResult:
         """score_pixels as ONE replayed CUDA graph (readout + scoring; captured per shape and bank), no host sync:
@@ -112,14 +109,14 @@ class DoLaSigLIP:
             self._graph_bank = (bank_key, bank_embeds.to(device=pixels.device, dtype=torch.float32))
         bank_embeds = self._graph_bank[1]
 
+        layers = self.settings.layers
+
         def call(images):
-            z_final, z_layers = self.model.readout(images, self.layers)
-            result = scoring.score(z_final.float(), z_layers.float() if self.layers else None, bank_embeds,
-                                   self.tau, self.layers or None, mode=self.mode, alpha=self.alpha,
-                                   static_layer=self.static_layer, validate=False,
-                                   contrast_weight=self.contrast_weight)
+            z_final, z_layers = self.model.readout(images, layers)
+            result = scoring.score(z_final.float(), z_layers.float() if layers else None, bank_embeds,
+                                   self.tau, self.settings, validate=False)
             return tuple(getattr(result, f.name) for f in dataclasses.fields(result))
-        key = (tuple(self.layers), self.model.readout.derived_key())   # new weights: capture again
+        key = (tuple(layers), self.model.readout.derived_key())   # new weights: capture again
         with autocast(self.model.device, self.model.dtype):
             outputs = self._graphed_scores(call, pixels, key)
         return scoring.DoLaResult(*outputs)
@@ -174,20 +171,21 @@ class DoLaSigLIP:
                            for c in order[b, :top_k].tolist()]
             layer = int(premature[b])
             rows.append({"predictions": predictions, "premature_layer": None if layer < 0 else layer,
-                         "jsd": {j: float(jsd[i, b]) for i, j in enumerate(self.layers)}})
+                         "jsd": {j: float(jsd[i, b]) for i, j in enumerate(self.settings.layers)}})
         return rows
 
     # ------------------------------------------------------------ text -> images
     def iter_embed(self, images) -> Iterator[tuple[list, torch.Tensor | None, torch.Tensor | None, list]]:
         """Per batch: (ids, z_final [B, D], z_layers [J, B, D] or None, skipped) on CPU fp32; z_final None if all bad."""
         items, positional = image_items(images, self._packed())
-        for batch in iter_embedded(self.model, items, self.layers, self.batch_size, readout=self._readout,
+        layers = self.settings.layers
+        for batch in iter_embedded(self.model, items, layers, self.batch_size, readout=self._readout,
                                    decode=self.decode):
             if batch.z_final is None:
                 yield [], None, None, batch.skipped
                 continue
             ids = batch.indices if positional else batch.ids
-            yield ids, batch.z_final, (batch.z_layers if self.layers else None), batch.skipped
+            yield ids, batch.z_final, (batch.z_layers if layers else None), batch.skipped
 
     def embed_images(self, images) -> tuple[list, torch.Tensor, torch.Tensor | None]:
         """(ids, z_final [n, D], z_layers [J, n, D] or None) on CPU fp32 for all images (bad files skipped, warned)."""
@@ -204,7 +202,7 @@ class DoLaSigLIP:
             warnings.warn(f"skipped {len(skipped)} unreadable image(s): {grouped_reasons(skipped)}", stacklevel=2)
         if not finals:
             raise ValueError("images: no image could be decoded")
-        return ids, torch.cat(finals), (torch.cat(stacks, dim=1) if self.layers else None)  # (J, n, D)
+        return ids, torch.cat(finals), (torch.cat(stacks, dim=1) if self.settings.layers else None)  # (J, n, D)
 
     def rerank_images(self, text, images=None, *, image_embeds=None, embed_layers=None, ids=None,
                       top_k: int | None = None) -> list[dict]:
@@ -220,7 +218,7 @@ class DoLaSigLIP:
         if images is not None:
             ids, z_final, z_layers = self.embed_images(images)
         else:
-            z_final, z_layers = select_layers(image_embeds, embed_layers, self.layers)
+            z_final, z_layers = select_layers(image_embeds, embed_layers, self.settings.layers)
             ids = list(range(z_final.shape[0])) if ids is None else list(ids)
         queries, text_embeds = text_queries(text, self.model)
         check_bank_dim(z_final, text_embeds.shape[-1], what="image embeddings")
@@ -228,8 +226,7 @@ class DoLaSigLIP:
         scores_final = scoring.build_log_probs_from_rep(text_embeds, z_final.float(), self.tau)  # (Q, n)
         scores_layers = None if z_layers is None else torch.stack(
             [scoring.build_log_probs_from_rep(text_embeds, z_j.float(), self.tau) for z_j in z_layers])  # (J, Q, n)
-        result = scoring.dola(scores_final, scores_layers, self.layers or None, mode=self.mode,
-                              alpha=self.alpha, static_layer=self.static_layer, contrast_weight=self.contrast_weight)
+        result = scoring.dola(scores_final, scores_layers, self.settings)
         top_k = len(ids) if top_k is None else check_top_k(top_k)
         rows = self._rows(result, ids, top_k, key="image")
         return [{"text": q, "ranking": row.pop("predictions"), **row} for q, row in zip(queries, rows)]

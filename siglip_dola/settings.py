@@ -30,7 +30,7 @@ LAYER_KEYS = ("layers", "bucket", "n_buckets", "static_layer")
 _warned_uncalibrated = False  # the "DoLa is uncalibrated" line is printed once per process
 
 
-@dataclass
+@dataclass(frozen=True)
 class DoLaSettings:
     """The DoLa configuration an output was made with, and where each value came from (see module docstring)."""
     mode: str

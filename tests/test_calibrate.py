@@ -115,12 +115,12 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip,
                                "alphas": [0.05, 0.1, 0.2], "contrast_weights": [1.0, 0.5, 0.25]}
     scorer = DoLaSigLIP.from_calibration(out, tiny_loaded)
     choice = written["choice"]
-    assert scorer.mode == choice["mode"] and scorer.alpha == pytest.approx(choice.get("alpha", 0.1))
-    assert scorer.contrast_weight == choice.get("contrast_weight", 1.0)
+    assert scorer.settings.mode == choice["mode"] and scorer.settings.alpha == pytest.approx(choice.get("alpha", 0.1))
+    assert scorer.settings.contrast_weight == choice.get("contrast_weight", 1.0)
     assert scorer.settings.sources["mode"] == "calibration" and scorer.settings.calibration == str(out)
     chosen = next(s for s in report["scores"] if s["correct1"] == best)
     if choice["mode"] != "off":
-        assert scorer.layers == chosen["layers"]
+        assert scorer.settings.layers == chosen["layers"]
 
 
 def test_calibrate_accepts_a_dataset_object_and_custom_grid(tiny_loaded):

@@ -110,7 +110,7 @@ def test_classify_matches_naive_reference(vit, loaded, pixels, bank, mode, stati
     scorer = DoLaSigLIP(loaded, mode=mode, static_layer=static_layer, batch_size=2)
     results = scorer.classify(pixels, bank, top_k=len(bank.labels))
     assert [r["image"] for r in results] == list(range(len(pixels)))
-    layers = scorer.layers if mode != "off" else []
+    layers = scorer.settings.layers if mode != "off" else []
     check_against_naive(results, vit, pixels, bank, TAU, layers, mode, static_layer=static_layer or None)
 
 
@@ -231,7 +231,7 @@ def test_from_calibration(loaded, tmp_path):
     path.write_text(json.dumps({"model": loaded.model_id, "choice": {"mode": "static", "bucket": 2,
                                                                      "static_layer": 12, "alpha": 0.05}}))
     scorer = DoLaSigLIP.from_calibration(path, loaded)
-    assert (scorer.mode, scorer.layers, scorer.static_layer, scorer.alpha) == ("static", [12], 12, 0.05)
+    assert (scorer.settings.mode, scorer.settings.layers, scorer.settings.static_layer, scorer.settings.alpha) == ("static", [12], 12, 0.05)
     path.write_text(json.dumps({"model": "other-model", "choice": {"mode": "dynamic"}}))
     with pytest.raises(ValueError, match="other-model"):
         DoLaSigLIP.from_calibration(path, loaded)

@@ -132,10 +132,10 @@ def test_the_embedded_model_defaults_to_its_shipped_calibration_everywhere(capsy
     shipped = json.loads(EMBEDDED_CALIBRATION.read_text())["choice"]
     scorer = DoLaSigLIP(model)
     assert scorer.settings.calibration == "embedded" and set(scorer.settings.sources.values()) == {"calibration"}
-    assert (scorer.mode, scorer.alpha, scorer.contrast_weight) == \
+    assert (scorer.settings.mode, scorer.settings.alpha, scorer.settings.contrast_weight) == \
         (shipped["mode"], shipped["alpha"], shipped["contrast_weight"])
     assert DoLaSigLIP.from_calibration("embedded", model).settings == scorer.settings
     assert DoLaSigLIP(model, alpha=0.2).settings.sources["alpha"] == "flag"
     plain = DoLaSigLIP(model, calibration="none")
-    assert plain.layers == [18, 20, 22] and plain.settings.calibration is None
+    assert plain.settings.layers == [18, 20, 22] and plain.settings.calibration is None
     assert capsys.readouterr().err.count("DoLa is uncalibrated") == 1

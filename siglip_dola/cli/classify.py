@@ -7,7 +7,7 @@ import sys
 from siglip_dola.cli import add_decode_argument, subcommand
 from siglip_dola.cli.lists import split_list, typed_list
 from siglip_dola.cli.model_flags import add_model_arguments, load_model
-from siglip_dola.layers import MODES
+from siglip_dola.modes import MODES
 
 
 
@@ -38,7 +38,8 @@ def add_settings_arguments(parser, bucket: bool = True,
 
     Their defaults are None ("not given"): siglip_dola.settings fills them from the calibration or the defaults."""
     parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none", help=CALIBRATION_HELP)
-    parser.add_argument("--mode", choices=MODES, default=None, help=mode_help)
+    parser.add_argument("--mode", choices=list(MODES), default=None,
+                        help=mode_help + ": " + "; ".join(f"{name}: {m.help}" for name, m in MODES.items()))
     parser.add_argument("--alpha", type=float, default=None,
                         help="head constraint: keep q_N >= alpha * max q_N (default: the calibration's, else 0.1)")
     parser.add_argument("--contrast-weight", type=float, default=None, metavar="LAMBDA",
@@ -98,10 +99,12 @@ def _rerank_arguments(parser) -> None:
 def _build_scorer(args):
     """(LoadedModel, DoLaSigLIP) from the parsed scorer options."""
     from siglip_dola.scorer import DoLaSigLIP
+    from siglip_dola.settings import settings_for_model
 
     model = load_model(args, args.device)
-    return model, DoLaSigLIP(model, calibration=args.calibration, batch_size=args.batch_size,
-                             cuda_graphs=args.cuda_graphs, decode=args.decode, **settings_flags(args))
+    settings = settings_for_model(model, args.calibration, **settings_flags(args))   # the one resolution
+    return model, DoLaSigLIP(model, settings=settings, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs,
+                             decode=args.decode)
 
 
 def _run_batches(scorer, paths, bank, top_k, key, progress: bool = True) -> tuple[list, list]:

@@ -74,8 +74,8 @@ def search_captions(model, image, captions, config: RerankConfig | None = None, 
     captions = read_captions(captions) if isinstance(captions, (str, Path)) else list(captions)
     if not captions or not all(isinstance(c, str) for c in captions):
         raise TypeError("captions must be a caption file path or a non-empty list of str")
-    settings = settings_for_model(model, config.calibration, task=RETRIEVAL, bucket=bucket, n_buckets=n_buckets,
-                                  **config.flags())
+    settings = config.settings or settings_for_model(model, config.calibration, task=RETRIEVAL, bucket=bucket,
+                                                     n_buckets=n_buckets, **config.flags())
     layers = settings.layers
     embeds = encode_captions(model, captions) if caption_embeds is None else np.asarray(caption_embeds, np.float32)
     image_embeds = _image_embeds(model, image, layers)  # (1+J', D)

@@ -44,12 +44,15 @@ def stored_settings(manifest: Manifest) -> DoLaSettings:
                         sources=dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "default"))
 
 
-def index_settings(manifest: Manifest, calibration=None, root="", warn: bool = True, **flags) -> DoLaSettings:
-    """Search-time settings: flags > `calibration` > the index's stored settings > defaults; ValueError naming
-    the layers the index lacks."""
-    inherited = stored_settings(manifest) if calibration is None else None
-    settings = resolve_settings(manifest.num_layers, calibration=calibration, model_id=manifest.model_id,
-                                task=RETRIEVAL, inherited=inherited, warn=warn, **flags)
+def index_settings(manifest: Manifest, calibration=None, root="", warn: bool = True, given: DoLaSettings | None = None,
+                   **flags) -> DoLaSettings:
+    """Search-time settings: `given` (already resolved), else flags > `calibration` > the index's stored settings >
+    defaults; ValueError naming the layers the index lacks."""
+    settings = given
+    if settings is None:
+        inherited = stored_settings(manifest) if calibration is None else None
+        settings = resolve_settings(manifest.num_layers, calibration=calibration, model_id=manifest.model_id,
+                                    task=RETRIEVAL, inherited=inherited, warn=warn, **flags)
     missing = [j for j in settings.layers if j not in manifest.layers]
     if missing:
         origin = settings.sources["layers"] + (f" {settings.calibration!r}" if settings.calibration else "")

@@ -17,7 +17,7 @@ import torch
 
 from siglip_dola import scoring
 from siglip_dola.embedding.texts import embed_texts
-from siglip_dola.layers import MODES
+from siglip_dola.modes import BASELINE, mode_of
 from siglip_dola.retrieval import faiss_store, first_stage
 from siglip_dola.retrieval.index import index_settings
 from siglip_dola.retrieval.opened import RetrievalIndex, check_compatible, open_index
@@ -67,10 +67,12 @@ class SearchResult:
 
 @dataclass
 class RerankConfig:
-    """How to rerank: sizes, and the DoLa settings flags (None = not given: from `calibration`, else the
-    index's stored settings, else the defaults; see siglip_dola.settings)."""
+    """How to rerank: sizes, and either a resolved `settings` (a DoLaSettings, used as is) or the DoLa settings
+    flags (None = not given: from `calibration`, else the index's stored settings, else the defaults; see
+    siglip_dola.settings)."""
     top_k: int = 10
     rerank_k: int = 100
+    settings: DoLaSettings | None = None
     mode: str | None = None
     alpha: float | None = None
     static_layer: int | None = None
@@ -92,23 +94,26 @@ def check_config(config: RerankConfig) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if config.rerank_k < config.top_k:
         raise ValueError(f"rerank_k ({config.rerank_k}) must be >= top_k ({config.top_k})")
-    if config.mode is not None and config.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {config.mode!r}")
+    if config.mode is not None:
+        mode_of(config.mode)
+    if config.settings is not None and (config.calibration is not None or any(
+            v is not None for v in config.flags().values())):
+        raise ValueError("give either settings (a resolved DoLaSettings) or the settings flags "
+                         f"{sorted(config.flags())} / calibration, not both")
 
 
 def rerank(first_logits: np.ndarray, layer_logits: np.ndarray | None, settings: DoLaSettings, top_k: int):
     """DoLa over K candidates: first_logits [K], layer_logits [J, K] (J = settings.layers)
     -> (order [<=top_k], p_hat [K], q_N [K], M, {j: JSD(q_N || q_j)} or None for "off")."""
     layers = settings.layers
-    mode = settings.mode if layer_logits is not None and len(layers) else "off"
-    result = scoring.dola(first_logits, layer_logits if mode != "off" else None, layers or None, mode=mode,
-                          alpha=settings.alpha, static_layer=settings.static_layer,
-                          contrast_weight=settings.contrast_weight)
+    off = settings.mode == BASELINE or layer_logits is None or not len(layers)
+    result = scoring.dola(first_logits, None, mode=BASELINE) if off else scoring.dola(first_logits, layer_logits,
+                                                                                       settings)
     probs, baseline = np.asarray(result.probs), np.asarray(result.final_probs)
     first_rank = np.arange(len(first_logits))
     order = np.lexsort((first_rank, -baseline, -probs))  # p_hat desc, then q_N desc, then first stage
-    premature = None if mode == "off" else int(result.premature_layer)
-    jsd = None if mode == "off" else {int(j): float(v) for j, v in zip(layers, np.asarray(result.jsd).reshape(-1))}
+    premature = None if off else int(result.premature_layer)
+    jsd = None if off else {int(j): float(v) for j, v in zip(layers, np.asarray(result.jsd).reshape(-1))}
     return order[:top_k], probs, baseline, premature, jsd
 
 
@@ -122,7 +127,8 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
     """Search with a text embedding [D] (raw or normalised); tau defaults to the index model's."""
     config = config or RerankConfig()
     check_config(config)
-    settings = index_settings(index.manifest, config.calibration, root=index.root, **config.flags())
+    settings = index_settings(index.manifest, config.calibration, root=index.root, given=config.settings,
+                              **config.flags())
     layers = settings.layers
     text = np.asarray(text_embed, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(text))

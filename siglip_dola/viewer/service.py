@@ -16,11 +16,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from siglip_dola.modes import BASELINE, MODES, mode_of
 from siglip_dola.retrieval import RerankConfig, open_index, search, search_captions
 from siglip_dola.retrieval.captions import encode_captions, read_captions
 from siglip_dola.retrieval.index import index_settings
-from siglip_dola.retrieval.search import MODES
-from siglip_dola.settings import DoLaSettings
+from siglip_dola.settings import DEFAULTS, DoLaSettings
 
 THUMB_SIZE = 256
 
@@ -61,14 +61,14 @@ def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
 
 
 def mode_settings(index, base: RerankConfig, flags: set[str], calibration=None) -> dict[str, DoLaSettings]:
-    """{"static", "dynamic"} -> DoLaSettings for `index`, by siglip_dola.settings' one policy: the command-line
+    """Every mode of the table -> DoLaSettings for `index`, by siglip_dola.settings' one policy: the command-line
     flags named in `flags` > `calibration` (path, "embedded" or report dict) > the index's stored settings >
     defaults, each value's source recorded; ValueError naming the layers the index lacks."""
     given = {name: getattr(base, name) for name in ("layers", "static_layer", "alpha", "contrast_weight")
              if name in flags}
     settings = {}
-    for mode in ("static", "dynamic"):
-        mode_flags = {k: v for k, v in given.items() if mode == "static" or k != "static_layer"}
+    for mode, entry in MODES.items():
+        mode_flags = {k: v for k, v in given.items() if entry.fixed_layer or k != "static_layer"}
         try:
             settings[mode] = index_settings(index.manifest, calibration, root=index.root, warn=False, mode=mode,
                                             **mode_flags)
@@ -96,7 +96,7 @@ class SearchService:
         self.calibration = calibration
         self.index = self._open()
         self.per_mode = mode_settings(self.index, self.base, self.flags, calibration)
-        self.calibration_name = calibration_name if calibration is not None else self.per_mode["dynamic"].calibration
+        self.calibration_name = calibration_name if calibration is not None else self.per_mode[DEFAULTS["mode"]].calibration
         self.captions = None if captions is None else read_captions(captions)
         self.caption_embeds = None if self.captions is None else encode_captions(model, self.captions)
 
@@ -128,7 +128,7 @@ class SearchService:
     def default_mode(self) -> str:
         """The served mode: the --mode flag, else the index's stored settings (siglip_dola.settings), else dynamic."""
         stored = self.index.manifest.settings or {}
-        return self.base.mode or stored.get("mode") or "dynamic"
+        return self.base.mode or stored.get("mode") or DEFAULTS["mode"]
 
     def parse(self, k=None, rerank_k=None, mode=None) -> Query:
         """Validate request parameters against the limits (ValueError names the parameter)."""
@@ -139,8 +139,7 @@ class SearchService:
         given = frozenset(name for name, value in (("k", k_text), ("rerank_k", rerank_text), ("mode", mode))
                           if value not in (None, ""))
         mode = self.default_mode() if mode in (None, "") else mode
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        mode_of(mode)
         return Query(k, rerank_k, mode, given)
 
     def _source(self, query: Query, parameter: str, flag: str) -> str:
@@ -148,18 +147,13 @@ class SearchService:
         return "request" if parameter in query.given else "flag" if flag in self.flags else "default"
 
     def _config(self, query: Query) -> RerankConfig:
-        if query.mode == "off":   # no layer is read
-            return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode="off")
-        settings = self.per_mode[query.mode]
-        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, mode=query.mode, alpha=settings.alpha,
-                            static_layer=settings.static_layer, contrast_weight=settings.contrast_weight,
-                            layers=None if query.mode == "static" else list(settings.layers))
+        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, settings=self.per_mode[query.mode])
 
-    def settings(self, query: Query, config: RerankConfig, layers: list[int]) -> dict:
+    def settings(self, query: Query, config: RerankConfig) -> dict:
         """The settings this query ran with and where each came from (flag: command line or request;
         calibration; default)."""
-        resolved = self.per_mode.get(config.mode)          # None for "off"
-        recorded = {} if resolved is None else resolved.sources
+        resolved = config.settings
+        recorded = resolved.sources
         layer_source = recorded.get("layers", "default")   # static_layer is part of the layer specification
         mode_source = self._source(query, "mode", "mode")
         if mode_source == "default" and (self.index.manifest.settings or {}).get("mode"):
@@ -168,20 +162,17 @@ class SearchService:
                    "rerank_k": self._source(query, "rerank_k", "rerank_k"), "layers": layer_source,
                    "static_layer": layer_source, "alpha": recorded.get("alpha", "default"),
                    "contrast_weight": recorded.get("contrast_weight", "default")}
-        off = config.mode == "off"
-        return {"mode": config.mode, "layers": [] if off else layers, "static_layer": config.static_layer,
-                "alpha": None if off else config.alpha, "contrast_weight": None if off else config.contrast_weight,
+        off = resolved.mode == BASELINE
+        return {"mode": resolved.mode, "layers": [] if off else list(resolved.layers),
+                "static_layer": resolved.static_layer, "alpha": None if off else resolved.alpha,
+                "contrast_weight": None if off else resolved.contrast_weight,
                 "top_k": config.top_k, "rerank_k": config.rerank_k, "sources": sources,
                 "calibration": self.calibration_name}
 
-    def _answer(self, result, query: Query, config: RerankConfig, stored, started: float, ids) -> dict:
+    def _answer(self, result, query: Query, config: RerankConfig, started: float, ids) -> dict:
         answer = result.to_json()
         answer["ids"] = ids
-        if config.mode == "static":  # the layer actually contrasted (the stored layers' middle by default)
-            config.static_layer, layers = result.premature_layer, [result.premature_layer]
-        else:
-            layers = list(config.layers or stored)
-        answer.setdefault("settings", self.settings(query, config, layers))
+        answer.setdefault("settings", self.settings(query, config))
         answer["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
         return answer
 
@@ -201,7 +192,7 @@ class SearchService:
                 raise IndexUnavailable(f"reading the index at {str(self.root)!r} failed: {err}; rebuild it and "
                                        "restart siglip-dola serve") from None
             ids = [self.id_of.get(hit.item) for hit in result.results]
-            return self._answer(result, query, config, index.layers, started, ids)
+            return self._answer(result, query, config, started, ids)
 
     def search_image(self, data: bytes, query: Query) -> dict:
         """Caption search for an uploaded image (bytes); ValueError when captions are off or it is no image."""
@@ -215,14 +206,12 @@ class SearchService:
                 image = image.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise ValueError("the upload is not an image PIL can decode (PNG, JPEG, WebP, ...)") from None
-        config = self._config(query)
+        config = self._config(query)   # the index's settings: the same layers in both directions
         with self.lock:
-            config.layers = config.layers or self.current().layers  # the index's candidate layers, both directions
-            if config.static_layer is not None and config.static_layer not in config.layers:
-                config.layers = sorted({*config.layers, config.static_layer})
+            self.current()
             started = time.perf_counter()
             result = search_captions(self.model, image, self.captions, config, caption_embeds=self.caption_embeds)
-            return self._answer(result, query, config, config.layers, started, None)
+            return self._answer(result, query, config, started, None)
 
     def thumbnail(self, image_id: int) -> bytes | None:
         """JPEG thumbnail of index image `image_id`, re-encoded (never the raw file); None when unknown."""
