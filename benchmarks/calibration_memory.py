@@ -31,7 +31,7 @@ torch.manual_seed(0)
 z_final, z_layers, bank = torch.randn(n, dim), torch.randn(layers, n, dim), torch.randn(classes, dim)
 labels = torch.randint(0, classes, (n,))
 grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), contrast_weights=(0.5,))
-points = [p for p in grid_points(grid, layers + 1) if p["mode"] != "static" or p["static_layer"] == 2]  # 3 points
+points = [p for p in grid_points(grid, layers + 1) if p.mode != "static" or p.static_layer == 2]  # 3 points
 
 base = rss_kb()
 start = time.perf_counter()

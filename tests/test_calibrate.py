@@ -20,7 +20,7 @@ NUM_LAYERS, N_IMAGES, BATCH = 12, 36, 16
 
 
 def test_grid_for_vit_l_16():
-    points = grid_points(CalibrationGrid(), 24)
+    points = [p.to_json() for p in grid_points(CalibrationGrid(), 24)]   # DoLaSettings, as results store them
     dynamic = {(p["n_buckets"], p["bucket"]): p["layers"] for p in points if p["mode"] == "dynamic"}
     assert dynamic == {(2, 1): [2, 4, 6, 8, 10, 12], (2, 2): [14, 16, 18, 20, 22],
                        (3, 1): [2, 4, 6, 8], (3, 2): [10, 12, 14, 16], (3, 3): [18, 20, 22],
@@ -32,7 +32,7 @@ def test_grid_for_vit_l_16():
     weights = [p["contrast_weight"] for p in points if p["mode"] == "dynamic"]
     assert sorted(set(weights)) == [0.25, 0.5, 1.0] and weights[0] == 1.0  # lambda = 1 first: it wins ties
     all_static = grid_points(CalibrationGrid(static_parity="all", alphas=(0.1,), contrast_weights=(1.0,)), 24)
-    assert sorted(p["static_layer"] for p in all_static if p["mode"] == "static") == list(range(1, 24))
+    assert sorted(p.static_layer for p in all_static if p.mode == "static") == list(range(1, 24))
 
 
 def _scored(mode, correct, layers):

@@ -62,7 +62,7 @@ def test_demo_quotes_the_shipped_test_split_effect_of_the_shipped_calibration(tm
     point = mode_points(calibration["num_layers"], calibration)[chosen]
     settings = results["modes"][chosen]["settings"]
     assert (results["model"], results["dataset"], results["split"]) == ("embedded", "shapes", "test")
-    assert (settings["layers"], settings["alpha"]) == (point["layers"], point["alpha"])
+    assert (settings["layers"], settings["alpha"]) == (point.layers, point.alpha)
     assert results["chosen_mode"] == chosen and results["n_images"] == shapes.DEFAULT_SIZES["test"]
     _, _, effect = run_demo(tmp_path, n=4)
     if chosen == "off":

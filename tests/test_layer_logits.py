@@ -8,6 +8,7 @@ from siglip_dola import scoring
 from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points, score_grid
 from siglip_dola.evaluation.evaluate import layer_lens
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
+from siglip_dola.settings import DoLaSettings
 from siglip_dola.evaluation.metrics import classification_metrics, hits_at_k, one_hot_targets, rank_scores
 
 N, n, D, C, TAU = 8, 50, 16, 20, 0.07
@@ -48,7 +49,7 @@ def test_grid_scores_and_single_layers_equal_the_old_cache(data, chunk_rows):
     points = grid_points(CalibrationGrid(n_buckets=(2, 3), alphas=(0.1, 0.5), contrast_weights=(1.0, 0.25)), N)
     scores, singles = score_grid(cache, points)
     for point, scored in zip(points, scores):
-        expected = classification_metrics(rank_scores(old_point(final, old_layers, point)), labels)
+        expected = classification_metrics(rank_scores(old_point(final, old_layers, point.to_json())), labels)
         assert {k: scored[k] for k in expected} == expected, point  # exactly equal
     for j, scored in enumerate(singles, start=1):
         assert scored["acc1"] == classification_metrics(old_layers[j - 1], labels)["acc1"]
@@ -59,12 +60,13 @@ def test_mode_results_and_layer_lens_equal_the_old_cache(data, chunk_rows):
     z_final, z_layers, bank, labels, final, old_layers = data
     cache = LayerLogits(final, labels, None, TAU, row_layers=z_layers, columns=bank, chunk_rows=chunk_rows)
     points = {"off": grid_points(CalibrationGrid(), N)[0],
-              "dynamic": {"mode": "dynamic", "layers": [2, 4, 6], "static_layer": None, "alpha": 0.1,
-                          "contrast_weight": 0.5},
-              "static": {"mode": "static", "layers": [4], "static_layer": 4, "alpha": 0.2, "contrast_weight": 1.0}}
+              "dynamic": DoLaSettings(mode="dynamic", layers=[2, 4, 6], static_layer=None, alpha=0.1,
+                                      contrast_weight=0.5, bucket=None, n_buckets=None),
+              "static": DoLaSettings(mode="static", layers=[4], static_layer=4, alpha=0.2, contrast_weight=1.0,
+                                     bucket=None, n_buckets=None)}
     results = score_modes(cache, points)
     for mode, point in points.items():
-        old = old_point(final, old_layers, point)
+        old = old_point(final, old_layers, point.to_json())
         for field in ("probs", "log_probs", "final_probs", "premature_layer"):
             assert torch.equal(getattr(results[mode], field), getattr(old, field)), (mode, field)
         # the JSD's sum over classes may round differently with another tensor shape (vectorised reduction)

@@ -34,6 +34,8 @@ from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
 from siglip_dola.layers import resolve_layers
+from siglip_dola.modes import BASELINE, CONTRASTING, MODES
+from siglip_dola.settings import DoLaSettings
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
 from siglip_dola.text_bank.bank import TextBank, bank_for_classes
 from siglip_dola.text_bank.build import build_text_bank
@@ -116,24 +118,32 @@ def text_to_image_logits(model, text: torch.Tensor, text_image: torch.Tensor, em
     return LayerLogits(final, text_image, embeddings, model.tau, rows=text, column_layers=embeddings.z_layers)
 
 
-def grid_points(grid: CalibrationGrid, num_layers: int) -> list[dict]:
-    """Every configuration of the grid, baseline first: dicts with mode, bucket, n_buckets, layers, static_layer, alpha."""
-    points = [{"mode": "off", "bucket": None, "n_buckets": None, "layers": [], "static_layer": None, "alpha": None,
-               "contrast_weight": None}]
+def grid_points(grid: CalibrationGrid, num_layers: int) -> list[DoLaSettings]:
+    """Every configuration of the grid as DoLaSettings, baseline first, then each mode of the table that
+    contrasts: a fixed-layer mode per static layer, the others per bucket (sources: "grid")."""
+    def point(mode, layers, static_layer=None, alpha=None, weight=None, bucket=None, n_buckets=None):
+        return DoLaSettings(mode=mode, layers=layers, static_layer=static_layer, alpha=alpha, contrast_weight=weight,
+                            bucket=bucket, n_buckets=n_buckets,
+                            sources=dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "grid"))
+    points = [point(BASELINE, [])]
+    buckets = []
     for n_buckets in grid.n_buckets:
         for bucket in range(1, n_buckets + 1):
             try:
-                layers = resolve_layers(num_layers, bucket=bucket, n_buckets=n_buckets, parity=grid.parity)
+                buckets.append((bucket, n_buckets, resolve_layers(num_layers, bucket=bucket, n_buckets=n_buckets,
+                                                                  parity=grid.parity)))
             except ValueError:  # a bucket with no candidate layer of this parity
                 continue
-            points += [{"mode": "dynamic", "bucket": bucket, "n_buckets": n_buckets, "layers": layers,
-                        "static_layer": None, "alpha": alpha, "contrast_weight": weight}
-                       for weight in grid.contrast_weights for alpha in grid.alphas]
     parity = grid.static_parity if num_layers > 2 else "all"  # N=2: layer 1, odd, is the only candidate
     static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=parity)
-    points += [{"mode": "static", "bucket": None, "n_buckets": None, "layers": [layer], "static_layer": layer,
-                "alpha": alpha, "contrast_weight": weight}
-               for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
+    for mode in sorted(CONTRASTING, key=lambda name: MODES[name].fixed_layer):  # per-bucket modes first
+        if MODES[mode].fixed_layer:
+            points += [point(mode, [layer], layer, alpha, weight)
+                       for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
+        else:
+            points += [point(mode, layers, None, alpha, weight, bucket, n_buckets)
+                       for bucket, n_buckets, layers in buckets
+                       for weight in grid.contrast_weights for alpha in grid.alphas]
     return points
 
 
@@ -141,7 +151,7 @@ def _preference(indexed_score: tuple[int, dict]) -> tuple:
     """Sort key: more correct (top-1, or retrieval hits at the metric's k) first; then the baseline; then
     fewer layers; then grid order."""
     index, scored = indexed_score
-    return (-scored["correct"], scored["mode"] != "off", len(scored["layers"]), index)
+    return (-scored["correct"], scored["mode"] != BASELINE, len(scored["layers"]), index)
 
 
 def choose(scores: list[dict]) -> dict:
@@ -155,13 +165,13 @@ def best_per_mode(scores: list[dict]) -> dict:
 
 
 def choice_of(point: dict) -> dict:
-    """The `choice` object DoLaSigLIP.from_calibration reads."""
+    """The `choice` object DoLaSigLIP.from_calibration reads (from a scored point: DoLaSettings.to_json() + metrics)."""
     choice = {"mode": point["mode"]}
-    if point["mode"] == "dynamic":
+    if point.get("bucket") is not None:
         choice.update(bucket=point["bucket"], n_buckets=point["n_buckets"])
-    if point["mode"] == "static":
+    if MODES[point["mode"]].fixed_layer:
         choice["static_layer"] = point["static_layer"]
-    if point["mode"] != "off":
+    if point["mode"] != BASELINE:
         choice["alpha"] = point["alpha"]
         choice["contrast_weight"] = point.get("contrast_weight", 1.0)
     return choice
@@ -221,7 +231,7 @@ def score_grid(cache: LayerLogits, points: list[dict], task: str = CLASSIFICATIO
             collected.add(stack[j], labels, rows)  # log q_j: layer j+1 alone
     done = (lambda h: h.classification(cache.labels)) if task == CLASSIFICATION else (lambda h: h.retrieval(metric))
     layers = [{"layer": j, **done(h)} for j, h in enumerate(singles, start=1)]
-    return [{**point, **done(h)} for point, h in zip(points, hits)], layers
+    return [{**point.to_json(), **done(h)} for point, h in zip(points, hits)], layers
 
 
 def best_single_layer(layers: list[dict], key: str) -> dict:

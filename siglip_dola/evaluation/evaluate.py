@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +25,8 @@ from siglip_dola.evaluation import predictions as rows_of
 from siglip_dola.evaluation.metrics import (classification_metrics, hits_at_k, one_hot_targets, rank_scores,
                                             retrieval_hits, retrieval_metrics)
 from siglip_dola.evaluation.results import assemble_report
-from siglip_dola.layers import MODES
-from siglip_dola.settings import NO_CALIBRATION, read_calibration_file, resolve_settings
+from siglip_dola.modes import BASELINE, MODES
+from siglip_dola.settings import NO_CALIBRATION, DoLaSettings, read_calibration_file, resolve_settings
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL_METRIC, TASKS
 from siglip_dola.text_bank.files import load_text_bank
 
@@ -70,17 +70,19 @@ def _calibration_for(model, dataset: EvalDataset, calibration, task: str) -> tup
     return name, report
 
 
-def mode_points(num_layers: int, calibration: dict | None) -> dict:
-    """{mode: grid point} for off, static, dynamic: the calibration's best of each mode, else the defaults
-    (both through siglip_dola.settings, the one policy)."""
+def mode_points(num_layers: int, calibration: dict | None) -> dict[str, DoLaSettings]:
+    """{mode: DoLaSettings} for every mode of the table: the calibration's best of each mode, else the defaults
+    (both through siglip_dola.settings, the one policy). The mode's source is the calibration's for the mode it
+    chose, else "default"; the baseline reads no layer and has no alpha or lambda."""
+    chosen = BASELINE if calibration is None else calibration["choice"]["mode"]
     points = {}
     for mode in MODES:
         settings = resolve_settings(num_layers, mode=mode, calibration=calibration, warn=False)
-        off = mode == "off"
-        points[mode] = {"mode": mode, "layers": [] if off else settings.layers, "static_layer": settings.static_layer,
-                        "alpha": None if off else settings.alpha,
-                        "contrast_weight": None if off else settings.contrast_weight,
-                        "bucket": None if off else settings.bucket, "n_buckets": None if off else settings.n_buckets}
+        settings = replace(settings, sources={**settings.sources, "mode": "calibration" if calibration is not None
+                                              and mode == chosen else "default"})
+        if mode == BASELINE:
+            settings = replace(settings, layers=[], alpha=None, contrast_weight=None, bucket=None, n_buckets=None)
+        points[mode] = settings
     return points
 
 

@@ -60,14 +60,11 @@ class LayerLogits:
             yield rows, self.final[rows], self.layer_log_probs(rows)
 
 
-def score_point(final: torch.Tensor, layers: torch.Tensor, point: dict) -> scoring.DoLaResult:
-    """DoLa for one configuration from log-probs final [..., C], layers [N-1, ..., C] (row j-1 = layer j)."""
-    if point["mode"] == "off":
-        return scoring.dola(final, None, None, mode="off")
-    stacked = layers[[j - 1 for j in point["layers"]]]  # (J, ..., C)
-    weight = point.get("contrast_weight")
-    return scoring.dola(final, stacked, point["layers"], mode=point["mode"], alpha=point["alpha"],
-                        static_layer=point["static_layer"], contrast_weight=1.0 if weight is None else weight)
+def score_point(final: torch.Tensor, layers: torch.Tensor, point) -> scoring.DoLaResult:
+    """DoLa for one configuration (a DoLaSettings) from log-probs final [..., C], layers [N-1, ..., C] (row j-1 =
+    layer j); a point that reads no layer (the baseline) is scored without any."""
+    stacked = layers[[j - 1 for j in point.layers]] if point.layers else None  # (J, ..., C)
+    return scoring.dola(final, stacked, point)
 
 
 def concat_results(parts: list[scoring.DoLaResult]) -> scoring.DoLaResult:

@@ -15,6 +15,7 @@ import os
 import torch
 
 from siglip_dola import scoring
+from siglip_dola.modes import BASELINE
 from siglip_dola.evaluation.metrics import rank_scores
 from siglip_dola.io import atomic_path
 
@@ -34,12 +35,12 @@ def _dola_fields(result: scoring.DoLaResult, layers: list[int]) -> tuple[list, l
     return premature, head, [{str(j): float(v) for j, v in zip(layers, row)} for row in jsd]
 
 
-def _mode_rows(result: scoring.DoLaResult, point: dict, k: int, name_of) -> list[dict]:
+def _mode_rows(result: scoring.DoLaResult, point, k: int, name_of) -> list[dict]:
     """The `modes[mode]` entry of every row: top-k entries (name_of(column, prob) -> dict) and DoLa fields."""
     order, probs = _ranked(result, k)
     rows = [{f"top{k}": [name_of(c, p) for c, p in zip(cols, ps)]} for cols, ps in zip(order, probs)]
-    if point["mode"] != "off":
-        for row, premature, head, jsd in zip(rows, *_dola_fields(result, point["layers"])):
+    if point.mode != BASELINE:   # point: the mode's DoLaSettings
+        for row, premature, head, jsd in zip(rows, *_dola_fields(result, point.layers)):
             row.update(premature_layer=int(premature), head_set_size=int(head), jsd=jsd)
     return rows
 

@@ -14,10 +14,12 @@ import csv
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from siglip_dola.evaluation.stats import format_delta, paired_comparison
 from siglip_dola.io import atomic_path
+from siglip_dola.modes import BASELINE
 
 LANGUAGE = "en"
 SINGLE_LAYER_NOTE = "a single layer read out alone; not DoLa"
@@ -29,26 +31,9 @@ def pretrained_of(model_id: str) -> str:
     return model_id.split(":", 1)[1] if ":" in model_id else model_id
 
 
-def mode_settings(point: dict, calibration: dict | None, name: str | None, chosen: str) -> dict:
-    """DoLaSettings-shaped JSON of one evaluated mode: the values and where each came from."""
-    mode = point["mode"]
-    best = ((calibration or {}).get("best") or {}).get(mode)
-    from_calibration = "calibration" if best is not None and mode != "off" else "default"
-    n_buckets = point.get("n_buckets") or (3 if mode == "dynamic" else None)
-    bucket = point.get("bucket") or (n_buckets if mode == "dynamic" else None)
-    weight_source = "calibration" if best is not None and "contrast_weight" in best else "default"
-    return {"mode": mode, "layers": list(point["layers"]), "static_layer": point.get("static_layer"),
-            "alpha": point.get("alpha"), "contrast_weight": point.get("contrast_weight"),
-            "bucket": bucket, "n_buckets": n_buckets,
-            "sources": {"mode": "calibration" if calibration is not None and mode == chosen else "default",
-                        "layers": from_calibration, "alpha": from_calibration,
-                        "contrast_weight": weight_source if mode != "off" else "default"},
-            "calibration": name}
-
-
 def chosen_mode(calibration: dict | None) -> str:
-    """The calibration's choice; `off` without one."""
-    return "off" if calibration is None else calibration["choice"]["mode"]
+    """The calibration's choice; the baseline (`off`) without one."""
+    return BASELINE if calibration is None else calibration["choice"]["mode"]
 
 
 def _reference(scored, calibration: dict | None, paired_args: dict) -> dict:
@@ -57,7 +42,7 @@ def _reference(scored, calibration: dict | None, paired_args: dict) -> dict:
     ref = scored.reference
     return {"best_single_layer": {
         "layer": ref["layer"], "metrics": ref["metrics"],
-        "paired": paired_comparison(scored.outcomes["off"], ref["outcome"], scored.metric, **paired_args),
+        "paired": paired_comparison(scored.outcomes[BASELINE], ref["outcome"], scored.metric, **paired_args),
         "chosen_on": {"dataset": calibration["dataset"], "split": calibration["split"],
                       **{k: v for k, v in calibration["best_single_layer"].items() if k != "layer"}},
         "note": SINGLE_LAYER_NOTE}}
@@ -69,10 +54,10 @@ def assemble_report(model_id: str, dataset, task: str, embeddings, points: dict,
     """The result JSON (see the module docstring) from evaluate's TaskScores."""
     chosen = chosen_mode(calibration)
     paired_args = {"n_resamples": n_resamples, "seed": seed}
-    modes = {mode: {"settings": mode_settings(point, calibration, calibration_name, chosen),
+    modes = {mode: {"settings": replace(point, calibration=calibration_name).to_json(),
                     "metrics": scored.metrics[mode]} for mode, point in points.items()}
-    paired = {mode: paired_comparison(scored.outcomes["off"], scored.outcomes[mode], scored.metric, **paired_args)
-              for mode in points if mode != "off"}
+    paired = {mode: paired_comparison(scored.outcomes[BASELINE], scored.outcomes[mode], scored.metric, **paired_args)
+              for mode in points if mode != BASELINE}
     return {"dataset": dataset.name, "model": model_id, "pretrained": pretrained_of(model_id), "task": task,
             "metrics": scored.metrics[chosen], "language": LANGUAGE,
             "split": dataset.split, "n_images": len(embeddings.ids), "chosen_mode": chosen,
