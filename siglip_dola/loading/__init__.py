@@ -1,8 +1,8 @@
 """`load(name_or_path)` and `from_model(model)`: one object with readout, preprocess, text encoder and logit scale.
 
-Accepted names (see ACCEPTED_FORMS): the embedded default, local folders / checkpoints, open_clip names
-with a pretrained tag written `NAME:TAG`, `hf-hub:org/repo`, Hugging Face ids `org/name`, and `janus:<folder
-or hub id>` (transformers' Janus vision tower, read with `head_from`). Both functions take parts from other
+Accepted names: the embedded default, and each model family's forms (loading/families.py, one table:
+`families.accepted_forms()`): open_clip names `NAME:TAG`, `hf-hub:org/repo`, Hugging Face ids `org/name`,
+`janus:<folder or hub id>` (transformers' Janus vision tower, read with `head_from`), local folders and checkpoints. Both functions take parts from other
 checkpoints: `head_from`, `text_from`, `encode_text`, `logit_scale` (borrowed.py); `LoadedModel.sources` says
 where each part came from.
 Hub files are looked up in the local cache first; when missing and the Hub is unreachable, loading fails
@@ -14,34 +14,18 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from siglip_dola.loading.adapters import ADAPTERS, backend_of
-from siglip_dola.loading import borrowed
+from siglip_dola.loading import borrowed, families
 from siglip_dola.loading import hf as hf_adapter
-from siglip_dola.loading import janus_hf
-from siglip_dola.loading import open_clip as open_clip_adapter
+from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_DIR
+from siglip_dola.loading.parts import Loaded, weight_files
 
-from siglip_dola.loading.embedded import EMBEDDED_CALIBRATION, EMBEDDED_DIR  # noqa: E402,F401  (re-exported)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACCEPTED_FORMS = (
-    "None or 'embedded' (the embedded offline model); "
-    "a local folder (HF save_pretrained: config.json + model.safetensors, or open_clip: open_clip_config.json "
-    "+ weights); an open_clip name with a pretrained tag 'ViT-L-16-SigLIP-384:webli' or a local checkpoint "
-    "'ViT-L-16-SigLIP-384:/path/to/weights.safetensors' (.pt/.pth/.bin are read with weights_only=True); "
-    "'hf-hub:timm/ViT-L-16-SigLIP-384'; CLIP-family open_clip names 'ViT-L-14-336:openai', "
-    "'ViT-H-14-378-quickgelu:dfn5b'; a Hugging Face id of a SigLIP, CLIP or SigLIP2 (NaFlex) model: "
-    "'google/siglip-large-patch16-384', 'openai/clip-vit-large-patch14-336', 'google/siglip2-base-patch16-naflex'; "
-    "'janus:/path/to/Janus-Pro-1B' or 'janus:deepseek-community/Janus-Pro-1B' (transformers' Janus: its vision "
-    "tower, with head_from)"
-)
-_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -55,7 +39,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype                 # compute dtype (autocast when not fp32)
     model: torch.nn.Module | None = field(default=None, repr=False)  # the underlying module
-    backend: str = ""                  # "open_clip" | "hf" | "timm"
+    backend: str = ""                  # its family: a key of loading.families.FAMILIES
     fingerprint: str | None = field(default=None, repr=False)       # weights identity, see weights_fingerprint
     calibration: str | None = None     # default DoLa calibration (path, or "embedded": the shipped one); None: uncalibrated
     sources: dict = field(default_factory=dict)   # where vision, head, text, logit_scale, logit_bias came from
@@ -82,11 +66,11 @@ def load(name_or_path: str | Path | None = None, device=None, precision: str | N
     """
     device = resolve_device(device)
     dtype = resolve_precision(precision, device)
-    model, preprocess, tokenizer, model_id, weights = _load_by_name(name_or_path)
-    model = model.eval().requires_grad_(False).to(device)
-    loaded = _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_from, text_from,
-                        encode_text, logit_scale, logit_bias, fingerprint=file_fingerprint(weights))
-    if model_id == "embedded" and EMBEDDED_CALIBRATION.is_file():
+    found = _load_by_name(name_or_path)
+    model = found.model.eval().requires_grad_(False).to(device)
+    loaded = _borrowing(model, found.preprocess, found.tokenizer, found.model_id, device, precision, head_from,
+                        text_from, encode_text, logit_scale, logit_bias, fingerprint=file_fingerprint(found.weights))
+    if found.model_id == "embedded" and EMBEDDED_CALIBRATION.is_file():
         loaded.calibration = "embedded"  # the shipped calibration (chosen on its val split) is its default
     return loaded
 
@@ -107,9 +91,9 @@ def from_model(model, preprocess=None, tokenizer=None, model_id: str | None = No
     list[str] -> [C, D]. The logit scale comes from the text checkpoint or `logit_scale`: a vision-only tower
     without either is a ValueError naming logit_scale (tau shapes every q_j, a guessed one must not pass).
     """
-    backend = backend_of(model)
+    family = families.family_of(model)
     device = _model_device(model)
-    model_id = model_id or f"{backend}:{type(model).__name__}"
+    model_id = model_id or f"{family.name}:{type(model).__name__}"
     return _borrowing(model, preprocess, tokenizer, model_id, device, precision, head_from, text_from,
                       encode_text, logit_scale, logit_bias)
 
@@ -160,17 +144,13 @@ def autocast(device: torch.device | str, dtype: torch.dtype):
 def _assemble(model, preprocess, tokenizer, model_id, device, dtype, head_from=None) -> LoadedModel:
     from siglip_dola.readout import from_model as readout_from_model
 
-    backend = backend_of(model)
+    family = families.family_of(model)
     readout = readout_from_model(model, head_from=head_from)
-    adapter = ADAPTERS[backend]
-    if backend == "timm":
-        parts = adapter.parts(model, preprocess, tokenizer, image_size=tuple(readout.image_size))
-    else:
-        parts = adapter.parts(model, preprocess, tokenizer)
+    parts = family.wrap(model, preprocess, tokenizer, readout)
     encode_text = None if parts.encode_text is None else _wrap_text_encoder(parts.encode_text, device, dtype)
     return LoadedModel(model_id=model_id, readout=readout, preprocess=parts.preprocess,
                        encode_text=encode_text, logit_scale=parts.logit_scale, logit_bias=parts.logit_bias,
-                       device=device, dtype=dtype, model=model, backend=backend)
+                       device=device, dtype=dtype, model=model, backend=family.name)
 
 
 def _wrap_text_encoder(encode_raw, device, dtype):
@@ -189,65 +169,18 @@ def _model_device(model) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _load_by_name(name):
-    """(model, preprocess, tokenizer, model_id, weight paths) for any accepted name."""
+def _load_by_name(name) -> Loaded:
+    """The embedded default, a local path or a name, by the family that claims it (loading/families.py)."""
     if name is None or name == "embedded":
         if not hf_adapter.is_hf_dir(EMBEDDED_DIR):
             raise FileNotFoundError(f"the embedded model is not installed at {EMBEDDED_DIR}")
-        return (*hf_adapter.load_dir(EMBEDDED_DIR), "embedded", _weight_files(EMBEDDED_DIR))
+        return Loaded(*hf_adapter.load_dir(EMBEDDED_DIR), "embedded", weight_files(EMBEDDED_DIR))
     if not isinstance(name, (str, Path)):
         raise TypeError(f"name_or_path must be a str, a Path or None; got {type(name).__name__}")
     name = str(name)
-    if name.startswith(janus_hf.PREFIX):
-        return janus_hf.load(name[len(janus_hf.PREFIX):])
-    if Path(name).expanduser().exists():
-        return _load_local(Path(name).expanduser().resolve())
-    if name.startswith("hf-hub:"):
-        model, preprocess, tokenizer, folder = open_clip_adapter.load_hub(name[len("hf-hub:"):])
-        return model, preprocess, tokenizer, name, _weight_files(folder)
-    if _HF_ID.fullmatch(name):  # checked before open_clip names: no open_clip import on this path
-        model, preprocess, tokenizer, folder = hf_adapter.load_hub(name)
-        return model, preprocess, tokenizer, name, _weight_files(folder)
-    arch, _, tag = name.partition(":")
-    if arch in open_clip_adapter.known_names():
-        return _load_open_clip_name(arch, tag)
-    raise ValueError(f"unknown model {name!r}; accepted forms: {ACCEPTED_FORMS}")
-
-
-def _load_local(path: Path):
-    if path.is_dir() and open_clip_adapter.is_open_clip_dir(path):
-        return (*open_clip_adapter.load_dir(path), str(path), _weight_files(path))
-    if path.is_dir() and hf_adapter.is_hf_dir(path):
-        return (*hf_adapter.load_dir(path), str(path), _weight_files(path))
-    if path.is_dir():
-        raise ValueError(f"folder {path} has neither config.json (HF) nor open_clip_config.json (open_clip); "
-                         f"accepted forms: {ACCEPTED_FORMS}")
-    raise ValueError(f"checkpoint file {path}: say which architecture it is, e.g. "
-                     f"'ViT-L-16-SigLIP-384:{path}'; accepted forms: {ACCEPTED_FORMS}")
-
-
-def _load_open_clip_name(arch: str, tag: str):
-    import open_clip
-
-    if not tag:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        if len(tags) != 1:
-            raise ValueError(f"open_clip model {arch!r} needs a pretrained tag or checkpoint: "
-                             f"'{arch}:TAG' with TAG in {tags}, or '{arch}:/path/to/weights.safetensors'")
-        tag = tags[0]
-    checkpoint = Path(tag).expanduser()
-    if checkpoint.is_file():
-        checkpoint = checkpoint.resolve()
-        model, preprocess, tokenizer = open_clip_adapter.load_checkpoint(arch, checkpoint)
-        return model, preprocess, tokenizer, f"{arch}:{checkpoint}", [checkpoint]
-    if "/" in tag or tag.endswith(_WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    model, preprocess, tokenizer, folder = open_clip_adapter.load_tag(arch, tag)
-    return model, preprocess, tokenizer, f"{arch}:{tag}", _weight_files(folder)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if not families.claimed_name(name) and Path(name).expanduser().exists():
+        return families.load_path(Path(name).expanduser().resolve())
+    return families.load_name(name)
 
 
 def file_fingerprint(paths: list[Path]) -> str:

@@ -7,6 +7,7 @@ packs them into one tensor per image (readout.tower_hf_siglip2.pack), which the 
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from siglip_dola.loading import hub
-from siglip_dola.loading.parts import AdapterParts
+from siglip_dola.loading.parts import AdapterParts, Loaded, weight_files
 
 HUB_FILES = [
     "config.json", "model-*.safetensors",
@@ -87,6 +88,23 @@ def load_hub(repo_id: str):
     """(model, preprocess, tokenizer, snapshot folder) for a Hub id such as google/siglip-large-patch16-384."""
     folder = hub.snapshot(repo_id, HUB_FILES, WEIGHT_FILES)
     return (*load_dir(folder), folder)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")   # org/name
+
+
+def is_name(name: str) -> bool:
+    """A Hugging Face id `org/name` (checked without importing transformers)."""
+    return HUB_ID.fullmatch(name) is not None
+
+
+def load_name(name: str) -> Loaded:
+    model, preprocess, tokenizer, folder = load_hub(name)
+    return Loaded(model, preprocess, tokenizer, name, weight_files(folder))
+
+
+def load_folder(folder: Path) -> Loaded:
+    return Loaded(*load_dir(folder), str(folder), weight_files(folder))
 
 
 def _check_config(folder: Path) -> str:

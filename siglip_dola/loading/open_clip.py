@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from siglip_dola.loading import hub
-from siglip_dola.loading.parts import AdapterParts
+from siglip_dola.loading.parts import WEIGHT_SUFFIXES, AdapterParts, Loaded, weight_files
 
 WEIGHT_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
                    "*.model", "vocab*", "merges.txt"]
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def is_model(model) -> bool:
@@ -39,6 +38,40 @@ def known_names() -> list[str]:
     import open_clip
 
     return open_clip.list_models()
+
+
+def is_name(name: str) -> bool:
+    """`hf-hub:org/repo`, or a built-in architecture name with an optional `:TAG` / `:/path/to/checkpoint`."""
+    arch = name.partition(":")[0]
+    return name.startswith("hf-hub:") or ("/" not in arch and arch in known_names())  # 'org/name' is HF's, unimported
+
+
+def load_name(name: str) -> Loaded:
+    """`hf-hub:org/repo`, `NAME:TAG`, `NAME:/path/to/weights.safetensors`, or `NAME` when it has one tag."""
+    if name.startswith("hf-hub:"):
+        model, preprocess, tokenizer, folder = load_hub(name[len("hf-hub:"):])
+        return Loaded(model, preprocess, tokenizer, name, weight_files(folder))
+    import open_clip
+
+    arch, _, tag = name.partition(":")
+    if not tag:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if len(tags) != 1:
+            raise ValueError(f"open_clip model {arch!r} needs a pretrained tag or checkpoint: "
+                             f"'{arch}:TAG' with TAG in {tags}, or '{arch}:/path/to/weights.safetensors'")
+        tag = tags[0]
+    checkpoint = Path(tag).expanduser()
+    if checkpoint.is_file():
+        checkpoint = checkpoint.resolve()
+        return Loaded(*load_checkpoint(arch, checkpoint), f"{arch}:{checkpoint}", [checkpoint])
+    if "/" in tag or tag.endswith(WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    model, preprocess, tokenizer, folder = load_tag(arch, tag)
+    return Loaded(model, preprocess, tokenizer, f"{arch}:{tag}", weight_files(folder))
+
+
+def load_folder(folder: Path) -> Loaded:
+    return Loaded(*load_dir(folder), str(folder), weight_files(folder))
 
 
 def load_dir(folder: Path):
@@ -77,8 +110,8 @@ def load_checkpoint(name: str, checkpoint: Path, pretrained_cfg: dict | None = N
     """(model, preprocess, tokenizer) for a built-in architecture + a local checkpoint file."""
     import open_clip
 
-    if checkpoint.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"checkpoint {checkpoint} must end with one of {CHECKPOINT_SUFFIXES}")
+    if checkpoint.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"checkpoint {checkpoint} must end with one of {WEIGHT_SUFFIXES}")
     pretrained_cfg = pretrained_cfg or _default_pretrained_cfg(name)
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=str(checkpoint), weights_only=True,

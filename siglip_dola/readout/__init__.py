@@ -18,28 +18,14 @@ from siglip_dola.readout import tower_clip, tower_hf, tower_hf_clip, tower_hf_si
 from siglip_dola.readout.borrowed_head import with_head
 from siglip_dola.readout.readout import Readout
 
-# Tower builders, dispatched through a plain dict in order: each ``build(model)`` returns a Tower or None
-# (or raises ValueError for a recognised tower whose head form is not supported). SigLIP2 NaFlex comes
+# The tower table, matched in order: each module's ``build(model)`` returns a Tower or None (or raises ValueError
+# for a recognised tower whose head form is not supported); its FORMS says what it accepts. SigLIP2 NaFlex comes
 # before "hf": its vision model also has embeddings / encoder / post_layernorm / head.
-ADAPTERS = {"vit": tower_vit.build, "open_clip_vit": tower_clip.build, "hf_siglip2": tower_hf_siglip2.build,
-            "hf": tower_hf.build, "hf_clip": tower_hf_clip.build, "hf_janus": tower_janus_hf.build}
+TOWERS = {"vit": tower_vit, "open_clip_vit": tower_clip, "hf_siglip2": tower_hf_siglip2, "hf": tower_hf,
+          "hf_clip": tower_hf_clip, "hf_janus": tower_janus_hf}
+SUPPORTED = "; ".join(tower.FORMS for tower in TOWERS.values())
 # Trunks (blocks + final norm, no head) that ``head_from`` can complete: trunk(model) -> Trunk or None.
 TRUNKS = {"hf_janus": tower_janus_hf.trunk, "vit": tower_vit.trunk, "hf": tower_hf.trunk}
-
-SUPPORTED = (
-    "timm VisionTransformer with a MAP head (global_pool='map', e.g. vit_large_patch16_siglip_384); "
-    "open_clip SigLIP models (model.visual.trunk is such a tower, e.g. ViT-L-16-SigLIP-384) or their .visual; "
-    "Janus-style towers (timm 0.9 VisionTransformer with attn_pool), their CLIPVisionTower "
-    "(.vision_tower, optional .image_norm) or MultiModalityCausalLM (.vision_model); "
-    "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True; "
-    "timm towers with a class-token or average head (global_pool='token'/'avg': timm CLIP ViTs, Eva, "
-    "open_clip's EVA models at model.visual.trunk); "
-    "open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
-    "with a class-token, average or CoCa attention-pool head; "
-    "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel; "
-    "Hugging Face Siglip2Model / Siglip2VisionModel (NaFlex: pass pixel_attention_mask= and spatial_shapes=); "
-    "with head_from: transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration"
-)
 TRUNKS_SUPPORTED = ("transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration; Janus's own "
                     "MultiModalityCausalLM / CLIPVisionTower / its timm-style ViT; timm ViTs; open_clip SigLIP; "
                     "HF SiglipModel / SiglipVisionModel")
@@ -72,8 +58,8 @@ def _trunk(model):
 def _tower(model, name: str):
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}; supported: {SUPPORTED}")
-    for build in ADAPTERS.values():
-        tower = build(model)
+    for module in TOWERS.values():
+        tower = module.build(model)
         if tower is not None:
             return tower
     raise ValueError(f"unsupported {name} {type(model).__name__}; supported: {SUPPORTED}")

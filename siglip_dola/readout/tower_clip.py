@@ -20,6 +20,9 @@ import torch.nn as nn
 from siglip_dola.readout import token_head
 from siglip_dola.readout.towers import Tower, two_tuple
 
+FORMS = ("open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
+         "with a class-token, average or CoCa attention-pool head")   # what build() accepts, for readout.SUPPORTED
+
 VISUAL_ATTRS = ("conv1", "class_embedding", "transformer", "ln_post", "proj", "_pool", "_global_pool", "pool_type")
 SUPPORTED_HEADS = ("class token (pool_type='tok'), average (pool_type='avg'), or CoCa's attention pool "
                    "(attentional_pool=True with pool_type 'tok'/'avg')")

@@ -13,6 +13,8 @@ from siglip_dola.readout import hf_parts
 from siglip_dola.readout.map_head import hf_map_parts
 from siglip_dola.readout.towers import Tower, Trunk, two_tuple
 
+FORMS = "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True"   # for readout.SUPPORTED
+
 
 def _has_map_head(vision) -> bool:
     return isinstance(getattr(vision, "head", None), nn.Module)

@@ -14,6 +14,8 @@ import torch.nn as nn
 from siglip_dola.readout import hf_parts, token_head
 from siglip_dola.readout.towers import Tower, two_tuple
 
+FORMS = "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel"   # for readout.SUPPORTED
+
 
 def _is_clip_vision(vision) -> bool:
     """CLIP's layout: a pre_layrnorm before the encoder and no pooling head."""

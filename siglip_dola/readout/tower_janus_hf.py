@@ -11,6 +11,8 @@ from __future__ import annotations
 from siglip_dola.readout import hf_parts
 from siglip_dola.readout.towers import Trunk, two_tuple
 
+FORMS = ("with head_from: transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration")   # for readout.SUPPORTED
+
 MODEL_TYPE = "janus_vision_model"
 NO_HEAD = ("{name}: transformers' Janus vision tower has no pooling head (its conversion dropped SigLIP's MAP head), "
            "so no layer can be read as an embedding; pass head_from (the SigLIP checkpoint whose head and text "

@@ -26,6 +26,14 @@ UNTRUSTED_HEAD = ("{name}: the Janus tower's attn_pool LayerNorm is exactly at i
                   "beta = 0): Janus never uses this head, and no trained head has these values; pass head_from "
                   "(the SigLIP checkpoint the tower came from, e.g. 'google/siglip-large-patch16-384' or "
                   "'ViT-L-16-SigLIP-384:webli') to read it through that checkpoint's head")
+
+FORMS = ("timm VisionTransformer with a MAP head (global_pool='map', e.g. vit_large_patch16_siglip_384); "
+         "open_clip SigLIP models (model.visual.trunk is such a tower, e.g. ViT-L-16-SigLIP-384) or their .visual; "
+         "Janus-style towers (timm 0.9 VisionTransformer with attn_pool), their CLIPVisionTower "
+         "(.vision_tower, optional .image_norm) or MultiModalityCausalLM (.vision_model); "
+         "timm towers with a class-token or average head (global_pool='token'/'avg': timm CLIP ViTs, Eva, "
+         "open_clip's EVA models at model.visual.trunk)")   # what build() accepts, for readout.SUPPORTED
+
 TOWER_ATTRS = ("blocks", "norm", "attn_pool", "forward_features", "forward_head", "patch_embed")
 POOLED_GLOBAL_POOLS = ("token", "avg", "max", "avgmax")   # timm global_pool values without attention pooling
 
