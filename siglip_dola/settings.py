@@ -79,15 +79,15 @@ def read_calibration_file(calibration, task: str = CLASSIFICATION) -> tuple[str,
         return str(calibration.get("path") or "<calibration dict>"), calibration
     path = calibration_path(calibration, task)
     if not path.is_file():
-        raise FileNotFoundError(f"--calibration {str(calibration)!r}: no such file; give a JSON written by "
+        raise FileNotFoundError(f"calibration={str(calibration)!r}: no such file; give a JSON written by "
                                 f"`siglip-dola calibrate`, '{EMBEDDED}' (the shipped calibration of the embedded "
                                 f"model) or '{NO_CALIBRATION}'")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--calibration {str(calibration)!r} is not a calibration JSON ({err})") from None
+        raise ValueError(f"calibration={str(calibration)!r} is not a calibration JSON ({err})") from None
     if not isinstance(report, dict) or not isinstance(report.get("choice"), dict) or "mode" not in report["choice"]:
-        raise ValueError(f"--calibration {str(calibration)!r} needs a 'choice' object with a 'mode' key "
+        raise ValueError(f"calibration={str(calibration)!r} needs a 'choice' object with a 'mode' key "
                          "(write it with `siglip-dola calibrate`)")
     return (EMBEDDED if str(calibration) == EMBEDDED else str(path)), report
 
@@ -122,7 +122,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
         if model_id is not None and report.get("model") not in (None, model_id):
             raise ValueError(f"calibration {name or '<dict>'!r} was made for model {report['model']!r}, not "
                              f"{model_id!r}; run `siglip-dola calibrate {_model_flags(model_id)} ...` or pass "
-                             f"--calibration {NO_CALIBRATION}")
+                             f"calibration={NO_CALIBRATION!r}")
         base = {k: v for k, v in _choice_for(report, flags.get("mode")).items() if v is not None}
         base_sources = dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "calibration")
     elif inherited is not None and str(calibration) != NO_CALIBRATION:
@@ -211,10 +211,10 @@ def warn_uncalibrated(model_id: str | None, settings: DoLaSettings) -> None:
     if _warned_uncalibrated:
         return
     _warned_uncalibrated = True
-    model = f" {_model_flags(model_id)}" if model_id and model_id != EMBEDDED else ""
+    command = "siglip-dola calibrate" + (f" {_model_flags(model_id)}" if model_id and model_id != EMBEDDED else "")
     print(f"siglip-dola: DoLa is uncalibrated for {model_id or 'this model'} ({settings.describe()}); run "
-          f"`siglip-dola calibrate{model} --dataset VAL_DATA --out calib.json` and pass --calibration calib.json",
-          file=sys.stderr)
+          f"`{command} --dataset VAL_DATA --out calib.json`, then pass calibration='calib.json' "
+          "(`--calibration calib.json` on the command line)", file=sys.stderr)
 
 
 def settings_for_model(model, calibration=None, task: str = CLASSIFICATION, inherited=None,

@@ -1,14 +1,17 @@
 """The shared CLI machinery (siglip_dola/cli/__init__.py): one-line errors naming flags, one exit-code rule,
 defaults in --help, --version, install hints, hostile inputs given to every command."""
+import ast
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from siglip_dola import cli
-from siglip_dola.cli import main
+from siglip_dola.cli import EXIT_ERROR, main
 
 
 def run(capsys, *argv):
@@ -179,3 +182,50 @@ def test_thin_images_keep_their_colour_through_the_hf_processor(size):
     from siglip_dola.loading import load
     pixels = load().preprocess(Image.new("RGB", size, (255, 0, 0)))  # (3, 64, 64), normalised to [-1, 1]
     assert pixels.shape == (3, 64, 64) and pixels[0].min() > 0.99 and pixels[1:].max() < -0.99
+
+
+def _message_texts(tree):
+    """Every string of the module that is not a docstring: f-strings whole ({} for each value)."""
+    docstrings, parts = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+            docstrings.add(id(node.body[0].value))
+        if isinstance(node, ast.JoinedStr):
+            parts.update(id(value) for value in node.values)
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | parts:
+            yield node.value
+
+
+def test_library_messages_name_parameters_not_flags():
+    """Outside cli/ a message names parameters (calibration=, image_root): a Python caller never passed a flag.
+    A whole command to run may be quoted (in backquotes, or a `siglip-dola ...` line). The CLI turns parameter
+    names into its flags."""
+    import siglip_dola
+
+    root = Path(siglip_dola.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == "cli":
+            continue
+        for text in _message_texts(ast.parse(path.read_text(encoding="utf-8"))):
+            bare = re.sub(r"`[^`]*`|siglip-dola [a-z][^\n]*", "", text)  # quoted commands, command lines
+            if re.search(r"(?<![\w`-])--[a-z]", bare):
+                offenders.append(f"{path.relative_to(root)}: {text[:90]!r}")
+    assert not offenders, offenders
+
+
+def test_the_cli_names_its_flags_for_a_library_error(tmp_path, capsys):
+    from siglip_dola.settings import resolve_settings
+
+    with pytest.raises(FileNotFoundError, match=r"calibration='.*missing.json': no such file") as error:
+        resolve_settings(24, calibration=str(tmp_path / "missing.json"))
+    assert "--calibration" not in str(error.value)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code = main(["classify", str(image), "--labels", "cat,dog", "--calibration", str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and f"--calibration {tmp_path / 'missing.json'}: no such file" in err
+    assert "calibration=" not in err

@@ -186,7 +186,7 @@ def test_embedded_model_defaults_to_its_shipped_calibration():
                                              "contrast_weight": result["settings"]["sources"]["contrast_weight"]}
     assert result["metrics"] == result["modes"][shipped["choice"]["mode"]]["metrics"]
     assert evaluate(load(), "shapes", split="test", n=8, calibration="none", progress=False)["chosen_mode"] == "off"
-    with pytest.raises(ValueError, match="--calibration none"):  # asked for by name on its own split: refused
+    with pytest.raises(ValueError, match="calibration='none'"):  # asked for by name on its own split: refused
         evaluate(load(), "shapes", split="val", n=8, calibration="embedded", progress=False)
     on_val = evaluate(load(), "shapes", split="val", n=8, progress=False)  # the default is left out, not used on val
     assert on_val["chosen_mode"] == "off" and on_val["settings"]["calibration"] is None

@@ -123,7 +123,7 @@ def test_moved_image_folder_is_found_with_image_root(model, tmp_path, capsys):
     moved = tmp_path / "elsewhere" / "set2"
     moved.parent.mkdir()
     shutil.move(folder, moved)
-    with pytest.warns(UserWarning, match="--image-root"):
+    with pytest.warns(UserWarning, match="image_root="):
         stale = open_index(tmp_path / "idx")
     assert not any(map(lambda p: (tmp_path / p).exists(), stale.paths))
     index = open_index(tmp_path / "idx", image_root=moved)

@@ -202,10 +202,11 @@ def safe_text(value) -> str:
 
 
 @contextmanager
-def _warnings_to_stderr(prog: str):
-    """Warnings as one 'PROG: warning: ...' line each (not file:line + source), for the command's duration."""
+def _warnings_to_stderr(prog: str, flags: dict[str, str]):
+    """Warnings as one 'PROG: warning: ...' line each (not file:line + source), parameter names as the command's
+    flags (:func:`flag_words`), for the command's duration."""
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {message}", file=sys.stderr)
+        print(f"{prog}: warning: {flag_words(str(message), flags)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = getattr(args, "_prog", f"siglip-dola {args.command}")
     try:
         check_versions()   # an installed dependency outside its supported range: one line, exit 2
-        with _warnings_to_stderr(prog):
+        with _warnings_to_stderr(prog, getattr(args, "_flags", {})):
             code = int(args.handler(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not at exit
             return code

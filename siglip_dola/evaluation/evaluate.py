@@ -41,13 +41,13 @@ def check_calibration(calibration: dict, model, dataset: EvalDataset, task: str 
     """Refuse a calibration made for another model, or on the very split being evaluated."""
     if calibration.get("task", task) != task:
         raise ValueError(f"calibration was made for task {calibration['task']!r}, not {task!r}: run "
-                         f"`siglip-dola calibrate --task ...` for this task, or pass --calibration none")
+                         f"`siglip-dola calibrate --task ...` for this task, or pass calibration='none'")
     if calibration["model"] != model.model_id:
         raise ValueError(f"calibration was made for model {calibration['model']!r}, not {model.model_id!r}")
     if _same_dataset(calibration["dataset"], dataset.name) and calibration["split"] == dataset.split:
         raise ValueError(f"calibration used split {calibration['split']!r} of dataset {calibration['dataset']!r}, "
                          "the split being evaluated: evaluate on a split the calibration never saw (e.g. calibrate on val, "
-                         "evaluate on test), or pass --calibration none")
+                         "evaluate on test), or pass calibration='none'")
 
 
 def _calibration_for(model, dataset: EvalDataset, calibration, task: str) -> tuple[str | None, dict | None]:

@@ -57,9 +57,9 @@ def index_settings(manifest: Manifest, calibration=None, root="", warn: bool = T
     if missing:
         origin = settings.sources["layers"] + (f" {settings.calibration!r}" if settings.calibration else "")
         raise ValueError(f"index {str(root)!r} stores layers {manifest.layers}, but the settings need layers "
-                         f"{missing} (layers from: {origin}); pass --layers / --static-layer from "
+                         f"{missing} (layers from: {origin}); pass layers= / static_layer= from "
                          f"{manifest.layers}, or rebuild the index with these settings (siglip-dola index build "
-                         f"... with the same --calibration / --layers)")
+                         f"... with the same calibration / layers)")
     return settings
 
 

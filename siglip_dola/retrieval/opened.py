@@ -57,12 +57,12 @@ def check_compatible(manifest: Manifest, model, layers=None, root="") -> None:
     if not same:
         raise ValueError(f"index {str(root)!r} was built with model {manifest.model_id!r} (weights "
                          f"{manifest.weights_fingerprint or '?'}), not {model_id!r} (weights {fingerprint or '?'}); "
-                         f"use --model {manifest.model_id} or rebuild the index with the new model")
+                         f"pass model={manifest.model_id!r} or rebuild the index with the new model")
     if layers is not None:
         missing = [j for j in layers if j not in manifest.layers]
         if missing:
             raise ValueError(f"index {str(root)!r} stores layers {manifest.layers}; layers {missing} were "
-                             f"requested (valid: any of {manifest.layers}; rebuild with --layers to store others)")
+                             f"requested (valid: any of {manifest.layers}; rebuild it with layers= that store others)")
 
 
 def absolute_paths(paths: list[str], image_root: str) -> list[str]:
@@ -128,7 +128,7 @@ class RetrievalIndex:
 def check_relocatable(manifest: Manifest, root) -> None:
     if not manifest.image_root:
         raise ValueError(f"index {str(root)!r} (format 1) stores absolute image paths and cannot be relocated "
-                         "with --image-root; rebuild it to store relative paths")
+                         "with image_root; rebuild it to store relative paths")
 
 
 def _image_root(manifest: Manifest, root: Path, image_root) -> str:
@@ -137,11 +137,11 @@ def _image_root(manifest: Manifest, root: Path, image_root) -> str:
         check_relocatable(manifest, root)
         folder = Path(image_root).resolve()
         if not folder.is_dir():
-            raise FileNotFoundError(f"--image-root {str(image_root)!r} is not a folder")
+            raise FileNotFoundError(f"image_root={str(image_root)!r} is not a folder")
         return str(folder)
     if manifest.image_root and not Path(manifest.image_root).is_dir():
         warnings.warn(f"index {str(root)!r}: its images were under {manifest.image_root}, which no longer "
-                      "exists; pass --image-root NEW_FOLDER (image_root=) if they moved", stacklevel=3)
+                      "exists; pass image_root=NEW_FOLDER if they moved", stacklevel=3)
     return manifest.image_root
 
 

@@ -95,8 +95,8 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); "
-                         "pick another --port (0 = any free port)") from None
+        raise ValueError(f"host={host} port={port}: cannot listen there ({err.strerror}); "
+                         "pick another port (0 = any free port)") from None
     sock.listen(128)
     return sock
 

@@ -197,7 +197,8 @@ class SearchService:
     def search_image(self, data: bytes, query: Query) -> dict:
         """Caption search for an uploaded image (bytes); ValueError when captions are off or it is no image."""
         if self.captions is None:
-            raise ValueError("this server has no captions: start it with --captions FILE for image queries")
+            raise ValueError("this server has no captions: start it as `siglip-dola serve INDEX --captions FILE` "
+                             "for image queries")
         if len(data) > self.limits.max_upload_bytes:
             raise ValueError(f"the upload is {len(data)} bytes; at most {self.limits.max_upload_bytes} are allowed")
         try:
