@@ -67,16 +67,23 @@ def _bucket_candidates(num_layers: int, bucket, n_buckets, parity: str) -> list[
     return candidates
 
 
-def _validate_explicit(num_layers: int, layers: Iterable) -> list[int]:
+def check_layer_numbers(layers, num_layers: int | None = None) -> list[int]:
+    """THE rule for a list of layer numbers, applied at each public edge (resolve_layers, readout(images, layers),
+    score / dola): a non-empty sequence of distinct ints in 1..num_layers-1 (>= 1 when num_layers is not known,
+    as for score's stacked layers). Returns them as a list of Python ints."""
+    valid = ">= 1" if num_layers is None else f"1..{num_layers - 1}"
+    if hasattr(layers, "tolist") and not isinstance(layers, (str, bytes)):
+        layers = layers.tolist()   # numpy / torch int arrays
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be a sequence of ints in 1..{num_layers - 1}, got {layers!r}")
+        raise TypeError(f"layers must be a sequence of ints {'in ' * (num_layers is not None)}{valid}, got {layers!r}")
     layers = [_as_int(j, "layers") for j in layers]
     if not layers:
-        raise ValueError(f"layers must not be empty; valid layers are 1..{num_layers - 1}")
-    bad = [j for j in layers if not 1 <= j <= num_layers - 1]
+        raise ValueError(f"layers must not be empty; valid layers are {valid}")
+    top = float("inf") if num_layers is None else num_layers - 1
+    bad = [j for j in layers if not 1 <= j <= top]
     if bad:
-        raise ValueError(f"layers {bad} out of range: valid layers are 1..{num_layers - 1} "
-                         f"(num_layers={num_layers}; the final layer is never a candidate)")
+        where = "" if num_layers is None else f" (num_layers={num_layers}; the final layer is never a candidate)"
+        raise ValueError(f"layers {bad} out of range: valid layers are {valid}{where}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not contain duplicates, got {layers}")
     return layers
@@ -95,7 +102,7 @@ def resolve_layers(num_layers: int, layers=None, bucket=None, n_buckets: int = D
     if parity not in PARITIES:
         raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
     if layers is not None:
-        return _validate_explicit(num_layers, layers)
+        return check_layer_numbers(layers, num_layers)
     return _bucket_candidates(num_layers, bucket, n_buckets, parity)
 
 

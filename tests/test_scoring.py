@@ -399,7 +399,7 @@ BAD_CALLS = {
     "empty layers": (lambda: scoring.select_early_exit(QN, QL[:0], []), ValueError, "layers"),
     "duplicate layers": (lambda: scoring.select_early_exit(QN, QL, [4, 4]), ValueError, "duplicates"),
     "layers length != J": (lambda: scoring.select_early_exit(QN, QL, [2, 4, 6]), ValueError, "layers"),
-    "bool layer": (lambda: scoring.select_early_exit(QN, QL, [True, 4]), ValueError, "layers"),
+    "bool layer": (lambda: scoring.select_early_exit(QN, QL, [True, 4]), TypeError, "layers"),  # the one rule: layers.py
     "non-positive layer": (lambda: scoring.select_early_exit(QN, QL, [0, 4]), ValueError, "layers"),
     "layers is None": (lambda: scoring.select_early_exit(QN, QL, None), TypeError, "layers"),
     "q_layers not [J, *q_N.shape]": (lambda: scoring.select_early_exit(QN, QL[:, :1], [2, 4]), ValueError, "q_layers"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from siglip_dola.layers import check_layer_numbers
 from siglip_dola.modes import Mode, mode_of
 
 COMPAT_MODES = (None, "official-dola")
@@ -131,17 +132,11 @@ def call_settings(settings, mode, alpha, static_layer, contrast_weight, compat) 
 
 
 def check_layers(layers, num_candidates: int) -> list[int]:
-    """Layer numbers as a list of ints; matches the J = ``num_candidates`` stacked distributions."""
-    if layers is None or isinstance(layers, (str, bytes)):
+    """Layer numbers (the one rule: layers.check_layer_numbers) that label the J = ``num_candidates`` stacked
+    distributions."""
+    if layers is None:
         raise TypeError(f"layers must be a non-empty sequence of layer numbers (ints >= 1), got {layers!r}")
-    layers = layers.tolist() if hasattr(layers, "tolist") else list(layers)  # numpy / torch int arrays too
-    if not layers:
-        raise ValueError("layers must not be empty: give at least one candidate layer number")
-    if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or j < 1 for j in layers):
-        raise ValueError(f"layers must hold layer numbers (ints >= 1), got {layers}")
-    layers = [int(j) for j in layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must not contain duplicates, got {layers}")
+    layers = check_layer_numbers(layers)
     if len(layers) != num_candidates:
         raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0), "
                          f"of size {num_candidates}")
