@@ -26,6 +26,7 @@ class DemoRow:
 
 
 from siglip_dola.loading.embedded import EMBEDDED_RESULTS  # noqa: E402
+from siglip_dola.modes import BASELINE, MODES  # noqa: E402
 
 REGENERATE = "python -m tools.embedded_report"
 
@@ -95,9 +96,9 @@ def _same_settings(scorer, settings: dict) -> bool:
     used = scorer.settings  # DoLaSettings: what the scorer runs with
     if settings["mode"] != used.mode:
         return False
-    if used.mode == "off":
+    if used.mode == BASELINE:
         return True
-    layers = [used.static_layer] if used.mode == "static" else list(used.layers)
+    layers = [used.static_layer] if MODES[used.mode].fixed_layer else list(used.layers)
     return (list(settings["layers"]) == layers and settings["alpha"] == used.alpha
             and (settings.get("contrast_weight") or 1.0) == used.contrast_weight)
 
@@ -119,7 +120,7 @@ def split_effect_line(scorer, model_id: str, n_shown: int, results_path=EMBEDDED
         return (f"Effect on the test split: not measured for these settings ({results_path.name} holds others); "
                 f"`siglip-dola eval --dataset shapes --split test --out r.json` measures them, `{REGENERATE}` "
                 "refreshes the shipped file.")
-    if mode == "off":
+    if mode == BASELINE:
         return f"On the whole test split (n = {n}) the shipped calibration keeps the baseline: DoLa did not win on val."
     paired = results["paired"][mode]
     return (f"On the whole test split (n = {n}): top-1 off {paired['off']:.3f} -> DoLa {mode} {paired['value']:.3f}, "

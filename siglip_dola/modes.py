@@ -12,9 +12,10 @@ one (None) always takes the eager path, which is the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:   # no torch import at run time: the CLI reads this table for its --mode choices
+    import torch
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def _most_distant(position: torch.Tensor, jsd_table: torch.Tensor, static_positi
 
 
 def _fixed(position: torch.Tensor, jsd_table: torch.Tensor, static_position: int) -> torch.Tensor:
-    return torch.full_like(position, static_position)  # M = static_layer for every input
+    return position.new_full(position.shape, static_position)  # M = static_layer for every input
 
 
 def _no_contrast(position: torch.Tensor, jsd_table: torch.Tensor, static_position: int) -> None:
@@ -48,6 +49,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          help="per input, M = argmax JSD(q_N || q_j) over the candidate layers"),
 )}
 BASELINE = "off"  # the mode every other is compared with: the model's own q_N
+DEFAULT = "dynamic"  # the design note's mode, where no flag or calibration picks one
 CONTRASTING = tuple(name for name, m in MODES.items() if name != BASELINE)  # the DoLa modes, in table order
 
 

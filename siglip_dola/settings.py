@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers, resolve_layers
+from siglip_dola.modes import BASELINE, DEFAULT, MODES, mode_of
 from siglip_dola.scoring.checks import check_alpha, check_contrast_weight
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL
 
 EMBEDDED = "embedded"
 NO_CALIBRATION = "none"
-DEFAULTS = {"mode": "dynamic", "alpha": 0.1, "contrast_weight": 1.0}  # the design note
+DEFAULTS = {"mode": DEFAULT, "alpha": 0.1, "contrast_weight": 1.0}  # the design note
 LAYER_KEYS = ("layers", "bucket", "n_buckets", "static_layer")
 _warned_uncalibrated = False  # the "DoLa is uncalibrated" line is printed once per process
 
@@ -60,7 +61,7 @@ class DoLaSettings:
 
     def describe(self) -> str:
         """One line: 'dynamic, layers [18, 20, 22], alpha 0.1, lambda 1.0 (mode: default, ...)'."""
-        layers = f"layer {self.static_layer}" if self.mode == "static" else f"layers {self.layers}"
+        layers = f"layer {self.static_layer}" if MODES[self.mode].fixed_layer else f"layers {self.layers}"
         where = ", ".join(f"{k}: {v}" for k, v in self.sources.items())
         return f"DoLa {self.mode}, {layers}, alpha {self.alpha}, lambda {self.contrast_weight} ({where})"
 
@@ -128,7 +129,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
     elif inherited is not None and str(calibration) != NO_CALIBRATION:
         name = inherited.calibration
         base = {k: v for k, v in asdict(inherited).items() if v is not None and k not in ("sources", "calibration")}
-        if inherited.mode == "static":
+        if MODES[inherited.mode].fixed_layer:
             base.pop("layers", None)  # static_layer says it all
         elif inherited.bucket is not None:
             base.pop("layers", None)  # the bucket regenerates them
@@ -141,6 +142,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
             values[key], sources[key] = base[key], base_sources.get(key, "calibration")
         else:
             values[key], sources[key] = DEFAULTS[key], "default"
+    entry = mode_of(values["mode"])   # ValueError naming the valid modes
     spec, sources["layers"] = _layer_spec(flags, base, base_sources, values["mode"], inherits)
     try:
         read, static = default_layers(num_layers, values["mode"], spec.get("layers"), spec.get("bucket"),
@@ -150,7 +152,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
             raise
         raise ValueError(_not_for_this_model(spec, sources["layers"], name, num_layers)) from err
     bucket_of, n_buckets_of = None, None  # recorded when the layers are a bucket's (even layers, N excluded)
-    if values["mode"] != "static" and spec.get("layers") is None and (values["mode"] == "dynamic" or "bucket" in spec):
+    if not entry.fixed_layer and spec.get("layers") is None and (entry.reads_by_default or "bucket" in spec):
         n_buckets_of = spec.get("n_buckets") or DEFAULT_N_BUCKETS
         bucket_of = spec.get("bucket") or n_buckets_of  # default: the last bucket
         if not _bucket_gives(num_layers, bucket_of, n_buckets_of, read):  # a shallow model's default: the layers say it
@@ -158,7 +160,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
     settings = DoLaSettings(mode=values["mode"], layers=read, static_layer=static, alpha=check_alpha(values["alpha"]),
                             contrast_weight=check_contrast_weight(values["contrast_weight"]), bucket=bucket_of,
                             n_buckets=n_buckets_of, sources=sources, calibration=name)
-    if warn and name is None and settings.mode != "off" and "default" in (sources["mode"], sources["layers"],
+    if warn and name is None and settings.mode != BASELINE and "default" in (sources["mode"], sources["layers"],
                                                                            sources["alpha"]):
         warn_uncalibrated(model_id, settings)
     return settings
@@ -190,9 +192,9 @@ def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str, inherits
     if not inherits and "mode" in flags and flags["mode"] != base.get("mode", flags["mode"]):
         return {}, "default"  # another mode than the calibration's, with no best entry for it
     spec = {k: base[k] for k in LAYER_KEYS if k in base}
-    if mode == "off" and "bucket" not in base and "layers" not in base:
+    if not MODES[mode].reads_by_default and "bucket" not in base and "layers" not in base:
         spec = {}
-    if mode != "static":
+    if not MODES[mode].fixed_layer:
         spec.pop("static_layer", None)
     if spec:
         return spec, base_sources.get("layers", "calibration")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from siglip_dola.cli import int_at_least, subcommand
+from siglip_dola.modes import CONTRASTING
 
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--out", default="siglip-dola-demo", help="folder for the generated images (default ./siglip-dola-demo)")
     parser.add_argument("--n", type=int_at_least(1), default=8, help="number of images (default 8)")
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded model)")
-    parser.add_argument("--mode", choices=("dynamic", "static"), default=None,
+    parser.add_argument("--mode", choices=list(CONTRASTING), default=None,
                         help="default: the embedded model's shipped calibration (chosen on the val split)")
     parser.add_argument("--calibration", default=None, metavar="FILE|embedded|none",
                         help="calibration to apply (default: the model's own, the shipped one for the embedded model)")

@@ -44,8 +44,9 @@ def serve_command(args) -> int:
     layers = args.layers
     if args.bucket is not None or args.n_buckets is not None:  # a bucket names layers; the index must store them
         from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers
+        from siglip_dola.modes import DEFAULT
 
-        layers, _ = default_layers(manifest.num_layers, "dynamic", bucket=args.bucket or args.n_buckets,
+        layers, _ = default_layers(manifest.num_layers, DEFAULT, bucket=args.bucket or args.n_buckets,
                                    n_buckets=args.n_buckets or DEFAULT_N_BUCKETS)
     given = {"alpha": args.alpha, "layers": layers, "static_layer": args.static_layer,
              "contrast_weight": args.contrast_weight, "mode": args.mode, "top_k": args.top_k,

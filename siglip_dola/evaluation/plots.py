@@ -7,6 +7,7 @@ from pathlib import Path
 
 from siglip_dola.dependencies import require
 from siglip_dola.io import atomic_path
+from siglip_dola.modes import CONTRASTING
 
 matplotlib = require("matplotlib", "plots", "eval --plots")
 matplotlib.use("Agg")  # files only, never a window; must precede pyplot
@@ -35,7 +36,9 @@ def plot_layer_accuracy(report: dict, path: Path) -> Path:
     ax.plot(lens["layers"], lens["top1"], marker="o", color="tab:blue", label="layer read out alone")
     ax.axhline(lens["baseline_top1"], color="gray", linestyle="--", label=f"final layer (off) {lens['baseline_top1']:.3f}")
     key = lens["metric"]
-    for mode, colour in (("static", "tab:orange"), ("dynamic", "tab:green")):
+    for mode, colour in zip(CONTRASTING, ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
+        if mode not in report["modes"]:
+            continue
         value = report["modes"][mode]["metrics"][key]
         ax.axhline(value, color=colour, linestyle=":", label=f"DoLa {mode} {value:.3f}")
     ax.set(xlabel="layer j (output of block j)", ylabel=key, ylim=(0, 1.02),
