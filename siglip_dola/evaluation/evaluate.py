@@ -93,7 +93,7 @@ def layer_lens(cache: LayerLogits, targets: torch.Tensor, dynamic: scoring.DoLaR
     hits, jsd = [], []
     for rows, chunk_final, stack in cache.iter_chunks():
         hits.append(torch.stack([hits_at_k(stack[j], targets[rows], 1) for j in range(num_layers - 1)]))  # (N-1, r)
-        jsd.append(scoring.dola(chunk_final, stack, list(range(1, num_layers)), mode="off").jsd)  # (N-1, r)
+        jsd.append(scoring.dola(chunk_final, stack, list(range(1, num_layers)), mode=BASELINE).jsd)  # (N-1, r)
     top1 = [float(row.float().mean()) for row in torch.cat(hits, dim=1)]
     baseline = float(hits_at_k(final, targets, 1).float().mean())
     jsd_table = torch.cat(jsd, dim=1)  # (N-1, n)

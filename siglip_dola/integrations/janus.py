@@ -24,6 +24,7 @@ from siglip_dola.scoring import DoLaResult
 from siglip_dola.scoring.checks import check_tau
 from siglip_dola.scorer import DoLaSigLIP
 from siglip_dola.scorer_inputs import bank_rows
+from siglip_dola.modes import BASELINE
 
 
 def _loaded_model(vlm, tau: float | None, siglip):
@@ -65,7 +66,7 @@ class JanusDoLa:
                                      n_buckets=n_buckets, static_layer=static_layer, batch_size=batch_size,
                                      contrast_weight=contrast_weight, calibration=calibration)
         else:  # baseline: no early layer is read at all
-            self.scorer = DoLaSigLIP(self.model, mode="off", alpha=alpha, batch_size=batch_size)
+            self.scorer = DoLaSigLIP(self.model, mode=BASELINE, alpha=alpha, batch_size=batch_size)
         self.bank = bank
         if bank is not None:
             _, self._embeds = bank_rows(bank, self.model)  # validates the bank's dimension against the tower

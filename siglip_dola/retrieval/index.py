@@ -31,6 +31,7 @@ from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check
 from siglip_dola.retrieval.storage import Manifest
 from siglip_dola.settings import DoLaSettings, resolve_settings, settings_for_model
 from siglip_dola.tasks import RETRIEVAL
+from siglip_dola.modes import DEFAULT
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -39,7 +40,7 @@ def stored_settings(manifest: Manifest) -> DoLaSettings:
     """The settings an index was built with (an index from before settings were stored: dynamic over its layers)."""
     if manifest.settings:
         return DoLaSettings.from_json(manifest.settings)
-    return DoLaSettings(mode="dynamic", layers=list(manifest.layers), static_layer=None, alpha=0.1,
+    return DoLaSettings(mode=DEFAULT, layers=list(manifest.layers), static_layer=None, alpha=0.1,
                         contrast_weight=1.0, bucket=None, n_buckets=None,
                         sources=dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "default"))
 

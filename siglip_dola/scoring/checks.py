@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from siglip_dola.layers import check_layer_numbers
-from siglip_dola.modes import Mode, mode_of
+from siglip_dola.modes import DEFAULT, Mode, mode_of
 
 COMPAT_MODES = (None, "official-dola")
 
@@ -126,7 +126,7 @@ def call_settings(settings, mode, alpha, static_layer, contrast_weight, compat) 
         layers = layers or None   # a mode that reads no layer records []
     else:
         layers = settings
-    return Call(mode_of("dynamic" if mode is None else mode), layers, static_layer,
+    return Call(mode_of(DEFAULT if mode is None else mode), layers, static_layer,
                 check_alpha(0.1 if alpha is None else alpha),
                 check_contrast_weight(1.0 if contrast_weight is None else contrast_weight))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL
 from siglip_dola.viewer.thumbnails import ThumbnailSource
+from siglip_dola.modes import BASELINE
 
 OUTCOMES = ("both wrong", "fixed", "broken", "both right")
 
@@ -31,7 +32,7 @@ def read_result(result) -> dict:
         raise ValueError(f"result JSON lacks {missing}: expected the output of `siglip-dola eval --out`")
     if result["task"] not in (CLASSIFICATION, RETRIEVAL):
         raise ValueError(f"result task must be {CLASSIFICATION!r} or {RETRIEVAL!r}, got {result['task']!r}")
-    if "off" not in result["modes"]:
+    if BASELINE not in result["modes"]:
         raise ValueError(f"result JSON has modes {sorted(result['modes'])}; the report compares against 'off'")
     return result
 
@@ -52,7 +53,7 @@ def read_predictions(path) -> tuple[list[dict], list[str]]:
             except json.JSONDecodeError as err:
                 problems.append(f"line {number}: not JSON ({err.msg})")
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("modes"), dict) or "off" not in record["modes"]:
+            if not isinstance(record, dict) or not isinstance(record.get("modes"), dict) or BASELINE not in record["modes"]:
                 problems.append(f"line {number}: not a prediction record (needs 'modes' with 'off')")
                 continue
             records.append(record)
@@ -63,7 +64,7 @@ def read_predictions(path) -> tuple[list[dict], list[str]]:
 
 def dola_modes(result: dict, records: list[dict]) -> list[str]:
     """The non-off modes present in both files, the chosen mode first."""
-    present = [m for m in result["modes"] if m != "off" and all(m in r["modes"] for r in records)]
+    present = [m for m in result["modes"] if m != BASELINE and all(m in r["modes"] for r in records)]
     chosen = result.get("chosen_mode")
     return sorted(present, key=lambda m: (m != chosen, list(result["modes"]).index(m)))
 
@@ -87,16 +88,16 @@ def _classification(records: list[dict], modes: list[str], thumbs: ThumbnailSour
     classes: dict[int, str] = {}
     for record in records:
         classes[int(record["label_index"])] = str(record["label"])
-        for mode in ("off", *modes):
+        for mode in (BASELINE, *modes):
             for entry in record["modes"][mode].get("top5", []):
                 classes.setdefault(int(entry["index"]), str(entry["label"]))
     labels = [int(r["label_index"]) for r in records]
-    off_top1 = [int(r["modes"]["off"]["top5"][0]["index"]) for r in records]
+    off_top1 = [int(r["modes"][BASELINE]["top5"][0]["index"]) for r in records]
     payload = {"task": "classification", "classes": {str(k): v for k, v in sorted(classes.items())},
                "id": [str(r["id"]) for r in records], "label": labels,
                "thumb": [thumbs(str(r["id"])) for r in records],
-               "off": {"top": [_top(r["modes"]["off"]["top5"]) for r in records],
-                       "true_prob": [round(float(r["modes"]["off"]["true_prob"]), 4) for r in records]},
+               BASELINE: {"top": [_top(r["modes"][BASELINE]["top5"]) for r in records],
+                       "true_prob": [round(float(r["modes"][BASELINE]["true_prob"]), 4) for r in records]},
                "modes": {}}
     for mode in modes:
         preds = [r["modes"][mode] for r in records]
@@ -131,9 +132,9 @@ def _retrieval(records: list[dict], modes: list[str], thumbs: ThumbnailSource) -
         return {"top": [ids for ids, _ in ranked], "score": [scores for _, scores in ranked],
                 "right": [bool(ids) and ids[0] in g for (ids, _), g in zip(ranked, gold)]}
 
-    off = block("off")
+    off = block(BASELINE)
     payload = {"task": "retrieval", "query": [str(r.get("query", "")) for r in records], "gold": gold,
-               "off": off, "modes": {}}
+               BASELINE: off, "modes": {}}
     for mode in modes:
         data = block(mode)
         data["layer"] = [r["modes"][mode].get("premature_layer") for r in records]
@@ -151,7 +152,7 @@ def _record_problem(record: dict, task: str, modes: list[str]) -> str | None:
     try:
         if task == CLASSIFICATION:
             int(record["label_index"]), str(record["label"]), str(record["id"])
-            for mode in ("off", *modes):
+            for mode in (BASELINE, *modes):
                 prediction = record["modes"][mode]
                 float(prediction["true_prob"])
                 if not prediction["top5"]:
@@ -160,7 +161,7 @@ def _record_problem(record: dict, task: str, modes: list[str]) -> str | None:
                     int(entry["index"]), float(entry["prob"]), str(entry["label"])
         else:
             list(record["gold"])
-            for mode in ("off", *modes):
+            for mode in (BASELINE, *modes):
                 for hit in record["modes"][mode][_top_key(record["modes"][mode])]:
                     str(hit["id"])
     except (KeyError, IndexError, TypeError, ValueError) as err:
