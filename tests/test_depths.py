@@ -12,7 +12,8 @@ from transformers import SiglipModel
 from tools import train_embedded as te
 from siglip_dola.cli import flag_words
 from siglip_dola.evaluation.calibrate import CalibrationGrid, grid_points
-from siglip_dola.layers import MODES, default_layers
+from siglip_dola.layers import default_layers
+from siglip_dola.modes import MODES
 from siglip_dola.settings import resolve_settings
 
 
