@@ -181,7 +181,7 @@ def _not_for_this_model(spec: dict, source: str, name: str | None, num_layers: i
     origin = f"calibration {name!r}" if source == "calibration" and name else f"the {source} settings"
     return (f"the layer settings of {origin} ({shown}) do not fit this model of {num_layers} layers (candidates "
             f"1..{num_layers - 1}): they were made for another model; recalibrate for this one, or pass "
-            f"--calibration none or explicit layers")
+            f"calibration='none' or explicit layers=")
 
 
 def _layer_spec(flags: dict, base: dict, base_sources: dict, mode: str, inherits: bool) -> tuple[dict, str]:

@@ -30,8 +30,8 @@ def test_every_depth_has_valid_defaults(num_layers):
                                      warn=False)
             assert again.layers == layers
     points = grid_points(CalibrationGrid(), num_layers)
-    assert {p["mode"] for p in points} >= {"off", "static"}
-    assert all(1 <= j <= num_layers - 1 for p in points for j in p["layers"])
+    assert {p.mode for p in points} >= {"off", "static"}
+    assert all(1 <= j <= num_layers - 1 for p in points for j in p.layers)
 
 
 def test_the_design_note_default_is_unchanged_for_24_layers():

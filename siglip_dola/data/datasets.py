@@ -72,7 +72,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str = "test",
     base, found = (root / split, split) if (root / split).is_dir() else (root, "all")
     if strict_split and found != split and split != "all":
         raise ValueError(f"dataset folder {str(root)!r} has no split folder {split!r} ({str(root / split)!r}): "
-                         "without split folders it is one split, 'all'; leave --split out or pass --split all")
+                         "without split folders it is one split, 'all'; leave split out or pass split='all'")
     split = found
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
     if not class_dirs:
@@ -134,7 +134,7 @@ def _split_rows(path: Path, rows: list[dict], split: str | None, strict: bool) -
         return kept, wanted
     if strict and split not in (None, "all"):
         raise ValueError(f"CSV {str(path)!r} has no 'split' column, so it is one split ('all'), not {split!r}: "
-                         "add a split column, use one CSV per split, or leave --split out")
+                         "add a split column, use one CSV per split, or leave split out")
     return rows, "all"
 
 

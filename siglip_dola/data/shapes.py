@@ -180,7 +180,7 @@ def export(out_dir, split: str = "test", n: int = 50, seed: int = 0, overwrite: 
     existing = [name for name in DATASET_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(17, f"the folder already holds a dataset ({', '.join(existing)}), whose images "
-                              "would lose their labels; pass overwrite=True (--overwrite) to replace its "
+                              "would lose their labels; pass overwrite=True to replace its "
                               "label files, or choose an empty folder", str(out_dir))
     _check_disk_space(out_dir, n)
     out_dir.mkdir(parents=True, exist_ok=True)
