@@ -226,7 +226,7 @@ def load_dataset(name: str, split: str | None = None, n: int | None = None, seed
         dataset = webdataset_dataset(str(name), split)
         if strict and dataset.split != split and split != "all":
             raise ValueError(f"dataset {str(name)!r} is one split, 'all' (a shard pattern), not {split!r}: leave "
-                             "--split out, or use clip_benchmark's export folder (wds:DIR with DIR/<split>/)")
+                             "split out, or use clip_benchmark's export folder (wds:DIR with DIR/<split>/)")
         return evenly_spaced(dataset, n)
     if str(name) in RETRIEVAL_NAMES:
         return evenly_spaced(retrieval_dataset(str(name), split, root or "clip_benchmark_data"), n)

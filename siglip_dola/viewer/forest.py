@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from html import escape
 
+from siglip_dola.modes import BASELINE
+
 LABEL_W, PLOT_W, TEXT_W = 260, 360, 460
 ROW_H, HEAD_H, FOOT_H = 30, 40, 40
 
@@ -51,7 +53,7 @@ def forest_plot(rows: list[dict], metric: str, confidence: float = 0.95) -> str:
                  f'← off better · DoLa better →</text>')
     for i, row in enumerate(rows):
         y = HEAD_H + ROW_H * i + ROW_H / 2
-        kept_off = row["chosen_mode"] == "off"
+        kept_off = row["chosen_mode"] == BASELINE
         label = escape(row["label"] if len(row["label"]) <= 34 else "…" + row["label"][-33:])
         parts.append(f'<g class="frow" data-dataset="{escape(row["label"])}" data-delta="{row.get("delta")}">'
                      f'<title>{escape(row["label"])}: {escape(row.get("title", ""))}</title>')

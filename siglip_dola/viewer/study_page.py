@@ -11,6 +11,7 @@ from siglip_dola.io import write_text_atomic
 from siglip_dola.viewer.forest import forest_plot
 from siglip_dola.viewer.report import static_text
 from siglip_dola.viewer.report_data import read_result
+from siglip_dola.modes import BASELINE, DEFAULT
 
 STUDY_CSS = """
 .forest { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; background: #fff; }
@@ -27,19 +28,19 @@ STUDY_CSS = """
 
 def study_row(result: dict) -> dict:
     """One dataset's row: the chosen mode's paired delta vs off (dynamic's, hollow, where off was kept)."""
-    chosen = result.get("chosen_mode", "off")
+    chosen = result.get("chosen_mode", BASELINE)
     paired = result.get("paired") or {}
-    shown = chosen if chosen != "off" else ("dynamic" if "dynamic" in paired else None)
+    shown = chosen if chosen != BASELINE else (DEFAULT if DEFAULT in paired else None)
     entry = paired.get(shown) or {}
     metric = entry.get("metric") or next((p.get("metric") for p in paired.values()), "acc1")
-    off_value = ((result.get("modes") or {}).get("off") or {}).get("metrics", {}).get(metric)
+    off_value = ((result.get("modes") or {}).get(BASELINE) or {}).get("metrics", {}).get(metric)
     return {"label": str(result.get("dataset")), "task": result.get("task"), "metric": metric,
             "n": result.get("n_images"), "split": result.get("split"), "off": off_value,
             "chosen_mode": chosen, "mode": shown, "value": entry.get("value"),
             "delta": entry.get("delta"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
             "confidence": entry.get("confidence", 0.95), "mcnemar_p": entry.get("mcnemar_p"),
             "calibrated_on": (result.get("calibrated_on") or {}).get("split"),
-            "mode_label": chosen + (f" ({shown} shown)" if chosen == "off" and shown else ""),
+            "mode_label": chosen + (f" ({shown} shown)" if chosen == BASELINE and shown else ""),
             "interval": (None if entry.get("delta") is None else
                          f"{entry['delta']:+.4f} [{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}]"),
             "title": f"{shown or 'off'} {metric} {entry.get('value')} vs off {off_value}"}
@@ -75,7 +76,7 @@ def render_study(results: list[dict], files: list[str]) -> str:
                     for m in metrics)
     facts = "".join(f'<div class="fact"><span>{escape(k)}</span><b>{escape(str(v))}</b></div>' for k, v in
                     (("model", ", ".join(models)), ("datasets", len(rows)),
-                     ("kept off", sum(r["chosen_mode"] == "off" for r in rows))))
+                     ("kept off", sum(r["chosen_mode"] == BASELINE for r in rows))))
     note = ("Each point: the calibrated (chosen) mode minus off on the test items, with its paired bootstrap "
             "interval; hollow: the calibration kept off (Δ = 0 by construction), dynamic mode's Δ shown for reference.")
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
