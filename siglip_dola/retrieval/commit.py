@@ -193,7 +193,7 @@ def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], o
         if adding and info and info.get("trained_on") and info["trained_on"] < 0.01 * index.ntotal:
             warnings.warn(f"index {str(root)!r}: the first stage's coarse quantiser was trained on {info['trained_on']} "
                           f"vectors, under 1% of the {index.ntotal} it now holds; recall may have dropped: rebuild "
-                          "(index build --overwrite) to retrain", RuntimeWarning, stacklevel=4)
+                          "(`siglip-dola index build ... --overwrite`) to retrain", RuntimeWarning, stacklevel=4)
         codec = (root / storage.STAGING / "layers.faiss").read_bytes()
         result["manifest"] = finish(manifest, names, metas, index, {"first_stage": info, "codec": codec})
     all_ok(guarded(merge_and_commit) if rank == 0 else None)

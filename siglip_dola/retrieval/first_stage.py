@@ -174,5 +174,5 @@ def tune(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, target_recal
     if best[1] < target_recall:
         warnings.warn(f"first stage: recall@{k} {best[1]:.3f} < target {target_recall} even scanning every list "
                       f"and refining {REFINE_FACTORS[-1]}x (the codes are too coarse: a larger PQ code, or "
-                      "--index-factory with SQ8)", RuntimeWarning, stacklevel=2)
+                      "index_factory= with SQ8)", RuntimeWarning, stacklevel=2)
     return best
