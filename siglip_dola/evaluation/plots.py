@@ -9,7 +9,7 @@ from siglip_dola.dependencies import require
 from siglip_dola.io import atomic_path
 from siglip_dola.modes import CONTRASTING
 
-matplotlib = require("matplotlib", "plots", "eval --plots")
+matplotlib = require("matplotlib", "plots", "`eval --plots`")
 matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
