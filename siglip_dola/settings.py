@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from siglip_dola.layers import DEFAULT_N_BUCKETS, default_layers, resolve_layers
@@ -35,7 +35,7 @@ _warned_uncalibrated = False  # the "DoLa is uncalibrated" line is printed once 
 class DoLaSettings:
     """The DoLa configuration an output was made with, and where each value came from (see module docstring)."""
     mode: str
-    layers: list[int]
+    layers: list[int]            # from resolve_settings: a LayerSelection (checked once, there)
     static_layer: int | None
     alpha: float
     contrast_weight: float
@@ -46,7 +46,8 @@ class DoLaSettings:
 
     def to_json(self) -> dict:
         """The JSON object stored under "settings" in every output."""
-        return asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**values, "layers": list(self.layers), "sources": dict(self.sources)}
 
     @classmethod
     def from_json(cls, data: dict) -> "DoLaSettings":
@@ -128,7 +129,7 @@ def resolve_settings(num_layers: int, *, mode=None, layers=None, bucket=None, n_
         base_sources = dict.fromkeys(("mode", "layers", "alpha", "contrast_weight"), "calibration")
     elif inherited is not None and str(calibration) != NO_CALIBRATION:
         name = inherited.calibration
-        base = {k: v for k, v in asdict(inherited).items() if v is not None and k not in ("sources", "calibration")}
+        base = {k: v for k, v in inherited.to_json().items() if v is not None and k not in ("sources", "calibration")}
         if MODES[inherited.mode].fixed_layer:
             base.pop("layers", None)  # static_layer says it all
         elif inherited.bucket is not None:

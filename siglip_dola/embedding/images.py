@@ -84,7 +84,7 @@ def iter_embedded(model, items, layers: Sequence[int], batch_size: int = 32, wor
     copy=False yields the pinned staging tensors themselves: copy them out before the next batch.
     """
     readout = model.readout if readout is None else readout
-    layers = [int(j) for j in layers]
+    layers = model.readout.check_layers(layers)   # checked once here (or where settings were resolved), not per batch
     pending = None  # (batch, host tensors, event) read back after the next batch is queued
     for batch in iter_pixel_batches(model, items, batch_size, workers, decode):
         queued = None
@@ -156,7 +156,7 @@ def embed_images(model, items: Iterable, layers: Sequence[int], batch_size: int 
     check_batch_size(batch_size)
     check_decode(decode, model.device)
     items = check_items(items)
-    layers = [int(j) for j in layers]
+    layers = model.readout.check_layers(layers)   # before any image is decoded
     rank, world = distributed.rank_and_world() if shard else (0, 1)
     start, stop = distributed.shard_bounds(len(items), rank, world)
     local = _embed_shard(model, items[start:stop], start, layers, batch_size, progress if rank == 0 else False,

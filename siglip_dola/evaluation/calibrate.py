@@ -33,7 +33,7 @@ from siglip_dola.embedding.texts import embed_texts
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_point
 from siglip_dola.evaluation.metrics import mean_per_class_recall, rank_scores
 from siglip_dola.io import write_json_atomic
-from siglip_dola.layers import resolve_layers
+from siglip_dola.layers import checked_layers, resolve_layers
 from siglip_dola.modes import BASELINE, CONTRASTING, MODES
 from siglip_dola.settings import DoLaSettings
 from siglip_dola.tasks import CLASSIFICATION, RETRIEVAL, RETRIEVAL_METRIC
@@ -138,7 +138,7 @@ def grid_points(grid: CalibrationGrid, num_layers: int) -> list[DoLaSettings]:
     static_layers = resolve_layers(num_layers, bucket=1, n_buckets=1, parity=parity)
     for mode in sorted(CONTRASTING, key=lambda name: MODES[name].fixed_layer):  # per-bucket modes first
         if MODES[mode].fixed_layer:
-            points += [point(mode, [layer], layer, alpha, weight)
+            points += [point(mode, checked_layers([layer], num_layers), layer, alpha, weight)
                        for weight in grid.contrast_weights for layer in static_layers for alpha in grid.alphas]
         else:
             points += [point(mode, layers, None, alpha, weight, bucket, n_buckets)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from siglip_dola import config
-from siglip_dola.layers import resolve_layers
+from siglip_dola.layers import LayerSelection, checked_layers
 from siglip_dola.readout.entry_norm import first_norm
 from siglip_dola.readout.call_state import log_once
 from siglip_dola.readout.pooler import Pooling
@@ -117,7 +117,8 @@ class Readout:
         with config.override(stacked_max_batch=limit):   # the pooling measured faster on this GPU at this batch
             return self._run(images, layer_list, inputs)
 
-    def _run(self, images: torch.Tensor, layer_list: list[int], inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, images: torch.Tensor, layer_list: LayerSelection, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(layer_list, LayerSelection) and layer_list.num_layers == self.num_layers, layer_list
         with torch.no_grad():
             pooler = self._pooling.begin(self._current_head(), layer_list, images.device, inputs)
             blocks, handles = self._tower.blocks, []
@@ -196,14 +197,11 @@ class Readout:
             return (own if own is not None and own.path == "model" else None), reason
         return folded, None
 
-    def check_layers(self, layers) -> list[int]:
-        """``layers`` (None, [] or layer numbers 1..N-1) -> a list of ints; TypeError/ValueError naming the valid ones."""
-        if layers is None or (hasattr(layers, "__len__") and not isinstance(layers, (str, bytes)) and len(layers) == 0):
-            return []   # just the final embedding (the baseline)
-        try:
-            return resolve_layers(self.num_layers, layers=layers)
-        except TypeError as error:
-            raise TypeError(f"{error}; valid layers are ints in 1..{self.num_layers - 1}") from None
+    def check_layers(self, layers) -> LayerSelection:
+        """``layers`` (None, [] or layer numbers 1..N-1) -> a LayerSelection for this model, by the one rule
+        (layers.checked_layers; TypeError/ValueError naming the valid ones). One already made for this depth (resolved
+        settings' layers) is taken as it is: the check ran where it was made."""
+        return checked_layers(() if layers is None else layers, self.num_layers, empty_ok=True)
 
     def prepare_inputs(self, images, inputs: dict) -> tuple[torch.Tensor, dict]:
         """The checked (images, extra inputs) for the tower's embed and pooler (NaFlex: unpacked); TypeError/

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from siglip_dola.layers import check_layer_numbers
+from siglip_dola.layers import LayerSelection, checked_layers
 from siglip_dola.modes import DEFAULT, Mode, mode_of
 
 COMPAT_MODES = (None, "official-dola")
@@ -131,12 +131,12 @@ def call_settings(settings, mode, alpha, static_layer, contrast_weight, compat) 
                 check_contrast_weight(1.0 if contrast_weight is None else contrast_weight))
 
 
-def check_layers(layers, num_candidates: int) -> list[int]:
-    """Layer numbers (the one rule: layers.check_layer_numbers) that label the J = ``num_candidates`` stacked
-    distributions."""
+def check_layers(layers, num_candidates: int) -> LayerSelection:
+    """The layer numbers that label the J = ``num_candidates`` stacked distributions: raw numbers go through the one
+    rule (layers.checked_layers), resolved settings' layers are taken as they are; only J is checked here."""
     if layers is None:
         raise TypeError(f"layers must be a non-empty sequence of layer numbers (ints >= 1), got {layers!r}")
-    layers = check_layer_numbers(layers)
+    layers = checked_layers(layers)
     if len(layers) != num_candidates:
         raise ValueError(f"len(layers)={len(layers)} must equal the stacked layer axis (dim 0), "
                          f"of size {num_candidates}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from siglip_dola.layers import LayerSelection
+
 LN2 = math.log(2.0)
 
 
@@ -93,6 +95,7 @@ def dola_log(log_q_N, log_q_layers, layers, mode, alpha, static_layer, compat, c
     if log_q_layers is None:
         premature = torch.full(log_q_N.shape[:-1], -1, dtype=torch.int64, device=log_q_N.device)
         return DoLaResult(final_probs, log_q_N, final_probs, premature, log_q_N.new_zeros((0, *log_q_N.shape[:-1])))
+    assert isinstance(layers, LayerSelection) and len(layers) == log_q_layers.shape[0], layers   # checks.check_layers
     position, table = select_position(log_q_N, log_q_layers, final_probs, torch.exp(log_q_layers), compat)
     static_position = layers.index(int(static_layer)) if mode.fixed_layer else -1
     position = mode.choose(position, table, static_position)
