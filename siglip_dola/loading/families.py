@@ -7,7 +7,8 @@
 
 Objects are matched in table order (the vision-only family accepts any module, so it comes last); names and
 folders go to the one family that claims them (the forms are disjoint). The layer readout of a family's
-objects is a tower builder of readout/ (readout.TOWERS); a family whose towers are new adds one there.
+objects is a tower module of readout/ (``readout/tower_*.py``, found by readout.TOWERS); a family whose towers are
+new adds one such file, nothing else in readout/.
 The accepted-forms text of errors and --help is generated from the table (:func:`accepted_forms`).
 """
 from __future__ import annotations

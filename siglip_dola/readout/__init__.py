@@ -12,20 +12,30 @@ then ln_post and proj (token_head.py); NaFlex's MAP head with its padding masked
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch.nn as nn
 
-from siglip_dola.readout import tower_clip, tower_hf, tower_hf_clip, tower_hf_siglip2, tower_janus_hf, tower_vit
 from siglip_dola.readout.borrowed_head import with_head
 from siglip_dola.readout.readout import Readout
 
-# The tower table, matched in order: each module's ``build(model)`` returns a Tower or None (or raises ValueError
-# for a recognised tower whose head form is not supported); its FORMS says what it accepts. SigLIP2 NaFlex comes
-# before "hf": its vision model also has embeddings / encoder / post_layernorm / head.
-TOWERS = {"vit": tower_vit, "open_clip_vit": tower_clip, "hf_siglip2": tower_hf_siglip2, "hf": tower_hf,
-          "hf_clip": tower_hf_clip, "hf_janus": tower_janus_hf}
+
+def _tower_modules() -> dict:
+    """Every ``tower_*.py`` of this package, by name without ``tower_``, in increasing ``ORDER``: each module's ``build(model)``
+    returns a Tower or None (or raises ValueError for a recognised tower whose head form is not supported), its
+    ``FORMS`` says what it accepts. A new tower is one new file; it takes an ORDER below any tower whose build
+    would also accept its models (SigLIP2 NaFlex before "hf": its vision model also has embeddings / encoder /
+    post_layernorm / head)."""
+    names = [info.name for info in pkgutil.iter_modules(__path__) if info.name.startswith("tower_")]
+    modules = {name.removeprefix("tower_"): importlib.import_module(f"{__name__}.{name}") for name in names}
+    return dict(sorted(modules.items(), key=lambda item: item[1].ORDER))
+
+
+TOWERS = _tower_modules()
 SUPPORTED = "; ".join(tower.FORMS for tower in TOWERS.values())
-# Trunks (blocks + final norm, no head) that ``head_from`` can complete: trunk(model) -> Trunk or None.
-TRUNKS = {"hf_janus": tower_janus_hf.trunk, "vit": tower_vit.trunk, "hf": tower_hf.trunk}
+# Trunks (blocks + final norm, no head) that ``head_from`` can complete: a tower module's trunk(model) -> Trunk or None.
+TRUNKS = {name: module.trunk for name, module in TOWERS.items() if hasattr(module, "trunk")}
 TRUNKS_SUPPORTED = ("transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration; Janus's own "
                     "MultiModalityCausalLM / CLIPVisionTower / its timm-style ViT; timm ViTs; open_clip SigLIP; "
                     "HF SiglipModel / SiglipVisionModel")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from siglip_dola.readout import token_head
 from siglip_dola.readout.towers import Tower, two_tuple
 
+ORDER = 20   # readout.TOWERS is matched in ORDER
 FORMS = ("open_clip VisionTransformer towers (OpenAI CLIP, LAION, DataComp, DFN, MetaCLIP, CoCa; e.g. ViT-L-14-336) "
          "with a class-token, average or CoCa attention-pool head")   # what build() accepts, for readout.SUPPORTED
 

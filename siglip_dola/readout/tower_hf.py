@@ -13,6 +13,7 @@ from siglip_dola.readout import hf_parts
 from siglip_dola.readout.map_head import hf_map_parts
 from siglip_dola.readout.towers import Tower, Trunk, two_tuple
 
+ORDER = 40   # after tower_hf_siglip2: this build also accepts NaFlex vision models
 FORMS = "Hugging Face SiglipModel / SiglipVisionModel with vision_use_head=True"   # for readout.SUPPORTED
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from siglip_dola.readout import hf_parts, token_head
 from siglip_dola.readout.towers import Tower, two_tuple
 
+ORDER = 50   # readout.TOWERS is matched in ORDER
 FORMS = "Hugging Face CLIPModel / CLIPVisionModelWithProjection / CLIPVisionModel"   # for readout.SUPPORTED
 
 

@@ -20,6 +20,7 @@ from siglip_dola.readout import hf_parts, token_head
 from siglip_dola.readout.map_head import fold, hf_map_parts
 from siglip_dola.readout.towers import Tower
 
+ORDER = 30   # readout.TOWERS is matched in ORDER
 FORMS = ("Hugging Face Siglip2Model / Siglip2VisionModel "
          "(NaFlex: pass pixel_attention_mask= and spatial_shapes=)")   # for readout.SUPPORTED
 

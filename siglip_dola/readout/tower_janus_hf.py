@@ -11,6 +11,7 @@ from __future__ import annotations
 from siglip_dola.readout import hf_parts
 from siglip_dola.readout.towers import Trunk, two_tuple
 
+ORDER = 60   # readout.TOWERS is matched in ORDER
 FORMS = ("with head_from: transformers' JanusVisionModel / JanusModel / JanusForConditionalGeneration")   # for readout.SUPPORTED
 
 MODEL_TYPE = "janus_vision_model"

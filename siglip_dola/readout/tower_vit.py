@@ -27,6 +27,7 @@ UNTRUSTED_HEAD = ("{name}: the Janus tower's attn_pool LayerNorm is exactly at i
                   "(the SigLIP checkpoint the tower came from, e.g. 'google/siglip-large-patch16-384' or "
                   "'ViT-L-16-SigLIP-384:webli') to read it through that checkpoint's head")
 
+ORDER = 10   # readout.TOWERS is matched in ORDER
 FORMS = ("timm VisionTransformer with a MAP head (global_pool='map', e.g. vit_large_patch16_siglip_384); "
          "open_clip SigLIP models (model.visual.trunk is such a tower, e.g. ViT-L-16-SigLIP-384) or their .visual; "
          "Janus-style towers (timm 0.9 VisionTransformer with attn_pool), their CLIPVisionTower "
