@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from siglip_dola import scoring
-from siglip_dola.evaluation.calibrate import (as_dataset, caption_pairs, class_logits, embed_dataset,
-                                              read_calibration, text_embeds, text_to_image_logits)
+from siglip_dola.evaluation.calibrate import read_calibration
+from siglip_dola.evaluation.split_logits import (as_dataset, caption_pairs, class_logits, embed_dataset, text_embeds,
+                                                 text_to_image_logits)
 from siglip_dola.evaluation.layer_logits import LayerLogits, score_modes
 from siglip_dola.data.eval_dataset import EvalDataset
 from siglip_dola.data.gpu_decode import check_decode
