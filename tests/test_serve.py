@@ -256,9 +256,25 @@ def test_without_flags_or_calibration_the_index_settings_serve_and_say_where_the
     assert settings["sources"]["layers"] == settings["sources"]["alpha"] == "calibration"
 
 
-def test_calibration_for_other_layers_or_model_is_refused(index_dir, model):
+def test_a_mode_the_index_cannot_serve_is_a_clear_error_and_the_others_still_work(index_dir, model):
+    """A calibration whose static layer (3) the index does not store: the page starts, a static request is a 400
+    naming the mode, the layers the index stores and the ones needed; dynamic is served with its calibrated layers."""
+    service = SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
+    with TestClient(create_app(service)) as c:
+        info = c.get("/api/info").json()
+        assert set(info["unavailable"]) == {"static"} and info["baseline"] == "off"
+        static = c.get("/api/search", params={"q": "a red circle", "mode": "static"})
+        assert static.status_code == 400
+        assert static.json()["error"].startswith("static mode: index ")
+        assert "stores layers [2, 4], but the settings need layers [3]" in static.json()["error"]
+        dynamic = c.get("/api/search", params={"q": "a red circle", "mode": "dynamic"})
+        assert dynamic.status_code == 200 and dynamic.json()["settings"]["layers"] == [2, 4]
+        assert c.get("/api/search", params={"q": "a red circle", "mode": "off"}).status_code == 200
+
+
+def test_a_served_default_mode_that_cannot_run_or_another_models_calibration_is_refused(index_dir, model):
     with pytest.raises(ValueError, match=r"static mode: index .* stores layers \[2, 4\], but the settings need layers \[3\]"):
-        SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
+        SearchService(index_dir, model, RerankConfig(mode="static"), calibration=_calibration(model.model_id, 3))
     with pytest.raises(ValueError, match="calibration .*was made for model 'other'"):
         SearchService(index_dir, model, calibration=_calibration("other"))
 

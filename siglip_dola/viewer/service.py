@@ -60,10 +60,11 @@ def _bounded_int(name: str, text, low: int, high: int, default: int) -> int:
     return value
 
 
-def mode_settings(index, base: RerankConfig, flags: set[str], calibration=None) -> dict[str, DoLaSettings]:
+def mode_settings(index, base: RerankConfig, flags: set[str], calibration=None) -> dict[str, DoLaSettings | str]:
     """Every mode of the table -> DoLaSettings for `index`, by siglip_dola.settings' one policy: the command-line
     flags named in `flags` > `calibration` (path, "embedded" or report dict) > the index's stored settings >
-    defaults, each value's source recorded; ValueError naming the layers the index lacks."""
+    defaults, each value's source recorded; or, for a mode that cannot run on this index (e.g. a static layer it
+    does not store), the reason, naming the mode: the other modes are still served."""
     given = {name: getattr(base, name) for name in ("layers", "static_layer", "alpha", "contrast_weight")
              if name in flags}
     settings = {}
@@ -73,7 +74,7 @@ def mode_settings(index, base: RerankConfig, flags: set[str], calibration=None) 
             settings[mode] = index_settings(index.manifest, calibration, root=index.root, warn=False, mode=mode,
                                             **mode_flags)
         except ValueError as err:
-            raise ValueError(f"{mode} mode: {err}") from None
+            settings[mode] = f"{mode} mode: {err}"
     return settings
 
 
@@ -95,8 +96,9 @@ class SearchService:
         self._stamp = None
         self.calibration = calibration
         self.index = self._open()
-        self.per_mode = mode_settings(self.index, self.base, self.flags, calibration)
-        self.calibration_name = calibration_name if calibration is not None else self.per_mode[DEFAULTS["mode"]].calibration
+        self.per_mode = self._mode_settings(self.index)
+        self.calibration_name = calibration_name if calibration is not None else \
+            self.per_mode[self.default_mode()].calibration
         self.captions = None if captions is None else read_captions(captions)
         self.caption_embeds = None if self.captions is None else encode_captions(model, self.captions)
 
@@ -117,17 +119,25 @@ class SearchService:
         try:
             if self._manifest_stamp() != self._stamp:
                 index = self._open()
-                self.per_mode = mode_settings(index, self.base, self.flags, self.calibration)
+                self.per_mode = self._mode_settings(index)
                 self.index = index
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise IndexUnavailable(f"the index at {str(self.root)!r} changed on disk and cannot be opened: {err}. "
                                    "Fix or rebuild it (siglip-dola index build), then restart siglip-dola serve") from None
         return self.index
 
+    def _mode_settings(self, index) -> dict[str, DoLaSettings | str]:
+        """mode_settings for `index`; ValueError when the mode served by default cannot run (nothing to serve)."""
+        per_mode = mode_settings(index, self.base, self.flags, self.calibration)
+        default = per_mode[self.default_mode(index)]
+        if isinstance(default, str):
+            raise ValueError(default)
+        return per_mode
+
     # -- requests ------------------------------------------------------------------------------------------
-    def default_mode(self) -> str:
+    def default_mode(self, index=None) -> str:
         """The served mode: the --mode flag, else the index's stored settings (siglip_dola.settings), else dynamic."""
-        stored = self.index.manifest.settings or {}
+        stored = (index or self.index).manifest.settings or {}
         return self.base.mode or stored.get("mode") or DEFAULTS["mode"]
 
     def parse(self, k=None, rerank_k=None, mode=None) -> Query:
@@ -147,7 +157,10 @@ class SearchService:
         return "request" if parameter in query.given else "flag" if flag in self.flags else "default"
 
     def _config(self, query: Query) -> RerankConfig:
-        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, settings=self.per_mode[query.mode])
+        settings = self.per_mode[query.mode]
+        if isinstance(settings, str):   # this mode cannot run on this index: a 400 that says why
+            raise ValueError(settings)
+        return RerankConfig(top_k=query.k, rerank_k=query.rerank_k, settings=settings)
 
     def settings(self, query: Query, config: RerankConfig) -> dict:
         """The settings this query ran with and where each came from (flag: command line or request;
@@ -242,4 +255,5 @@ class SearchService:
                              "alpha": self.base.alpha, "static_layer": self.base.static_layer},
                 "limits": {"max_k": self.limits.max_k, "max_rerank_k": self.limits.max_rerank_k,
                            "max_query_chars": self.limits.max_query_chars,
-                           "max_upload_bytes": self.limits.max_upload_bytes}, "modes": list(MODES)}
+                           "max_upload_bytes": self.limits.max_upload_bytes}, "modes": list(MODES), "baseline": BASELINE,
+                "unavailable": {mode: why for mode, why in self.per_mode.items() if isinstance(why, str)}}
