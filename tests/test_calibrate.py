@@ -12,12 +12,15 @@ from siglip_dola.data import shapes
 from tools import train_embedded as te
 from conftest import CountingReadout
 from siglip_dola.evaluation.calibrate import CalibrationGrid, calibrate, choose, grid_points
+from siglip_dola.modes import CONTRASTING, MODES
 from siglip_dola.data.datasets import shapes_dataset
 from siglip_dola.scorer import DoLaSigLIP
 from siglip_dola.text_bank.build import build_text_bank
 
 NUM_LAYERS, N_IMAGES, BATCH = 12, 36, 16
 
+PER_BUCKET = sum(not MODES[name].fixed_layer for name in CONTRASTING)   # modes the grid searches per bucket
+PER_LAYER = sum(MODES[name].fixed_layer for name in CONTRASTING)        # ... per static layer
 
 def test_grid_for_vit_l_16():
     points = [p.to_json() for p in grid_points(CalibrationGrid(), 24)]   # DoLaSettings, as results store them
@@ -28,7 +31,8 @@ def test_grid_for_vit_l_16():
     static = sorted({p["static_layer"] for p in points if p["mode"] == "static"})
     assert static == list(range(2, 24, 2))
     assert points[0]["mode"] == "off" and sum(p["mode"] == "off" for p in points) == 1
-    assert len(points) == 1 + 3 * 3 * (9 + 11)  # alphas x contrast weights x (buckets + static layers)
+    # the baseline + alphas x contrast weights x (buckets per bucket mode + static layers per fixed-layer mode)
+    assert len(points) == 1 + 3 * 3 * (9 * PER_BUCKET + 11 * PER_LAYER)
     weights = [p["contrast_weight"] for p in points if p["mode"] == "dynamic"]
     assert sorted(set(weights)) == [0.25, 0.5, 1.0] and weights[0] == 1.0  # lambda = 1 first: it wins ties
     all_static = grid_points(CalibrationGrid(static_parity="all", alphas=(0.1,), contrast_weights=(1.0,)), 24)
@@ -73,9 +77,11 @@ def naive_prediction(q, point):
         return int(np.argmax(q_final))
     if point["mode"] == "static":
         premature = point["static_layer"]
-    else:
+    elif point["mode"] == "dynamic":
         divergences = [jensenshannon(q_final, q[j]) ** 2 for j in point["layers"]]
         premature = point["layers"][int(np.argmax(divergences))]
+    else:
+        raise NotImplementedError(f"no naive reference for mode {point['mode']!r}: add its math here")
     keep = q_final >= point["alpha"] * q_final.max()
     contrast = np.where(keep, np.log(q_final) - point["contrast_weight"] * np.log(q[premature]), -np.inf)
     return int(np.argmax(contrast))
@@ -96,7 +102,7 @@ def test_every_grid_score_matches_naive_loop_and_model_runs_once(tiny_hf_siglip,
     z = naive_layer_embeds(tiny_hf_siglip, [s.image for s in samples])
     q = [{j: naive_probs(z[j][i], bank, tiny_loaded.tau) for j in z} for i in range(N_IMAGES)]
     labels = [s.label for s in samples]
-    assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 1 + 3 * 42
+    assert len(report["scores"]) == len(grid_points(CalibrationGrid(), NUM_LAYERS)) == 1 + 3 * 3 * (9 * PER_BUCKET + 5 * PER_LAYER)
     for score in report["scores"]:
         correct = sum(naive_prediction(q[i], score) == labels[i] for i in range(N_IMAGES))
         assert score["correct1"] == correct, score
@@ -128,7 +134,7 @@ def test_calibrate_accepts_a_dataset_object_and_custom_grid(tiny_loaded):
     grid = CalibrationGrid(n_buckets=(3,), alphas=(0.1,), static_parity="all", contrast_weights=(1.0,))
     report = calibrate(tiny_loaded, dataset, grid=grid, progress=False)
     assert report["n_images"] == 12
-    assert len(report["scores"]) == 1 + 3 + (NUM_LAYERS - 1)
+    assert len(report["scores"]) == 1 + 3 * PER_BUCKET + (NUM_LAYERS - 1) * PER_LAYER
     assert report["grid"]["n_buckets"] == (3,)
 
 

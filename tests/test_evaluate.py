@@ -13,6 +13,7 @@ from tools import train_embedded as te
 from siglip_dola.evaluation.calibrate import calibrate
 from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.evaluation.results import summary_line
+from siglip_dola.modes import MODES
 from siglip_dola.text_bank.build import build_text_bank
 
 from naive_dola import N_IMAGES, NUM_LAYERS, naive_ranking
@@ -93,7 +94,7 @@ def test_retrieval_recall_matches_naive(tiny_hf_siglip, tiny_loaded):
         t2i = np.mean([t in torch.argsort(similarity[:, t], descending=True)[:k].tolist() for t in range(n)])
         assert result["modes"]["off"]["metrics"][f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
         assert result["modes"]["off"]["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
-    assert set(result["modes"]) == {"off", "static", "dynamic"}
+    assert set(result["modes"]) == set(MODES)   # every mode of the table is evaluated
     assert result["chosen_mode"] == "off" and result["metrics"] == result["modes"]["off"]["metrics"]
     assert result["layer_lens"]["metric"] == "text_retrieval_recall@1"
 

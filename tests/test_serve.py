@@ -15,6 +15,7 @@ from PIL import Image
 from starlette.testclient import TestClient  # starlette is a runtime dependency: no skip
 
 from siglip_dola.data import shapes
+from siglip_dola.modes import MODES
 from siglip_dola.retrieval import RerankConfig, add_to_index, build_index, open_index, search, search_captions
 from siglip_dola.viewer.app import bind, create_app, url_of
 from siglip_dola.viewer.service import SearchService
@@ -87,7 +88,7 @@ def test_images_only_by_index_id(client, gallery, index_dir):
     ({"q": "a", "k": 101}, "k must be an integer in [1, 100]"), ({"q": "a", "k": "ten"}, "k must be an integer"),
     ({"q": "a", "k": 5, "rerank_k": 4}, "rerank_k must be an integer in [5, 1000]"),
     ({"q": "a", "rerank_k": 1001}, "rerank_k must be an integer in [10, 1000]"),
-    ({"q": "a", "mode": "contrast"}, "mode must be one of ['off', 'static', 'dynamic']")])
+    ({"q": "a", "mode": "contrast"}, f"mode must be one of {list(MODES)}")])
 def test_bad_input_is_a_400_naming_the_parameter(client, params, needle):
     response = client.get("/api/search", params=params)
     assert response.status_code == 400 and needle in response.json()["error"]
@@ -262,7 +263,8 @@ def test_a_mode_the_index_cannot_serve_is_a_clear_error_and_the_others_still_wor
     service = SearchService(index_dir, model, calibration=_calibration(model.model_id, 3))
     with TestClient(create_app(service)) as c:
         info = c.get("/api/info").json()
-        assert set(info["unavailable"]) == {"static"} and info["baseline"] == "off"
+        assert "static" in info["unavailable"] and "dynamic" not in info["unavailable"]
+        assert info["baseline"] == "off" and info["modes"] == list(MODES)
         static = c.get("/api/search", params={"q": "a red circle", "mode": "static"})
         assert static.status_code == 400
         assert static.json()["error"].startswith("static mode: index ")
