@@ -12,6 +12,7 @@ from PIL import Image
 
 from siglip_dola import cli
 from siglip_dola.cli import EXIT_ERROR, main
+from siglip_dola.modes import MODES
 
 
 def run(capsys, *argv):
@@ -45,7 +46,7 @@ def test_help_shows_defaults_and_the_exit_status(capsys, command):
     assert "exit status: 0 success; 1 finished but some input files were skipped" in text
     if command in (["classify"], ["search"]):
         # settings flags default to the calibration's value, else the design note's: the help names both
-        for shown in ("--mode {off,static,dynamic} DoLa mode (default: the calibration's, else dynamic)",
+        for shown in (f"--mode {{{','.join(MODES)}}} DoLa mode (default: the calibration's, else dynamic)",
                       "(default: the calibration's, else 0.1)",
                       "--batch-size BATCH_SIZE (default: 32)" if command == ["classify"] else "(default: 10)"):
             assert shown in text
