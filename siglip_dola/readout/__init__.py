@@ -24,9 +24,9 @@ from siglip_dola.readout.readout import Readout
 def _tower_modules() -> dict:
     """Every ``tower_*.py`` of this package, by name without ``tower_``, in increasing ``ORDER``: each module's
     ``build(model)`` returns a Tower or None (or raises ValueError for a recognised tower whose head form is not
-    supported), its ``FORMS`` says what it accepts. A new tower is one new file; it takes an ORDER below any tower whose build
-    would also accept its models (SigLIP2 NaFlex before "hf": its vision model also has embeddings / encoder /
-    post_layernorm / head)."""
+    supported), its ``FORMS`` says what it accepts. A new tower is one new file; it takes an ORDER below any tower
+    whose build would also accept its models (SigLIP2 NaFlex before "hf": its vision model also has embeddings /
+    encoder / post_layernorm / head)."""
     names = [info.name for info in pkgutil.iter_modules(__path__) if info.name.startswith("tower_")]
     modules = {name.removeprefix("tower_"): importlib.import_module(f"{__name__}.{name}") for name in names}
     return dict(sorted(modules.items(), key=lambda item: item[1].ORDER))
