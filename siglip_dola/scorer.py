@@ -56,6 +56,9 @@ class DoLaSigLIP:
             settings = settings_for_model(model, calibration, mode=mode, alpha=alpha, layers=layers, bucket=bucket,
                                           n_buckets=n_buckets, static_layer=static_layer,
                                           contrast_weight=contrast_weight)
+        layers = model.readout.check_layers(settings.layers)   # a given DoLaSettings' raw layers: checked once, here
+        if layers is not settings.layers:
+            settings = dataclasses.replace(settings, layers=layers)
         self.settings = settings   # THE DoLa configuration: every call below reads it whole
         self._graphed_scores = CallCache() if cuda_graphs else None
         self._graph_bank = None   # (source bank key, the fp32 bank on the device the graphs read)

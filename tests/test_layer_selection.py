@@ -99,3 +99,18 @@ def test_inner_calls_assert_on_unchecked_numbers(tiny_loaded):
     """Below the public edge nothing re-checks: an unchecked list there is a programming error, not user input."""
     with pytest.raises(AssertionError):
         tiny_loaded.readout._run(_pixels(tiny_loaded), [2, 6], {})
+
+
+def test_a_hand_made_settings_value_is_checked_once_when_the_scorer_takes_it(tiny_loaded, rule_calls):
+    from siglip_dola.settings import DoLaSettings
+
+    hand_made = DoLaSettings(mode="dynamic", layers=[4, 8], static_layer=None, alpha=0.1, contrast_weight=1.0,
+                             bucket=None, n_buckets=None)
+    scorer = DoLaSigLIP(tiny_loaded, settings=hand_made)
+    bank = torch.randn(5, tiny_loaded.readout.embed_dim)
+    for _ in range(2):
+        scorer.score_pixels(_pixels(tiny_loaded), bank)
+    assert rule_calls == [[4, 8]] and scorer.settings.layers == [4, 8]
+    with pytest.raises(ValueError, match=r"layers \[20\] out of range: valid layers are 1\.\.11"):
+        DoLaSigLIP(tiny_loaded, settings=DoLaSettings(mode="dynamic", layers=[20], static_layer=None, alpha=0.1,
+                                                      contrast_weight=1.0, bucket=None, n_buckets=None))
