@@ -2,9 +2,9 @@
 
 Classification picks by top-1 accuracy; retrieval (``task="zeroshot_retrieval"``) picks the text -> image
 rerank settings by ``image_retrieval_recall@k`` (``RETRIEVAL_METRIC``), the direction `search` serves.
-Images go through the model once (split_logits.py: all layers 1..N-1 in one readout call per batch); every grid point is
-then scored from the stored embeddings with `scoring.dola`, never by running the model again, chunk by
-chunk (evaluation/layer_logits.py: O(n*C) memory per point). Ties go to the baseline (`off`), then to
+Images go through the model once (split_logits.py: all layers 1..N-1 in one readout call per batch); every
+grid point is then scored from the stored embeddings with `scoring.dola`, never by running the model again,
+chunk by chunk (evaluation/layer_logits.py: O(n*C) memory per point). Ties go to the baseline (`off`), then to
 fewer layers, then to the earlier grid point (lambda = 1, the design note's formula, comes first). The
 baseline is a grid point, so the chosen settings never score below `off` on the calibration split.
 The best single layer read out alone (not DoLa) is reported as ``best_single_layer``.
