@@ -22,6 +22,7 @@ from siglip_dola.evaluation.evaluate import evaluate
 from siglip_dola.evaluation.stats import bootstrap_proportion_interval
 from siglip_dola.io import write_json_atomic, write_text_atomic
 from siglip_dola.loading.embedded import EMBEDDED_DIR
+from siglip_dola.modes import BASELINE, MODES
 from tools import model_card
 
 RESULTS_NAME = "results_test.json"
@@ -91,9 +92,10 @@ def _fmt_interval(low: float, high: float, signed: bool = False) -> str:
 
 
 def _settings_text(settings: dict) -> str:
-    if settings["mode"] == "off":
+    if settings["mode"] == BASELINE:
         return "final layer, q_N"
-    layers = f"layer {settings['static_layer']}" if settings["mode"] == "static" else f"layers {settings['layers']}"
+    fixed = MODES[settings["mode"]].fixed_layer
+    layers = f"layer {settings['static_layer']}" if fixed else f"layers {settings['layers']}"
     return f"{layers}, alpha {settings['alpha']}, lambda {settings['contrast_weight']}"
 
 
@@ -110,9 +112,9 @@ def readme_table(calibration: dict, results: dict, rows: list[dict]) -> str:
     n, held, chosen = results["n_images"], held_out_top1(rows), results["chosen_mode"]
     lines = ["| method | settings (chosen on val) | top-1 [95% CI] | vs off: delta [95% CI] | McNemar p | "
              "fixed / broken | held-out classes |", "|---|---|---|---|---|---|---|"]
-    names = {"off": "final layer (baseline, `off`)", "static": "DoLa static", "dynamic": "DoLa dynamic"}
-    for mode, entry in results["modes"].items():
-        label = names[mode] + (" **(chosen)**" if mode == chosen else "")
+    for mode, entry in results["modes"].items():   # every mode of the table
+        label = (f"final layer (baseline, `{mode}`)" if mode == BASELINE else f"DoLa {mode}") + \
+            (" **(chosen)**" if mode == chosen else "")
         lines.append(_row(label, _settings_text(entry["settings"]), entry["metrics"]["acc1"], n,
                           results["paired"].get(mode), f"{held[mode]:.3f}"))
     single = results["reference"]["best_single_layer"]
