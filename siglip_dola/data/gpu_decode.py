@@ -7,9 +7,17 @@ and data/gpu_transform.py resizes, crops and normalises it with the model's own 
 
 Anything that is not a plain RGB or greyscale JPEG (PNG, CMYK, ...) and any JPEG nvJPEG refuses takes the CPU path
 (data.images.decode_image + the model's preprocess), file by file, and joins the batch in its input position.
+
+Decoding and the transform run on a stream of their own, idle when nvJPEG is called. torchvision allocates nvJPEG's
+outputs on the caller's current stream but writes them from a private stream that waits for nothing (and nvJPEG's
+hardware engine ignores stream order anyway), while the caching allocator hands out a block as soon as it is freed
+on its stream: called on the compute stream, the decoder overwrote activations that queued forward kernels had yet
+to read (NaN embeddings in `evaluate`, once the host ran a few batches ahead of the GPU). On an idle stream of our
+own, every block it can be given is either finished with or held for the compute stream by record_stream.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -120,8 +128,23 @@ def _nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
             return decoded
 
 
-def _assemble(rows, items, transform: GpuPreprocess, preprocess, device: torch.device):
-    """One batch's rows -> (indices, ids, pixels fp32 [B, 3, H, W] on device or None, skipped, size)."""
+def _assemble(rows, items, transform: GpuPreprocess, preprocess, device: torch.device, stream=None):
+    """One batch's rows -> (indices, ids, pixels fp32 [B, 3, H, W] on device or None, skipped, size).
+
+    stream: the decode stream (CUDA; None on CPU). Everything runs on it once it is idle; the pixels come back
+    ready on the caller's current stream."""
+    caller = torch.cuda.current_stream(device) if stream is not None else None
+    if stream is not None:
+        stream.synchronize()   # the last batch's transform: no freed block of this stream is still being read
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        result = _decode_and_transform(rows, items, transform, preprocess, device)
+    if stream is not None and result[2] is not None:
+        caller.wait_stream(stream)
+        result[2].record_stream(caller)   # made on the decode stream, read on the caller's
+    return result
+
+
+def _decode_and_transform(rows, items, transform: GpuPreprocess, preprocess, device: torch.device):
     jpegs = [row for row in rows if isinstance(row[2], tuple) and row[2][0] == "jpeg"]
     decoded = _nvjpeg([row[2][1] for row in jpegs], device) if jpegs else []
     on_gpu, pixels_of = [], {}
@@ -165,5 +188,6 @@ def iter_gpu_decoded(items: Sequence, preprocess, batch_size: int, workers: int,
         raise TypeError("decode='gpu' reads image files: items must be paths")
     loader = DataLoader(_JpegFiles(items, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_rows, prefetch_factor=PREFETCH_BATCHES if workers else None)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     for rows in loader:
-        yield _assemble(rows, items, transform, preprocess, device)
+        yield _assemble(rows, items, transform, preprocess, device, stream)

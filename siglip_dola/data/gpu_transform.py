@@ -6,10 +6,14 @@ Mapped: torchvision ``Compose`` chains as open_clip and timm build them (``Resiz
 (``size`` height/width or shortest_edge, ``resample``, ``do_center_crop``/``crop_size``, ``rescale_factor``,
 ``image_mean``/``image_std``). Anything else raises :class:`UnmappablePreprocess` naming the step.
 
-The steps run in the PIL path's order and number format: resize on uint8 (rounded back to uint8, as PIL stores its
-result), crop, then x / 255 (ToTensor) or x * rescale_factor (HF), then (x - mean) / std in fp32. torchvision's
-antialiased resize approximates PIL's; nvJPEG's decode approximates libjpeg's: the pixels agree closely, not
-bit for bit (docs/evaluation.md has the measured agreement).
+The steps run in the preprocess's own order and number format: resize on uint8 (rounded back to uint8, as PIL
+and torchvision store their result), crop, then the scaling and normalisation in the arithmetic of the code that
+the CPU path runs (``SCALINGS``): ToTensor's x / 255 then Normalize's (x - mean) / std in fp32; an HF torchvision
+("fast") processor's fused (x - mean / r) / (std / r); an HF PIL/NumPy processor's fp32(fp64(x) * r), then
+(x - mean) / std in fp32. With a torchvision-backed HF processor the result is its own output on the same decoded
+pixels (tested on CPU); where the CPU path resizes with PIL (open_clip, timm, HF PIL processors) torchvision's
+antialiased resize approximates PIL's. nvJPEG's decode approximates libjpeg-turbo's (docs/evaluation.md has the
+measured agreement).
 """
 from __future__ import annotations
 
@@ -20,15 +24,19 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as F
 
 from siglip_dola.data.pixel_split import device_constant
+from siglip_dola.data.separable_resize import resize_uint8
 
 # PIL resample codes (HF processors store them) -> torchvision's modes
-_PIL_RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
+_PIL_RESAMPLE = {0: InterpolationMode.NEAREST_EXACT, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
                  1: InterpolationMode.LANCZOS, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
 _TENSOR_MODES = (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT, InterpolationMode.BILINEAR,
                  InterpolationMode.BICUBIC)
 # steps that change nothing for an RGB uint8 image decoded as RGB (open_clip's, timm's conversions to RGB)
 _RGB_STEPS = ("MaybeConvertMode", "_convert_to_rgb", "convert_to_rgb", "ToRGB")
 _TO_TENSOR_STEPS = ("ToTensor", "MaybeToTensor")
+# how uint8 becomes the model's floats: torchvision's ToTensor + Normalize; an HF torchvision-backed processor
+# (transformers' fast ones, the default in 5.x), which folds the rescale into the normalisation; an HF PIL/NumPy one
+SCALINGS = ("to_tensor", "hf_fused", "hf_numpy")
 
 
 class UnmappablePreprocess(ValueError):
@@ -41,15 +49,16 @@ class GpuPreprocess:
 
     resize: (H, W) for an exact size, or (S,) for the shortest edge S (the longer one scaled, truncated, as
     torchvision and HF do); None: no resize. crop: (H, W) centre crop or None; crop_floor: HF's top-left
-    (floor of half the margin) instead of torchvision's (rounded). scale: 1/255 as a division (ToTensor) when
-    divide_255, else multiplied (HF's rescale_factor).
+    (floor of half the margin) instead of torchvision's (rounded). scaling: one of SCALINGS; rescale_factor:
+    HF's (None: no rescale).
     """
     resize: tuple[int, ...] | None
     interpolation: InterpolationMode
+    resizer: str   # the CPU path's resizer (separable_resize.RESIZERS), whose arithmetic the resize follows
     crop: tuple[int, int] | None
     crop_floor: bool
-    divide_255: bool
-    rescale_factor: float
+    scaling: str
+    rescale_factor: float | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
 
@@ -71,7 +80,7 @@ class GpuPreprocess:
         height, width = images.shape[-2:]
         size = self.resized_size(height, width)
         if self.resize is not None and (height, width) != size:
-            images = F.resize(images, list(size), interpolation=self.interpolation, antialias=True)
+            images = resize_uint8(images, size, self.interpolation, self.resizer)
         if self.crop is None:
             return images
         crop_h, crop_w = self.crop
@@ -82,12 +91,21 @@ class GpuPreprocess:
         return images[..., top:top + crop_h, left:left + crop_w]
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> the preprocess's fp32 pixels, on their device."""
-        device = pixels.device
-        if self.divide_255:
+        """uint8 [B, 3, H, W] -> the preprocess's fp32 pixels, on their device, in its own arithmetic."""
+        device, factor = pixels.device, self.rescale_factor
+        if self.scaling == "to_tensor":
             out = pixels.to(torch.float32).div_(device_constant((255.0,), device))
+        elif self.scaling == "hf_numpy" and factor is not None:   # numpy: (x.astype(float64) * r).astype(float32)
+            out = pixels.to(torch.float64).mul_(factor).to(torch.float32)
+        elif self.scaling == "hf_fused" and factor is not None and self.mean is not None:
+            # transformers' fast processors: normalize(x, mean / r, std / r), the constants made in fp32
+            fused_mean, fused_std = (_fused(values, factor) for values in (self.mean, self.std))
+            return pixels.to(torch.float32).sub_(device_constant(fused_mean, device)).div_(
+                device_constant(fused_std, device))
+        elif factor is not None:   # hf_fused without a normalisation: x * r
+            out = pixels.to(torch.float32).mul_(factor)
         else:
-            out = pixels.to(torch.float32).mul_(self.rescale_factor)
+            out = pixels.to(torch.float32)
         if self.mean is not None:
             out = out.sub_(device_constant(self.mean, device)).div_(device_constant(self.std, device))
         return out
@@ -114,6 +132,11 @@ class GpuPreprocess:
         return self.finish(out)
 
 
+def _fused(values: tuple[float, float, float], factor: float) -> tuple[float, float, float]:
+    """values / factor as transformers' fast processors compute it: an fp32 tensor times 1 / factor."""
+    return tuple((torch.tensor(values, dtype=torch.float32) * (1.0 / factor)).tolist())
+
+
 def _interpolation(value, where: str) -> InterpolationMode:
     mode = _PIL_RESAMPLE.get(int(value)) if isinstance(value, int) else value
     if not isinstance(mode, InterpolationMode) or mode not in _TENSOR_MODES:
@@ -130,8 +153,8 @@ def _three(values, name: str, where: str) -> tuple[float, float, float]:
 
 
 def _from_compose(preprocess: Compose) -> GpuPreprocess:
-    fields = dict(resize=None, interpolation=InterpolationMode.BILINEAR, crop=None, crop_floor=False,
-                  divide_255=True, rescale_factor=1 / 255, mean=None, std=None)
+    fields = dict(resize=None, interpolation=InterpolationMode.BILINEAR, resizer="pillow", crop=None, crop_floor=False,
+                  scaling="to_tensor", rescale_factor=None, mean=None, std=None)
     seen_tensor = False
     for step in preprocess.transforms:
         name = getattr(step, "__name__", type(step).__name__)
@@ -158,13 +181,33 @@ def _from_compose(preprocess: Compose) -> GpuPreprocess:
     return GpuPreprocess(**fields)
 
 
+def hf_backend(processor) -> str:
+    """'torchvision' or 'pil': which code an HF image processor runs (transformers 5 says it; 4.x's fast processors
+    are the classes named ...Fast)."""
+    backend = getattr(processor, "backend", None)
+    if isinstance(backend, str):
+        return backend
+    return "torchvision" if type(processor).__name__.endswith("Fast") else "pil"
+
+
+def _native_uint8(interpolation: InterpolationMode) -> bool:
+    """Whether torchvision resizes uint8 images on CPU with torch's native uint8 kernel (two rounded passes)."""
+    try:
+        from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
+    except ImportError:   # a torchvision without it casts to float: one joint pass
+        return False
+    return bool(_do_native_uint8_resize_on_cpu(interpolation))
+
+
 def _from_hf(processor) -> GpuPreprocess:
     where = type(processor).__name__
     if "spatial_shapes" in getattr(processor, "model_input_names", ()):
         raise UnmappablePreprocess(f"{where}: NaFlex (variable patch count) processors are not mapped")
+    if getattr(processor, "do_pad", False):
+        raise UnmappablePreprocess(f"{where}: do_pad=True is not mapped")
     size, resize = getattr(processor, "size", None) or {}, None
     if getattr(processor, "do_resize", True):
-        size = dict(size) if not isinstance(size, dict) else size
+        size = {key: value for key, value in dict(size).items() if value is not None}
         if size.get("height") and size.get("width"):
             resize = (int(size["height"]), int(size["width"]))
         elif size.get("shortest_edge") and not size.get("longest_edge"):
@@ -176,10 +219,13 @@ def _from_hf(processor) -> GpuPreprocess:
         crop_size = processor.crop_size
         crop = (int(crop_size["height"]), int(crop_size["width"]))
     do_rescale, do_normalize = getattr(processor, "do_rescale", True), getattr(processor, "do_normalize", True)
+    interpolation = _interpolation(getattr(processor, "resample", 3), f"{where}.resample")
+    torchvision_backend = hf_backend(processor) == "torchvision"
+    resizer = "pillow" if not torchvision_backend else "torch_uint8" if _native_uint8(interpolation) else "torch_float"
     return GpuPreprocess(
-        resize=resize, interpolation=_interpolation(getattr(processor, "resample", 3), f"{where}.resample"),
-        crop=crop, crop_floor=True, divide_255=False,
-        rescale_factor=float(processor.rescale_factor) if do_rescale else 1.0,
+        resize=resize, interpolation=interpolation, resizer=resizer,
+        crop=crop, crop_floor=True, scaling="hf_fused" if torchvision_backend else "hf_numpy",
+        rescale_factor=float(processor.rescale_factor) if do_rescale else None,
         mean=_three(processor.image_mean, "image_mean", where) if do_normalize else None,
         std=_three(processor.image_std, "image_std", where) if do_normalize else None)
 
