@@ -98,8 +98,9 @@ def agreement(model, root: Path, items: list, work: Path, batch_size: int, n: in
     return result
 
 
-def _shapes_jpegs(root: Path) -> list[str]:
-    """The shapes test split as an ImageFolder of JPEGs (quality 90)."""
+def _shapes_jpegs(root: Path, subsampling: int = -1) -> list[str]:
+    """The shapes test split as an ImageFolder of JPEGs (quality 90; subsampling -1: Pillow's default, 4:2:0;
+    0: 4:4:4, no chroma subsampling, so nvJPEG's chroma upsampling has nothing to do)."""
     from siglip_dola.data.shapes import CLASSNAMES, make_split
 
     paths = []
@@ -107,30 +108,62 @@ def _shapes_jpegs(root: Path) -> list[str]:
         folder = root / CLASSNAMES[sample.label]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{index:05d}.jpg"
-        sample.image.convert("RGB").save(path, "JPEG", quality=90)
+        sample.image.convert("RGB").save(path, "JPEG", quality=90, subsampling=subsampling)
         paths.append(str(path))
     return paths
 
 
 def embedded_agreement(work: Path, device, batch_size: int) -> dict:
-    """The trained embedded model (fp32): decode cpu vs gpu on the shapes test split written as JPEGs."""
+    """The trained embedded model (fp32): decode cpu vs gpu on the shapes test split written as JPEGs, once with
+    4:2:0 chroma (Pillow's default) and once with 4:4:4: nvJPEG (as torchvision calls it) upsamples 4:2:0 chroma
+    by repeating samples where libjpeg-turbo interpolates, so only the first carries that difference."""
     from siglip_dola.data.datasets import load_dataset
     from siglip_dola.loading import load
 
-    root = work / "shapes_jpeg"
-    _shapes_jpegs(root)
     model = load(None, device=device, precision="fp32")
-    items = load_dataset(str(root)).items
-    probe = model.preprocess
-    try:
-        probe_ok = probe(__import__("PIL.Image").Image.open(items[0]).convert("RGB")) is not None
-    except Exception as err:  # noqa: BLE001 - transformers 5.17's channels_last bug: call its processor plainly
-        processor = model.preprocess.processor
-        model.preprocess = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
-        probe_ok = f"own wrapper failed here ({type(err).__name__}); the processor called without input_data_format"
-    result = agreement(model, root, items, work, batch_size, len(items))
-    result["cpu_preprocess"] = "model.preprocess" if probe_ok is True else probe_ok
+    result = {"cpu_preprocess": repr(model.preprocess)}
+    for name, subsampling in (("chroma_420", -1), ("chroma_444", 0)):
+        root = work / f"shapes_jpeg_{name}"
+        _shapes_jpegs(root, subsampling)
+        items = load_dataset(str(root)).items
+        result[name] = agreement(model, root, items, work, batch_size, len(items))
     return result
+
+
+def allocator_race(device, paths: list[str], rounds: int = 20) -> dict:
+    """Does decoding write into memory that kernels queued on the compute stream have yet to read?
+
+    Per round: tensors of the decoded images' byte size are filled and synchronised, a ~20 ms sleep kernel and one
+    sum per tensor are queued, the tensors are freed (so the allocator may hand their blocks out), a batch is
+    decoded, and the sums are checked against their exact values. 'torchvision' calls decode_jpeg on the compute
+    stream; 'siglip_dola' is data/gpu_decode.py's path (its own idle stream). Counts of wrong sums."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from siglip_dola.data.gpu_decode import _assemble
+    from siglip_dola.data.gpu_transform import map_preprocess
+    from siglip_dola.loading import load
+
+    model = load(None, device=device, precision="fp32")
+    transform = map_preprocess(model.preprocess)
+    datas = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths[:16]]
+    numel = int(decode_jpeg(datas[0], mode=ImageReadMode.RGB).numel())
+    stream = torch.cuda.Stream(device)
+    rows = [(k, p, ("jpeg", d, 1)) for k, (p, d) in enumerate(zip(paths, datas))]
+    decoders = {"torchvision": lambda: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device),
+                "siglip_dola": lambda: _assemble(rows, paths, transform, model.preprocess, device, stream)}
+    wrong = {}
+    for name, decode in decoders.items():
+        wrong[name] = 0
+        for _ in range(rounds):
+            held = [torch.full((numel // 4,), float(k + 1), device=device) for k in range(2 * len(datas))]
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(20_000_000)
+            sums = [t.sum() for t in held]
+            del held
+            decode()
+            torch.cuda.synchronize(device)
+            wrong[name] += sum(int(float(s) != (k + 1) * (numel // 4)) for k, s in enumerate(sums))
+    return {"rounds": rounds, "tensors_per_round": 2 * len(datas), "wrong_sums": wrong}
 
 
 def main() -> None:
@@ -146,6 +179,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/sdola_decode_eval")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
     args = parser.parse_args()
     from siglip_dola.data.datasets import load_dataset
     from siglip_dola.loading import load
@@ -177,14 +211,18 @@ def main() -> None:
     embedded = _guarded(errors, "embedded", embedded_agreement, work, device, args.batch_size) if args.embedded \
         else None
     print(f"embedded model agreement: {embedded}", flush=True)
+    race = _guarded(errors, "allocator_race", allocator_race, device,
+                    [str(p) for p in sorted((work / "shapes_jpeg_chroma_420").rglob("*.jpg"))]) \
+        if args.embedded and device.type == "cuda" else None
+    print(f"allocator race: {race}", flush=True)
     medians = {d: statistics.median(r) if r else None for d, r in rates.items()}
     readout = forward.get("readout_all_layers")
-    result = {"benchmark": "decode_eval", **_environment(device, None), "model": f"{args.model_name} (open_clip, "
+    result = {"benchmark": "decode_eval", **_environment(device, args.commit), "model": f"{args.model_name} (open_clip, "
               "random init, random LayerNorm affines), bf16 autocast", "n": args.n, "batch_size": args.batch_size,
               "forward_images_per_s": forward, "eval_images_per_s": medians, "eval_rounds": rates,
               "eval_vs_forward_readout": {d: None if m is None or not readout else m / readout
                                           for d, m in medians.items()},
-              "input_loop_images_per_s": inputs, "agreement": agree, "embedded_agreement": embedded,
+              "input_loop_images_per_s": inputs, "agreement": agree, "embedded_agreement": embedded, "allocator_race": race,
               "errors": errors}
     text = json.dumps(result, indent=2)
     if args.out:
