@@ -242,3 +242,26 @@ def test_check_decode_errors_name_the_argument():
         check_decode("nvjpeg", "cpu")
     with pytest.raises(ValueError, match="decode='gpu' needs the model on a CUDA device"):
         check_decode("gpu", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("subsampling", [-1, 0])
+def test_the_embedded_models_jpegs_come_out_as_the_cpu_path_gives_them(tmp_path, subsampling):
+    """The whole decode='gpu' path (torchvision's CPU decoder in nvJPEG's place) against the CPU path, with the embedded
+    model's own HF processor (64x64 shapes images: no resize): equal pixels, 4:2:0 and 4:4:4 JPEGs alike."""
+    from transformers import AutoImageProcessor
+
+    from siglip_dola.data.images import decode_image
+    from siglip_dola.data.shapes import make_split
+    from siglip_dola.loading.embedded import EMBEDDED_DIR
+    from siglip_dola.loading.hf import HFImagePreprocess
+
+    preprocess = HFImagePreprocess(AutoImageProcessor.from_pretrained(EMBEDDED_DIR, local_files_only=True))
+    paths = []
+    for index, sample in enumerate(make_split("test")[:12]):
+        path = tmp_path / f"{index}.jpg"
+        sample.image.convert("RGB").save(path, "JPEG", quality=90, subsampling=subsampling)
+        paths.append(str(path))
+    batches = list(iter_gpu_decoded(paths, preprocess, batch_size=5, workers=0, device=torch.device("cpu")))
+    pixels = torch.cat([b[2] for b in batches])
+    assert [i for b in batches for i in b[0]] == list(range(12))
+    assert torch.equal(pixels, torch.stack([decode_image(p, preprocess) for p in paths]))
