@@ -12,6 +12,8 @@ round by round, each call timed with ``torch.cuda.synchronize()`` (wall time, as
   gamma ~ N(0.8, 0.7), beta ~ N(0, 0.2)), then ``dynamic23`` eager and graphed again.
 
 Ratios: eager points vs ``plain``, graph points vs ``plain-graph`` (median of per-round ratios, and of medians).
+``plain-again`` / ``plain-again-graph`` time the baseline a second time in the same rounds: a ratio closer to 1 than
+theirs is within the run's noise.
 Prints the readout's path record (``Readout.layer_paths``) per point. One command:
 
     python benchmarks/product.py --out benchmarks/results/h200_product.json
@@ -147,8 +149,10 @@ def measure_batch(args, loaded, encode, module, batch, bank, device) -> list[dic
     bank_n = F.normalize(bank, dim=-1)
     graphs = device.type == "cuda"
     points = {"plain": plain_call(encode, bank_n, loaded.tau, loaded.dtype, device)}
+    points["plain-again"] = points["plain"]   # the baseline timed twice: its ratio is the run's noise floor
     if graphs:
         points["plain-graph"] = plain_graph(points["plain"], images, loaded.dtype, device)
+        points["plain-again-graph"] = points["plain-graph"]
     paths, options = {}, {}   # options: point -> config options set around each of its calls (not timed)
     for name, settings in layer_sets(loaded.readout.num_layers).items():
         for graph in ([False, True] if graphs else [False]):
