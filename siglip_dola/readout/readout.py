@@ -119,6 +119,10 @@ class Readout:
 
     def _run(self, images: torch.Tensor, layer_list: LayerSelection, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(layer_list, LayerSelection) and layer_list.num_layers == self.num_layers, layer_list
+        if not layer_list:   # the final embedding alone: no pooler, so no head fingerprint before the first kernel
+            with torch.no_grad():
+                z_final = self._tower.embed(images, **inputs) if inputs else self._tower.embed(images)
+            return z_final, z_final.new_empty((0, *z_final.shape))
         with torch.no_grad():
             pooler = self._pooling.begin(self._current_head(), layer_list, images.device, inputs)
             blocks, handles = self._tower.blocks, []
@@ -127,22 +131,21 @@ class Readout:
                 for layer in layers:
                     handles.extend(module.register_forward_hook(hook) for module, hook in pooler.hooks(layer, blocks))
             try:
-                if layer_list:   # the earliest block's hooks now, the rest from its hook: that CPU work then
-                    first = min(layer_list)   # overlaps the forward (the eager set-up's cost: benchmarks/README.md)
-                    rest = [layer for layer in layer_list if layer != first]
-                    attached = []
-                    def attach_rest(module, args, output):   # noqa: E306
-                        if not attached:
-                            attached.append(True)
-                            attach(rest)
-                    attach([first])   # before attach_rest: the pooler sees block `first`'s output (its path) first
-                    handles.append(blocks[first - 1].register_forward_hook(attach_rest))
+                # the earliest block's hooks now, the rest from its hook: that CPU work then overlaps the forward
+                # (the eager set-up's cost: benchmarks/README.md)
+                first = min(layer_list)
+                rest = [layer for layer in layer_list if layer != first]
+                attached = []
+                def attach_rest(module, args, output):   # noqa: E306
+                    if not attached:
+                        attached.append(True)
+                        attach(rest)
+                attach([first])   # before attach_rest: the pooler sees block `first`'s output (its path) first
+                handles.append(blocks[first - 1].register_forward_hook(attach_rest))
                 z_final = self._tower.embed(images, **inputs) if inputs else self._tower.embed(images)
             finally:
                 for handle in handles:
                     handle.remove()
-            if not layer_list:
-                return z_final, z_final.new_empty((0, *z_final.shape))
             z_layers = pooler.result().to(z_final.dtype)                     # (J, B, D)
         self.layer_paths, self.path_reasons = dict(pooler.paths), dict(pooler.reasons)
         return z_final, z_layers
