@@ -10,10 +10,11 @@ The steps run in the preprocess's own order and number format: resize on uint8 (
 and torchvision store their result), crop, then the scaling and normalisation in the arithmetic of the code that
 the CPU path runs (``SCALINGS``): ToTensor's x / 255 then Normalize's (x - mean) / std in fp32; an HF torchvision
 ("fast") processor's fused (x - mean / r) / (std / r); an HF PIL/NumPy processor's fp32(fp64(x) * r), then
-(x - mean) / std in fp32. With a torchvision-backed HF processor the result is its own output on the same decoded
-pixels (tested on CPU); where the CPU path resizes with PIL (open_clip, timm, HF PIL processors) torchvision's
-antialiased resize approximates PIL's. nvJPEG's decode approximates libjpeg-turbo's (docs/evaluation.md has the
-measured agreement).
+(x - mean) / std in fp32. The resize runs as the CPU path's resizer does (Pillow for open_clip, timm and HF PIL
+processors; torch's uint8 kernel for HF torchvision processors): two rounded passes in its order
+(data/separable_resize.py), within a level of its fixed-point weights; without a resize the result is the
+preprocess's own, bit for bit (tested on CPU against the preprocess objects). nvJPEG's decode approximates
+libjpeg-turbo's (docs/evaluation.md has the measured agreement).
 """
 from __future__ import annotations
 
