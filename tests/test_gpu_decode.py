@@ -166,7 +166,8 @@ def test_images_of_several_sizes_are_grouped_and_kept_in_order():
         assert torch.equal(got[k], mapped([pil_to_tensor(image)])[0])
 
 
-@pytest.mark.parametrize("step", [RandomResizedCrop(224), Resize(224, max_size=300)])
+@pytest.mark.parametrize("step", [RandomResizedCrop(224), Resize(224, max_size=300),
+                                  Resize(224, interpolation=InterpolationMode.NEAREST)])
 def test_unmappable_steps_are_refused_by_name(step):
     preprocess = Compose([step, CenterCrop(224), *(_open_clip_transform("squash").transforms[-2:])])
     with pytest.raises(UnmappablePreprocess, match=type(step).__name__):
@@ -265,3 +266,11 @@ def test_the_embedded_models_jpegs_come_out_as_the_cpu_path_gives_them(tmp_path,
     pixels = torch.cat([b[2] for b in batches])
     assert [i for b in batches for i in b[0]] == list(range(12))
     assert torch.equal(pixels, torch.stack([decode_image(p, preprocess) for p in paths]))
+
+
+def test_nearest_resizes_of_pil_images_are_refused_and_of_tensors_mapped():
+    with pytest.raises(UnmappablePreprocess, match="nearest-neighbour"):
+        map_preprocess(_hf("siglip", "pil", resample=0))
+    processor = _hf("siglip", "torchvision", resample=0)   # transformers resizes tensors: NEAREST_EXACT, as here
+    image = _photo(97, 131, seed=4)
+    assert torch.equal(map_preprocess(processor)([pil_to_tensor(image)])[0], _hf_call(processor, image))

@@ -138,6 +138,16 @@ def _fused(values: tuple[float, float, float], factor: float) -> tuple[float, fl
     return tuple((torch.tensor(values, dtype=torch.float32) * (1.0 / factor)).tolist())
 
 
+_NEAREST = (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT)
+
+
+def _not_pillow_nearest(mode: InterpolationMode, resizer: str, where: str) -> None:
+    """Pillow's nearest neighbour rounds sample positions its own way (a fifth of the pixels moved when enlarging
+    64 -> 224, measured): refused rather than approximated."""
+    if resizer == "pillow" and mode in _NEAREST:
+        raise UnmappablePreprocess(f"{where}: a nearest-neighbour resize of PIL images is not reproduced on tensors")
+
+
 def _interpolation(value, where: str) -> InterpolationMode:
     mode = _PIL_RESAMPLE.get(int(value)) if isinstance(value, int) else value
     if not isinstance(mode, InterpolationMode) or mode not in _TENSOR_MODES:
@@ -166,6 +176,7 @@ def _from_compose(preprocess: Compose) -> GpuPreprocess:
             size = [step.size] if isinstance(step.size, int) else list(step.size)
             fields["resize"] = tuple(int(s) for s in size)
             fields["interpolation"] = _interpolation(step.interpolation, where)
+            _not_pillow_nearest(fields["interpolation"], "pillow", where)
         elif type(step) is CenterCrop and not seen_tensor and fields["crop"] is None:
             fields["crop"] = (int(step.size[0]), int(step.size[1]))
         elif name in _RGB_STEPS and not seen_tensor:
@@ -223,6 +234,7 @@ def _from_hf(processor) -> GpuPreprocess:
     interpolation = _interpolation(getattr(processor, "resample", 3), f"{where}.resample")
     torchvision_backend = hf_backend(processor) == "torchvision"
     resizer = "pillow" if not torchvision_backend else "torch_uint8" if _native_uint8(interpolation) else "torch_float"
+    _not_pillow_nearest(interpolation, resizer, f"{where}.resample")
     return GpuPreprocess(
         resize=resize, interpolation=interpolation, resizer=resizer,
         crop=crop, crop_floor=True, scaling="hf_fused" if torchvision_backend else "hf_numpy",
