@@ -63,10 +63,27 @@ def init_from_env(backend: str | None = None) -> bool:
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"backend must be one of None, 'nccl', 'gloo', got {backend!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    _import_group_defaults()
     if backend == "nccl":
         torch.cuda.set_device(local_device())  # object collectives on nccl use the current device
     dist.init_process_group(backend=backend, timeout=collective_timeout())
     return True
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn.functional before the process group exists.
+
+    Its collectives bind ``group=group.WORLD`` as a default argument when the module is first imported. Imported
+    after init_process_group (lazily: torchvision imports torch._dynamo, which imports it), ten functions hold the
+    default group in their ``__defaults__``, so destroy_process_group cannot free it: its gloo worker threads outlive
+    the session, and one still releasing the last collective's tensors when the interpreter shuts down takes the
+    GIL, is ended by CPython inside a noexcept destructor, and aborts the rank ("terminate called without an active
+    exception"). Imported first, the default is None.
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a build without it cannot leak through it
+        pass
 
 
 @contextmanager

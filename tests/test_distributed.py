@@ -122,6 +122,32 @@ def test_collective_timeout_is_short_and_configurable(monkeypatch):
             distributed.collective_timeout()
 
 
+FREED = textwrap.dedent('''
+    import sys
+    import torch.distributed as dist
+    from siglip_dola import distributed
+    with distributed.distributed_session() as (rank, world):
+        group = dist.distributed_c10d._get_default_group()
+        import siglip_dola.embedding.images  # imported lazily once the group exists, as `index build` does
+        distributed.broadcast_from_rank0(rank)
+    assert sys.getrefcount(group) == 2, sys.getrefcount(group)  # `group` and the call's argument: nothing else
+    print("freed", rank)
+''')
+
+
+def test_the_process_group_is_freed_when_the_session_ends(tmp_path):
+    """A group still referenced after destroy_process_group keeps its gloo threads running into interpreter
+    shutdown, where one releasing the last collective's tensors aborts the rank now and then (SIGABRT)."""
+    script = tmp_path / "freed.py"
+    script.write_text(FREED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={distributed.free_port()}", str(script)]
+    proc = run_in_own_group(command, env, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(proc.stdout.split()) == ["0", "1", "freed", "freed"]
+
+
 HANG = textwrap.dedent('''
     import os, time
     from siglip_dola import distributed
