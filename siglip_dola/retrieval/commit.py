@@ -75,9 +75,7 @@ def _prepare(root: Path, manifest: Manifest, names: list[str], counts: list[int]
     (staging / "layers.faiss").write_bytes(layer_store.codec_bytes(store))
     plan = {"store": store.name, "held_out": []}
     if adding:
-        base = faiss_store.read(root, manifest, use_gpu=False, mmap=False)
-        empty = faiss.clone_index(base)
-        empty.reset()
+        empty = faiss_store.empty_like(faiss_store.read(root, manifest, use_gpu=False, mmap=True))
         plan.update(factory=(manifest.first_stage or {}).get("factory", first_stage.EXACT))
     else:
         factory = options.index_factory or first_stage.choose_factory(
@@ -94,27 +92,43 @@ def _prepare(root: Path, manifest: Manifest, names: list[str], counts: list[int]
     return plan
 
 
-def _encode_and_add(root: Path, manifest: Manifest, owned: list[str], rank: int) -> None:
-    """Every rank: encode its segments into the store and write its first-stage part."""
+def _encode_and_add(root: Path, manifest: Manifest, owned: list[str], rank: int, first_id: int) -> None:
+    """Every rank: encode its segments into the store and write its first-stage part (an IVF part's vectors under
+    their global ids, from `first_id`, so that rank 0 merges the lists without shifting ids)."""
     staging = root / storage.STAGING
     store = layer_store.LayerStore(manifest.layer_store, 1 + len(manifest.layers), manifest.embed_dim)
     if store.needs_training:
         layer_store.load_codec(store, (staging / "layers.faiss").read_bytes())
     part = faiss.read_index(str(staging / "empty.faiss"))
+    ivf = faiss.try_extract_index_ivf(part) is not None
     for name in owned:
         folder = locate(root, name)
         meta = segment.encode_segment(folder, store)
         if meta["count"]:
             final = segment.staged_vectors(folder)[:, 0]
             for start in range(0, len(final), 65536):
-                part.add(np.ascontiguousarray(final[start:start + 65536], dtype=np.float32))
+                rows = np.ascontiguousarray(final[start:start + 65536], dtype=np.float32)
+                if ivf:
+                    part.add_with_ids(rows, np.arange(first_id, first_id + len(rows), dtype=np.int64))
+                else:
+                    part.add(rows)
+                first_id += len(rows)
     with atomic_path(staging / f"part-{rank}.faiss") as tmp:
         faiss.write_index(part, str(tmp))
 
 
 def _merge(root: Path, manifest: Manifest, world: int, adding: bool):
+    """Rank 0: the parts in rank order. IVF lists are merged on disk (only the index being added to and the parts
+    are memory-mapped: no rank holds the gallery's codes); other first stages in RAM (the exact one is chosen below
+    ~1M images, so its fp16 codes are bounded: 2 GB at D=1024)."""
     staging = root / storage.STAGING
-    merged = faiss_store.read(root, manifest, use_gpu=False, mmap=False) if adding else None
+    base = faiss_store.read(root, manifest, use_gpu=False, mmap=True) if adding else None
+    empty = faiss.read_index(str(staging / "empty.faiss"))
+    if faiss.try_extract_index_ivf(empty) is not None:
+        parts = ([base] if base is not None else []) + [
+            faiss.read_index(str(staging / f"part-{rank}.faiss"), faiss.IO_FLAG_MMAP) for rank in range(world)]
+        return faiss_store.merge_on_disk(staging / "empty.faiss", parts, staging / faiss_store.LISTS_STAGED)
+    merged = base
     for rank in range(world):
         part = faiss.read_index(str(staging / f"part-{rank}.faiss"))
         if merged is None:
@@ -183,8 +197,9 @@ def commit(root: Path, manifest: Manifest, names: list[str], owned: list[str], o
         plan.update(_prepare(root, manifest, names, counts, options, adding))
         manifest.layer_store = plan["store"]
     all_ok(guarded(prepare) if rank == 0 else None)
-    manifest.layer_store = distributed.broadcast_from_rank0(manifest.layer_store)
-    all_ok(guarded(lambda: _encode_and_add(root, manifest, owned, rank)))
+    manifest.layer_store, counts = distributed.broadcast_from_rank0((manifest.layer_store, counts))
+    first_id = manifest.count + sum(counts[:names.index(owned[0])]) if owned else 0
+    all_ok(guarded(lambda: _encode_and_add(root, manifest, owned, rank, first_id)))
     result = {}
 
     def merge_and_commit():

@@ -7,6 +7,9 @@ over fp16 codes: 2 bytes per dimension (2 KB per image at D=1024, half of IndexF
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,39 +18,123 @@ import numpy as np
 
 from siglip_dola.dependencies import require
 from siglip_dola.io import atomic_path
-from siglip_dola.retrieval import first_stage, storage
+from siglip_dola.retrieval import file_blocks, first_stage, storage
 
 faiss = require("faiss", "retrieval", "image indexes and search")   # any build: faiss-cpu, faiss-gpu, conda's
 
 SMALL_SCAN = 1 << 25  # vectors x dims below which one query is scanned on one thread (32k x 1024)
 
 
-def write(root: Path, manifest, index) -> tuple[str, str]:
-    """Write the first-stage `index` atomically as final-<checksum>.faiss; (file name, sha256)."""
+LISTS_STAGED = "lists.ivfdata"  # the merged inverted lists, in .staging/ until the commit moves them
+
+
+def _on_disk_lists(index):
+    """The OnDiskInvertedLists of an IVF `index`, else None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def empty_like(index):
+    """A trained, empty index with `index`'s parameters (an IVF index's lists are dropped, never copied)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        empty = faiss.clone_index(index)
+        empty.reset()
+        return empty
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    index.ntotal = ivf.ntotal = 0
+    return index
+
+
+def merge_on_disk(empty_path: Path, parts: list, lists_path: Path):
+    """The trained empty index at `empty_path` holding the inverted lists of every index in `parts` (in order,
+    their ids kept), written to `lists_path` by FAISS's on-disk lists: the merged codes are never in RAM, as
+    faiss.contrib.ondisk.merge_ondisk (whose FAISS 1.8 version cannot take the lists of an opened index)."""
+    merged = faiss.read_index(str(empty_path))
+    ivf = faiss.extract_index_ivf(merged)
+    lists_path.unlink(missing_ok=True)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_path))
+    sources = faiss.InvertedListsPtrVector()
+    for part in parts:
+        sources.push_back(faiss.extract_index_ivf(part).invlists)
+    if hasattr(lists, "merge_from_multiple"):  # FAISS >= 1.9 renamed it (and added id shifting, unused here)
+        ntotal = lists.merge_from_multiple(sources.data(), sources.size(), False, False)
+    else:
+        ntotal = lists.merge_from(sources.data(), sources.size(), False)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    merged.ntotal = ivf.ntotal = ntotal
+    return merged
+
+
+def write(root: Path, manifest, index) -> tuple[str, str, dict]:
+    """Write the first-stage `index` atomically as final-<checksum>.faiss, its on-disk inverted lists (if
+    merged on disk) moved beside it as final-<checksum>.ivfdata; (FAISS file, lists file or "", block checksums)."""
     assert index.ntotal == manifest.count, f"FAISS holds {index.ntotal} vectors, manifest {manifest.count}"
-    name = f"final-{manifest.checksum[:16]}.faiss"
+    name, lists_name = f"final-{manifest.checksum[:16]}.faiss", ""
+    lists = _on_disk_lists(index)
+    if lists is not None and Path(lists.filename).name == LISTS_STAGED:
+        staged, lists_name = Path(lists.filename), f"final-{manifest.checksum[:16]}.ivfdata"
+        with open(staged, "rb+") as handle:
+            os.fsync(handle.fileno())
+        lists.filename = lists_name  # FAISS stores the name; opening takes it from the .faiss file's folder
+        os.replace(staged, root / lists_name)
     with atomic_path(root / name) as tmp:
         faiss.write_index(index, str(tmp))
-        sha256 = storage.file_sha256(tmp)
-    return name, sha256
+    return name, lists_name, file_blocks.record(root, [name] + ([lists_name] if lists_name else []))
 
 
-def read(root: Path, manifest, use_gpu: bool | None = None, mmap: bool = True):
-    """The index named by `manifest`: an IVF index with its inverted lists memory-mapped (mmap=True), else in
-    RAM (on the GPUs when GPU FAISS is installed, the first stage is exact and use_gpu is not False).
+@contextmanager
+def _quiet_c_stdout():
+    """FAISS printf()s a line to stdout when it opens on-disk lists: keep it out of our stdout (JSON results)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
-    The file's sha256 is checked against the manifest first (format >= 2): FAISS itself reads flipped
-    bytes without complaint and answers wrongly. The build's tuned search parameters (nprobe) are applied.
+
+def _check(root: Path, manifest, verify: bool) -> None:
+    """Block checksums (format >= 4): sizes, and every block of the file FAISS reads into RAM; with verify, the
+    memory-mapped lists' blocks too. Older indexes: the whole file's sha256 (format 2-3)."""
+    if manifest.faiss_blocks:
+        file_blocks.check(root, manifest.faiss_blocks, manifest.faiss_file, every_block=True)
+        if manifest.faiss_lists_file:
+            file_blocks.check(root, manifest.faiss_blocks, manifest.faiss_lists_file, every_block=verify)
+    elif manifest.faiss_sha256:
+        storage.verify_file(root, manifest.faiss_file, manifest.faiss_sha256)
+
+
+def read(root: Path, manifest, use_gpu: bool | None = None, mmap: bool = True, verify: bool = False):
+    """The index named by `manifest`: an IVF index with its inverted lists memory-mapped (mmap=True, and always
+    for lists merged on disk), else in RAM (on the GPUs when GPU FAISS is installed, the first stage is exact and
+    use_gpu is not False).
+
+    The file is checked against the manifest first (``_check``): FAISS itself reads flipped bytes without
+    complaint and answers wrongly. The build's tuned search parameters (nprobe) are applied.
     """
     path = Path(root) / manifest.faiss_file
     if not manifest.faiss_file or not path.is_file():
         raise storage.IndexCorruptError(root, manifest.faiss_file or "final-*.faiss", "FAISS file missing")
-    if manifest.faiss_sha256:
-        storage.verify_file(root, manifest.faiss_file, manifest.faiss_sha256)
+    _check(root, manifest, verify)
     info = manifest.first_stage or {}
     exact = first_stage.is_exact(info.get("factory", first_stage.EXACT))
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and not exact else 0)
+        if manifest.faiss_lists_file:
+            with _quiet_c_stdout():
+                index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        else:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and not exact else 0)
     except RuntimeError as err:  # truncated: a raw C++ message
         raise storage.IndexCorruptError(root, manifest.faiss_file, str(err).strip().splitlines()[-1]) from None
     if index.ntotal != manifest.count or index.d != manifest.embed_dim:

@@ -161,7 +161,8 @@ def _finish(root: Path, manifest: Manifest, names: list[str], metas: list[dict],
         manifest.layer_codec_file, manifest.layer_codec_sha256 = storage.write_file(root, "layers", extra["codec"])
     manifest.first_stage = extra["first_stage"]
     manifest.format_version = storage.FORMAT_VERSION
-    manifest.faiss_file, manifest.faiss_sha256 = faiss_store.write(root, manifest, first)
+    manifest.faiss_file, manifest.faiss_lists_file, manifest.faiss_blocks = faiss_store.write(root, manifest, first)
+    manifest.faiss_sha256 = ""  # superseded by faiss_blocks (format 4)
     storage.write_manifest(root, manifest)
     storage.remove_unreferenced(root, manifest)
     return manifest

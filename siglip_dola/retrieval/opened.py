@@ -148,8 +148,9 @@ def _image_root(manifest: Manifest, root: Path, image_root) -> str:
 def open_index(index, model=None, layers=None, verify: bool = False, image_root=None) -> RetrievalIndex:
     """Open the index at `index`; `model` (LoadedModel or model id) and `layers` are checked against it.
 
-    Every open checks segment sizes, shapes and path counts and the FAISS file's sha256 (IndexCorruptError,
-    a ValueError naming the file). verify=True also re-hashes every vectors file (reads the whole index).
+    Every open checks segment sizes, shapes and path counts, and the FAISS files' sizes and the block checksums of
+    what FAISS reads into RAM (IndexCorruptError, a ValueError naming the file). verify=True also re-hashes every
+    vectors file and every block of the memory-mapped inverted lists (reads the whole index).
     image_root: where the images are now, if their folder moved since the build (paths are relative to it).
     """
     root = Path(index)
@@ -175,11 +176,12 @@ def open_index(index, model=None, layers=None, verify: bool = False, image_root=
                       "`siglip-dola index verify`, or rebuild the index to add checksums", UserWarning, stacklevel=2)
     counts = [seg["count"] for seg in manifest.segments]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return RetrievalIndex(root, manifest, faiss_store.read(root, manifest), paths, offsets, arrays, store, checksums)
+    first = faiss_store.read(root, manifest, verify=verify)
+    return RetrievalIndex(root, manifest, first, paths, offsets, arrays, store, checksums)
 
 
 def verify_index(index) -> Manifest:
-    """Full integrity check: every segment's sha256, size, shape and meta, and the FAISS file's hash.
+    """Full integrity check: every segment's sha256, size, shape and meta, and every block of the FAISS files.
 
     Returns the manifest; raises IndexCorruptError (a ValueError) naming the first broken file.
     """

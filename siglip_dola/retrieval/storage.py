@@ -3,6 +3,7 @@
     INDEX/
       manifest.json                 the commit point (written last, atomically); lists the live segments
       final-<checksum>.faiss        FAISS inner-product index over the final embeddings, in segment order
+      final-<checksum>.ivfdata      its inverted lists, when IVF (merged on disk; FAISS's on-disk lists)
       segments/seg-<key>/           one immutable chunk of images:
           vectors.npy               [n, 1+J, D] float16, L2-normalised; row 0 = final layer, rows 1..J = `layers`
                                     (other layer stores: int8.npy + scales.npy, or pqM.npy; see layer_store.py)
@@ -16,8 +17,9 @@ Paths in meta.json are relative to the manifest's `image_root` (format 2), so a 
 found again with `open_index(..., image_root=NEW)`; format 1 indexes stored absolute paths.
 
 Integrity: every open checks each segment's file sizes, npy headers (dtype, shape), path count and the
-digest of its checksums file, and the FAISS file's sha256; every read of K records checks their xxh3
-checksums (segment.py); `verify_index` also re-hashes every store file.
+digest of its checksums file, and the FAISS files' sizes and per-block xxh3 checksums of what FAISS reads
+into RAM (file_blocks.py); every read of K records checks their xxh3 checksums (segment.py); `verify_index`
+also re-hashes every store file and every block of the memory-mapped inverted lists.
 
 A segment directory is complete once its meta.json exists (written last, atomically). Its key hashes
 the model id, the layers and the (path, size, mtime) of the chunk's files, so a rerun after a crash
@@ -39,9 +41,10 @@ import numpy as np
 
 from siglip_dola.io import atomic_path, write_json_atomic
 
-FORMAT_VERSION = 3
-# 1: absolute paths, no FAISS hash / sizes / weights fingerprint; 2: fp16 store, exact first stage, no row checksums
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# 1: absolute paths, no FAISS hash / sizes / weights fingerprint; 2: fp16 store, exact first stage, no row checksums;
+# 3: the FAISS file's sha256 (checked whole on every open), IVF lists inside it
+READABLE_VERSIONS = (1, 2, 3, 4)
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
@@ -75,6 +78,8 @@ class Manifest:
     layer_codec_file: str = ""     # the trained PQ codec (pq stores), and its sha256
     layer_codec_sha256: str = ""
     first_stage: dict | None = None  # first_stage.py: {factory, search_params, recall, k, trained_on, ...}; None: exact
+    faiss_lists_file: str = ""     # final-<checksum>.ivfdata: an IVF first stage's on-disk inverted lists (format 4)
+    faiss_blocks: dict | None = None  # file_blocks.py: sizes and per-block xxh3 of the FAISS files (format 4)
 
     def to_json(self) -> dict:
         """The manifest as a JSON-ready dict."""
@@ -186,9 +191,9 @@ def remove_unreferenced(root: Path, manifest: Manifest) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         elif manifest.layer_store != "fp16":
             (folder / VECTORS).unlink(missing_ok=True)
-    for pattern in ("final-*.faiss", "layers-*.faiss"):
+    for pattern in ("final-*.faiss", "final-*.ivfdata", "layers-*.faiss"):
         for faiss_file in root.glob(pattern):
-            if faiss_file.name not in (manifest.faiss_file, manifest.layer_codec_file):
+            if faiss_file.name not in (manifest.faiss_file, manifest.faiss_lists_file, manifest.layer_codec_file):
                 faiss_file.unlink(missing_ok=True)
     shutil.rmtree(root / STAGING, ignore_errors=True)
 
