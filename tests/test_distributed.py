@@ -129,6 +129,7 @@ FREED = textwrap.dedent('''
     with distributed.distributed_session() as (rank, world):
         group = dist.distributed_c10d._get_default_group()
         import siglip_dola.embedding.images  # imported lazily once the group exists, as `index build` does
+        import torch.distributed.nn.functional  # what it imports on newer torch (torchvision -> torch._dynamo)
         distributed.broadcast_from_rank0(rank)
     assert sys.getrefcount(group) == 2, sys.getrefcount(group)  # `group` and the call's argument: nothing else
     print("freed", rank)
