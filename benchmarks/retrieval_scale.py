@@ -117,7 +117,7 @@ def measure(args) -> None:
 
 def sizes(root: Path, n: int) -> dict:
     manifest = json.loads((root / "manifest.json").read_text())
-    first = (root / manifest["faiss_file"]).stat().st_size
+    first = sum((root / name).stat().st_size for name in (manifest["faiss_file"], manifest.get("faiss_lists_file")) if name)
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     store = sum(p.stat().st_size for p in (root / "segments").rglob("*.npy"))
     return {"first_stage_B": round(first / n, 1), "layer_store_B": round(store / n, 1), "total_B": round(total / n, 1),

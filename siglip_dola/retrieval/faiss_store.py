@@ -90,10 +90,14 @@ def write(root: Path, manifest, index) -> tuple[str, str, dict]:
 @contextmanager
 def _quiet_c_stdout():
     """FAISS printf()s a line to stdout when it opens on-disk lists: keep it out of our stdout (JSON results)."""
-    libc = ctypes.CDLL(None)
-    sys.stdout.flush()
-    libc.fflush(None)
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush()
+        libc.fflush(None)
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):  # no fd 1, or no C library to flush: leave stdout as it is
+        yield
+        return
     os.dup2(devnull, 1)
     try:
         yield
