@@ -119,12 +119,13 @@ def _encode_and_add(root: Path, manifest: Manifest, owned: list[str], rank: int,
 
 def _merge(root: Path, manifest: Manifest, world: int, adding: bool):
     """Rank 0: the parts in rank order. IVF lists are merged on disk (only the index being added to and the parts
-    are memory-mapped: no rank holds the gallery's codes); other first stages in RAM (the exact one is chosen below
-    ~1M images, so its fp16 codes are bounded: 2 GB at D=1024)."""
+    are memory-mapped: no rank holds the gallery's codes); other first stages (and IVF fast-scan lists, which FAISS
+    cannot keep on disk) in RAM: the exact one is chosen below ~1M images, so its fp16 codes are bounded (2 GB at
+    D=1024)."""
     staging = root / storage.STAGING
     base = faiss_store.read(root, manifest, use_gpu=False, mmap=True) if adding else None
     empty = faiss.read_index(str(staging / "empty.faiss"))
-    if faiss.try_extract_index_ivf(empty) is not None:
+    if faiss_store.mergeable_on_disk(empty):
         parts = ([base] if base is not None else []) + [
             faiss.read_index(str(staging / f"part-{rank}.faiss"), faiss.IO_FLAG_MMAP) for rank in range(world)]
         return faiss_store.merge_on_disk(staging / "empty.faiss", parts, staging / faiss_store.LISTS_STAGED)
@@ -134,7 +135,7 @@ def _merge(root: Path, manifest: Manifest, world: int, adding: bool):
         if merged is None:
             merged = part
         elif part.ntotal:
-            merged.merge_from(part, merged.ntotal if faiss.try_extract_index_ivf(merged) is not None else 0)
+            merged.merge_from(part, 0)  # an IVF part's ids are global already; other indexes number in order
     return merged
 
 

@@ -35,6 +35,12 @@ def _on_disk_lists(index):
     return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
+def mergeable_on_disk(index) -> bool:
+    """True for an IVF index whose lists FAISS can hold on disk (plain array lists; not fast-scan blocks)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+
+
 def empty_like(index):
     """A trained, empty index with `index`'s parameters (an IVF index's lists are dropped, never copied)."""
     ivf = faiss.try_extract_index_ivf(index)
