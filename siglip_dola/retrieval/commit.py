@@ -6,11 +6,12 @@ Every rank calls ``commit`` with all segment names (in id order) and the ones it
    codec of a pq layer store, and the first stage (FAISS ``index_factory`` string: ``--index-factory``, else
    ``first_stage.choose_factory`` from the gallery size and ``--index-memory``); both go to .staging/;
 2. each rank encodes its own segments into the layer store (+ row checksums) and adds their final rows
-   to a copy of the trained, empty first stage: .staging/part-<rank>.faiss;
-3. rank 0 merges the parts in rank order (``merge_from``: ids stay in segment order), tunes nprobe on
-   held-out gallery vectors against an exact chunked scan, writes the FAISS file, then the manifest.
+   to a copy of the trained, empty first stage: .staging/part-<rank>.faiss (IVF: under their global ids);
+3. rank 0 merges the parts in rank order (IVF lists on disk, faiss_store.merge_on_disk; others with
+   ``merge_from``), tunes nprobe on held-out gallery vectors against an exact chunked scan, writes the
+   FAISS file(s), then the manifest.
 
-No rank reads more than its own segments and rank 0's training sample and held-out queries. The
+No rank holds more than its own segments' codes, and rank 0 its training sample and held-out queries. The
 staged fp16 vectors of a compressed store are deleted once the manifest is committed.
 """
 from __future__ import annotations
