@@ -7,6 +7,7 @@ rank order restores the input order.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -101,7 +102,20 @@ def distributed_session(backend: str | None = None) -> Iterator[tuple[int, int]]
             dist.barrier()  # success: rank 0's writes are done before anyone moves on
     finally:
         if created and dist.is_initialized():
+            _let_collectives_release()
             dist.destroy_process_group()
+
+
+def _let_collectives_release() -> None:
+    """Give gloo's worker threads the GIL before the group is destroyed, on torch without ProcessGroup.shutdown.
+
+    A worker thread frees a finished collective (and the tensors Python already dropped, which needs the GIL)
+    just after the caller saw it complete. Torch whose ProcessGroup has no shutdown() (2.4.1, the lower bound)
+    destroys a gloo group by joining those threads with the GIL held: a thread still waiting for the GIL then
+    never ends (seen: a rank hung in ~ProcessGroupGloo). Torch with shutdown() needs no wait.
+    """
+    if not hasattr(torch._C._distributed_c10d.ProcessGroup, "shutdown"):
+        time.sleep(0.2)  # the GIL is free: a waiting worker frees its collective in microseconds
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
