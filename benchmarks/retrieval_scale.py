@@ -31,33 +31,33 @@ D, LAYERS, NUM_LAYERS, LOGIT_SCALE, CHUNK = 1024, [18, 20, 22], 24, float(math.l
 LATENT = 64  # within-cluster variation lives in 64 dimensions (embeddings are not isotropic)
 
 
-def centres(clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def centres(clusters: int, seed: int, dim: int = D) -> tuple[np.ndarray, np.ndarray]:
     """Cluster centres [c, D] and the basis [LATENT, D] of the within-cluster variation."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((clusters, D), dtype=np.float32),
-            rng.standard_normal((LATENT, D), dtype=np.float32) / np.sqrt(LATENT / 4))
+    return (rng.standard_normal((clusters, dim), dtype=np.float32),
+            rng.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT / 4))
 
 
-def chunks(n: int, clusters: int, seed: int = 0, finals_only: bool = False):
+def chunks(n: int, clusters: int, seed: int = 0, finals_only: bool = False, dim: int = D):
     """(first id, paths, vectors [c, 1+J, D] float32) in id order; deterministic, one chunk at a time.
     finals_only: [c, 1, D], the same final rows without drawing the layers' noise (for the exact scan)."""
-    means, basis = centres(clusters, seed)
+    means, basis = centres(clusters, seed, dim)
     for number, start in enumerate(range(0, n, CHUNK)):
         rng = np.random.default_rng([seed, number])
         size = min(CHUNK, n - start)
         final = (means[rng.integers(0, clusters, size)] + rng.standard_normal((size, LATENT), dtype=np.float32) @ basis
-                 + 0.2 * rng.standard_normal((size, D), dtype=np.float32))
+                 + 0.2 * rng.standard_normal((size, dim), dtype=np.float32))
         rows = [final] + ([] if finals_only else
-                          [final + s * rng.standard_normal((size, D), dtype=np.float32) for s in (1.5, 1.0, 0.5)])
+                          [final + s * rng.standard_normal((size, dim), dtype=np.float32) for s in (1.5, 1.0, 0.5)])
         yield start, [f"synthetic/{i:09d}.jpg" for i in range(start, start + size)], np.stack(rows, axis=1)
 
 
-def queries(count: int, clusters: int, seed: int = 0) -> np.ndarray:
+def queries(count: int, clusters: int, seed: int = 0, dim: int = D) -> np.ndarray:
     """A centre + within-cluster variation + isotropic noise, normalised [count, D]."""
     rng = np.random.default_rng(seed + 1)
-    means, basis = centres(clusters, seed)
+    means, basis = centres(clusters, seed, dim)
     out = (means[rng.integers(0, clusters, count)] + rng.standard_normal((count, LATENT), dtype=np.float32) @ basis
-           + 0.5 * rng.standard_normal((count, D), dtype=np.float32))
+           + 0.5 * rng.standard_normal((count, dim), dtype=np.float32))
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -66,7 +66,7 @@ def exact_ids(args, q: np.ndarray, k: int) -> np.ndarray:
     from siglip_dola.retrieval.first_stage import exact_top_k
 
     def finals():
-        for start, _, vectors in chunks(args.size, args.clusters, finals_only=True):
+        for start, _, vectors in chunks(args.size, args.clusters, finals_only=True, dim=args.dim):
             final = vectors[:, 0] / np.linalg.norm(vectors[:, 0], axis=1, keepdims=True)
             yield start, final.astype(np.float16).astype(np.float32)
     return exact_top_k(q, finals(), k)
@@ -79,7 +79,7 @@ def build(args, root: Path, factory: str, store: str) -> float:
     options = StoreOptions(layer_store=store, index_factory=None if factory == "auto" else factory,
                            index_memory=args.index_memory, target_recall=args.target_recall, rerank_k=100)
     start = time.perf_counter()
-    build_index_from_vectors(root, ((p, v) for _, p, v in chunks(args.size, args.clusters)), model_id="synthetic",
+    build_index_from_vectors(root, ((p, v) for _, p, v in chunks(args.size, args.clusters, dim=args.dim)), model_id="synthetic",
                              layers=LAYERS, num_layers=NUM_LAYERS, logit_scale=LOGIT_SCALE, store_options=options)
     return time.perf_counter() - start
 
@@ -137,10 +137,23 @@ def compare(rows: dict, reference: dict) -> dict:
     return out
 
 
+def commit() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes), for the results table."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return head.strip() + ("-dirty" if dirty.strip() else "") if head.strip() else "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--clusters", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=D, help="embedding width (1024 for the published runs; tests use less)")
     parser.add_argument("--stores", nargs="+", default=["int8"])
     parser.add_argument("--factories", nargs="+", default=["auto"], help="'auto' (from --index-memory) or factory strings")
     parser.add_argument("--index-memory", default="4G")
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    q = queries(args.queries + args.warmup, args.clusters)
+    q = queries(args.queries + args.warmup, args.clusters, dim=args.dim)
     np.save(work / "queries.npy", q)
     start = time.perf_counter()
     exact = exact_ids(args, q[args.warmup:], 1000)
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
             row = {"size": args.size, "factory": factory, "layer_store": store, "build_s": round(build_s, 1),
                    **sizes(root, args.size), "rss_anon_mb_at_search": result["rss_anon_mb"],
                    "latency_ms": result["latency_ms"], "recall_vs_exact": recall, "exact_scan_s": round(exact_s, 1),
-                   "load_avg_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
+                   "load_avg_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count(), "commit": commit()}
             if store == "fp16":
                 reference = result
             elif reference is not None:

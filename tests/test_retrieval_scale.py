@@ -98,7 +98,29 @@ def test_int8_store_is_per_vector_scaled_bytes(vectors):
     assert np.abs(decoded - vectors[:50][:, [0, 2]]).max() <= reference_scale.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("store", ["int8", "pq12"])
+def test_int4_and_split_stores_against_numpy(vectors):
+    v = vectors[:50].astype(np.float32)
+    scale = np.abs(v).max(axis=-1) / 7  # int4: 4 bits a dimension, symmetric -7..7, two a byte
+    codes = np.clip(np.round(v / scale[..., None]), -7, 7)
+    packed = ((codes[..., 0::2] + 8) * 16 + (codes[..., 1::2] + 8)).astype(np.uint8)
+    store = LayerStore("int4", 1 + len(LAYERS), DIM)
+    got_packed, got_scales = store.encode(v)
+    np.testing.assert_array_equal(got_packed, packed)
+    np.testing.assert_allclose(got_scales, scale, rtol=1e-6)
+    np.testing.assert_allclose(store.decode([got_packed, got_scales], [3, 1]), (codes * scale[..., None])[:, [3, 1]],
+                               rtol=1e-6, atol=1e-7)
+    split = LayerStore("int8+int4", 1 + len(LAYERS), DIM)  # final row int8, layer rows int4
+    arrays = split.encode(v)
+    assert [a.shape for a in arrays] == [(50, 1, DIM), (50, 1), (50, 3, DIM // 2), (50, 3)]
+    assert split.bytes_per_image == DIM + 4 + 3 * (DIM // 2 + 4)
+    final_scale = np.abs(v[:, 0]).max(axis=-1) / 127
+    decoded = split.decode(arrays, [2, 0])
+    np.testing.assert_allclose(decoded[:, 1], np.round(v[:, 0] / final_scale[:, None]) * final_scale[:, None],
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(decoded[:, 0], codes[:, 2] * scale[:, 2, None], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("store", ["int8", "pq12", "int8+int4"])
 def test_rerank_over_a_compressed_store_is_dola_over_its_decoded_rows(vectors, tmp_path, store):
     build(tmp_path / "idx", vectors, layer_store=store)
     index = open_index(tmp_path / "idx")
@@ -118,7 +140,8 @@ def test_rerank_over_a_compressed_store_is_dola_over_its_decoded_rows(vectors, t
 
 def test_store_names_are_checked():
     assert parse_store("pq", 1024) == "pq256" and parse_store("PQ512", 1024) == "pq512"
-    for bad in ("pq7", "int4", ""):
+    assert parse_store("int8+int4", 1024) == "int8+int4" and parse_store("int8+int8", 1024) == "int8"
+    for bad in ("pq7", "int3", "", "int8+int4+fp16", "pq8+pq16", "int4+"):
         with pytest.raises(ValueError, match="layer_store"):
             parse_store(bad, 1024)
 

@@ -44,7 +44,7 @@ def _index_arguments(parser) -> None:
 def _store_arguments(build) -> None:
     from siglip_dola.index_options import DEFAULT_LAYER_STORE, StoreOptions
 
-    build.add_argument("--layer-store", default=DEFAULT_LAYER_STORE, metavar="fp16|int8|pq|pqM",
+    build.add_argument("--layer-store", default=DEFAULT_LAYER_STORE, metavar="fp16|int8|int4|pqM|FINAL+LAYERS",
                        help=f"how the layer vectors are stored (default: {DEFAULT_LAYER_STORE}; see docs/retrieval.md)")
     build.add_argument("--index-memory", default=StoreOptions.index_memory, metavar="SIZE",
                        help="RAM budget of the first stage, e.g. 4G: picks the FAISS index (exact fp16 below ~1M "

@@ -58,7 +58,7 @@ def _sample_rows(root: Path, names: list[str], counts: list[int], ids: np.ndarra
     for number, name in enumerate(names):
         local = ids[(ids >= offsets[number]) & (ids < offsets[number + 1])] - offsets[number]
         if len(local):
-            parts.append(np.asarray(segment.staged_vectors(locate(root, name))[local][:, rows], dtype=np.float32))
+            parts.append(np.asarray(segment.staged_vectors(locate(root, name))[local[:, None], rows], dtype=np.float32))
     return np.concatenate(parts)
 
 
@@ -157,9 +157,9 @@ def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -
 
     def rescore(ids: np.ndarray) -> np.ndarray:  # the final rows' cosines, as a search reads them from the store
         unique = np.unique(ids[ids >= 0])
-        rows = _sample_rows(root, names, counts, unique, [0])[:, 0]  # (u, D)
-        cosines = np.einsum("qkd,qd->qk", rows[np.searchsorted(unique, np.maximum(ids, 0))], queries)
-        return cosines
+        rows = _sample_rows(root, names, counts, unique, [0])[:, 0]  # (u, D), only the final rows read
+        where = np.searchsorted(unique, np.maximum(ids, 0))  # (q, k')
+        return np.stack([rows[w] @ q for w, q in zip(where, queries)])  # one (k', D) gather at a time
     info["search_params"], info["recall"], info["refine"] = first_stage.tune(
         index, queries, exact, k, options.target_recall, rescore)
     return info

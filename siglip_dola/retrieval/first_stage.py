@@ -120,14 +120,24 @@ def exact_top_k(queries: np.ndarray, chunks, k: int) -> np.ndarray:
     return heap.I
 
 
+def overlap(ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean |ids[:, :k] & exact_ids[:, :k]| / k over the queries (-1 ids never match)."""
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids[:, :k].tolist(), exact_ids[:, :k].tolist())]))
+
+
+def refined(ids: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """The k best of the fetched `ids` [q, k'] by their stored-row `scores` [q, k'] (fetch order breaks ties)."""
+    scores = np.where(ids >= 0, scores, -np.inf)
+    return np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+
+
 def recall(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, factor: int = 1, rescore=None) -> float:
     """Mean |approx top-k & exact top-k| / k; with factor > 1 the first stage fetches k * factor and
     `rescore(ids [q, k*factor]) -> cosines` (the stored final rows) keeps the best k, as search does."""
     _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k * factor, index.ntotal))
     if factor > 1:
-        scores = np.where(ids >= 0, rescore(ids), -np.inf)
-        ids = np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
-    return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(ids.tolist(), exact_ids[:, :k].tolist())]))
+        ids = refined(ids, rescore(ids), k)
+    return overlap(ids, exact_ids, k)
 
 
 def search_params(index, nprobe: int) -> str:
@@ -144,35 +154,43 @@ def apply_params(index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-REFINE_FACTORS = (1, 2, 4, 8)
+REFINE_FACTORS = (1, 2, 4, 8, 16)
 
 
 def tune(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, target_recall: float,
          rescore=None) -> tuple[str, float, int]:
-    """(search params, recall, refine factor): for each refine factor (fetch k * factor candidates, keep the k
-    best by the stored final rows, `rescore`), the smallest nprobe (powers of two) reaching `target_recall`;
-    the first factor that reaches it wins (its nprobe the smallest), else the best recall seen."""
+    """(search params, recall, refine factor): the smallest nprobe (powers of two) at which some refine factor
+    (fetch k * factor candidates, keep the k best by the stored final rows, `rescore`) reaches `target_recall`,
+    with the smallest such factor; else the best recall seen.
+
+    One search per nprobe fetches k x the largest factor: a smaller factor's candidates are a prefix of
+    that list (same code distances), so every factor is scored from it, and the stored rows are read once."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return "", recall(index, queries, exact_ids, k), 1
-    best = ("", -1.0, 1)
-    for factor in REFINE_FACTORS if rescore is not None else (1,):
-        nprobe = 1
-        while True:
-            params = search_params(index, nprobe)
-            apply_params(index, params)
-            measured = recall(index, queries, exact_ids, k, factor, rescore)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    factors = [f for f in REFINE_FACTORS if k * f <= index.ntotal] if rescore is not None else [1]
+    factors = factors or [1]
+    best, nprobe = ("", -1.0, 1), 1
+    while True:
+        params = search_params(index, nprobe)
+        apply_params(index, params)
+        _, ids = index.search(queries, k * factors[-1])
+        scores = rescore(ids) if factors[-1] > 1 else None
+        for factor in factors:
+            fetched = ids[:, :k * factor]
+            measured = overlap(refined(fetched, scores[:, :k * factor], k) if factor > 1 else fetched, exact_ids, k)
             if measured > best[1]:
                 best = (params, measured, factor)
-            if measured >= target_recall or nprobe >= ivf.nlist:
+            if measured >= target_recall:
+                best = (params, measured, factor)
                 break
-            nprobe = min(2 * nprobe, ivf.nlist)
-        if measured >= target_recall:
-            best = (params, measured, factor)
+        if best[1] >= target_recall or nprobe >= ivf.nlist:
             break
+        nprobe = min(2 * nprobe, ivf.nlist)
     apply_params(index, best[0])
     if best[1] < target_recall:
         warnings.warn(f"first stage: recall@{k} {best[1]:.3f} < target {target_recall} even scanning every list "
-                      f"and refining {REFINE_FACTORS[-1]}x (the codes are too coarse: a larger PQ code, or "
+                      f"and refining {factors[-1]}x (the codes are too coarse: a larger PQ code, or "
                       "index_factory= with SQ8)", RuntimeWarning, stacklevel=2)
     return best
