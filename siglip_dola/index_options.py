@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_LAYER_STORE = "int8"  # from the store comparison in docs/retrieval.md
+DEFAULT_LAYER_STORE = "int8+int4"  # from the store comparison in docs/retrieval.md
 
 
 @dataclass
