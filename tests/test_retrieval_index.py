@@ -29,8 +29,9 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
     assert sorted(index.paths) == good and manifest.count == len(good) == len(index)
     reference = reference_vectors(model, index.paths, LAYERS)
     stored = index.vectors(np.arange(len(index)), [0, 1, 2]).transpose(1, 0, 2)  # (n, 1+J, D)
-    # the default int8 store: within half a step (max |x| / 127 per vector) of the model's own vectors
-    bound = np.abs(reference).max(axis=-1, keepdims=True) / 254 + 5e-4
+    # the default int8+int4 store: within half a step of the model's own vectors, max |x| / 127 per vector for the
+    # final row (int8), max |x| / 7 for the layer rows (int4)
+    bound = np.abs(reference).max(axis=-1, keepdims=True) / np.array([254, 14, 14])[:, None] + 5e-4
     assert np.all(np.abs(stored - reference) <= bound)
     on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert on_disk["model_id"] == model.model_id and on_disk["layers"] == LAYERS
@@ -41,8 +42,9 @@ def test_build_stores_the_models_own_embeddings_and_a_manifest(model, images, tm
     assert f"image_mean={processor.image_mean!r}" in on_disk["preprocessing"] and " at 0x" not in on_disk["preprocessing"]
     digest = hashlib.sha256()
     for seg in on_disk["segments"]:
-        folder = tmp_path / "idx" / "segments" / seg["name"]  # the int8 store's files, in order
-        file_hash = hashlib.sha256((folder / "int8.npy").read_bytes() + (folder / "scales.npy").read_bytes()).hexdigest()
+        folder = tmp_path / "idx" / "segments" / seg["name"]  # the int8+int4 store's files, in order
+        files = ("final-int8.npy", "final-scales.npy", "layers-int4.npy", "layers-scales.npy")
+        file_hash = hashlib.sha256(b"".join((folder / name).read_bytes() for name in files)).hexdigest()
         assert file_hash == seg["sha256"]
         digest.update(f"{seg['name']}:{file_hash}\n".encode())
     assert on_disk["checksum"] == digest.hexdigest()
@@ -161,7 +163,7 @@ def test_bad_arguments_and_corruption(model, images, tmp_path):
     with pytest.raises(ValueError, match="layers"):
         build_index([images], tmp_path / "idx", model, layers=[6])
     manifest = build_index([images / "img_00.png"], tmp_path / "idx", model, layers=LAYERS, progress=False)
-    vectors = tmp_path / "idx" / "segments" / manifest.segments[0]["name"] / "int8.npy"
+    vectors = tmp_path / "idx" / "segments" / manifest.segments[0]["name"] / "layers-int4.npy"
     data = bytearray(vectors.read_bytes())
     data[-1] ^= 0xFF
     vectors.write_bytes(bytes(data))

@@ -11,6 +11,7 @@ from siglip_dola.retrieval import (IndexCorruptError, add_to_index, build_index,
                                    storage, verify_index)
 from tiny_index import write_images
 from siglip_dola.index_options import StoreOptions
+from siglip_dola.retrieval.layer_store import LayerStore
 
 LAYERS = [2, 4]
 FP16 = StoreOptions(layer_store="fp16")
@@ -35,9 +36,9 @@ def _truncate(path, keep: int):
 
 
 def _first_vectors(root):
-    """The first segment's main layer-store file (vectors.npy for fp16, int8.npy for the default int8)."""
+    """The first segment's first layer-store file (vectors.npy for fp16, final-int8.npy for the default int8+int4)."""
     manifest = storage.read_manifest(root)
-    name = "vectors.npy" if manifest.layer_store == "fp16" else f"{manifest.layer_store}.npy"
+    name = LayerStore(manifest.layer_store, 1 + len(manifest.layers), manifest.embed_dim).files[0][0]
     return root / "segments" / manifest.segments[0]["name"] / name
 
 
