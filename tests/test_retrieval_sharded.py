@@ -88,7 +88,8 @@ def _assert_equals_one_process_build(model_dir, images, tmp_path, factory):
     assert not (tmp_path / "sharded" / ".staging").exists()
     rows = list(range(1 + len(LAYERS)))
     ours, theirs = sharded_index.vectors(np.arange(9), rows), single_index.vectors(np.arange(9), rows)
-    step = np.abs(theirs).max(axis=-1, keepdims=True) / 127  # one int8 step: rounding of nearly equal inputs
+    levels = np.array([127] + [7] * len(LAYERS))[:, None, None]  # the default int8+int4 store: final int8, layers int4
+    step = np.abs(theirs).max(axis=-1, keepdims=True) / levels  # one step: rounding of nearly equal inputs
     assert np.all(np.abs(ours - theirs) <= step + 1e-6)
     # the merged first stage holds every image under its id, as the one-process build's does
     assert manifest.first_stage["factory"] == factory
