@@ -210,3 +210,28 @@ def test_index_add_appends_to_ivf_without_retraining_and_warns(vectors, tmp_path
         warnings.simplefilter("error")
         result = search_embedding(after, q, RerankConfig(top_k=1, rerank_k=10, mode="off"))  # nprobe from the build
     assert result.results[0].item.endswith("new_01234.png")
+
+
+def test_tuning_scores_each_refine_factor_as_its_own_search_would(vectors):
+    """tune() scores every refine factor from one k x 16 fetch per nprobe; each must equal a search that
+    fetches k x factor itself and keeps the k best by the float64 cosines (ties in PQ distances aside)."""
+    from siglip_dola.retrieval import first_stage
+
+    finals = vectors[:, 0]
+    index = first_stage.train("IVF16,PQ6", DIM, finals[:2000].astype(np.float32))
+    index.add(finals.astype(np.float32))
+    queries = np.stack([query(i) for i in range(40)])
+    exact = np.argsort(-(queries @ finals.T), axis=1, kind="stable")[:, :20]
+
+    def rescore(ids):
+        return np.einsum("qkd,qd->qk", finals[np.maximum(ids, 0)], queries)
+    params, measured, factor = first_stage.tune(index, queries, exact, 20, 0.999, rescore)
+    assert params.startswith("nprobe=") and factor in first_stage.REFINE_FACTORS
+    first_stage.apply_params(index, params)
+    assert measured == pytest.approx(first_stage.recall(index, queries, exact, 20, factor, rescore), abs=0.01)
+    for other in (1, 4):  # any factor, at the chosen nprobe, against its own search
+        ids = index.search(queries.astype(np.float32), 20 * other)[1]
+        kept = ids if other == 1 else np.take_along_axis(ids, np.argsort(-np.where(ids >= 0, rescore(ids), -np.inf),
+                                                                           axis=1, kind="stable")[:, :20], axis=1)
+        naive = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(kept.tolist(), exact.tolist())])
+        assert first_stage.recall(index, queries, exact, 20, other, rescore) == pytest.approx(naive)
