@@ -132,7 +132,8 @@ FREED = textwrap.dedent('''
         import torch.distributed.nn.functional  # what it imports on newer torch (torchvision -> torch._dynamo)
         distributed.broadcast_from_rank0(rank)
     assert sys.getrefcount(group) == 2, sys.getrefcount(group)  # `group` and the call's argument: nothing else
-    print("freed", rank)
+    with open(f"{sys.argv[1]}/freed-{rank}", "w") as out:  # a file per rank: the ranks' stdout lines interleave
+        out.write("freed")
 ''')
 
 
@@ -143,10 +144,10 @@ def test_the_process_group_is_freed_when_the_session_ends(tmp_path):
     script.write_text(FREED)
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master-port={distributed.free_port()}", str(script)]
+               f"--master-port={distributed.free_port()}", str(script), str(tmp_path)]
     proc = run_in_own_group(command, env, timeout=200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(proc.stdout.split()) == ["0", "1", "freed", "freed"]
+    assert [(tmp_path / f"freed-{rank}").read_text() for rank in (0, 1)] == ["freed", "freed"]
 
 
 HANG = textwrap.dedent('''
