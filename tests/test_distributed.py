@@ -132,6 +132,7 @@ FREED = textwrap.dedent('''
         import torch.distributed.nn.functional  # what it imports on newer torch (torchvision -> torch._dynamo)
         distributed.broadcast_from_rank0(rank)
     assert sys.getrefcount(group) == 2, sys.getrefcount(group)  # `group` and the call's argument: nothing else
+    del group  # the last reference: its gloo threads end now, not during interpreter shutdown (the abort's setting)
     with open(f"{sys.argv[1]}/freed-{rank}", "w") as out:  # a file per rank: the ranks' stdout lines interleave
         out.write("freed")
 ''')
