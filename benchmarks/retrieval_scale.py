@@ -3,9 +3,14 @@
     python benchmarks/retrieval_scale.py --size 100000 --stores fp16 int8 pq256 pq512 --factories SQfp16
     nice -n 10 python benchmarks/retrieval_scale.py --size 1000000 --stores int8 --factories auto SQfp16
 
-Vectors: D=1024, J=3, ``--clusters`` Gaussian centres; an image's final embedding = centre + variation in a
-64-dimensional subspace + small isotropic noise, its layer j = final + isotropic noise (closer for later
-layers); queries = a centre + variation + noise. Generated in chunks from a seed and
+Vectors: D=1024, J=3, ``--clusters`` Gaussian centres. ``--gallery latent`` (default): an image's final
+embedding is a point of a 16-dimensional latent space (a cluster centre + Gaussian variation) mapped into D
+dimensions, + small isotropic noise: a low intrinsic dimension, as image embeddings have, so that near
+neighbours are near at every scale and an IVF partition localises them. ``--gallery wide``: centre +
+variation in one 64-dimensional subspace shared by every cluster and wider than the clusters' spacing +
+isotropic noise: the neighbours of a query spread over most IVF lists (a worst case for the first stage).
+Either way an image's layer j = final + isotropic noise (closer for later layers), and queries are drawn
+like images with more noise. Generated in chunks from a seed and
 regenerated for the exact ground truth (never more than one chunk in memory). Per (size, first stage, store):
 build time, bytes per image (first stage, layer store with checksums, total), RAM at search (RssAnon of a
 fresh process that opens the index and runs the queries; memory-mapped files are page cache, not counted),
@@ -31,37 +36,55 @@ from benchenv import commit
 from siglip_dola.index_options import DEFAULT_LAYER_STORE
 
 D, LAYERS, NUM_LAYERS, LOGIT_SCALE, CHUNK = 1024, [18, 20, 22], 24, float(math.log(100.0)), 32768
-LATENT = 64  # within-cluster variation lives in 64 dimensions (embeddings are not isotropic)
+WIDE_LATENT = 64  # "wide": every cluster's variation in one shared 64-dimensional subspace, wider than the clusters
+LATENT = 16  # "latent": the gallery lives near a 16-dimensional latent space (a mixture of clusters there)
+LAYER_NOISE = (0.67, 0.44, 0.22)  # a layer row = final + this x a unit-norm isotropic draw (later layers closer)
+GALLERIES = ("latent", "wide")
 
 
-def centres(clusters: int, seed: int, dim: int = D) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster centres [c, D] and the basis [LATENT, D] of the within-cluster variation."""
+def centres(clusters: int, seed: int, dim: int = D, gallery: str = "latent") -> tuple[np.ndarray, np.ndarray]:
+    """latent: cluster centres [c, LATENT] and the map [LATENT, D] into the embedding space;
+    wide: cluster centres [c, D] and the basis [WIDE_LATENT, D] of the within-cluster variation."""
     rng = np.random.default_rng(seed)
+    if gallery == "latent":
+        return (rng.standard_normal((clusters, LATENT), dtype=np.float32),
+                rng.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT))
     return (rng.standard_normal((clusters, dim), dtype=np.float32),
-            rng.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT / 4))
+            rng.standard_normal((WIDE_LATENT, dim), dtype=np.float32) / np.sqrt(WIDE_LATENT / 4))
 
 
-def chunks(n: int, clusters: int, seed: int = 0, finals_only: bool = False, dim: int = D):
+def _finals(rng, size: int, clusters: int, means, basis, dim: int, gallery: str, noise: float) -> np.ndarray:
+    """Unit final embeddings [size, D]: a cluster centre + variation, mapped (latent) or offset (wide), + noise."""
+    picked = means[rng.integers(0, clusters, size)]
+    if gallery == "latent":
+        u = picked + 0.5 * rng.standard_normal((size, LATENT), dtype=np.float32)
+        out = u @ basis + noise * np.sqrt(LATENT / dim) * rng.standard_normal((size, dim), dtype=np.float32)
+    else:
+        out = (picked + rng.standard_normal((size, WIDE_LATENT), dtype=np.float32) @ basis
+               + noise * rng.standard_normal((size, dim), dtype=np.float32))
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def chunks(n: int, clusters: int, seed: int = 0, finals_only: bool = False, dim: int = D, gallery: str = "latent"):
     """(first id, paths, vectors [c, 1+J, D] float32) in id order; deterministic, one chunk at a time.
     finals_only: [c, 1, D], the same final rows without drawing the layers' noise (for the exact scan)."""
-    means, basis = centres(clusters, seed, dim)
+    means, basis = centres(clusters, seed, dim, gallery)
+    noise = 0.3 if gallery == "latent" else 0.2
     for number, start in enumerate(range(0, n, CHUNK)):
         rng = np.random.default_rng([seed, number])
         size = min(CHUNK, n - start)
-        final = (means[rng.integers(0, clusters, size)] + rng.standard_normal((size, LATENT), dtype=np.float32) @ basis
-                 + 0.2 * rng.standard_normal((size, dim), dtype=np.float32))
+        final = _finals(rng, size, clusters, means, basis, dim, gallery, noise)
         rows = [final] + ([] if finals_only else
-                          [final + s * rng.standard_normal((size, dim), dtype=np.float32) for s in (1.5, 1.0, 0.5)])
+                          [final + s / np.sqrt(dim) * rng.standard_normal((size, dim), dtype=np.float32)
+                           for s in LAYER_NOISE])
         yield start, [f"synthetic/{i:09d}.jpg" for i in range(start, start + size)], np.stack(rows, axis=1)
 
 
-def queries(count: int, clusters: int, seed: int = 0, dim: int = D) -> np.ndarray:
-    """A centre + within-cluster variation + isotropic noise, normalised [count, D]."""
-    rng = np.random.default_rng(seed + 1)
-    means, basis = centres(clusters, seed, dim)
-    out = (means[rng.integers(0, clusters, count)] + rng.standard_normal((count, LATENT), dtype=np.float32) @ basis
-           + 0.5 * rng.standard_normal((count, dim), dtype=np.float32))
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+def queries(count: int, clusters: int, seed: int = 0, dim: int = D, gallery: str = "latent", draw: int = 1) -> np.ndarray:
+    """Like an image of gallery `seed` with twice its isotropic noise, normalised [count, D]; `draw` picks the set."""
+    means, basis = centres(clusters, seed, dim, gallery)
+    return _finals(np.random.default_rng(seed + draw), count, clusters, means, basis, dim, gallery,
+                   0.6 if gallery == "latent" else 0.5)
 
 
 class ExactScan:
@@ -97,7 +120,8 @@ def build(args, root: Path, factory: str, store: str, scan: ExactScan | None = N
     start, staged = time.perf_counter(), {}
 
     def gallery():
-        for number, (first, paths, vectors) in enumerate(chunks(args.size, args.clusters, dim=args.dim)):
+        for number, (first, paths, vectors) in enumerate(chunks(args.size, args.clusters, dim=args.dim,
+                                                                  gallery=args.gallery)):
             if scan is not None:
                 scan.add(first, vectors)
             yield paths, vectors
@@ -166,6 +190,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--clusters", type=int, default=4096)
+    parser.add_argument("--gallery", choices=GALLERIES, default="latent",
+                        help="latent: low intrinsic dimension (default); wide: neighbours spread over the IVF lists")
     parser.add_argument("--dim", type=int, default=D, help="embedding width (1024 for the published runs; tests use less)")
     parser.add_argument("--stores", nargs="+", default=[DEFAULT_LAYER_STORE])
     parser.add_argument("--factories", nargs="+", default=["auto"], help="'auto' (from --index-memory) or factory strings")
@@ -185,7 +211,7 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    q = queries(args.queries + args.warmup, args.clusters, dim=args.dim)
+    q = queries(args.queries + args.warmup, args.clusters, dim=args.dim, gallery=args.gallery)
     np.save(work / "queries.npy", q)
     scan, exact = ExactScan(q[args.warmup:], 1000), None
     rows = []
@@ -205,7 +231,7 @@ def main(argv=None) -> int:
             recall = {k: round(float(np.mean([len(set(a[:k]) & set(b[:k])) / k
                                               for a, b in zip(first[str(k)][args.warmup:], exact)])), 4)
                       for k in (100, 1000)}
-            row = {"size": args.size, "factory": factory, "layer_store": store, "build_s": round(build_s, 1),
+            row = {"size": args.size, "gallery": args.gallery, "clusters": args.clusters, "factory": factory, "layer_store": store, "build_s": round(build_s, 1),
                    "staging_s": round(staged_s, 1),
                    **sizes(root, args.size), "rss_anon_mb_at_search": result["rss_anon_mb"],
                    "latency_ms": result["latency_ms"], "recall_vs_exact": recall, "exact_scan_s": round(scan.seconds, 1),

@@ -156,10 +156,14 @@ def _tune(root: Path, index, names, counts, plan: dict, options: StoreOptions) -
     exact = first_stage.exact_top_k(queries, chunks, k)
 
     def rescore(ids: np.ndarray) -> np.ndarray:  # the final rows' cosines, as a search reads them from the store
-        unique = np.unique(ids[ids >= 0])
-        rows = _sample_rows(root, names, counts, unique, [0])[:, 0]  # (u, D), only the final rows read
-        where = np.searchsorted(unique, np.maximum(ids, 0))  # (q, k')
-        return np.stack([rows[w] @ q for w, q in zip(where, queries)])  # one (k', D) gather at a time
+        out = np.empty(ids.shape, dtype=np.float32)
+        for first in range(0, len(ids), 16):  # 16 queries' rows at a time: 200 x 3,200 rows would be 2.6 GB
+            batch = ids[first:first + 16]
+            unique = np.unique(batch[batch >= 0])
+            rows = _sample_rows(root, names, counts, unique, [0])[:, 0]  # (u, D), only the final rows read
+            where = np.searchsorted(unique, np.maximum(batch, 0))  # (q, k')
+            out[first:first + 16] = [rows[w] @ q for w, q in zip(where, queries[first:first + 16])]
+        return out
     info["search_params"], info["recall"], info["refine"] = first_stage.tune(
         index, queries, exact, k, options.target_recall, rescore)
     return info

@@ -165,7 +165,7 @@ def apply_params(index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-REFINE_FACTORS = (1, 2, 4, 8, 16)
+REFINE_FACTORS = (1, 2, 4, 8, 16, 32)  # 32: what a gallery whose neighbours spread over every list needs
 
 
 def tune(index, queries: np.ndarray, exact_ids: np.ndarray, k: int, target_recall: float,

@@ -24,8 +24,9 @@ from siglip_dola import distributed
 from siglip_dola.data.gpu_decode import check_decode
 from siglip_dola.data.images import expand_image_paths
 from siglip_dola.embedding.images import embed_images
-from siglip_dola.retrieval import faiss_store, segment, storage
+from siglip_dola.retrieval import faiss_store, layer_store, segment, storage
 from siglip_dola.retrieval.commit import all_ok, check_options, commit, guarded
+from siglip_dola.retrieval.layer_store import LayerStore
 from siglip_dola.index_options import StoreOptions
 from siglip_dola.retrieval.opened import absolute_paths, check_compatible, check_relocatable, weights_fingerprint
 from siglip_dola.retrieval.storage import Manifest
@@ -80,16 +81,16 @@ def _vectors_from(embeddings) -> np.ndarray:
     return stacked.permute(1, 0, 2).contiguous().numpy()  # (n, 1+J, D)
 
 
-def _find_done(root: Path, name: str) -> bool:
-    """True if a complete segment `name` is staged, or committed with its fp16 vectors (a compressed store's
-    committed segments keep no fp16 vectors to re-encode or add to a new first stage: they are embedded again)."""
+def _find_done(root: Path, name: str, store: LayerStore) -> bool:
+    """True if a complete segment `name` is staged for `store`, or committed with its fp16 vectors (a compressed
+    store's committed segments keep no fp16 vectors to re-encode or add to a new first stage: they are embedded again)."""
     committed = root / storage.SEGMENTS / name
-    return (segment.read_segment_meta(root / storage.STAGING / name) is not None
+    return (segment.staged_for(root / storage.STAGING / name, store)
             or (segment.read_segment_meta(committed) is not None and (committed / storage.VECTORS).is_file()))
 
 
 def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_size: int,
-                  chunk_size: int, progress: bool, image_root: str,
+                  chunk_size: int, progress: bool, image_root: str, store: LayerStore,
                   decode: str = "cpu") -> tuple[list[str], list[str]]:
     """Embed this rank's chunks of `paths` into staged segments, skipping finished ones: (all names, own names).
 
@@ -104,7 +105,7 @@ def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_
     rank, world = distributed.rank_and_world()
     first, stop = distributed.shard_bounds(len(chunks), rank, world)
     mine = list(range(first, stop))
-    done = {i: _find_done(root, names[i]) for i in mine}
+    done = {i: _find_done(root, names[i], store) for i in mine}
     reused = sum(len(chunks[i]) for i in mine if done[i])
     main = distributed.is_main_process()
     if reused:
@@ -119,7 +120,7 @@ def _embed_chunks(root: Path, model, paths: list[str], layers: list[int], batch_
                                       decode=decode)
             relative = [os.path.relpath(p, image_root) for p in embeddings.ids]
             segment.write_segment(root / storage.STAGING / names[i], _vectors_from(embeddings), relative,
-                                  embeddings.skipped)
+                                  embeddings.skipped, store)
     return names, [names[i] for i in mine]
 
 
@@ -209,7 +210,11 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: St
 
         def embed():
             embedded["names"], embedded["owned"] = _embed_chunks(root, model, paths, manifest.layers, batch_size,
-                                                                 chunk_size, progress, manifest.image_root, decode)
+                                                                 chunk_size, progress, manifest.image_root,
+                                                                 layer_store.store_named(
+                                                                     options.layer_store, 1 + len(manifest.layers),
+                                                                     manifest.embed_dim),
+                                                                 decode)
         all_ok(guarded(embed))  # also the barrier: every rank's segments are written before the commit reads them
         return commit_segments(root, manifest, embedded["names"], embedded["owned"], options)
 

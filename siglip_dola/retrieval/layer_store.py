@@ -159,6 +159,11 @@ class LayerStore:
         return out
 
 
+def store_named(spec: str, rows: int, dim: int) -> LayerStore:
+    """The untrained LayerStore for `spec` (ValueError naming `layer_store` when it is not a store)."""
+    return LayerStore(parse_store(spec, dim), rows, dim)
+
+
 def codec_bytes(store: LayerStore) -> bytes:
     """The trained codec serialised by FAISS (pq stores; b"" otherwise)."""
     return b"" if store.codec is None else faiss.serialize_index(store.codec).tobytes()

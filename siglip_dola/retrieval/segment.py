@@ -3,13 +3,17 @@
 A build writes each chunk as ``vectors.npy`` (fp16) + meta.json (``write_segment``; meta.json last marks
 it complete, so a crashed build resumes). The commit then encodes it into the index's layer store and
 writes ``checksums.npy`` (``encode_segment``), recording the store, its files' sha256 and the checksum
-file's digest in meta.json. Opening checks sizes, headers and the checksum file (``check_segment``);
+file's digest in meta.json. A store that needs no training (``streams``: int8, int4 and their pairs) is
+encoded as the chunk is written, and only the final rows are staged in fp16 (the first stage trains on,
+adds and is tuned from them): 2 KB an image at D=1024 instead of 2 (1+J) KB, which is what bounds a
+10M-image build's disk. Opening checks sizes, headers and the checksum file (``check_segment``);
 reading K records checks their checksums (``opened.py``); ``verify_segment`` re-hashes the store files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +43,40 @@ def files_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def write_segment(folder: Path, vectors: np.ndarray, paths: list[str], skipped: list) -> dict:
-    """Stage one segment (vectors [n, 1+J, D] -> float16) in `folder`; meta.json last marks it complete."""
+def streams(store: LayerStore) -> bool:
+    """True if `store` is encoded when a chunk is written (no codec to train, and not the staged fp16 itself)."""
+    return not store.needs_training and FP16_FILE not in [name for name, _, _ in store.files]
+
+
+def write_segment(folder: Path, vectors: np.ndarray, paths: list[str], skipped: list,
+                  store: LayerStore | None = None) -> dict:
+    """Stage one segment (vectors [n, 1+J, D] unit) in `folder`; meta.json last marks it complete.
+
+    Without `store` (or one that does not stream): every row as float16, encoded at commit. With a streaming
+    `store`: its files and checksums now, and only the final rows [n, 1, D] staged as float16."""
     assert vectors.ndim == 3 and vectors.shape[0] == len(paths), "vectors must be [n, 1+J, D] for n paths"
+    if folder.exists():  # a segment staged for another store, or half-written, is replaced whole
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _save(folder / FP16_FILE, np.asarray(vectors, dtype=np.float16))
+    streamed = store is not None and streams(store)
+    _save(folder / FP16_FILE, np.asarray(vectors[:, :1] if streamed else vectors, dtype=np.float16))
     meta = {"count": len(paths), "sha256": files_sha256([folder / FP16_FILE]),
             "bytes": (folder / FP16_FILE).stat().st_size, "paths": list(paths), "skipped": [list(s) for s in skipped]}
+    if streamed:
+        rounded = np.asarray(vectors, dtype=np.float16).astype(np.float32)  # as encode_segment reads the staging
+        arrays = store.encode(rounded) if len(paths) else [
+            np.empty((0, *shape), dtype) for _, dtype, shape in store.files]
+        _write_store(folder, store, arrays, meta)
+        meta["staged_final_only"] = True
     write_json_atomic(folder / META, meta)
     return meta
+
+
+def staged_for(folder: Path, store: LayerStore) -> bool:
+    """True if the complete staged segment in `folder` can be committed into `store` (a resumed build reuses it):
+    staged whole in fp16 (any store), or already encoded into this very store."""
+    meta = read_segment_meta(folder)
+    return meta is not None and (not meta.get("staged_final_only") or meta.get("store") == store.name)
 
 
 def read_segment_meta(folder: Path) -> dict | None:
@@ -84,11 +113,22 @@ def encode_segment(folder: Path, store: LayerStore, chunk: int = 16384) -> dict:
     if meta.get("store") == store.name and meta.get("codec") == _codec_id(store):
         return meta
     raw = staged_vectors(folder)
+    if raw.shape[1] != store.rows:  # staged final rows only, for another store: `staged_for` keeps this out
+        raise IndexCorruptError(folder.parent.parent, _name(folder.parent.parent, folder, FP16_FILE),
+                                f"stages {raw.shape[1]} row(s) an image for store {meta.get('store')!r}, "
+                                f"not the {store.rows} store {store.name!r} encodes")
     parts = [[] for _ in store.files]
     for start in range(0, raw.shape[0], chunk):
         for part, array in zip(parts, store.encode(np.asarray(raw[start:start + chunk], dtype=np.float32))):
             part.append(array)
     arrays = [np.concatenate(p) if p else np.empty((0, *shape), dtype) for p, (_, dtype, shape) in zip(parts, store.files)]
+    _write_store(folder, store, arrays, meta)
+    write_json_atomic(folder / META, meta)
+    return meta
+
+
+def _write_store(folder: Path, store: LayerStore, arrays: list[np.ndarray], meta: dict) -> None:
+    """Write `store`'s files (arrays in `store.files` order) and their row checksums; record them in `meta`."""
     for (name, _, _), array in zip(store.files, arrays):
         if name != FP16_FILE:
             _save(folder / name, array)
@@ -99,8 +139,6 @@ def encode_segment(folder: Path, store: LayerStore, chunk: int = 16384) -> dict:
                 bytes=sum(p.stat().st_size for p in names),
                 checksums={"algorithm": row_checks.ALGORITHM, "block_rows": row_checks.BLOCK_ROWS,
                            "file": row_checks.FILE, "xxh3_128": row_checks.file_digest(digests)})
-    write_json_atomic(folder / META, meta)
-    return meta
 
 
 def _codec_id(store: LayerStore) -> str:
