@@ -5,8 +5,9 @@ Every rank calls ``commit`` with all segment names (in id order) and the ones it
 1. rank 0 reads a sample of the staged fp16 vectors and trains what the index needs and lacks: the PQ
    codec of a pq layer store, and the first stage (FAISS ``index_factory`` string: ``--index-factory``, else
    ``first_stage.choose_factory`` from the gallery size and ``--index-memory``); both go to .staging/;
-2. each rank encodes its own segments into the layer store (+ row checksums) and adds their final rows
-   to a copy of the trained, empty first stage: .staging/part-<rank>.faiss (IVF: under their global ids);
+2. each rank encodes its own segments into the layer store (+ row checksums; a codec-free store's segments
+   were encoded when written, and staged only their final rows) and adds their final rows to a copy of
+   the trained, empty first stage: .staging/part-<rank>.faiss (IVF: under their global ids);
 3. rank 0 merges the parts in rank order (IVF lists on disk, faiss_store.merge_on_disk; others with
    ``merge_from``), tunes nprobe on held-out gallery vectors against an exact chunked scan, writes the
    FAISS file(s), then the manifest.
