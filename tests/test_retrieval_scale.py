@@ -67,6 +67,26 @@ def test_a_flipped_byte_is_caught_by_a_plain_search(vectors, tmp_path):
         verify_index(tmp_path / "idx")
 
 
+@pytest.mark.parametrize("part, width", [("final-int8.npy", DIM), ("layers-int4.npy", 3 * DIM // 2)])
+def test_with_an_ivf_first_stage_the_reranked_records_are_checked_whole(vectors, tmp_path, part, width):
+    """The refine reads only final rows, unchecked, to pick K; those K are read whole and checked: a flip in
+    either part of a reranked image is caught, naming it."""
+    build(tmp_path / "idx", vectors, index_factory="IVF16,PQ8", layer_store="int8+int4", rerank_k=50)
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["first_stage"]["refine"] > 1
+    config = RerankConfig(top_k=5, rerank_k=50)
+    top = search_embedding(open_index(tmp_path / "idx"), query(), config)
+    victim = int(top.results[-1].item[4:9])  # a reranked image
+    seg = json.loads((tmp_path / "idx" / "manifest.json").read_text())["segments"][victim // 700]
+    path = tmp_path / "idx" / "segments" / seg["name"] / part
+    data = bytearray(path.read_bytes())
+    rows_in_segment = seg["count"]
+    data[len(data) - (rows_in_segment - victim % 700) * width + 3] ^= 0x10  # one bit of that image's row(s)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError) as caught:
+        search_embedding(open_index(tmp_path / "idx"), query(), config)
+    assert seg["name"] in str(caught.value) and top.results[-1].item in str(caught.value)
+
+
 def test_an_index_without_row_checksums_opens_with_a_warning(vectors, tmp_path):
     build(tmp_path / "idx", vectors[:300], layer_store="fp16")
     root = tmp_path / "idx"

@@ -146,6 +146,17 @@ class LayerStore:
         """[n, 1+J, D] unit vectors -> the arrays of `files` (first axis n)."""
         return [a for kind, rows, _ in self.parts for a in _encode(kind, vectors[:, rows], self.codec)]
 
+    @property
+    def final_files(self) -> int:
+        """How many of `files` (the first ones) hold the final row: a FINAL+LAYERS store's final part alone."""
+        kind, held, prefix = self.parts[0]
+        return len(_files(kind, len(held), self.dim, prefix))
+
+    def decode_final(self, records: list[np.ndarray]) -> np.ndarray:
+        """Arrays of K records' first `final_files` files -> float32 [K, D], their final rows."""
+        kind, held, _ = self.parts[0]
+        return _decode(kind, records, [held.index(0)], self.dim, self.codec)[:, 0]
+
     def decode(self, records: list[np.ndarray], rows: list[int]) -> np.ndarray:
         """Arrays of K records (as `encode` gave, first axis K) -> float32 [K, len(rows), D] at `rows`."""
         out = np.empty((len(records[0]), len(rows), self.dim), dtype=np.float32)

@@ -113,6 +113,22 @@ class RetrievalIndex:
             out[where[order]] = self.store.decode(records, rows)  # (k, R, D)
         return out.transpose(1, 0, 2)  # (R, K, D) view
 
+    def final_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Final rows of `ids` [K'] -> float32 [K', D], reading only the files that hold them (a FINAL+LAYERS
+        store's final part), unchecked: they only choose which K candidates `vectors` then reads and checks
+        whole, as the FAISS lists only propose candidates. A refine over a store larger than RAM thus reads
+        1 KB a candidate (int8 final row), not the record's 2.6 KB, and keeps only those pages cached."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.manifest.embed_dim), dtype=np.float32)
+        segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K',)
+        for seg in np.unique(segment_of):
+            where = np.nonzero(segment_of == seg)[0]
+            local = ids[where] - self.offsets[seg]
+            order = np.argsort(local)  # ascending reads from the memory map
+            final = self.segment_arrays[seg][:self.store.final_files]
+            out[where[order]] = self.store.decode_final([np.asarray(array[local[order]]) for array in final])
+        return out
+
     def _check(self, seg: int, records: list[np.ndarray], local: np.ndarray) -> None:
         bad = row_checks.bad_records(records, self.checksums[seg][local])
         if len(bad):

@@ -146,16 +146,17 @@ def search_embedding(index: RetrievalIndex, text_embed, config: RerankConfig | N
                       "ranking needs at least 2 candidates", UserWarning, stacklevel=2)
     stage = index.manifest.first_stage or {}
     exact = first_stage.is_exact(stage.get("factory", first_stage.EXACT))
+    rows = [1 + index.layers.index(j) for j in layers]
     if exact:
         cosines, ids = faiss_store.search(index.faiss_index, text, k)  # (K,), (K,)
+        stored = index.vectors(ids, rows) if rows else None  # (R, K, D), records checked against their checksums
     else:  # approximate: fetch refine x K, keep the K best by the stored final rows (build-tuned to the recall)
         _, fetched = faiss_store.search(index.faiss_index, text, min(len(index), k * int(stage.get("refine", 1))))
         fetched = fetched[fetched >= 0]
-        finals = index.vectors(fetched, [0])[0] @ text  # (K',)
-        keep = np.lexsort((np.arange(len(fetched)), -finals))[:k]
-        cosines, ids = finals[keep], fetched[keep]
-    rows = [1 + index.layers.index(j) for j in layers]
-    stored = index.vectors(ids, rows) if rows else None  # (R, K, D), records checked against their checksums
+        finals = index.final_rows(fetched) @ text  # (K',), only the final rows' files read
+        ids = fetched[np.lexsort((np.arange(len(fetched)), -finals))[:k]]
+        stored = index.vectors(ids, [0] + rows)  # (1+R, K, D): the K records read whole and checked
+        cosines, stored = stored[0] @ text, (stored[1:] if rows else None)
     with _small_torch_ops():
         layer_logits = None
         if rows:  # torch, not numpy: numpy's BLAS threads would spin against FAISS's as well
