@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     if args.measure:
         measure(args)
         return 0
-    work = Path(args.workdir)
+    work, code = Path(args.workdir), commit()  # the code the run starts with, not the tree when a row is written
     work.mkdir(parents=True, exist_ok=True)
     q = queries(args.queries + args.warmup, args.clusters, dim=args.dim, gallery=args.gallery)
     np.save(work / "queries.npy", q)
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                    "staging_s": round(staged_s, 1),
                    **sizes(root, args.size), "rss_anon_mb_at_search": result["rss_anon_mb"],
                    "latency_ms": result["latency_ms"], "recall_vs_exact": recall, "exact_scan_s": round(scan.seconds, 1),
-                   "load_avg_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count(), "commit": commit()}
+                   "load_avg_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count(), "commit": code}
             if store == "fp16":
                 reference = result
             elif reference is not None:

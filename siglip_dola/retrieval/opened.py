@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siglip_dola.retrieval import faiss_store, row_checks, segment, storage
+from siglip_dola.retrieval import faiss_store, mapped, row_checks, segment, storage
 from siglip_dola.retrieval.segment import store_of
 from siglip_dola.retrieval.layer_store import LayerStore
 from siglip_dola.retrieval.storage import Manifest
@@ -94,6 +94,19 @@ class RetrievalIndex:
     def __len__(self) -> int:
         return self.manifest.count
 
+    def _by_segment(self, ids: np.ndarray, files: int | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """[(segment, positions in `ids`, its rows there)], rows ascending; the pages of every segment's rows (in
+        its first `files` store files) are requested at once, before any is read, so the disk serves them together."""
+        segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K,)
+        groups = []
+        for seg in np.unique(segment_of):
+            where = np.nonzero(segment_of == seg)[0]
+            order = np.argsort(ids[where])  # ascending reads from the memory map
+            groups.append((int(seg), where[order], ids[where[order]] - self.offsets[seg]))
+        for seg, _, local in groups:
+            mapped.prefetch(self.segment_arrays[seg][:files], local)
+        return groups
+
     def vectors(self, ids: np.ndarray, rows: list[int]) -> np.ndarray:
         """Stored vectors of `ids` [K] at `rows` (0 = final, 1+j = layers[j]) -> float32 [len(rows), K, D].
 
@@ -102,15 +115,11 @@ class RetrievalIndex:
         """
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), len(rows), self.manifest.embed_dim), dtype=np.float32)  # (K, R, D)
-        segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K,)
-        for seg in np.unique(segment_of):
-            where = np.nonzero(segment_of == seg)[0]
-            local = ids[where] - self.offsets[seg]
-            order = np.argsort(local)  # ascending reads from the memory map
-            records = [np.asarray(array[local[order]]) for array in self.segment_arrays[seg]]  # each (k, ...)
+        for seg, where, local in self._by_segment(ids):
+            records = [np.asarray(array[local]) for array in self.segment_arrays[seg]]  # each (k, ...)
             if self.checksums is not None and self.checksums[seg] is not None:
-                self._check(seg, records, local[order])
-            out[where[order]] = self.store.decode(records, rows)  # (k, R, D)
+                self._check(seg, records, local)
+            out[where] = self.store.decode(records, rows)  # (k, R, D)
         return out.transpose(1, 0, 2)  # (R, K, D) view
 
     def final_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -120,13 +129,9 @@ class RetrievalIndex:
         1 KB a candidate (int8 final row), not the record's 2.6 KB, and keeps only those pages cached."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.manifest.embed_dim), dtype=np.float32)
-        segment_of = np.searchsorted(self.offsets, ids, side="right") - 1  # (K',)
-        for seg in np.unique(segment_of):
-            where = np.nonzero(segment_of == seg)[0]
-            local = ids[where] - self.offsets[seg]
-            order = np.argsort(local)  # ascending reads from the memory map
-            final = self.segment_arrays[seg][:self.store.final_files]
-            out[where[order]] = self.store.decode_final([np.asarray(array[local[order]]) for array in final])
+        files = self.store.final_files
+        for seg, where, local in self._by_segment(ids, files):
+            out[where] = self.store.decode_final([np.asarray(array[local]) for array in self.segment_arrays[seg][:files]])
         return out
 
     def _check(self, seg: int, records: list[np.ndarray], local: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from siglip_dola.io import atomic_path, write_json_atomic
 from siglip_dola.retrieval import row_checks
-from siglip_dola.retrieval import layer_store, storage
+from siglip_dola.retrieval import layer_store, mapped, storage
 from siglip_dola.retrieval.layer_store import FP16_FILE, LayerStore
 from siglip_dola.retrieval.storage import IndexCorruptError
 
@@ -95,10 +95,11 @@ def _name(root: Path, folder: Path, name: str) -> str:
     return f"{folder.relative_to(root)}/{name}" if folder.is_relative_to(root) else str(folder / name)
 
 
-def _load(root: Path, folder: Path, name: str) -> np.ndarray:
+def _load(root: Path, folder: Path, name: str, random: bool = False) -> np.ndarray:
+    """`name` memory-mapped: for sequential reads (the staged vectors), or `random` ones (a store's records)."""
     try:
-        return np.load(folder / name, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
+        return mapped.map_npy(folder / name) if random else np.load(folder / name, mmap_mode="r", allow_pickle=False)
+    except (ValueError, TypeError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
         raise IndexCorruptError(root, _name(root, folder, name), str(err)) from None
 
 
@@ -166,7 +167,7 @@ def check_segment(root: Path, folder: Path, entry: dict, store: LayerStore):
                                 f"{size} bytes, the manifest recorded {entry['bytes']}")
     arrays = []
     for name, dtype, shape in store.files:
-        array = _load(root, folder, name)
+        array = _load(root, folder, name, random=True)
         expected = (entry["count"], *shape)
         if array.dtype != dtype or array.shape != expected:
             raise IndexCorruptError(root, _name(root, folder, name),
