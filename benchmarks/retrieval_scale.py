@@ -221,7 +221,9 @@ def main(argv=None) -> int:
             root = work / f"n{args.size}-{factory.replace(',', '_')}-{store}"
             shutil.rmtree(root, ignore_errors=True)
             build_s, staged_s = build(args, root, factory, store, scan if exact is None else None)
-            exact = scan.ids() if exact is None else exact
+            if exact is None:
+                exact = scan.ids()
+                np.save(work / "exact_ids.npy", exact)  # [queries, 1000]: to score a re-measured index again
             print(f"  built in {build_s:.0f} s (generating + staging {staged_s:.0f} s)", flush=True)
             measured = work / "measured.json"
             subprocess.run([sys.executable, __file__, "--measure", str(root), "--queries-file", str(work / "queries.npy"),
