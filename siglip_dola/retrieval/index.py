@@ -207,13 +207,11 @@ def _ingest(root: Path, model, paths: list[str], manifest: Manifest, options: St
     check_decode(decode, model.device)
     with _rank0_lock(root):
         embedded = {}
+        store = layer_store.store_named(options.layer_store, 1 + len(manifest.layers), manifest.embed_dim)
 
         def embed():
             embedded["names"], embedded["owned"] = _embed_chunks(root, model, paths, manifest.layers, batch_size,
-                                                                 chunk_size, progress, manifest.image_root,
-                                                                 layer_store.store_named(
-                                                                     options.layer_store, 1 + len(manifest.layers),
-                                                                     manifest.embed_dim),
+                                                                 chunk_size, progress, manifest.image_root, store,
                                                                  decode)
         all_ok(guarded(embed))  # also the barrier: every rank's segments are written before the commit reads them
         return commit_segments(root, manifest, embedded["names"], embedded["owned"], options)
