@@ -16,13 +16,19 @@ def _staged(root):
     return sorted((root / storage.STAGING).glob("seg-*"))
 
 
-def test_a_streamed_chunk_stages_its_final_rows_and_its_store(model, images, tmp_path, monkeypatch):
-    paths = sorted(images.glob("img_*.png"))
+def _crash_after_the_first_chunk(model, paths, root, monkeypatch) -> list:
+    """An int8+int4 build of `paths` in chunks of 3 that dies embedding its second chunk; the embed calls."""
     calls = []
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
     with pytest.raises(Crash):
-        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=3, progress=False,
+        build_index(paths, root, model, layers=LAYERS, chunk_size=3, progress=False,
                     store_options=StoreOptions(layer_store="int8+int4"))
+    return calls
+
+
+def test_a_streamed_chunk_stages_its_final_rows_and_its_store(model, images, tmp_path, monkeypatch):
+    paths = sorted(images.glob("img_*.png"))
+    calls = _crash_after_the_first_chunk(model, paths, tmp_path / "idx", monkeypatch)
     (folder,) = _staged(tmp_path / "idx")
     staged = np.load(folder / "vectors.npy", allow_pickle=False)
     reference = reference_vectors(model, [str(p.resolve()) for p in paths[:3]], LAYERS)  # (n, 1+J, D), unit
@@ -55,11 +61,7 @@ def test_a_streamed_chunk_stages_its_final_rows_and_its_store(model, images, tmp
 @pytest.mark.parametrize("other", ["int8", "fp16", "int4"])
 def test_a_chunk_streamed_for_one_store_is_embedded_again_for_another(model, images, tmp_path, monkeypatch, other):
     paths = sorted(images.glob("img_*.png"))
-    calls = []
-    monkeypatch.setattr(index_module, "embed_images", _crashing_embed(1, calls))
-    with pytest.raises(Crash):
-        build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=3, progress=False,
-                    store_options=StoreOptions(layer_store="int8+int4"))
+    calls = _crash_after_the_first_chunk(model, paths, tmp_path / "idx", monkeypatch)
     calls.clear()
     monkeypatch.setattr(index_module, "embed_images", _crashing_embed(99, calls))
     resumed = build_index(paths, tmp_path / "idx", model, layers=LAYERS, chunk_size=3, progress=False,

@@ -152,13 +152,9 @@ class LayerStore:
         kind, held, prefix = self.parts[0]
         return len(_files(kind, len(held), self.dim, prefix))
 
-    def decode_final(self, records: list[np.ndarray]) -> np.ndarray:
-        """Arrays of K records' first `final_files` files -> float32 [K, D], their final rows."""
-        kind, held, _ = self.parts[0]
-        return _decode(kind, records, [held.index(0)], self.dim, self.codec)[:, 0]
-
     def decode(self, records: list[np.ndarray], rows: list[int]) -> np.ndarray:
-        """Arrays of K records (as `encode` gave, first axis K) -> float32 [K, len(rows), D] at `rows`."""
+        """Arrays of K records (as `encode` gave, first axis K) -> float32 [K, len(rows), D] at `rows`. The arrays
+        may stop after the last part `rows` need (the first `final_files` for the final row alone)."""
         out = np.empty((len(records[0]), len(rows), self.dim), dtype=np.float32)
         first = 0
         for kind, held, prefix in self.parts:

@@ -131,7 +131,8 @@ class RetrievalIndex:
         out = np.empty((len(ids), self.manifest.embed_dim), dtype=np.float32)
         files = self.store.final_files
         for seg, where, local in self._by_segment(ids, files):
-            out[where] = self.store.decode_final([np.asarray(array[local]) for array in self.segment_arrays[seg][:files]])
+            records = [np.asarray(array[local]) for array in self.segment_arrays[seg][:files]]
+            out[where] = self.store.decode(records, [0])[:, 0]
         return out
 
     def _check(self, seg: int, records: list[np.ndarray], local: np.ndarray) -> None:
